@@ -1,0 +1,53 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make demo   - create .venv if missing, install, run the main job on embedded defaults
+#   make test   - create/use .venv, install dev extras, run the test suite
+# torch is installed first from constraints.txt so no dependency can pull a CUDA build of a
+# different torch; every later install is constrained by the same file.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+# DeepSpeed compiles a shared-memory op on first use: cache it inside the checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+
+.PHONY: install install-dev demo test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.torch-installed: constraints.txt | $(BIN)/python
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt "$$(grep -E '^torch==' constraints.txt)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch-installed
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch-installed
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/omniforge demo --output $(DEMO_OUT)
+
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,93 @@
+"""Catalog database plumbing: URL, engine (SQLite locking), migrations, code version."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+
+ENV_URL = "OMNIFORGE_CATALOG_URL"
+ENV_HOME = "OMNIFORGE_HOME"
+
+
+class CatalogError(RuntimeError):
+    pass
+
+
+class NotFound(CatalogError):
+    pass
+
+
+def default_url() -> str:
+    """``OMNIFORGE_CATALOG_URL``, else a SQLite file under ``OMNIFORGE_HOME`` (~/.omniforge)."""
+    if os.environ.get(ENV_URL):
+        return os.environ[ENV_URL]
+    home = Path(os.environ.get(ENV_HOME) or Path.home() / ".omniforge")
+    return f"sqlite:///{home / 'catalog.db'}"
+
+
+def code_version() -> str:
+    """git commit of the code (``+dirty`` when modified), else the package version."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty=+dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omniforge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        db_path = url.split(":///", 1)[-1]
+        if db_path and db_path != ":memory:":
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record):  # pragma: no cover - exercised through every test
+            dbapi_conn.isolation_level = None  # SQLAlchemy's BEGIN below, not pysqlite's
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # one writer at a time; readers of WAL are not blocked by it
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> str:
+    """Upgrade the schema to the newest revision (no-op when current); returns the revision."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return head
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return head

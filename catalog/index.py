@@ -1,0 +1,81 @@
+"""The sample index: Parquet files (one row per sample, the sample contract) per dataset version.
+
+A version's index is a directory of Parquet files (one per finished partition, so a resumed
+run only adds files) or a single file. Queries use pyarrow datasets so filters and column
+selection are pushed down to row groups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from catalog.filters import parse_filter
+from catalog.schema import SAMPLE_SCHEMA, assert_valid, conform, validate_table
+
+
+def write_index_part(table: pa.Table, index_dir: str | Path, name: str) -> str:
+    """Validate ``table`` against the contract and write ``index_dir/name.parquet`` atomically.
+
+    Written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    table = assert_valid(conform(table))
+    fs, root = fsspec.core.url_to_fs(str(index_dir))
+    fs.makedirs(root, exist_ok=True)
+    final = f"{root.rstrip('/')}/{name}.parquet"
+    tmp = f"{root.rstrip('/')}/.{name}.parquet.tmp-{os.getpid()}"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, row_group_size=64_000, compression="zstd")
+    fs.mv(tmp, final)
+    return final
+
+
+def open_index(uri: str | Path) -> ds.Dataset:
+    """A pyarrow dataset over a version's index (directory of Parquet files, or one file)."""
+    fs, root = fsspec.core.url_to_fs(str(uri))
+    if not fs.exists(root):
+        raise FileNotFoundError(f"sample index not found: {uri}")
+    return ds.dataset(
+        root,
+        filesystem=fs,
+        format="parquet",
+        exclude_invalid_files=False,
+        ignore_prefixes=[".", "_"],
+    )
+
+
+def query_index(
+    uri: str | Path,
+    filter: str | ds.Expression | None = None,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Rows of the index matching ``filter`` (a string expression or a pyarrow expression)."""
+    dataset = open_index(uri)
+    expr = parse_filter(filter, dataset.schema.names) if isinstance(filter, str) else filter
+    return dataset.to_table(columns=list(columns) if columns else None, filter=expr)
+
+
+def check_index_schema(uri: str | Path) -> list[str]:
+    """Contract problems of the index's schema (column presence and types; no row scan)."""
+    dataset = open_index(uri)
+    return validate_table(dataset.schema.empty_table())
+
+
+def read_index(uri: str | Path) -> pa.Table:
+    return open_index(uri).to_table()
+
+
+__all__ = [
+    "SAMPLE_SCHEMA",
+    "check_index_schema",
+    "open_index",
+    "query_index",
+    "read_index",
+    "write_index_part",
+]

@@ -1,0 +1,355 @@
+"""The catalog: system of record for datasets, versions, shards, runs and lineage.
+
+``Catalog(url)`` opens (and migrates) a SQLite file by default or PostgreSQL
+(``OMNIFORGE_CATALOG_URL`` / ``--catalog``). Writers follow one protocol:
+
+    v = cat.begin_version("corpus", root_uri=out, config_hash=h)   # pending: invisible
+    cat.add_shards(v.id, shards)                                   # as shards finish
+    cat.commit_version(v.id, index_uri=out + "/index")             # counts from the index
+
+A version is visible to readers (``get_version``, ``resolve``, ``latest``) only once committed.
+Concurrent writers are safe: on SQLite every transaction starts with BEGIN IMMEDIATE (one
+writer at a time, others wait up to the busy timeout); on PostgreSQL the unique constraint on
+(dataset, version) plus a retry settles races.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow.compute as pc
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from catalog.db import (
+    ENV_HOME,
+    ENV_URL,
+    CatalogError,
+    NotFound,
+    code_version,
+    default_url,
+    make_engine,
+    migrate,
+)
+from catalog.filters import parse_filter
+from catalog.index import check_index_schema, open_index
+from catalog.models import (
+    Dataset,
+    DatasetVersion,
+    Shard,
+    utcnow,
+)
+from catalog.names import DatasetRef, check_name
+from catalog.records import Edge, Node, Resolution, RunInfo, ShardRecord, VersionInfo
+from catalog.runs import RunLedger
+from catalog.schema import STATUSES, count_by_status
+from catalog.shards import ShardInfo
+
+__all__ = [
+    "ENV_HOME", "ENV_URL", "Catalog", "CatalogError", "Edge", "Node", "NotFound",
+    "Resolution", "RunInfo", "ShardRecord", "VersionInfo", "migrate",
+]  # fmt: skip
+
+
+class Catalog(RunLedger):
+    def __init__(self, url: str | None = None, auto_migrate: bool = True):
+        self.url = url or default_url()
+        self.engine = make_engine(self.url)
+        if auto_migrate:
+            migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    # -- datasets ------------------------------------------------------------------------------
+
+    def create_dataset(self, name: str, description: str = "") -> int:
+        """Get or create; returns the dataset id."""
+        check_name(name)
+        for _ in range(5):
+            try:
+                with self.session() as s:
+                    return self._dataset(s, name, create=True, description=description).id
+            except IntegrityError:  # created concurrently (PostgreSQL): read it next time
+                continue
+        raise CatalogError(f"could not create dataset {name!r}")
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        """One entry per dataset: name, committed versions, latest committed version."""
+        out = []
+        with self.session() as s:
+            for ds in s.scalars(select(Dataset).order_by(Dataset.name)):
+                committed = [v for v in ds.versions if v.status == "committed"]
+                latest = committed[-1] if committed else None
+                out.append(
+                    {
+                        "name": ds.name,
+                        "description": ds.description,
+                        "versions": len(committed),
+                        "pending": sum(v.status == "pending" for v in ds.versions),
+                        "latest": latest.version if latest else None,
+                        "samples": latest.num_samples if latest else 0,
+                        "counts": dict(latest.counts) if latest else {},
+                        "committed_at": latest.committed_at if latest else None,
+                    }
+                )
+        return out
+
+    @staticmethod
+    def _dataset(s: Session, name: str, create: bool = False, description: str = "") -> Dataset:
+        ds = s.scalar(select(Dataset).where(Dataset.name == name))
+        if ds is None:
+            if not create:
+                raise NotFound(f"dataset {name!r} is not in the catalog")
+            ds = Dataset(name=name, description=description)
+            s.add(ds)
+            s.flush()
+        return ds
+
+    # -- versions ------------------------------------------------------------------------------
+
+    def begin_version(
+        self,
+        name: str,
+        *,
+        root_uri: str | None = None,
+        config_hash: str | None = None,
+        code_version_: str | None = None,
+        parent_id: int | None = None,
+        run_id: int | None = None,
+        note: str = "",
+        reuse_pending: bool = True,
+    ) -> VersionInfo:
+        """Allocate the next version number as ``pending`` (invisible until committed).
+
+        With ``reuse_pending`` a pending version of the same dataset, root and config hash
+        (a run that was interrupted) is returned instead, so a rerun resumes into it.
+        """
+        check_name(name)
+        cv = code_version_ or code_version()
+        for _ in range(10):
+            try:
+                with self.session() as s:
+                    ds = self._dataset(s, name, create=True)
+                    if reuse_pending and root_uri is not None:
+                        existing = s.scalar(
+                            select(DatasetVersion).where(
+                                DatasetVersion.dataset_id == ds.id,
+                                DatasetVersion.status == "pending",
+                                DatasetVersion.root_uri == root_uri,
+                                DatasetVersion.config_hash == config_hash,
+                            )
+                        )
+                        if existing is not None:
+                            return self._version_info(s, existing)
+                    top = s.scalar(
+                        select(func.max(DatasetVersion.version)).where(
+                            DatasetVersion.dataset_id == ds.id
+                        )
+                    )
+                    v = DatasetVersion(
+                        dataset_id=ds.id,
+                        version=(top or 0) + 1,
+                        status="pending",
+                        config_hash=config_hash,
+                        code_version=cv,
+                        parent_id=parent_id,
+                        root_uri=root_uri,
+                        run_id=run_id,
+                        note=note,
+                        counts={},
+                    )
+                    s.add(v)
+                    s.flush()
+                    return self._version_info(s, v)
+            except IntegrityError:  # another writer took this number (PostgreSQL): retry
+                continue
+        raise CatalogError(f"could not allocate a version of {name!r} after 10 attempts")
+
+    def add_shards(self, version_id: int, shards: Iterable[ShardInfo | ShardRecord]) -> int:
+        """Register finished shards of a pending version (idempotent per shard uri)."""
+        with self.session() as s:
+            v = self._pending(s, version_id)
+            known = set(s.scalars(select(Shard.uri).where(Shard.version_id == v.id)))
+            added = 0
+            for sh in shards:
+                if sh.uri in known:
+                    continue
+                s.add(
+                    Shard(
+                        version_id=v.id,
+                        uri=sh.uri,
+                        bucket=sh.bucket,
+                        num_samples=sh.num_samples,
+                        num_bytes=sh.num_bytes,
+                        sha256=sh.sha256,
+                    )
+                )
+                known.add(sh.uri)
+                added += 1
+            return added
+
+    def commit_version(self, version_id: int, index_uri: str) -> VersionInfo:
+        """Make a pending version visible. Counts come from the index itself; the commit is
+        refused when the index breaks the contract or disagrees with the registered shards."""
+        problems = check_index_schema(index_uri)
+        if problems:
+            raise CatalogError(f"index {index_uri} breaks the sample contract: {problems}")
+        table = open_index(index_uri).to_table(columns=["key", "status", "shard"])
+        counts = count_by_status(table)
+        unknown = set(counts) - set(STATUSES)
+        if unknown:
+            raise CatalogError(f"index {index_uri} has unknown statuses {sorted(unknown)}")
+        if pc.count_distinct(table.column("key")).as_py() != table.num_rows:
+            raise CatalogError(f"index {index_uri} has duplicate sample keys")
+        with self.session() as s:
+            v = self._pending(s, version_id)
+            shards = list(v.shards)
+            if shards:
+                in_shards = sum(sh.num_samples for sh in shards)
+                if in_shards != counts["accepted"]:
+                    raise CatalogError(
+                        f"version {v.dataset.name}@{v.version}: shards hold {in_shards} samples "
+                        f"but the index has {counts['accepted']} accepted rows"
+                    )
+                accepted = table.filter(pc.equal(table.column("status"), "accepted"))
+                named = set(accepted.column("shard").drop_null().to_pylist())
+                registered = {self._relative(v.root_uri, sh.uri) for sh in shards}
+                missing = sorted(named - registered)
+                if missing:
+                    raise CatalogError(f"index names unregistered shards: {missing[:5]}")
+            v.status = "committed"
+            v.index_uri = index_uri
+            v.counts = counts
+            v.num_samples = table.num_rows
+            v.num_bytes = sum(sh.num_bytes for sh in shards)
+            v.committed_at = utcnow()
+            s.flush()
+            return self._version_info(s, v)
+
+    def fail_version(self, version_id: int, note: str = "") -> None:
+        with self.session() as s:
+            v = self._pending(s, version_id)
+            v.status = "failed"
+            v.note = note
+
+    def get_version(
+        self, name: str, version: int | str = "latest", include_pending: bool = False
+    ) -> VersionInfo:
+        with self.session() as s:
+            ds = self._dataset(s, name)
+            q = select(DatasetVersion).where(DatasetVersion.dataset_id == ds.id)
+            if not include_pending:
+                q = q.where(DatasetVersion.status == "committed")
+            if version == "latest":
+                v = s.scalar(q.order_by(DatasetVersion.version.desc()).limit(1))
+            else:
+                v = s.scalar(q.where(DatasetVersion.version == int(version)))
+            if v is None:
+                what = "no committed version" if version == "latest" else f"no version {version}"
+                raise NotFound(
+                    f"dataset {name!r} has {what}" + ("" if include_pending else " (committed)")
+                )
+            return self._version_info(s, v)
+
+    def version_by_id(self, version_id: int) -> VersionInfo:
+        with self.session() as s:
+            v = s.get(DatasetVersion, version_id)
+            if v is None:
+                raise NotFound(f"no dataset version with id {version_id}")
+            return self._version_info(s, v)
+
+    def list_versions(self, name: str, include_pending: bool = False) -> list[VersionInfo]:
+        with self.session() as s:
+            ds = self._dataset(s, name)
+            return [
+                self._version_info(s, v)
+                for v in ds.versions
+                if include_pending or v.status == "committed"
+            ]
+
+    def shards(self, version_id: int) -> list[ShardRecord]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(Shard).where(Shard.version_id == version_id).order_by(Shard.uri)
+            )
+            return [
+                ShardRecord(r.uri, r.bucket, r.num_samples, r.num_bytes, r.sha256) for r in rows
+            ]
+
+    def resolve(self, ref: str | DatasetRef, filter: str | None = None) -> Resolution:
+        """``catalog://NAME@VERSION`` (+ filter on index columns) -> shards and accepted keys."""
+        ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
+        info = self.get_version(ref.name, ref.version)
+        if info.index_uri is None:
+            raise CatalogError(f"{info.ref} has no index")
+        dataset = open_index(info.index_uri)
+        expr = parse_filter(filter, dataset.schema.names) if filter else None
+        accepted = pc.field("status") == "accepted"
+        table = dataset.to_table(
+            columns=["key", "shard", "bucket"],
+            filter=accepted if expr is None else (accepted & expr),
+        )
+        wanted = set(table.column("shard").drop_null().to_pylist())
+        shards = [
+            sh for sh in self.shards(info.id) if self._relative(info.root_uri, sh.uri) in wanted
+        ]
+        buckets: dict[str, int] = {}
+        for b in table.column("bucket").to_pylist():
+            buckets[b] = buckets.get(b, 0) + 1
+        return Resolution(
+            version=info,
+            filter=filter,
+            shards=shards,
+            keys=table.column("key").to_pylist(),
+            num_matched=table.num_rows,
+            buckets=buckets,
+        )
+
+    def _pending(self, s: Session, version_id: int) -> DatasetVersion:
+        v = s.get(DatasetVersion, version_id)
+        if v is None:
+            raise NotFound(f"no dataset version with id {version_id}")
+        if v.status != "pending":
+            raise CatalogError(
+                f"version {v.dataset.name}@{v.version} is {v.status}; only pending versions change"
+            )
+        return v
+
+    @staticmethod
+    def _relative(root: str | None, uri: str) -> str:
+        if root:
+            prefix = root.rstrip("/") + "/"
+            if uri.startswith(prefix):
+                return uri[len(prefix) :]
+        return uri
+
+    @staticmethod
+    def _version_info(s: Session, v: DatasetVersion) -> VersionInfo:
+        num_shards = s.scalar(select(func.count(Shard.id)).where(Shard.version_id == v.id))
+        return VersionInfo(
+            id=v.id,
+            dataset=v.dataset.name,
+            version=v.version,
+            status=v.status,
+            counts=dict(v.counts or {}),
+            num_samples=v.num_samples,
+            num_bytes=v.num_bytes,
+            num_shards=num_shards or 0,
+            config_hash=v.config_hash,
+            code_version=v.code_version,
+            parent_id=v.parent_id,
+            root_uri=v.root_uri,
+            index_uri=v.index_uri,
+            run_id=v.run_id,
+            created_at=v.created_at,
+            committed_at=v.committed_at,
+        )

@@ -1,0 +1,199 @@
+"""Curation pipeline configuration (YAML, validated).
+
+Scores are computed once and kept in the index; ``select`` applies the thresholds. A threshold
+set to ``null`` is not applied. Model stages (aesthetic, watermark) have ``enabled``:
+``null`` lets the profile decide (``default``: run when weights are present, list it as skipped
+otherwise; ``full``: weights are required), ``true`` requires the weights, ``false`` turns it off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from catalog.config import StrictModel, warn_ineffective
+from catalog.names import DatasetName
+
+InputKind = Literal["auto", "image", "video", "image_edit", "video_edit"]
+
+
+class ProbeConfig(StrictModel):
+    """Limits that turn absurd inputs into error rows before any decoding."""
+
+    max_file_bytes: int = Field(20 * 2**30, gt=0, description="larger files are errors")
+    max_pixels: int = Field(8192 * 8192, gt=0, description="width x height above this is an error")
+    max_duration_s: float = Field(4 * 3600.0, gt=0, description="longer videos are errors")
+
+
+class SplitConfig(StrictModel):
+    """Scene split with PySceneDetect's content detector."""
+
+    enabled: bool = True
+    threshold: float = Field(27.0, gt=0, le=255, description="ContentDetector default")
+    min_clip_s: float = Field(2.0, gt=0, description="shorter scenes are rejected (too_short)")
+    max_clip_s: float = Field(60.0, gt=0, description="longer scenes are cut in strides")
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.min_clip_s >= self.max_clip_s:
+            raise ValueError(
+                f"split.min_clip_s ({self.min_clip_s}) must be smaller than "
+                f"split.max_clip_s ({self.max_clip_s})"
+            )
+        return self
+
+
+class FramesConfig(StrictModel):
+    """Frames decoded once per clip (decord) and shared by every scorer."""
+
+    num_frames: int = Field(8, ge=2, le=64, description="uniformly spaced frames per video clip")
+
+
+class AestheticConfig(StrictModel):
+    enabled: bool | None = None
+    clip_model: str = Field("ViT-L-14", description="open_clip architecture of the embedding")
+    clip_weights: Path | None = Field(None, description="open_clip checkpoint; else models dir")
+    head_weights: Path | None = Field(
+        None, description="LAION MLP head state dict; else models dir"
+    )
+    batch_size: int = Field(16, ge=1)
+
+
+class WatermarkConfig(StrictModel):
+    enabled: bool | None = None
+    head_weights: Path | None = Field(None, description="classifier head on the CLIP embedding")
+    static_overlay: bool = Field(True, description="video: also measure static overlay pixels")
+
+
+class MotionConfig(StrictModel):
+    enabled: bool = True
+    algorithm: Literal["dis", "farneback"] = "dis"
+    short_side: int = Field(128, ge=16, le=1080, description="frames are downscaled to this")
+
+
+class OcrConfig(StrictModel):
+    enabled: bool = True
+    engine: Literal["rapidocr", "paddleocr"] = "rapidocr"
+    model_dir: Path | None = Field(None, description="PaddleOCR detection model dir")
+
+    @model_validator(mode="after")
+    def _check(self) -> OcrConfig:
+        if self.engine == "paddleocr" and self.model_dir is None and self.enabled:
+            raise ValueError(
+                "ocr.engine 'paddleocr' needs ocr.model_dir (a local PP-OCR det model)"
+            )
+        if self.engine == "rapidocr" and self.model_dir is not None:
+            warn_ineffective("ocr.model_dir", "engine 'rapidocr' uses its shipped models")
+        return self
+
+
+class SelectConfig(StrictModel):
+    """Thresholds applied by ``select``; ``null`` disables one. Re-run with ``curate select``."""
+
+    min_short_side: int | None = Field(256, ge=1)
+    min_aspect: float | None = Field(1 / 3, gt=0, description="width / height")
+    max_aspect: float | None = Field(3.0, gt=0, description="width / height")
+    min_aesthetic: float | None = Field(4.5, ge=0, le=10)
+    max_watermark: float | None = Field(0.5, ge=0, le=1)
+    max_watermark_static: float | None = Field(0.2, ge=0, le=1)
+    min_motion: float | None = Field(0.0005, ge=0, description="mean flow / frame diagonal")
+    max_motion: float | None = Field(0.1, ge=0)
+    max_ocr_area: float | None = Field(0.02, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SelectConfig:
+        pairs = [("min_aspect", "max_aspect"), ("min_motion", "max_motion")]
+        for lo, hi in pairs:
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a >= b:
+                raise ValueError(f"select.{lo} ({a}) must be smaller than select.{hi} ({b})")
+        return self
+
+
+class EditConfig(StrictModel):
+    """Pair checks for image_edit / video_edit samples."""
+
+    max_aspect_diff: float = Field(0.02, ge=0, description="relative difference of w/h")
+    min_target_change: float = Field(
+        0.002, ge=0, description="mean abs pixel change (0-1) below which target == source"
+    )
+
+
+class RecaptionConfig(StrictModel):
+    backend: Literal["none", "openai", "transformers"] = "none"
+    endpoint: str | None = Field(None, description="OpenAI-compatible base URL (vLLM, SGLang)")
+    model: str | None = Field(None, description="model name served at the endpoint")
+    api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the API key")
+    model_dir: Path | None = Field(None, description="local transformers VLM directory")
+    concurrency: int = Field(8, ge=1, le=1024)
+    max_retries: int = Field(3, ge=0, le=20)
+    timeout_s: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RecaptionConfig:
+        if self.backend == "openai":
+            missing = [k for k in ("endpoint", "model") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"recaption.backend 'openai' needs recaption.{' and recaption.'.join(missing)}"
+                )
+        if self.backend == "transformers" and self.model_dir is None:
+            raise ValueError("recaption.backend 'transformers' needs recaption.model_dir")
+        if self.backend == "none":
+            for k in ("endpoint", "model", "model_dir"):
+                if getattr(self, k) is not None:
+                    warn_ineffective(f"recaption.{k}", "recaption.backend is 'none'")
+        return self
+
+
+class ShardConfig(StrictModel):
+    max_samples: int = Field(1000, ge=1, description="samples per shard at most")
+    max_bytes: int = Field(512 * 2**20, ge=2**16, description="bytes per shard at most")
+    video_max_side: int = Field(1280, ge=64, description="re-encoded clips are capped to this")
+    video_crf: int = Field(20, ge=0, le=51, description="H.264 quality of re-encoded clips")
+
+
+class CurationConfig(StrictModel):
+    """The whole pipeline. ``curate run`` builds it from the default profile, a file, --set."""
+
+    name: DatasetName = Field("corpus", description="catalog dataset name")
+    profile: Literal["default", "full"] = "default"
+    kind: InputKind = "auto"
+    models_dir: Path | None = Field(None, description="where model weights are looked up")
+    partition_size: int = Field(64, ge=1, description="inputs per resumable partition")
+    probe: ProbeConfig = ProbeConfig()
+    split: SplitConfig = SplitConfig()
+    frames: FramesConfig = FramesConfig()
+    aesthetic: AestheticConfig = AestheticConfig()
+    watermark: WatermarkConfig = WatermarkConfig()
+    motion: MotionConfig = MotionConfig()
+    ocr: OcrConfig = OcrConfig()
+    select: SelectConfig = SelectConfig()
+    edit: EditConfig = EditConfig()
+    recaption: RecaptionConfig = RecaptionConfig()
+    shards: ShardConfig = ShardConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> CurationConfig:
+        if self.profile == "full":
+            for stage in ("aesthetic", "watermark"):
+                if getattr(self, stage).enabled is False:
+                    raise ValueError(
+                        f"profile 'full' runs every stage; {stage}.enabled is false "
+                        "(use profile 'default' to leave stages off)"
+                    )
+        off = {
+            "min_aesthetic": self.aesthetic.enabled is False,
+            "max_watermark": self.watermark.enabled is False,
+            "max_watermark_static": not self.watermark.static_overlay
+            or self.watermark.enabled is False,
+            "min_motion": not self.motion.enabled,
+            "max_motion": not self.motion.enabled,
+            "max_ocr_area": not self.ocr.enabled,
+        }
+        for key, stage_off in off.items():
+            if stage_off and getattr(self.select, key) is not None:
+                warn_ineffective(f"select.{key}", "the stage that computes this score is off")
+        return self

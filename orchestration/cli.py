@@ -1,0 +1,95 @@
+"""``omniforge``: one CLI for data engineers and ML engineers.
+
+Commands that users can get wrong (a config field, a dataset name, a filter) print one clear
+message and exit with status 2; a traceback is shown only for bugs (or with OMNIFORGE_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from catalog.config import ConfigError, ConfigWarning
+from catalog.filters import FilterError
+from catalog.schema import SchemaError
+from catalog.store import CatalogError
+from orchestration import catalog_cmd, config_cmd
+from orchestration.common import console, err_console
+
+app = typer.Typer(
+    name="omniforge",
+    help="Curate image/video/edit corpora into shards and train unified video models on them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(catalog_cmd.app, name="catalog")
+
+USER_ERRORS = (ConfigError, CatalogError, FilterError, SchemaError, FileNotFoundError, ValueError)
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Path = typer.Argument(..., help="directory to write the corpus into"),
+    seed: int = typer.Option(0, help="same seed, same bytes"),
+) -> None:
+    """Write the deterministic synthetic corpus (images, videos, edit pairs, corrupt files)."""
+    from curation.sample_data import generate
+
+    labels = generate(out, seed=seed)
+    kinds: dict[str, int] = {}
+    for label in labels:
+        kinds[label["kind"]] = kinds.get(label["kind"], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    console.print(
+        f"wrote {len(labels)} labelled items to {out} ({summary}); truth in {out / 'labels.jsonl'}"
+    )
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo_out"), help="everything the demo writes goes here"),
+    catalog: str | None = typer.Option(
+        None, help="catalog URL (default: a SQLite file inside --output)"
+    ),
+) -> None:
+    """The main job on embedded defaults: sample corpus -> catalog dataset version."""
+    from orchestration.demo import run_demo
+
+    run_demo(output, catalog)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one readable line and exit status 2."""
+    warnings.simplefilter("default", ConfigWarning)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        app(args=argv, standalone_mode=False)
+    except USER_ERRORS as e:
+        if os.environ.get("OMNIFORGE_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+__all__ = ["Console", "app", "main"]

@@ -1,0 +1,164 @@
+"""Catalog create / commit / query / lineage on a real SQLite database."""
+
+import pytest
+from helpers import sample_rows, write_version_files
+from sqlalchemy import create_engine
+
+from catalog.index import query_index
+from catalog.names import DatasetRef
+from catalog.shards import sha256_file
+from catalog.store import CatalogError, Node, NotFound, migrate
+
+
+def test_create_commit_and_read_back(cat, committed_version):
+    v, rows = committed_version("demo", n=20)
+    assert (v.dataset, v.version, v.status) == ("demo", 1, "committed")
+    assert v.counts == {"accepted": 12, "rejected": 4, "error": 4}
+    assert v.num_samples == 20 == sum(v.counts.values())
+    shards = cat.shards(v.id)
+    assert v.num_shards == len(shards) >= 3
+    assert sum(s.num_samples for s in shards) == 12
+    assert v.num_bytes == sum(s.num_bytes for s in shards)
+    assert all(sha256_file(s.uri) == s.sha256 for s in shards)
+    assert cat.get_version("demo", "latest") == v == cat.get_version("demo", 1)
+    assert v.code_version and v.config_hash == "h0"
+    listed = cat.list_datasets()
+    assert [(d["name"], d["latest"], d["samples"]) for d in listed] == [("demo", 1, 20)]
+
+
+def test_uncommitted_version_is_invisible(cat, committed_version, tmp_path):
+    v1, _ = committed_version("demo")
+    pending = cat.begin_version("demo", root_uri=str(tmp_path / "v2"), config_hash="other")
+    assert pending.version == 2 and pending.status == "pending"
+    assert cat.get_version("demo", "latest").version == 1
+    with pytest.raises(NotFound, match="no version 2"):
+        cat.get_version("demo", 2)
+    with pytest.raises(NotFound):
+        cat.resolve("catalog://demo@2")
+    assert [v.version for v in cat.list_versions("demo")] == [1]
+    assert [v.version for v in cat.list_versions("demo", include_pending=True)] == [1, 2]
+    assert cat.list_datasets()[0]["pending"] == 1
+    # a new dataset whose only version is pending has no latest
+    cat.begin_version("fresh", root_uri=str(tmp_path / "f"))
+    with pytest.raises(NotFound, match="no committed version"):
+        cat.get_version("fresh")
+
+
+def test_rerun_reuses_its_pending_version(cat, tmp_path):
+    a = cat.begin_version("demo", root_uri=str(tmp_path / "out"), config_hash="h")
+    b = cat.begin_version("demo", root_uri=str(tmp_path / "out"), config_hash="h")
+    c = cat.begin_version("demo", root_uri=str(tmp_path / "out"), config_hash="different")
+    assert a.id == b.id and c.id != a.id and c.version == 2
+
+
+def test_commit_refuses_inconsistent_versions(cat, tmp_path):
+    rows = sample_rows(10)
+    root = tmp_path / "v"
+    shards = write_version_files(root, rows)
+    v = cat.begin_version("demo", root_uri=str(root))
+    cat.add_shards(v.id, shards[:-1])  # one shard missing from the catalog
+    with pytest.raises(CatalogError, match="shards hold"):
+        cat.commit_version(v.id, str(root / "index"))
+    with pytest.raises(FileNotFoundError, match="sample index not found"):
+        cat.commit_version(v.id, str(tmp_path / "nowhere"))
+    cat.add_shards(v.id, shards)  # idempotent for the ones already there
+    assert cat.commit_version(v.id, str(root / "index")).status == "committed"
+    with pytest.raises(CatalogError, match="only pending versions change"):
+        cat.add_shards(v.id, shards)
+
+
+def test_resolve_with_filter(cat, committed_version):
+    v, rows = committed_version("demo", n=40)
+    everything = cat.resolve("catalog://demo@latest")
+    accepted = [r for r in rows if r["status"] == "accepted"]
+    assert sorted(everything.keys) == sorted(r["key"] for r in accepted)
+    assert sum(everything.buckets.values()) == len(accepted)
+    assert {s.uri for s in everything.shards} == {s.uri for s in cat.shards(v.id)}
+
+    res = cat.resolve(DatasetRef("demo", 1), filter="kind == 'video' and aesthetic >= 6")
+    expected = [r["key"] for r in accepted if r["kind"] == "video" and r["aesthetic"] >= 6]
+    assert sorted(res.keys) == sorted(expected) and expected
+    # only shards holding a matching sample are returned
+    holding = {r["shard"] for r in accepted if r["key"] in set(expected)}
+    assert {s.uri.split(str(v.root_uri) + "/")[1] for s in res.shards} == holding
+    assert len(res.shards) < len(everything.shards)
+    with pytest.raises(ValueError, match="unknown column 'aesthetik'"):
+        cat.resolve("catalog://demo@1", filter="aesthetik > 1")
+
+
+def test_index_query_pushes_filter_and_columns(committed_version):
+    v, rows = committed_version("demo", n=30)
+    out = query_index(v.index_uri, "status == 'error'", columns=["key", "reasons"])
+    assert out.column_names == ["key", "reasons"]
+    assert sorted(out.column("key").to_pylist()) == sorted(
+        r["key"] for r in rows if r["status"] == "error"
+    )
+    assert all(r == ["decode_error"] for r in out.column("reasons").to_pylist())
+
+
+def test_lineage_links_versions_runs_and_checkpoints(cat, committed_version):
+    raw, _ = committed_version("raw", seed=1)
+    curate = cat.start_run("curation", "curate raw", config_hash="c1", mlflow_run_id="abc")
+    cat.add_edge(Node("version", raw.id), Node("run", curate), "input")
+    curated, _ = committed_version("curated", seed=2, parent_id=raw.id)
+    cat.add_edge(Node("run", curate), Node("version", curated.id), "output")
+    stage1 = cat.start_run("training_stage", "omni_video stage 1")
+    cat.add_edge(Node("version", curated.id), Node("run", stage1), "input")
+    ckpt = cat.add_checkpoint(stage1, "/ckpt/stage1/step_10", step=10)
+    cat.add_edge(Node("version", curated.id), Node("run", stage1), "input")  # idempotent
+
+    up, down = cat.lineage(Node("version", curated.id))
+    assert [(e.parent.type, e.child.type, e.relation) for e in up] == [
+        ("run", "version", "output"),
+        ("version", "run", "input"),
+    ]
+    assert up[1].parent_label.startswith("catalog://raw@1")
+    assert [(e.parent.type, e.child.type, e.relation) for e in down] == [
+        ("version", "run", "input"),
+        ("run", "checkpoint", "produced"),
+    ]
+    assert down[1].child == Node("checkpoint", ckpt)
+    assert "step 10" in down[1].child_label
+    assert cat.version_by_id(curated.parent_id).ref == "catalog://raw@1"
+    with pytest.raises(NotFound):
+        cat.add_edge(Node("version", 999), Node("run", stage1))
+    with pytest.raises(ValueError, match="node type"):
+        Node("dataset", 1)
+
+
+def test_runs_record_status_and_ids(cat):
+    rid = cat.start_run("training_stage", "stage 1", params={"lr": 1e-4})
+    cat.update_run(rid, ray_job_id="raysubmit_1", mlflow_run_id="m1", params={"steps": 10})
+    info = cat.update_run(rid, status="succeeded")
+    assert info.ended_at is not None and info.status == "succeeded"
+    assert info.params == {"lr": 1e-4, "steps": 10}
+    assert (info.ray_job_id, info.mlflow_run_id) == ("raysubmit_1", "m1")
+    assert [r.id for r in cat.list_runs(kind="training_stage")] == [rid]
+    with pytest.raises(ValueError, match="allowed: pending, running"):
+        cat.update_run(rid, status="done")
+    with pytest.raises(ValueError, match="run kind"):
+        cat.start_run("inference")
+
+
+def test_bad_names_and_references(cat):
+    with pytest.raises(ValueError, match="dataset name '../etc' is invalid"):
+        cat.create_dataset("../etc")
+    assert DatasetRef.parse("catalog://demo@3") == DatasetRef("demo", 3)
+    assert DatasetRef.parse("demo") == DatasetRef("demo", "latest")
+    for bad in ["catalog://demo@0", "catalog://demo@v1", "catalog://", "catalog://a b@1"]:
+        with pytest.raises(ValueError, match="catalog://NAME@VERSION|positive integer"):
+            DatasetRef.parse(bad)
+
+
+def test_migrations_match_models_and_are_idempotent(catalog_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from catalog.models import Base
+
+    engine = create_engine(catalog_url)
+    assert migrate(engine) == "0001"
+    assert migrate(engine) == "0001"  # second run is a no-op
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []

@@ -1,0 +1,174 @@
+"""Training recipe (YAML, validated): a model family + size, named data, and ordered stages.
+
+Each stage names the module groups it trains (globs over the family's groups), its optimizer,
+schedule, EMA, ZeRO stage, frame area, timestep shift, condition-dropout rate and a task
+mixture (task -> weight + data + frames/fps). Data is ``catalog://NAME@VERSION`` (+ a filter on
+index columns) or shard paths/globs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from catalog.config import StrictModel, warn_ineffective
+from catalog.names import DatasetRef, is_catalog_uri
+
+Family = Literal["omni_video", "haplo_omni", "vino"]
+TaskName = Literal[
+    "t2i",  # text -> image generation
+    "t2v",  # text -> video generation
+    "i2i_edit",  # image + instruction -> edited image
+    "v2v_edit",  # video + instruction -> edited video
+    "image_understanding",  # image -> text
+    "video_understanding",  # video -> text
+]
+IMAGE_TASKS = ("t2i", "i2i_edit", "image_understanding")
+VIDEO_TASKS = ("t2v", "v2v_edit", "video_understanding")
+
+
+class ModelConfig(StrictModel):
+    family: Family
+    size: str = Field(
+        "tiny", description="'tiny' builds in-process; others wrap pretrained backbones"
+    )
+    pretrained: dict[str, str] = Field(
+        default_factory=dict, description="module group -> local weights dir (production sizes)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.size == "tiny" and self.pretrained:
+            warn_ineffective("model.pretrained", "size 'tiny' builds every module from scratch")
+        return self
+
+
+class DataConfig(StrictModel):
+    uri: str = Field(description="catalog://NAME@VERSION, or a shard path / glob / fsspec URI")
+    filter: str | None = Field(None, description="expression on index columns, e.g. aesthetic > 5")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if is_catalog_uri(v):
+            DatasetRef.parse(v)  # raises with the expected format
+        elif not v.strip():
+            raise ValueError("data uri is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.filter is not None and not is_catalog_uri(self.uri):
+            warn_ineffective(
+                "data.filter", "filters apply to catalog:// data (shard paths have no index)"
+            )
+        return self
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(gt=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas must each be in [0, 1), got {list(v)}")
+        return v
+
+
+class ScheduleConfig(StrictModel):
+    kind: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / lr for cosine, linear")
+
+
+class EmaConfig(StrictModel):
+    decay: float = Field(0.9999, gt=0, lt=1)
+
+
+class TaskConfig(StrictModel):
+    weight: float = Field(gt=0, description="relative probability of drawing this task")
+    data: str = Field(description="key of the recipe's data section")
+    num_frames: int | None = Field(None, ge=1, description="video tasks: frames per sample")
+    fps: float | None = Field(None, gt=0, description="video tasks: sampling rate")
+
+
+class StageConfig(StrictModel):
+    name: str = Field(min_length=1)
+    trainable: list[str] = Field(min_length=1, description="globs over the family's module groups")
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    grad_clip: float = Field(1.0, gt=0)
+    ema: EmaConfig | None = None
+    zero_stage: Literal[0, 1, 2] = 1
+    gradient_checkpointing: bool = False
+    frame_area: int = Field(gt=0, description="pixels per frame, e.g. 102400 for 320x320")
+    timestep_shift: float = Field(1.0, gt=0)
+    condition_dropout: float = Field(0.1, ge=0, lt=1, description="per modality, independent")
+    token_budget: int = Field(gt=0, description="latent tokens per local batch")
+    tasks: dict[TaskName, TaskConfig] = Field(min_length=1)
+    steps: int = Field(gt=0)
+    checkpoint_every: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        for name, task in self.tasks.items():
+            if name in VIDEO_TASKS and task.num_frames is None:
+                raise ValueError(f"tasks.{name}.num_frames is required for a video task")
+            if name in IMAGE_TASKS:
+                if task.num_frames not in (None, 1):
+                    raise ValueError(
+                        f"tasks.{name}.num_frames must be 1 or unset for an image task"
+                    )
+                if task.fps is not None:
+                    warn_ineffective(f"stages.{self.name}.tasks.{name}.fps", "image task")
+        if self.checkpoint_every > self.steps:
+            warn_ineffective(
+                f"stages.{self.name}.checkpoint_every",
+                f"larger than steps ({self.steps}); only the final checkpoint is written",
+            )
+        return self
+
+
+class Recipe(StrictModel):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    model: ModelConfig
+    data: dict[str, DataConfig] = Field(min_length=1)
+    stages: list[StageConfig] = Field(min_length=1)
+    workers: int = Field(2, ge=1, description="Ray Train workers (overridable by --workers)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU")
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {dup}")
+        for i, stage in enumerate(self.stages):
+            for task_name, task in stage.tasks.items():
+                if task.data not in self.data:
+                    raise ValueError(
+                        f"stages.{i}.tasks.{task_name}.data is {task.data!r}; "
+                        f"allowed: {', '.join(sorted(self.data))} (keys of the data section)"
+                    )
+        return self
+
+    def stage_index(self, name_or_number: str | int) -> int:
+        """Stage position from its name or its 1-based number."""
+        if isinstance(name_or_number, int) or str(name_or_number).isdigit():
+            i = int(name_or_number) - 1
+            if not 0 <= i < len(self.stages):
+                raise ValueError(f"stage {name_or_number} does not exist (1..{len(self.stages)})")
+            return i
+        for i, stage in enumerate(self.stages):
+            if stage.name == name_or_number:
+                return i
+        raise ValueError(
+            f"unknown stage {name_or_number!r}; stages: {[s.name for s in self.stages]}"
+        )
