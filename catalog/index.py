@@ -41,13 +41,14 @@ def open_index(uri: str | Path) -> ds.Dataset:
     fs, root = fsspec.core.url_to_fs(str(uri))
     if not fs.exists(root):
         raise FileNotFoundError(f"sample index not found: {uri}")
-    return ds.dataset(
-        root,
-        filesystem=fs,
-        format="parquet",
-        exclude_invalid_files=False,
-        ignore_prefixes=[".", "_"],
-    )
+    kw = dict(filesystem=fs, format="parquet", ignore_prefixes=[".", "_"])
+    dataset = ds.dataset(root, **kw)
+    # Parts written by different partitions may type an extra column differently (all-null in
+    # one part): read every part's schema (footer only) and unify them.
+    schemas = [f.physical_schema for f in dataset.get_fragments()]
+    if len(schemas) > 1:
+        dataset = ds.dataset(root, schema=pa.unify_schemas(schemas, promote_options="permissive"), **kw)
+    return dataset
 
 
 def query_index(

@@ -95,11 +95,13 @@ class SelectConfig(StrictModel):
     min_short_side: int | None = Field(256, ge=1)
     min_aspect: float | None = Field(1 / 3, gt=0, description="width / height")
     max_aspect: float | None = Field(3.0, gt=0, description="width / height")
-    min_aesthetic: float | None = Field(4.5, ge=0, le=10)
+    min_aesthetic: float | None = Field(5.0, ge=0, le=10)
     max_watermark: float | None = Field(0.5, ge=0, le=1)
     max_watermark_static: float | None = Field(0.2, ge=0, le=1)
-    min_motion: float | None = Field(0.0005, ge=0, description="mean flow / frame diagonal")
-    max_motion: float | None = Field(0.1, ge=0)
+    min_motion: float | None = Field(
+        0.005, ge=0, description="frame diagonals per second (stages/motion.py)"
+    )
+    max_motion: float | None = Field(1.0, ge=0, description="frame diagonals per second")
     max_ocr_area: float | None = Field(0.02, ge=0, le=1)
 
     @model_validator(mode="after")
@@ -127,9 +129,18 @@ class RecaptionConfig(StrictModel):
     model: str | None = Field(None, description="model name served at the endpoint")
     api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the API key")
     model_dir: Path | None = Field(None, description="local transformers VLM directory")
-    concurrency: int = Field(8, ge=1, le=1024)
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight per worker")
     max_retries: int = Field(3, ge=0, le=20)
     timeout_s: float = Field(60.0, gt=0)
+    backoff_s: float = Field(1.0, gt=0, description="first retry delay (doubles, with jitter)")
+    cache_dir: Path | None = Field(None, description="default OMNIFORGE_HOME/recaption-cache")
+    prompts: dict[Literal["image", "video", "image_edit", "video_edit"], str] = Field(
+        default_factory=dict, description="replace the built-in prompt of a kind"
+    )
+    max_frames: int = Field(4, ge=1, le=32, description="frames sent per video")
+    image_max_side: int = Field(512, ge=64, le=4096, description="frames are downscaled to this")
+    max_new_tokens: int = Field(96, ge=8, le=4096)
+    gpus: float = Field(0.0, ge=0, description="GPUs per worker (transformers backend)")
 
     @model_validator(mode="after")
     def _check(self) -> RecaptionConfig:

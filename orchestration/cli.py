@@ -12,13 +12,13 @@ import warnings
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from catalog.config import ConfigError, ConfigWarning
 from catalog.filters import FilterError
 from catalog.schema import SchemaError
 from catalog.store import CatalogError
-from orchestration import catalog_cmd, config_cmd
+from curation.stages.base import MissingWeights
+from orchestration import catalog_cmd, config_cmd, curate_cmd
 from orchestration.common import console, err_console
 
 app = typer.Typer(
@@ -30,8 +30,12 @@ app = typer.Typer(
 )
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(catalog_cmd.app, name="catalog")
+app.add_typer(curate_cmd.app, name="curate")
 
-USER_ERRORS = (ConfigError, CatalogError, FilterError, SchemaError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    ConfigError, CatalogError, FilterError, SchemaError, MissingWeights, FileNotFoundError,
+    ValueError,
+)  # fmt: skip
 
 
 @app.command("sample-data")
@@ -91,5 +95,3 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         raise
 
-
-__all__ = ["Console", "app", "main"]

@@ -45,3 +45,15 @@ def committed_version(cat, tmp_path):
         return cat.commit_version(v.id, str(root / "index")), rows
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting Ray costs seconds); stopped at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1056 @@
+"""End-of-run curation report: summary numbers, console tables, one HTML page, MLflow logging.
+
+- ``summarize`` turns the sample index of a run (plus what the driver knows: stages, shards,
+  elapsed time) into a plain, JSON-ready dict.
+- ``print_summary`` prints that dict as rich tables at the end of a run.
+- ``write_report`` writes ONE self-contained ``report.html``: counts, per-score histograms
+  with the ``select`` thresholds, and a thumbnail section per rejection / error reason.
+- ``log_to_mlflow`` records params (secrets masked), metrics, tags and the report as one
+  MLflow run.
+
+Reasons are grouped by their tag, the text before the first ``:`` (``"decode_error: moov
+atom not found"`` -> ``decode_error``). A row rejected for several reasons counts once under
+each of its reasons, so per-reason counts can add up to more than the rejected rows.
+Everything over rows is vectorised (pyarrow / numpy); only the few rows shown as thumbnails
+become Python objects, so 100k-row indexes report in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog.config import flatten
+from catalog.schema import SAMPLE_SCHEMA, SCORE_COLUMNS, STATUSES
+
+REASON_NOTE = (
+    "reasons are grouped by tag (text before the first ':'); a row rejected or errored for "
+    "several reasons counts once under each of them, so per-reason counts can add up to more "
+    "than the rows"
+)
+UNSPECIFIED_REASON = "unspecified"
+
+# score column -> the select thresholds drawn on its histogram ("short_side" and "aspect" are
+# derived from width / height, the way select applies min_short_side and the aspect limits).
+THRESHOLDS: dict[str, tuple[str, ...]] = {
+    "short_side": ("min_short_side",),
+    "aspect": ("min_aspect", "max_aspect"),
+    "aesthetic": ("min_aesthetic",),
+    "watermark": ("max_watermark",),
+    "watermark_static": ("max_watermark_static",),
+    "motion": ("min_motion", "max_motion"),
+    "ocr_area": ("max_ocr_area",),
+}
+# unbounded, heavy-tailed scores: log x axis when their values span over two decades
+LOG_SCALE = {"motion", "motion_min", "motion_max"}
+DERIVED_DOC = {
+    "short_side": "min(width, height) in pixels (derived)",
+    "aspect": "width / height (derived)",
+}
+
+# MLflow limits (validation.py): entity keys 250 chars; param values are capped at 500 chars
+# here so the run also logs to older servers / database schemas; tag values at 5000.
+MLFLOW_KEY_LIMIT = 250
+MLFLOW_PARAM_LIMIT = 500
+MLFLOW_TAG_LIMIT = 5000
+MLFLOW_BATCH_PARAMS = 100
+MLFLOW_BATCH_METRICS = 1000
+SECRET_KEY = re.compile(r"key|secret|password|token", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@")
+MASK = "***"
+
+STATUS_COLORS = {"accepted": "#2e7d32", "rejected": "#ef6c00", "error": "#c62828"}
+
+
+# --------------------------------------------------------------------------------------------
+# summary
+
+
+def reason_tag(reason: str | None) -> str:
+    """``"decode_error: moov atom not found"`` -> ``"decode_error"`` (empty -> unspecified)."""
+    tag = (reason or "").split(":", 1)[0].strip()
+    return tag or UNSPECIFIED_REASON
+
+
+def reason_pairs(index: pa.Table) -> pa.Table:
+    """One row per (sample row, status, reason tag), each distinct tag of a row once.
+
+    Columns: ``row`` (int64 position in ``index``), ``status``, ``tag``; ordered by row.
+    """
+    reasons = _column(index, "reasons")
+    if isinstance(reasons, pa.ChunkedArray):
+        reasons = reasons.combine_chunks()
+    if len(reasons) == 0 or pa.types.is_null(reasons.type):
+        return pa.table(
+            {
+                "row": pa.array([], pa.int64()),
+                "status": pa.array([], pa.string()),
+                "tag": pa.array([], pa.string()),
+            }
+        )
+    flat = pc.list_flatten(reasons)
+    rows = pc.cast(pc.list_parent_indices(reasons), pa.int64())
+    tags = pc.utf8_trim_whitespace(pc.list_element(pc.split_pattern(flat, ":", max_splits=1), 0))
+    tags = pc.fill_null(tags, "")
+    tags = pc.if_else(pc.equal(tags, ""), UNSPECIFIED_REASON, tags)
+    status = pc.take(_column(index, "status"), rows)
+    pairs = pa.table({"row": rows, "status": status, "tag": tags})
+    pairs = pairs.group_by(["row", "status", "tag"]).aggregate([])  # distinct
+    return pairs.sort_by([("row", "ascending"), ("tag", "ascending")])
+
+
+def _count_by_tag(pairs: pa.Table, status: str) -> dict[str, int]:
+    sel = pairs.filter(pc.equal(pairs.column("status"), status))
+    if sel.num_rows == 0:
+        return {}
+    counts = sel.group_by("tag").aggregate([("row", "count")])
+    items = zip(
+        counts.column("tag").to_pylist(), counts.column("row_count").to_pylist(), strict=True
+    )
+    return dict(sorted(items, key=lambda kv: (-kv[1], kv[0])))
+
+
+def summarize(
+    index: pa.Table,
+    *,
+    stages_run: Sequence[str],
+    stages_skipped: Mapping[str, str],
+    elapsed_s: float,
+    shards: Iterable[Any],
+    num_inputs: int,
+) -> dict[str, Any]:
+    """The numbers of the end-of-run summary as a JSON-ready dict.
+
+    ``samples`` = rows of the index = ``accepted + rejected + errors``; ``inputs`` is what
+    the driver listed (a video input becomes several clip rows), ``inputs_in_index`` counts
+    distinct ``parent_key`` (or ``key`` for uncut inputs). ``rejected_by_reason`` and
+    ``errors_by_reason`` count rows per reason tag; a row with several reasons counts under
+    each (see ``reason_counting``), ``multi_reason_rejected`` says how many such rows exist.
+    """
+    n = index.num_rows
+    status = _column(index, "status")
+    by_status = {s: 0 for s in STATUSES}
+    by_kind: dict[str, dict[str, int]] = {}
+    if n:
+        counts = (
+            pa.table({"kind": pc.fill_null(_column(index, "kind"), "?"), "status": status})
+            .group_by(["kind", "status"])
+            .aggregate([("status", "count")])
+        )
+        for kind, st, c in zip(
+            counts.column("kind").to_pylist(),
+            counts.column("status").to_pylist(),
+            counts.column("status_count").to_pylist(),
+            strict=True,
+        ):
+            by_status[st] = by_status.get(st, 0) + c
+            row = by_kind.setdefault(kind, {s: 0 for s in STATUSES})
+            row[st] = row.get(st, 0) + c
+    kind = _column(index, "kind")
+    clips = int(
+        pc.sum(
+            pc.and_(
+                pc.fill_null(pc.equal(kind, "video"), False),
+                pc.is_valid(_column(index, "span")),
+            )
+        ).as_py()
+        or 0
+    )
+    inputs_in_index = (
+        int(
+            pc.count_distinct(
+                pc.coalesce(_column(index, "parent_key"), _column(index, "key"))
+            ).as_py()
+        )
+        if n
+        else 0
+    )
+    pairs = reason_pairs(index)
+    rejected_pairs = pairs.filter(pc.equal(pairs.column("status"), "rejected"))
+    multi = 0
+    if rejected_pairs.num_rows:
+        per_row = rejected_pairs.group_by("row").aggregate([("tag", "count")])
+        multi = int(pc.sum(pc.greater(per_row.column("tag_count"), 1)).as_py() or 0)
+
+    shard_list = list(shards)
+    buckets: dict[str, dict[str, int]] = {}
+    for s in shard_list:
+        b = buckets.setdefault(str(s.bucket), {"shards": 0, "samples": 0, "bytes": 0})
+        b["shards"] += 1
+        b["samples"] += int(s.num_samples)
+        b["bytes"] += int(s.num_bytes)
+    elapsed = float(elapsed_s)
+    return {
+        "inputs": int(num_inputs),
+        "inputs_in_index": inputs_in_index,
+        "samples": n,
+        "clips": clips,
+        "accepted": by_status.get("accepted", 0),
+        "rejected": by_status.get("rejected", 0),
+        "errors": by_status.get("error", 0),
+        "other_status": sum(v for k, v in by_status.items() if k not in STATUSES),
+        "by_kind": dict(sorted(by_kind.items())),
+        "rejected_by_reason": _count_by_tag(pairs, "rejected"),
+        "errors_by_reason": _count_by_tag(pairs, "error"),
+        "multi_reason_rejected": multi,
+        "reason_counting": REASON_NOTE,
+        "shards": len(shard_list),
+        "bytes": sum(b["bytes"] for b in buckets.values()),
+        "shard_samples": sum(b["samples"] for b in buckets.values()),
+        "shards_by_bucket": dict(sorted(buckets.items())),
+        "elapsed_s": elapsed,
+        "samples_per_s": (n / elapsed) if elapsed > 0 else None,
+        "stages_run": [str(s) for s in stages_run],
+        "stages_skipped": {str(k): str(v) for k, v in stages_skipped.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# console
+
+
+def print_summary(summary: Mapping[str, Any], console: Any = None) -> None:
+    """Print the summary as rich tables: totals, reasons, shards per bucket, skipped stages."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    s = summary
+    samples = s.get("samples", 0)
+
+    totals = Table(title="Curation run", show_header=False, title_justify="left")
+    totals.add_column("", style="bold")
+    totals.add_column("", justify="right")
+    totals.add_column("", style="dim")
+    totals.add_row("inputs", f"{s['inputs']:,}", _inputs_note(s))
+    totals.add_row("samples (rows)", f"{samples:,}", f"{s.get('clips', 0):,} of them video clips")
+    totals.add_row("accepted", f"[green]{s['accepted']:,}[/]", _pct(s["accepted"], samples))
+    totals.add_row("rejected", f"[yellow]{s['rejected']:,}[/]", _pct(s["rejected"], samples))
+    totals.add_row("errors", f"[red]{s['errors']:,}[/]", _pct(s["errors"], samples))
+    accounted = s["accepted"] + s["rejected"] + s["errors"]
+    if accounted != samples:
+        totals.add_row("[red]unaccounted[/]", f"[red]{samples - accounted:,}[/]", "unknown status")
+    shard_note = "no shards written" if not s["shards"] else ""
+    if s["shards"] and s.get("shard_samples", s["accepted"]) != s["accepted"]:
+        shard_note = f"[red]{s['shard_samples']:,} samples in shards != accepted[/]"
+    totals.add_row("shards", f"{s['shards']:,}", shard_note)
+    totals.add_row("bytes", human_bytes(s["bytes"]), f"{s['bytes']:,} B")
+    rate = s.get("samples_per_s")
+    totals.add_row("elapsed", _duration(s["elapsed_s"]), f"{rate:,.1f} samples/s" if rate else "")
+    console.print(totals)
+
+    if s.get("rejected_by_reason") or s.get("errors_by_reason"):
+        reasons = Table(title="Rejections and errors by reason", title_justify="left")
+        reasons.add_column("status")
+        reasons.add_column("reason")
+        reasons.add_column("rows", justify="right")
+        reasons.add_column("% of samples", justify="right")
+        for status, key, style in (
+            ("rejected", "rejected_by_reason", "yellow"),
+            ("error", "errors_by_reason", "red"),
+        ):
+            for tag, count in s.get(key, {}).items():
+                reasons.add_row(
+                    f"[{style}]{status}[/]", _rich_safe(tag), f"{count:,}", _pct(count, samples)
+                )
+        console.print(reasons)
+        if s.get("multi_reason_rejected"):
+            console.print(
+                f"[dim]{s['multi_reason_rejected']:,} rejected rows have several reasons and "
+                "count under each.[/]"
+            )
+
+    if s.get("by_kind") and len(s["by_kind"]) > 1:
+        kinds = Table(title="By kind", title_justify="left")
+        kinds.add_column("kind")
+        for st in STATUSES:
+            kinds.add_column(st, justify="right")
+        for k, row in s["by_kind"].items():
+            kinds.add_row(_rich_safe(k), *(f"{row.get(st, 0):,}" for st in STATUSES))
+        console.print(kinds)
+
+    if s.get("shards_by_bucket"):
+        buckets = Table(title="Shards by bucket", title_justify="left")
+        buckets.add_column("bucket")
+        buckets.add_column("shards", justify="right")
+        buckets.add_column("samples", justify="right")
+        buckets.add_column("bytes", justify="right")
+        for name, b in s["shards_by_bucket"].items():
+            buckets.add_row(
+                _rich_safe(name), f"{b['shards']:,}", f"{b['samples']:,}", human_bytes(b["bytes"])
+            )
+        console.print(buckets)
+
+    if s.get("stages_skipped"):
+        skipped = Table(title="Stages skipped", title_justify="left")
+        skipped.add_column("stage", style="bold")
+        skipped.add_column("why")
+        for name, why in s["stages_skipped"].items():
+            skipped.add_row(_rich_safe(name), _rich_safe(why))
+        console.print(skipped)
+    if s.get("catalog"):
+        console.print(f"catalog version: [bold]{_rich_safe(s['catalog'])}[/]")
+    if s.get("stages_run"):
+        console.print("[dim]stages run: " + _rich_safe(", ".join(s["stages_run"])) + "[/]")
+
+
+def _inputs_note(s: Mapping[str, Any]) -> str:
+    in_index = s.get("inputs_in_index")
+    if in_index is None or in_index == s["inputs"]:
+        return ""
+    return f"[yellow]{in_index:,} distinct inputs in the index[/]"
+
+
+def _rich_safe(text: Any) -> str:
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+# --------------------------------------------------------------------------------------------
+# HTML report
+
+
+def write_report(
+    index: pa.Table,
+    thumbnails: Mapping[str, bytes],
+    select_cfg: Any,
+    summary: Mapping[str, Any],
+    path: Path,
+    *,
+    max_thumbnails: int = 24,
+    title: str = "Curation report",
+) -> Path:
+    """Write one self-contained HTML page (inline CSS, PNG histograms and thumbnails as data
+    URIs, nothing fetched) and return its path. ``path`` may be a directory (-> report.html).
+
+    ``thumbnails`` maps sample key -> image bytes (JPEG; PNG/WebP/GIF are recognised too).
+    ``select_cfg`` is a ``SelectConfig``, a mapping of thresholds, or None.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    thresholds = _thresholds(select_cfg)
+    pairs = reason_pairs(index)
+    has_thumb = _has_thumbnail(index, thumbnails)
+
+    parts = [_html_head(title), f"<h1>{_esc(title)}</h1>"]
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    where = f" · {_esc(summary['catalog'])}" if summary.get("catalog") else ""
+    parts.append(f'<p class="dim">generated {generated}{where}</p>')
+    parts.append(_html_counts(summary))
+    sections = _reason_sections(index, pairs)
+    parts.append(_html_reason_table(summary, sections))
+    parts.append(_html_stages(summary))
+    parts.append(_html_thresholds(thresholds))
+    parts.append("<h2>Score distributions</h2>")
+    figures = _histograms(index, thresholds)
+    if figures:
+        parts.append('<div class="hists">' + "".join(figures) + "</div>")
+    else:
+        parts.append('<p class="dim">no score column has values</p>')
+    for sec in sections:
+        parts.append(_html_section(index, sec, thumbnails, has_thumb, max_thumbnails))
+    accepted_rows = _rows_where(index, pc.equal(_column(index, "status"), "accepted"))
+    if has_thumb[accepted_rows].any():  # accepted samples only when some have a thumbnail
+        parts.append(
+            _html_section(
+                index,
+                {
+                    "status": "accepted",
+                    "tag": "accepted",
+                    "rows": accepted_rows,
+                    "anchor": "accepted",
+                    "title": "Accepted samples",
+                },
+                thumbnails,
+                has_thumb,
+                max_thumbnails,
+            )
+        )
+    parts.append("</body></html>\n")
+    text = "\n".join(parts)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8", errors="replace")
+    os.replace(tmp, path)
+    return path
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
+h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.dim{color:#777}.num{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #eee;
+text-align:left;vertical-align:top}th{background:#f6f6f6}
+.cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;border-radius:6px;
+padding:8px 14px;min-width:90px}.card b{display:block;font-size:20px}
+.accepted{color:#2e7d32}.rejected{color:#ef6c00}.error{color:#c62828}
+.hists{display:flex;flex-wrap:wrap;gap:16px}.hist{border:1px solid #eee;padding:6px;
+max-width:520px}.hist img{max-width:100%}.hist p{margin:2px 0;font-size:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:10px}
+.tile{border:1px solid #ddd;border-radius:6px;padding:6px;font-size:12px;overflow:hidden;
+overflow-wrap:anywhere}.tile img{width:100%;height:140px;object-fit:contain;background:#111}
+.ph{height:140px;background:repeating-linear-gradient(45deg,#eee,#eee 8px,#f7f7f7 8px,
+#f7f7f7 16px);display:flex;flex-direction:column;justify-content:center;text-align:center;
+padding:4px;font-size:11px;color:#555;overflow:hidden}
+.tile ul{margin:4px 0 0;padding-left:16px}.tile code{font-size:11px}
+"""
+
+
+def _html_head(title: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
+    )
+
+
+def _html_counts(s: Mapping[str, Any]) -> str:
+    samples = s.get("samples", 0)
+
+    def card(label: str, value: str, note: str = "", cls: str = "") -> str:
+        note_html = f'<span class="dim">{_esc(note)}</span>' if note else ""
+        return (
+            f'<div class="card {cls}"><span>{_esc(label)}</span><b>{_esc(value)}</b>'
+            f"{note_html}</div>"
+        )
+
+    rate = s.get("samples_per_s")
+    cards = [
+        card(
+            "inputs",
+            f"{s.get('inputs', 0):,}",
+            ""
+            if s.get("inputs_in_index") in (None, s.get("inputs"))
+            else f"{s['inputs_in_index']:,} in index",
+        ),
+        card("samples", f"{samples:,}", f"{s.get('clips', 0):,} clips"),
+        card(
+            "accepted", f"{s.get('accepted', 0):,}", _pct(s.get("accepted", 0), samples), "accepted"
+        ),
+        card(
+            "rejected", f"{s.get('rejected', 0):,}", _pct(s.get("rejected", 0), samples), "rejected"
+        ),
+        card("errors", f"{s.get('errors', 0):,}", _pct(s.get("errors", 0), samples), "error"),
+        card("shards", f"{s.get('shards', 0):,}", human_bytes(s.get("bytes", 0))),
+        card(
+            "elapsed", _duration(s.get("elapsed_s", 0.0)), f"{rate:,.1f} samples/s" if rate else ""
+        ),
+    ]
+    out = ['<div class="cards">' + "".join(cards) + "</div>"]
+    if s.get("by_kind"):
+        rows = "".join(
+            f"<tr><td>{_esc(k)}</td>"
+            + "".join(f'<td class="num">{v.get(st, 0):,}</td>' for st in STATUSES)
+            + "</tr>"
+            for k, v in s["by_kind"].items()
+        )
+        head = "".join(f"<th>{st}</th>" for st in STATUSES)
+        out.append(f"<table><tr><th>kind</th>{head}</tr>{rows}</table>")
+    if s.get("shards_by_bucket"):
+        rows = "".join(
+            f'<tr><td>{_esc(b)}</td><td class="num">{v["shards"]:,}</td>'
+            f'<td class="num">{v["samples"]:,}</td><td class="num">{human_bytes(v["bytes"])}</td>'
+            "</tr>"
+            for b, v in s["shards_by_bucket"].items()
+        )
+        out.append(
+            "<details><summary>shards by bucket</summary><table><tr><th>bucket</th>"
+            f"<th>shards</th><th>samples</th><th>bytes</th></tr>{rows}</table></details>"
+        )
+    return "\n".join(out)
+
+
+def _html_reason_table(s: Mapping[str, Any], sections: list[dict[str, Any]]) -> str:
+    if not sections:
+        return ""
+    samples = s.get("samples", 0)
+    rows = "".join(
+        f'<tr><td class="{sec["status"]}">{sec["status"]}</td>'
+        f'<td><a href="#{sec["anchor"]}">{_esc(sec["tag"])}</a></td>'
+        f'<td class="num">{len(sec["rows"]):,}</td>'
+        f'<td class="num">{_esc(_pct(len(sec["rows"]), samples))}</td></tr>'
+        for sec in sections
+    )
+    return (
+        "<h2>Reasons</h2><table><tr><th>status</th><th>reason</th><th>rows</th>"
+        f"<th>of samples</th></tr>{rows}</table>"
+        f'<p class="dim">{_esc(REASON_NOTE)}.</p>'
+    )
+
+
+def _html_stages(s: Mapping[str, Any]) -> str:
+    out = []
+    if s.get("stages_run"):
+        out.append("<p>stages run: " + _esc(", ".join(s["stages_run"])) + "</p>")
+    if s.get("stages_skipped"):
+        rows = "".join(
+            f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in s["stages_skipped"].items()
+        )
+        out.append(
+            f"<h2>Stages skipped</h2><table><tr><th>stage</th><th>why</th></tr>{rows}</table>"
+        )
+    return "\n".join(out)
+
+
+def _html_thresholds(thresholds: Mapping[str, Any]) -> str:
+    if not thresholds:
+        return '<h2>Select thresholds</h2><p class="dim">no select config given</p>'
+    rows = "".join(
+        f'<tr><td>{_esc(k)}</td><td class="num">{_esc(_fmt_threshold(v))}</td></tr>'
+        for k, v in thresholds.items()
+    )
+    return f"<h2>Select thresholds</h2><table><tr><th>setting</th><th>value</th></tr>{rows}</table>"
+
+
+def _fmt_threshold(value: Any) -> str:
+    if value is None:
+        return "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+# ---- histograms
+
+
+def _score_columns(index: pa.Table) -> list[tuple[str, np.ndarray, str]]:
+    """(name, float64 values with NaN for null, doc) for every score with a non-null value."""
+    out = []
+    names = set(index.column_names)
+    if {"width", "height"} <= names:
+        w = _as_float(index.column("width"))
+        h = _as_float(index.column("height"))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            short = np.fmin(w, h)
+            short[np.isnan(w) | np.isnan(h)] = np.nan
+            aspect = np.where(h > 0, w / h, np.nan)
+        for name, values in (("short_side", short), ("aspect", aspect)):
+            if np.isfinite(values).any():
+                out.append((name, values, DERIVED_DOC[name]))
+    extra = [
+        f.name
+        for f in index.schema
+        if f.name not in SAMPLE_SCHEMA.names and pa.types.is_floating(f.type)
+    ]
+    for name in [c for c in SCORE_COLUMNS if c in names] + extra:
+        col = index.column(name)
+        if col.null_count == len(col):
+            continue
+        values = _as_float(col)
+        if not np.isfinite(values).any():
+            continue
+        doc = ""
+        if name in SAMPLE_SCHEMA.names:
+            doc = (SAMPLE_SCHEMA.field(name).metadata or {}).get(b"doc", b"").decode()
+        out.append((name, values, doc))
+    return out
+
+
+def _histograms(index: pa.Table, thresholds: Mapping[str, Any]) -> list[str]:
+    columns = _score_columns(index)
+    if not columns:
+        return []
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas for PNG
+
+    status = _column(index, "status")
+    masks = {
+        st: np.asarray(pc.fill_null(pc.equal(status, st), False).to_numpy(zero_copy_only=False))
+        for st in STATUSES
+    }
+    out = []
+    for name, values, doc in columns:
+        finite = np.isfinite(values)
+        lines = [
+            (k, float(thresholds[k]))
+            for k in THRESHOLDS.get(name, ())
+            if thresholds.get(k) is not None
+        ]
+        v = values[finite]
+        edges, log = _bin_edges(
+            v, [t for _, t in lines], integer=_is_integer(index, name), log_ok=name in LOG_SCALE
+        )
+        fig = Figure(figsize=(5.6, 3.2), dpi=90, layout="constrained")
+        ax = fig.add_subplot()
+        data, labels, colors = [], [], []
+        for st in STATUSES:
+            sel = values[finite & masks[st]]
+            if len(sel):
+                data.append(np.clip(sel, edges[0], edges[-1]))
+                labels.append(f"{st} ({len(sel):,})")
+                colors.append(STATUS_COLORS[st])
+        if data:
+            ax.hist(data, bins=edges, stacked=True, label=labels, color=colors, alpha=0.8)
+        ax.hist(
+            np.clip(v, edges[0], edges[-1]),
+            bins=edges,
+            histtype="step",
+            color="#222",
+            linewidth=1.0,
+            label=f"all ({len(v):,})",
+        )
+        for (key, t), style in zip(lines, ("--", ":"), strict=False):
+            ax.axvline(t, color="#1565c0", linestyle=style, linewidth=1.6, label=f"{key} = {t:g}")
+        if log:
+            ax.set_xscale("log")
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel(
+            name + (" (log scale; smaller values in the first bin)" if log else ""), fontsize=9
+        )
+        ax.set_ylabel("rows", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="best")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        png = base64.b64encode(buf.getvalue()).decode("ascii")
+        nulls = int(len(values) - finite.sum())
+        stats = (
+            f"{len(v):,} values, {nulls:,} null; min {v.min():.4g}, median "
+            f"{np.median(v):.4g}, max {v.max():.4g}"
+        )
+        thr = ", ".join(f"{k} = {t:g}" for k, t in lines) or "no threshold"
+        out.append(
+            f'<figure class="hist" id="score-{_slug(name)}">'
+            f'<img alt="{_esc(name)} histogram" src="data:image/png;base64,{png}">'
+            f"<p><b>{_esc(name)}</b> {_esc(doc)}</p><p>{_esc(stats)}</p>"
+            f"<p>thresholds: {_esc(thr)}</p></figure>"
+        )
+    return out
+
+
+def _bin_edges(
+    values: np.ndarray, marks: list[float], integer: bool, log_ok: bool = False
+) -> tuple[np.ndarray, bool]:
+    """Bin edges covering the values and the threshold marks; log bins (when ``log_ok``) for
+    ranges over two decades, values at or below the first edge then fall in the first bin."""
+    lo = float(min([values.min(), *marks]))
+    hi = float(max([values.max(), *marks]))
+    positive = values[values > 0]
+    pos_marks = [m for m in marks if m > 0]
+    spread = hi / min([positive.min(), *pos_marks]) if len(positive) else 0.0
+    if log_ok and not integer and lo >= 0 and spread >= 100:
+        low = min([float(np.percentile(positive, 0.5)), *pos_marks]) * 0.8
+        return np.geomspace(low, hi * 1.05, 51), True
+    if integer and hi - lo <= 60:
+        return np.arange(lo - 0.5, hi + 1.5, 1.0), False
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = (hi - lo) * 0.02
+    return np.linspace(lo - pad, hi + pad, 51), False
+
+
+def _is_integer(index: pa.Table, name: str) -> bool:
+    if name == "short_side":
+        return True
+    return name in index.column_names and pa.types.is_integer(index.schema.field(name).type)
+
+
+def _as_float(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    arr = pc.cast(col, pa.float64())
+    return np.asarray(pc.fill_null(arr, math.nan).to_numpy(zero_copy_only=False), dtype=float)
+
+
+# ---- reason sections
+
+
+def _reason_sections(index: pa.Table, pairs: pa.Table) -> list[dict[str, Any]]:
+    """One section per (status, tag): rejected first, then errors, most rows first."""
+    sections = []
+    used: set[str] = set()
+    for status in ("rejected", "error"):
+        sel = pairs.filter(pc.equal(pairs.column("status"), status))
+        if sel.num_rows == 0:
+            continue
+        tags = sel.column("tag").to_numpy(zero_copy_only=False)
+        rows = sel.column("row").to_numpy()
+        uniq, inverse, counts = np.unique(tags, return_inverse=True, return_counts=True)
+        for i in sorted(range(len(uniq)), key=lambda i: (-counts[i], uniq[i])):
+            anchor = f"{status}-{_slug(uniq[i])}"
+            while anchor in used:
+                anchor += "-"
+            used.add(anchor)
+            sections.append(
+                {
+                    "status": status,
+                    "tag": str(uniq[i]),
+                    "rows": np.sort(rows[inverse == i]),
+                    "anchor": anchor,
+                    "title": f"{'Rejected' if status == 'rejected' else 'Error'}: {uniq[i]}",
+                }
+            )
+    return sections
+
+
+def _html_section(
+    index: pa.Table,
+    sec: Mapping[str, Any],
+    thumbnails: Mapping[str, bytes],
+    has_thumb: np.ndarray,
+    limit: int,
+) -> str:
+    rows: np.ndarray = sec["rows"]
+    # samples with a thumbnail first, then the rest, each in index order
+    chosen = np.concatenate([rows[has_thumb[rows]], rows[~has_thumb[rows]]])[: max(limit, 0)]
+    cols = [
+        c
+        for c in (
+            "key",
+            "kind",
+            "source_uri",
+            "target_uri",
+            "span",
+            "reasons",
+            "width",
+            "height",
+            "duration",
+            "aesthetic",
+            "watermark",
+            "motion",
+            "ocr_area",
+        )
+        if c in index.column_names
+    ]
+    records = (
+        index.select(cols).take(pa.array(chosen, pa.int64())).to_pylist() if len(chosen) else []
+    )
+    tiles = "".join(_html_tile(r, thumbnails) for r in records)
+    shown = f"showing {len(records):,} of {len(rows):,}"
+    if len(rows) > len(records):
+        shown += " (samples with a thumbnail first)"
+    return (
+        f'<section id="{sec["anchor"]}"><h2 class="{sec["status"]}">{_esc(sec["title"])} '
+        f'<span class="dim">({len(rows):,} rows)</span></h2><p class="dim">{shown}</p>'
+        f'<div class="grid">{tiles}</div></section>'
+    )
+
+
+def _html_tile(r: Mapping[str, Any], thumbnails: Mapping[str, bytes]) -> str:
+    key = r.get("key") or ""
+    uri = r.get("source_uri") or ""
+    name = file_name(uri)
+    thumb = thumbnails.get(key) if key else None
+    if thumb:
+        mime = _image_mime(thumb)
+        img = (
+            f'<img loading="lazy" alt="{_esc(name)}" '
+            f'src="data:{mime};base64,{base64.b64encode(thumb).decode("ascii")}">'
+        )
+    else:
+        img = f'<div class="ph"><span>no thumbnail</span><code>{_esc(uri)}</code></div>'
+    span = r.get("span")
+    span_text = f"{span['start']:.2f}–{span['end']:.2f} s" if span else "whole input"
+    meta = [r.get("kind") or ""]
+    if r.get("width") and r.get("height"):
+        meta.append(f"{r['width']}×{r['height']}")
+    if r.get("duration"):
+        meta.append(f"{r['duration']:.1f} s")
+    scores = ", ".join(
+        f"{c} {r[c]:.3g}"
+        for c in ("aesthetic", "watermark", "motion", "ocr_area")
+        if r.get(c) is not None
+    )
+    target = ""
+    if r.get("target_uri"):
+        target = f'<div title="{_esc(r["target_uri"])}">→ {_esc(file_name(r["target_uri"]))}</div>'
+    reasons = "".join(f"<li>{_esc(x)}</li>" for x in (r.get("reasons") or []))
+    return (
+        f'<div class="tile">{img}'
+        f'<div title="{_esc(uri)}"><b>{_esc(name)}</b></div>{target}'
+        f'<div><code title="{_esc(key)}">{_esc(key[:16])}</code></div>'
+        f"<div>{_esc(' · '.join(m for m in meta if m))}</div>"
+        f"<div>span {_esc(span_text)}</div>"
+        + (f'<div class="dim">{_esc(scores)}</div>' if scores else "")
+        + (f"<ul>{reasons}</ul>" if reasons else "")
+        + "</div>"
+    )
+
+
+def _has_thumbnail(index: pa.Table, thumbnails: Mapping[str, bytes]) -> np.ndarray:
+    if not thumbnails or index.num_rows == 0:
+        return np.zeros(index.num_rows, dtype=bool)
+    keys = pa.array([k for k, v in thumbnails.items() if v], pa.string())
+    mask = pc.fill_null(pc.is_in(_column(index, "key"), value_set=keys), False)
+    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _rows_where(index: pa.Table, mask: Any) -> np.ndarray:
+    mask = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+    return np.flatnonzero(mask)
+
+
+def _image_mime(data: bytes) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return "image/jpeg"
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow
+
+
+def log_to_mlflow(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any] | Any,
+    summary: Mapping[str, Any],
+    report_path: Path,
+    extra_artifacts: Sequence[Path] = (),
+    tags: Mapping[str, Any] | None = None,
+    *,
+    artifact_location: str | None = None,
+) -> str:
+    """Log one finished MLflow run and return its run id.
+
+    Params are flattened (``a.b.c``), stringified, cut to 500 characters (keys to 250);
+    any param or tag whose key contains key / secret / password / token is logged as ``***``
+    and passwords in URLs (``scheme://user:pw@host``) are masked. Metrics are the summary
+    counts (``inputs``, ``samples``, ``accepted``, ``rejected``, ``errors``,
+    ``rejected.<reason>``, ``error.<reason>``, ``shards``, ``bytes``, ``elapsed_s``...).
+    Artifacts: the report, ``summary.json``, ``params.json`` (masked, not truncated) and
+    ``extra_artifacts`` (files, or directories logged under their name).
+
+    Uses an explicit ``MlflowClient``: the process-wide tracking URI and active run are left
+    alone. A new experiment on a ``sqlite:///`` store keeps its artifacts next to the database
+    (``mlartifacts/``) unless ``artifact_location`` says otherwise.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        if artifact_location is None:
+            artifact_location = _default_artifact_location(tracking_uri)
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    else:
+        experiment_id = exp.experiment_id
+    run = client.create_run(experiment_id, run_name=run_name)
+    run_id = run.info.run_id
+    try:
+        plain = mlflow_params(params)
+        now = _now_ms()
+        metrics = [Metric(k, v, now, 0) for k, v in mlflow_metrics(summary).items()]
+        run_tags = mlflow_tags(summary, tags)
+        for chunk in _chunks(metrics, MLFLOW_BATCH_METRICS):
+            client.log_batch(run_id, metrics=chunk)
+        for chunk in _chunks([Param(k, v) for k, v in plain.items()], MLFLOW_BATCH_PARAMS):
+            client.log_batch(run_id, params=chunk)
+        for chunk in _chunks([RunTag(k, v) for k, v in run_tags.items()], MLFLOW_BATCH_PARAMS):
+            client.log_batch(run_id, tags=chunk)
+        client.log_artifact(run_id, str(report_path))
+        client.log_dict(run_id, _json_ready(summary), "summary.json")
+        client.log_dict(run_id, masked_params(params), "params.json")
+        for extra in extra_artifacts:
+            extra = Path(extra)
+            if extra.is_dir():
+                client.log_artifacts(run_id, str(extra), artifact_path=extra.name)
+            else:
+                client.log_artifact(run_id, str(extra))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def masked_params(params: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """Flattened params with secret-looking keys (and URL passwords) masked; not truncated."""
+    out = {}
+    for key, value in flatten(params).items():
+        if SECRET_KEY.search(key):
+            out[key] = MASK
+        elif isinstance(value, str):
+            out[key] = _mask_urls(value)
+        else:
+            out[key] = json.loads(_mask_urls(json.dumps(value, default=str)))
+    return out
+
+
+def mlflow_params(params: Mapping[str, Any] | Any) -> dict[str, str]:
+    """What ``log_to_mlflow`` logs as params: flattened, masked, stringified, size-limited."""
+    out: dict[str, str] = {}
+    for key, value in masked_params(params).items():
+        text = value if isinstance(value, str) else _stringify(value)
+        out[_mlflow_key(key, out)] = _truncate(text, MLFLOW_PARAM_LIMIT)
+    return out
+
+
+def mlflow_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """Summary counts as MLflow metrics (reason tags sanitised to valid metric names)."""
+    metrics: dict[str, float] = {}
+    for key in (
+        "inputs",
+        "samples",
+        "clips",
+        "accepted",
+        "rejected",
+        "errors",
+        "shards",
+        "bytes",
+        "elapsed_s",
+        "samples_per_s",
+        "multi_reason_rejected",
+    ):
+        value = summary.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[key] = float(value)
+    for prefix, key in (("rejected", "rejected_by_reason"), ("error", "errors_by_reason")):
+        for tag, count in (summary.get(key) or {}).items():
+            name = _mlflow_key(f"{prefix}.{_metric_safe(tag)}", {})
+            metrics[name] = metrics.get(name, 0.0) + float(count)
+    return metrics
+
+
+def mlflow_tags(summary: Mapping[str, Any], tags: Mapping[str, Any] | None) -> dict[str, str]:
+    out: dict[str, str] = {"omniforge.job": "curation"}
+    if summary.get("stages_run"):
+        out["stages_run"] = ", ".join(summary["stages_run"])
+    for stage, why in (summary.get("stages_skipped") or {}).items():
+        out[f"stage_skipped.{_metric_safe(stage)}"] = str(why)
+    for key, value in (tags or {}).items():
+        if value is None:
+            continue
+        key = str(key)
+        if SECRET_KEY.search(key) and not key.startswith("mlflow."):
+            value = MASK
+        out[key] = _mask_urls(str(value))
+    return {_mlflow_key(k, {}): _truncate(v, MLFLOW_TAG_LIMIT) for k, v in out.items()}
+
+
+def _default_artifact_location(tracking_uri: str) -> str | None:
+    if tracking_uri.startswith("sqlite:///"):
+        db = unquote(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+        if db and db != ":memory:":
+            return (Path(db).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def _mask_urls(text: str) -> str:
+    """``https://user:pw@host/x`` -> ``https://user:***@host/x``."""
+    return URL_PASSWORD.sub(r"\1:" + MASK + "@", text)
+
+
+def _mlflow_key(key: str, taken: Mapping[str, Any]) -> str:
+    """A valid MLflow param/metric key: allowed characters, no path tricks, <= 250 chars."""
+    safe = re.sub(r"[^\w.\- /]", "_", key)
+    safe = re.sub(r"/+", "/", safe).strip("/")
+    safe = "/".join(p if p not in (".", "..") else "_" for p in safe.split("/")) or "_"
+    if len(safe) > MLFLOW_KEY_LIMIT or (safe != key and safe in taken):
+        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe = f"{safe[: MLFLOW_KEY_LIMIT - 9]}_{digest}"
+    return safe
+
+
+def _metric_safe(text: str) -> str:
+    return re.sub(r"[^\w\-]", "_", str(text)) or UNSPECIFIED_REASON
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str, ensure_ascii=False)
+    return str(value)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_ready(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _now_ms() -> int:
+    return int(datetime.now(timezone.utc).timestamp() * 1000)
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _esc(value: Any) -> str:
+    """HTML-escape any value from data: quotes too, control characters and lone surrogates
+    (undecodable file names) replaced, so the page is valid UTF-8 HTML."""
+    text = str(value)
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return html.escape(_CONTROL.sub("\ufffd", text), quote=True)
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-")[:60] or "x"
+    return f"{slug}-{hashlib.sha1(str(text).encode('utf-8', 'replace')).hexdigest()[:6]}"
+
+
+def file_name(uri: str) -> str:
+    """Last path segment of a local path or URL (the uri itself when it has none)."""
+    name = str(uri).rstrip("/").rsplit("/", 1)[-1]
+    return name or str(uri)
+
+
+def human_bytes(n: float) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds or 0)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else ""
+
+
+def _thresholds(select_cfg: Any) -> dict[str, Any]:
+    if select_cfg is None:
+        return {}
+    if hasattr(select_cfg, "model_dump"):
+        return dict(select_cfg.model_dump())
+    if isinstance(select_cfg, Mapping):
+        return dict(select_cfg)
+    return {k: v for k, v in vars(select_cfg).items() if not k.startswith("_")}
+
+
+def _column(index: pa.Table, name: str) -> pa.ChunkedArray:
+    if name in index.column_names:
+        return index.column(name)
+    field = SAMPLE_SCHEMA.field(name) if name in SAMPLE_SCHEMA.names else pa.field(name, pa.null())
+    return pa.chunked_array([pa.nulls(index.num_rows, field.type)], field.type)

@@ -1,0 +1,114 @@
+"""What every curation stage is: a small class with declared resources that works on batches.
+
+A stage is built from its config section (cheap, picklable ``__init__``), loads its model once
+per worker in ``setup()``, and transforms a batch of rows in ``process_batch()``. Rows are
+plain dicts: sample-contract columns plus working columns (``frames``, ``partition``, ...).
+
+A bad sample is data, not an exception: ``process_row`` raising ``SampleError`` (or anything
+else) marks that row ``status="error"`` with a reason naming the stage, and the batch goes on.
+Rows already in error pass through untouched. Scorers add columns and never drop rows.
+Stages do not import Ray; ``curation.adapter`` turns them into Ray Data callables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+Row = dict[str, Any]
+
+
+class SampleError(Exception):
+    """A problem with one sample (corrupt file, unsupported codec...): recorded, not raised.
+
+    ``reason`` is a short machine-friendly tag (``decode_error``, ``empty_file``...); the
+    message adds detail for humans.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class MissingWeights(RuntimeError):
+    """A configured model's weights are not where they were looked for (raised at start-up)."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-worker resources. Fractional CPUs keep actor pools from starving read tasks."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_mb: int = 0
+
+
+@dataclass(frozen=True)
+class RequiredFile:
+    """A file a stage needs before it can run, and how a user obtains it."""
+
+    path: Path
+    what: str
+    how_to_get: str
+
+
+class Stage:
+    name: ClassVar[str] = "stage"
+    resources: ClassVar[Resources] = Resources()
+    batch_size: ClassVar[int] = 8
+    uses_model: ClassVar[bool] = False  # True: run in an actor pool (setup() once per actor)
+
+    def setup(self) -> None:
+        """Load models / engines once per worker."""
+
+    def required_files(self) -> list[RequiredFile]:
+        """Files that must exist before the pipeline starts (checked on the driver)."""
+        return []
+
+    def process_row(self, row: Row) -> Row | list[Row]:
+        raise NotImplementedError
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        out: list[Row] = []
+        for row in rows:
+            if row.get("status") == "error":
+                out.append(row)
+                continue
+            try:
+                result = self.process_row(row)
+            except SampleError as e:
+                out.append(mark_error(row, e.reason, e.detail))
+                continue
+            except Exception as e:  # a library choking on one sample must not stop the job
+                out.append(mark_error(row, f"{self.name}_failed", f"{type(e).__name__}: {e}"))
+                continue
+            out.extend(result if isinstance(result, list) else [result])
+        return out
+
+    def describe(self) -> str:
+        """One line for the printed plan."""
+        r = self.resources
+        gpu = f", {r.gpus:g} GPU" if r.gpus else ""
+        pool = "actor pool" if self.uses_model else "tasks"
+        return f"{self.name} ({pool}, {r.cpus:g} CPU{gpu}, batch {self.batch_size})"
+
+
+def mark_error(row: Row, reason: str, detail: str = "") -> Row:
+    """Set ``status=error`` and append the reason (``reason: detail``)."""
+    row = dict(row)
+    row["status"] = "error"
+    reasons = list(row.get("reasons") or [])
+    reasons.append(f"{reason}: {detail}" if detail else reason)
+    row["reasons"] = reasons
+    return row
+
+
+def check_required(stages: Iterable[Stage]) -> None:
+    """Raise MissingWeights listing every missing file (with how to get it) before any work."""
+    missing = [(s.name, f) for s in stages for f in s.required_files() if not Path(f.path).is_file()]
+    if missing:
+        lines = [f"{name}: {f.what} not found at {f.path} ({f.how_to_get})" for name, f in missing]
+        raise MissingWeights("model weights are missing:\n  - " + "\n  - ".join(lines))

@@ -1,0 +1,439 @@
+"""Probe: what each input really is (from its bytes, never its extension), and its geometry.
+
+For every input the probe detects the kind from content (a JPEG named ``.mp4`` is an image,
+an MP4 named ``.png`` is a video), checks the kind the user forced or the manifest gave, and
+fills the probe columns of the sample contract. Sizes are *display* sizes: the pixel aspect
+ratio and the rotation metadata (video display matrix, EXIF orientation) are applied.
+
+A file passes only when a first frame actually decodes, so header-only and truncated files
+become ``decode_error`` rows here instead of failing later. Edit pairs are probed on both sides
+(``target_*`` columns) and must be image/image or video/video.
+
+Columns set: ``kind`` (detected), ``container``, ``codec``, ``width``/``height`` (display),
+``rotation``, ``sample_aspect_ratio``, ``has_audio``, ``fps`` (average), ``num_frames``,
+``duration``; ``target_width``/``target_height``/``target_num_frames`` for edit pairs; and the
+working column ``random_access`` (videos: whether decoding after a seek is sound, used by frame
+sampling). Rows that fail before their kind is known get the kind their file name claims.
+
+Reason tags: ``empty_file``, ``not_found``, ``not_media``, ``decode_error``,
+``no_video_stream``, ``unsupported_codec``, ``absurd_size``, ``too_long``, ``kind_mismatch``,
+``missing_target``.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import warnings
+from fractions import Fraction
+from typing import Any, ClassVar
+
+import av
+from PIL import Image, UnidentifiedImageError
+
+from catalog.schema import EDIT_KINDS
+from curation.config import CurationConfig, ProbeConfig
+from curation.media import local_path
+from curation.stages.base import Resources, Row, SampleError, Stage
+
+Image.init()
+# Still-image formats recognised by Pillow. Formats without a magic number (TGA, SPIDER...)
+# are left out on purpose: Pillow would "recognise" random bytes as them.
+_PIL_WANTED = (
+    "JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "JPEG2000", "PPM", "AVIF", "QOI",
+    "ICO", "PSD", "SGI", "DDS",
+)  # fmt: skip
+PIL_FORMATS = tuple(f for f in _PIL_WANTED if f in Image.OPEN)
+# Pillow format -> container name (MPO is a multi-picture JPEG).
+_PIL_NAMES = {"MPO": "jpeg", "JPEG2000": "jpeg2000"}
+# EXIF orientation -> (display rotation in CCW degrees, width/height swapped)
+EXIF_ROTATION = {1: (0, False), 2: (0, False), 3: (180, False), 4: (180, False),
+                 5: (90, True), 6: (270, True), 7: (270, True), 8: (90, True)}  # fmt: skip
+# FFmpeg demuxers that "open" text files as video (ANSI art): not media for a curation corpus.
+_PSEUDO_VIDEO_FORMATS = {"tty"}
+SNIFF_BYTES = 64
+
+
+def sniff_family(head: bytes) -> str | None:
+    """'image' / 'video' when ``head`` starts like a known media file, else None.
+
+    Used only to tell a *broken* media file (``decode_error``) from something that was never
+    media (``not_media``) once the real decoders have refused it.
+    """
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")):
+        return "image"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ")):
+        return "image"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        return "image" if brand in (b"avif", b"avis", b"heic", b"heix", b"mif1") else "video"
+    if head.startswith((b"\x1a\x45\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba")):
+        return "video"
+    if head[:4] == b"RIFF" and head[8:11] == b"AVI":
+        return "video"
+    if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):  # ASF / WMV
+        return "video"
+    if head[4:8] in (b"moov", b"mdat", b"wide", b"free", b"skip"):  # QuickTime without ftyp
+        return "video"
+    return None
+
+
+def normalize_rotation(degrees: float | int | None) -> int:
+    """Any angle -> 0/90/180/270 (nearest quarter turn, counter-clockwise)."""
+    if not degrees:
+        return 0
+    return int(round(float(degrees) / 90.0)) % 4 * 90
+
+
+def _container_name(container: av.container.InputContainer, head: bytes) -> str:
+    name = container.format.name
+    if name.startswith("mov,mp4"):
+        brand = (container.metadata.get("major_brand") or "").strip().lower()
+        if brand == "qt":
+            return "mov"
+        return "3gp" if brand.startswith("3g") else "mp4"
+    if name.startswith("matroska"):
+        return "webm" if b"webm" in head else "matroska"
+    return name.split(",")[0]
+
+
+def _check_pixels(width: int, height: int, limits: ProbeConfig, what: str) -> None:
+    if width * height > limits.max_pixels:
+        raise SampleError(
+            "absurd_size",
+            f"{what}{width}x{height} = {width * height} pixels > probe.max_pixels "
+            f"({limits.max_pixels})",
+        )
+
+
+def _probe_image(path: str, img: Image.Image, limits: ProbeConfig, what: str) -> dict[str, Any]:
+    fmt = img.format or "unknown"
+    width, height = img.size
+    _check_pixels(width, height, limits, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise SampleError("absurd_size", f"{what}{e}") from e
+    except Exception as e:  # truncated data, bad chunks...
+        raise SampleError("decode_error", f"{what}{fmt} image does not decode: {e}") from e
+    try:
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # malformed EXIF must not make a decodable image an error
+        orientation = 1
+    rotation, swapped = EXIF_ROTATION.get(orientation, (0, False))
+    if swapped:
+        width, height = height, width
+    name = _PIL_NAMES.get(fmt, fmt.lower())
+    return {
+        "kind": "image",
+        "container": name,
+        "codec": name,
+        "width": int(width),
+        "height": int(height),
+        "rotation": rotation,
+        "sample_aspect_ratio": 1.0,
+        "has_audio": False,
+        "fps": None,
+        "num_frames": 1,
+        "duration": 0.0,
+    }
+
+
+def _probe_pipe_image(container: av.container.InputContainer, what: str, limits) -> dict:
+    """An image format FFmpeg reads but Pillow does not: decode the one picture with PyAV."""
+    fmt = container.format.name.removesuffix("_pipe")
+    try:
+        frame = next(container.decode(video=0), None)
+    except av.FFmpegError as e:
+        raise SampleError("decode_error", f"{what}{fmt} image does not decode: {e}") from e
+    if frame is None:
+        raise SampleError("decode_error", f"{what}{fmt} image has no decodable picture")
+    _check_pixels(frame.width, frame.height, limits, what)
+    return {
+        "kind": "image",
+        "container": fmt,
+        "codec": container.streams.video[0].codec_context.name,
+        "width": frame.width,
+        "height": frame.height,
+        "rotation": 0,
+        "sample_aspect_ratio": 1.0,
+        "has_audio": False,
+        "fps": None,
+        "num_frames": 1,
+        "duration": 0.0,
+    }
+
+
+def _count_packets(path: str, index: int) -> tuple[int, float | None, bool]:
+    """Frames of stream ``index`` by demuxing (no decoding), the pts extent in seconds, and
+    whether the last packet carried its own duration."""
+    n = 0
+    first = last = None
+    last_has_duration = False
+    with av.open(path) as container:
+        stream = container.streams[index]
+        tb = stream.time_base
+        for packet in container.demux(stream):
+            if packet.size == 0:  # flush packet
+                continue
+            n += 1
+            if packet.pts is not None and tb is not None:
+                start = packet.pts * tb
+                end = start + (packet.duration or 0) * tb
+                first = start if first is None else min(first, start)
+                if last is None or end >= last:
+                    last, last_has_duration = end, bool(packet.duration)
+    if first is None or last is None:
+        return n, None, False
+    return n, float(last - first), last_has_duration
+
+
+def _stream_duration(stream: av.video.stream.VideoStream) -> float | None:
+    """Duration of the stream itself: its header field, else a Matroska ``DURATION`` tag."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = (stream.metadata or {}).get("DURATION")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            return None
+    return None
+
+
+def random_access_ok(path: str, index: int, duration: float | None, check_frames: int = 3) -> bool:
+    """Whether a decoder that starts at a keyframe mid-file gives sound frames.
+
+    Checked on a fresh decoder that seeks to the middle: FFmpeg flags the frames corrupt when
+    they depend on what it never saw. Real cases: open GOPs, and old x264 4:4:4 streams whose
+    decoding needs the encoder-version SEI of the first frame (FFmpeg applies a workaround only
+    after seeing it). decord returns broken pictures for such files without any error, so frame
+    sampling decodes them with PyAV from the start instead.
+    """
+    if not duration:
+        return True
+    try:
+        with av.open(path) as container:
+            stream = container.streams[index]
+            tb = stream.time_base
+            if tb is None:
+                return True
+            t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+            container.seek(int((t0 + duration / 2) / tb), stream=stream, backward=True)
+            for k, frame in enumerate(container.decode(stream)):
+                if frame.is_corrupt:
+                    return False
+                if k + 1 >= check_frames:
+                    break
+    except av.FFmpegError:
+        return False
+    return True
+
+
+def _probe_video(
+    path: str, container: av.container.InputContainer, head: bytes, limits: ProbeConfig, what: str
+) -> dict[str, Any]:
+    fmt = container.format.name
+    videos = [
+        s
+        for s in container.streams.video
+        if not (s.disposition & av.stream.Disposition.attached_pic)
+    ]
+    if not videos:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        if not container.streams:
+            raise SampleError("not_media", f"{what}{fmt} container without streams")
+        raise SampleError("no_video_stream", f"{what}{fmt} has only {', '.join(kinds)}")
+    stream = videos[0]
+    cc = stream.codec_context
+    if cc is None:
+        raise SampleError("unsupported_codec", f"{what}no decoder for the video stream ({fmt})")
+    codec = cc.codec.canonical_name if cc.codec is not None else cc.name
+
+    width, height = cc.width, cc.height
+    if width and height:
+        _check_pixels(width, height, limits, what)
+    duration = _stream_duration(stream)
+    if duration is None and container.duration:
+        duration = container.duration / av.time_base  # may include a longer audio track
+    if duration is not None and duration > limits.max_duration_s:
+        raise SampleError(
+            "too_long", f"{what}{duration:.1f} s > probe.max_duration_s ({limits.max_duration_s})"
+        )
+
+    # Decode the first frame: a header alone must not pass, and the frame carries the rotation.
+    try:
+        first = next(container.decode(stream), None)
+    except (av.error.DecoderNotFoundError, av.error.PatchWelcomeError) as e:
+        raise SampleError("unsupported_codec", f"{what}{codec}: {e}") from e
+    except av.FFmpegError as e:
+        raise SampleError("decode_error", f"{what}{codec} in {fmt}: {e}") from e
+    if first is None:
+        raise SampleError("decode_error", f"{what}{codec} in {fmt}: no frame decodes")
+    if not (width and height):
+        width, height = first.width, first.height
+        _check_pixels(width, height, limits, what)
+    rotation = normalize_rotation(first.rotation)
+
+    sar = stream.sample_aspect_ratio or cc.sample_aspect_ratio
+    sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
+    display_w, display_h = max(1, round(width * sar)), height
+    if rotation in (90, 270):
+        display_w, display_h = display_h, display_w
+
+    fps = stream.average_rate or stream.guessed_rate
+    num_frames = stream.frames or 0
+    if num_frames <= 0:
+        # Matroska/WebM and streamed formats carry no frame count: count packets (cheap).
+        num_frames, extent, has_duration = _count_packets(path, stream.index)
+        if extent is not None and _stream_duration(stream) is None:
+            if not has_duration and fps:
+                extent += 1.0 / float(fps)  # the last frame lasts one frame period
+            duration = extent
+        if duration and num_frames > 1:
+            # Header rates of such streams are often a guess from the first packets (VFR).
+            measured = num_frames / duration
+            if not fps or abs(measured - float(fps)) > 0.01 * float(fps):
+                fps = measured
+    if num_frames <= 0:
+        raise SampleError("decode_error", f"{what}{codec} in {fmt}: no video packets")
+    if not fps and duration:
+        fps = num_frames / duration
+    if duration is None:
+        duration = num_frames / float(fps) if fps else 0.0
+    if duration > limits.max_duration_s:
+        raise SampleError(
+            "too_long", f"{what}{duration:.1f} s > probe.max_duration_s ({limits.max_duration_s})"
+        )
+    random_access = random_access_ok(path, stream.index, duration)
+    return {
+        "kind": "video",
+        "container": _container_name(container, head),
+        "codec": codec,
+        "width": int(display_w),
+        "height": int(display_h),
+        "rotation": rotation,
+        "sample_aspect_ratio": float(sar),
+        "has_audio": bool(container.streams.audio),
+        "fps": float(fps) if fps else None,
+        "num_frames": int(num_frames),
+        "duration": float(duration),
+        "random_access": random_access,
+    }
+
+
+def probe_file(uri: str, limits: ProbeConfig, what: str = "") -> dict[str, Any]:
+    """Probe one medium by content. Returns the probe columns plus ``kind`` (image | video).
+
+    ``what`` prefixes error details (``"target: "`` for the target side of an edit pair).
+    Raises SampleError for anything that is not a decodable image or video within limits.
+    """
+    path = local_path(uri)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError as e:
+        raise SampleError("not_found", f"{what}{uri}") from e
+    if size == 0:
+        raise SampleError("empty_file", f"{what}{uri} has 0 bytes")
+    if size > limits.max_file_bytes:
+        raise SampleError(
+            "absurd_size", f"{what}{size} bytes > probe.max_file_bytes ({limits.max_file_bytes})"
+        )
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    family = sniff_family(head)
+
+    # 1. Still images through Pillow (reads the header only until load()).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=PIL_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise SampleError("absurd_size", f"{what}{e}") from e
+    except UnidentifiedImageError:
+        img = None
+    except Exception as e:  # a recognised header that is broken
+        if family == "image":
+            raise SampleError("decode_error", f"{what}broken image header: {e}") from e
+        img = None
+    if img is not None:
+        with img:
+            return _probe_image(path, img, limits, what)
+
+    # 2. Everything else through FFmpeg.
+    try:
+        container = av.open(path)
+    except av.FFmpegError as e:
+        if family is not None:
+            raise SampleError("decode_error", f"{what}{family} file does not open: {e}") from e
+        raise SampleError("not_media", f"{what}unrecognised content ({size} bytes)") from e
+    with container:
+        fmt = container.format.name
+        if fmt in _PSEUDO_VIDEO_FORMATS:
+            raise SampleError("not_media", f"{what}content read as {fmt!r} (text), not media")
+        if fmt.endswith("_pipe") or fmt == "image2":
+            if family == "image" or not container.streams.video:
+                name = fmt.removesuffix("_pipe")
+                raise SampleError("decode_error", f"{what}{name} image does not decode")
+            return _probe_pipe_image(container, what, limits)
+        return _probe_video(path, container, head, limits, what)
+
+
+def claimed_kind(row: Row) -> str:
+    """The kind a row's file name suggests (used only for rows whose content never probed)."""
+    mime, _ = mimetypes.guess_type(str(row.get("source_uri") or ""))
+    base = "video" if mime and mime.startswith("video/") else "image"
+    return f"{base}_edit" if row.get("target_uri") else base
+
+
+class ProbeStage(Stage):
+    """Detect the kind from content and fill the probe columns (and ``target_*`` for edits)."""
+
+    name: ClassVar[str] = "probe"
+    resources: ClassVar[Resources] = Resources(cpus=1)
+    batch_size: ClassVar[int] = 8
+    uses_model: ClassVar[bool] = False
+
+    def __init__(self, cfg: CurationConfig):
+        self.limits = cfg.probe
+        self.default_kind = None if cfg.kind == "auto" else cfg.kind
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        out = super().process_batch(rows)
+        # The contract needs a kind on every row: an input that failed before its kind was known
+        # keeps the kind its file name claims.
+        return [r if r.get("kind") else {**r, "kind": claimed_kind(r)} for r in out]
+
+    def process_row(self, row: Row) -> Row:
+        forced = row.get("kind") or self.default_kind
+        target = row.get("target_uri")
+        if forced in EDIT_KINDS and not target:
+            raise SampleError("missing_target", f"kind {forced} needs a target_uri")
+        src = probe_file(row["source_uri"], self.limits, "source: " if target else "")
+        out = dict(row)
+        out.update({k: v for k, v in src.items() if k != "kind"})
+        if target:
+            tgt = probe_file(target, self.limits, "target: ")
+            if src["kind"] != tgt["kind"]:
+                pair = forced if forced in EDIT_KINDS else "edit"
+                raise SampleError(
+                    "kind_mismatch",
+                    f"{pair} pair: source is {src['kind']}, target is {tgt['kind']}",
+                )
+            kind = f"{src['kind']}_edit"
+            out.update(
+                target_width=tgt["width"],
+                target_height=tgt["height"],
+                target_num_frames=tgt["num_frames"],
+            )
+        else:
+            kind = src["kind"]
+        if forced is not None and forced != kind:
+            raise SampleError("kind_mismatch", f"forced {forced}, content is {kind}")
+        out["kind"] = kind
+        return out

@@ -1,0 +1,622 @@
+"""Recaption: a vision-language model writes ``recaption`` from a sample's frames.
+
+Off unless ``recaption.backend`` is not ``none``. What is written, per kind:
+
+- ``video``: one or two sentences on the subject, its motion, the camera movement and the
+  setting, from up to ``max_frames`` frames in time order;
+- ``image``: subject, style and setting;
+- ``image_edit`` / ``video_edit``: the edit ``instruction`` rewritten into a clear, specific
+  one from the source (and, when the row carries ``target_frames``, target) frames. The
+  rewrite goes to ``recaption``; the original ``instruction`` is kept as it was.
+
+The supplied ``caption``, when present, is given to the model as a hint. Prompts are the
+module constants ``PROMPTS`` (overridable per kind); the row's hint and instruction are
+appended to them.
+
+Backends:
+
+- ``openai``: any OpenAI-compatible chat-completions server (vLLM, SGLang, ...). One
+  ``POST {endpoint}/chat/completions`` per sample (stdlib ``urllib``), frames as base64 JPEG
+  ``image_url`` data URLs, ``temperature`` 0. Up to ``concurrency`` requests of a batch run at
+  once (per worker). The key in env var ``api_key_env`` is sent as a bearer token when set;
+  without it no ``Authorization`` header is sent (local servers).
+  Retries (``max_retries`` more attempts): connection errors, timeouts, HTTP 429 and 5xx, with
+  exponential backoff and jitter (``backoff_delay``: about ``backoff_s * 2**n``), or the
+  server's ``Retry-After`` when it sends one. Other 4xx and malformed answers fail at once.
+  ``timeout_s`` bounds connecting and each read of a request (urllib's socket timeout).
+- ``transformers``: a local VLM directory (``model_dir``) loaded with ``AutoProcessor`` and
+  ``AutoModelForImageTextToText`` (``local_files_only``: nothing is downloaded); greedy
+  decoding, ``max_new_tokens`` tokens at most.
+
+Cache: every caption obtained is stored under ``cache_dir`` (default
+``<OMNIFORGE_HOME or ~/.omniforge>/recaption-cache``) as ``<h[:2]>/<h>.json`` with
+``h = sha256(sample key, full prompt text, model id, frame view)``, written to a temp file and
+renamed, so concurrent workers are safe and a rerun never asks twice. A changed prompt, model
+or frame view is a miss. Failures are not cached.
+
+Failure rule: a sample whose caption cannot be obtained (request failed after retries,
+non-retryable HTTP error, empty answer, undecodable frames, no frames, edit with neither an
+instruction nor target frames) becomes ``status="error"`` with reason
+``recaption_failed: <why>``; ``recaption`` stays null. It is counted with the other errors and
+a rerun asks again for it only (cached successes are not re-asked).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import hashlib
+import http.client
+import json
+import os
+import random
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from curation.media import decode_frame, fit_max_side
+from curation.stages.base import RequiredFile, Resources, Row, SampleError, Stage, mark_error
+
+VIDEO_PROMPT = (
+    "You write captions for a text-to-video training set. The images are frames of one video "
+    "clip, in time order. In one or two sentences, describe the main subject, how it moves, "
+    "the camera movement (static, pan, tilt, zoom, tracking or handheld) and the background or "
+    "setting. Answer with the caption only."
+)
+IMAGE_PROMPT = (
+    "You write captions for a text-to-image training set. In one or two sentences, describe "
+    "the main subject, the visual style (photo, illustration, 3D render, painting, ...) and the "
+    "setting. Answer with the caption only."
+)
+IMAGE_EDIT_PROMPT = (
+    "You write instructions for an image-editing training set. You see the source image and, "
+    "when given, the edited target image. Rewrite the edit instruction below into one clear, "
+    "specific instruction that turns the source into the target: name the object, the change "
+    "and where it happens, and leave out anything that does not change. Answer with the "
+    "instruction only."
+)
+VIDEO_EDIT_PROMPT = (
+    "You write instructions for a video-editing training set. You see frames of the source "
+    "video and, when given, of the edited target video, in time order. Rewrite the edit "
+    "instruction below into one clear, specific instruction that turns the source into the "
+    "target: name the object, the change and where and when it happens, and leave out anything "
+    "that does not change. Answer with the instruction only."
+)
+PROMPTS: dict[str, str] = {
+    "video": VIDEO_PROMPT,
+    "image": IMAGE_PROMPT,
+    "image_edit": IMAGE_EDIT_PROMPT,
+    "video_edit": VIDEO_EDIT_PROMPT,
+}
+HINT_TEMPLATE = "Existing caption (a hint; it may be incomplete or wrong): {caption}"
+INSTRUCTION_TEMPLATE = "Edit instruction: {instruction}"
+NO_INSTRUCTION = (
+    "Edit instruction: (none was given; write one from the difference between source and target)"
+)
+
+DEFAULT_MAX_FRAMES = 4  # frames of a video (per side for video_edit) shown to the model
+DEFAULT_IMAGE_MAX_SIDE = 512  # frames are downscaled to this before they are sent
+DEFAULT_MAX_NEW_TOKENS = 96
+DEFAULT_BACKOFF_S = 1.0  # first retry waits about this long, doubling after
+MAX_BACKOFF_S = 60.0
+MAX_RETRY_AFTER_S = 300.0
+JPEG_QUALITY = 90
+CACHE_DIRNAME = "recaption-cache"
+MODEL_HINT = "Qwen/Qwen2-VL-2B-Instruct"
+
+
+class RecaptionFailed(Exception):
+    """A caption could not be obtained for one sample (becomes ``recaption_failed: ...``)."""
+
+
+# --- cache ------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    home = os.environ.get("OMNIFORGE_HOME") or str(Path.home() / ".omniforge")
+    return Path(home) / CACHE_DIRNAME
+
+
+def cache_key(sample_key: str, prompt: str, model: str, view: str) -> str:
+    """sha256 over the sample key, the full prompt text, the model id and the frame view."""
+    material = json.dumps([sample_key, prompt, model, view], ensure_ascii=False)
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+class CaptionCache:
+    """One small JSON file per caption: ``root/<h[:2]>/<h>.json``; atomic temp + rename."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / f"{digest}.json"
+
+    def get(self, digest: str) -> str | None:
+        try:
+            data = json.loads(self.path(digest).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent, or unreadable: a miss (it will be rewritten)
+            return None
+        text = data.get("recaption") if isinstance(data, dict) else None
+        return text if isinstance(text, str) and text else None
+
+    def put(self, digest: str, record: dict[str, Any]) -> None:
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, ensure_ascii=False)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What is asked for one sample: text and frame parts in order, and its cache digest."""
+
+    parts: list[tuple[str, Any]]  # ("text", str) | ("image", PNG bytes)
+    prompt: str
+    digest: str
+    sample_key: str
+
+
+def _pick(frames: list[bytes], n: int) -> list[bytes]:
+    """Up to n frames evenly spaced over the list (first and last included)."""
+    if len(frames) <= n:
+        return list(frames)
+    idx = np.unique(np.linspace(0, len(frames) - 1, n).round().astype(int))
+    return [frames[i] for i in idx]
+
+
+def build_prompt(row: Row, template: str) -> str:
+    kind = row.get("kind")
+    lines = [template.strip()]
+    if kind in ("image_edit", "video_edit"):
+        instruction = (row.get("instruction") or "").strip()
+        lines.append(
+            INSTRUCTION_TEMPLATE.format(instruction=instruction) if instruction else NO_INSTRUCTION
+        )
+    caption = (row.get("caption") or "").strip()
+    if caption:
+        lines.append(HINT_TEMPLATE.format(caption=caption))
+    return "\n\n".join(lines)
+
+
+def _clean(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def backoff_delay(attempt: int, base_s: float, retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based).
+
+    The server's Retry-After wins when present (capped at MAX_RETRY_AFTER_S); else
+    exponential backoff with equal jitter: ``d/2 + uniform(0, d/2)``, ``d = base * 2**attempt``
+    capped at MAX_BACKOFF_S.
+    """
+    if retry_after is not None:
+        return min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)
+    d = min(base_s * (2**attempt), MAX_BACKOFF_S)
+    return d / 2 + random.uniform(0, d / 2)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date; None when absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _jpeg_data_url(rgb: np.ndarray) -> str:
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+    )
+    if not ok:
+        raise RecaptionFailed("JPEG encoding failed")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+class OpenAIBackend:
+    """Chat completions over HTTP with retries; one call per sample, thread-safe."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        api_key: str | None,
+        timeout_s: float,
+        max_retries: int,
+        backoff_s: float,
+        max_new_tokens: int,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_new_tokens = max_new_tokens
+        self.sleep = sleep
+
+    def body(self, job: Job) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        for kind, value in job.parts:
+            if kind == "text":
+                content.append({"type": "text", "text": value})
+            else:
+                content.append({"type": "image_url", "image_url": {"url": _jpeg_data_url(value)}})
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": self.max_new_tokens,
+        }
+
+    def _post(self, data: bytes) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def caption(self, job: Job) -> str:
+        data = json.dumps(self.body(job)).encode("utf-8")
+        attempts = self.max_retries + 1
+        last = ""
+        for attempt in range(attempts):
+            retry_after = None
+            try:
+                answer = self._post(data)
+            except urllib.error.HTTPError as e:
+                detail = _short(e.read() if e.fp else b"")
+                last = f"HTTP {e.code}" + (f": {detail}" if detail else "")
+                if e.code != 429 and not 500 <= e.code < 600:
+                    raise RecaptionFailed(last) from None  # other 4xx: asking again won't help
+                retry_after = parse_retry_after(e.headers.get("Retry-After") if e.headers else None)
+            except TimeoutError:
+                last = f"timed out after {self.timeout_s:g}s"
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, TimeoutError):
+                    last = f"timed out after {self.timeout_s:g}s"
+                else:
+                    last = f"connection error: {e.reason}"
+            except (ConnectionError, http.client.HTTPException) as e:
+                last = f"connection error: {type(e).__name__}: {e}"
+            except ValueError as e:  # a 2xx that is not JSON
+                raise RecaptionFailed(f"malformed response: {e}") from None
+            else:
+                return _answer_text(answer)
+            if attempt + 1 < attempts:
+                self.sleep(backoff_delay(attempt, self.backoff_s, retry_after))
+        if attempts == 1:
+            raise RecaptionFailed(last)
+        raise RecaptionFailed(f"gave up after {attempts} attempts: {last}")
+
+
+def _short(raw: bytes, n: int = 200) -> str:
+    text = " ".join(raw.decode("utf-8", "replace").split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _answer_text(answer: Any) -> str:
+    try:
+        content = answer["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise RecaptionFailed(
+            f"malformed response: {_short(json.dumps(answer).encode())}"
+        ) from None
+    if isinstance(content, list):  # some servers answer with content parts
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise RecaptionFailed("malformed response: message content is not text")
+    return content
+
+
+class TransformersBackend:
+    """A local VLM directory through transformers' Auto classes; greedy generation."""
+
+    def __init__(self, model_dir: Path, max_new_tokens: int):
+        import catalog.compat  # noqa: F401  (before transformers: torchvision C ops)
+
+        # isort: split
+        import torch
+        import transformers
+        from transformers import AutoProcessor
+
+        try:
+            from transformers import AutoModelForImageTextToText as AutoVLM
+        except ImportError:  # transformers < 4.46
+            from transformers import AutoModelForVision2Seq as AutoVLM
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        # transformers renamed torch_dtype to dtype in 4.56
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        self.processor = AutoProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        self.model = AutoVLM.from_pretrained(
+            str(model_dir), local_files_only=True, **{dtype_kw: self.dtype}
+        )
+        self.model.to(self.device).eval()
+        self.max_new_tokens = max_new_tokens
+        if not getattr(self.processor, "chat_template", None):
+            raise RecaptionFailed(f"{model_dir}: the processor has no chat template")
+
+    def caption(self, job: Job) -> str:
+        from PIL import Image
+
+        content: list[dict[str, Any]] = []
+        images = []
+        for kind, value in job.parts:
+            if kind == "text":
+                content.append({"type": "text", "text": value})
+            else:
+                content.append({"type": "image"})
+                images.append(Image.fromarray(value))
+        messages = [{"role": "user", "content": content}]
+        text = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        inputs = self.processor(text=[text], images=images or None, return_tensors="pt")
+        inputs = inputs.to(self.device, dtype=self.dtype)  # floating tensors only are cast
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return self.processor.batch_decode(new, skip_special_tokens=True)[0]
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+class RecaptionStage(Stage):
+    """Writes ``recaption`` (see the module docstring for prompts, backends, cache, failures).
+
+    ``RecaptionStage(cfg)`` with ``cfg`` the CurationConfig (or its ``recaption`` section).
+    Keyword arguments override the section's ``cache_dir``, ``prompts`` (kind -> template),
+    ``max_frames``, ``image_max_side``, ``max_new_tokens``, ``backoff_s``, ``gpus``.
+    """
+
+    name = "recaption"
+    resources = Resources(cpus=0.5)
+    batch_size = 16
+    uses_model = True
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        cache_dir: str | Path | None = None,
+        prompts: dict[str, str] | None = None,
+        max_frames: int | None = None,
+        image_max_side: int | None = None,
+        max_new_tokens: int | None = None,
+        backoff_s: float | None = None,
+        gpus: float | None = None,
+    ):
+        cfg = getattr(cfg, "recaption", cfg)  # the whole CurationConfig, or its section
+        if cfg.backend == "none":
+            raise ValueError("recaption.backend is 'none': the recaption stage is off")
+        if cfg.backend not in ("openai", "transformers"):
+            raise ValueError(f"unknown recaption.backend {cfg.backend!r}")
+
+        def opt(value: Any, key: str, default: Any) -> Any:
+            if value is not None:
+                return value
+            got = getattr(cfg, key, None)
+            return default if got is None else got
+
+        self.cfg = cfg
+        self.backend = cfg.backend
+        self.cache_dir = str(opt(cache_dir, "cache_dir", None) or default_cache_dir())
+        self.prompts = {**PROMPTS, **dict(opt(prompts, "prompts", {}))}
+        unknown = set(self.prompts) - set(PROMPTS)
+        if unknown:
+            raise ValueError(f"recaption prompts for unknown kinds: {sorted(unknown)}")
+        self.max_frames = int(opt(max_frames, "max_frames", DEFAULT_MAX_FRAMES))
+        self.image_max_side = int(opt(image_max_side, "image_max_side", DEFAULT_IMAGE_MAX_SIDE))
+        self.max_new_tokens = int(opt(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.backoff_s = float(opt(backoff_s, "backoff_s", DEFAULT_BACKOFF_S))
+        if self.backend == "openai":
+            self.model_id = f"openai:{cfg.model}"
+            self.concurrency = int(cfg.concurrency)
+            # A batch must hold enough rows to keep `concurrency` requests in flight.
+            self.batch_size = min(max(type(self).batch_size, self.concurrency), 64)
+        else:
+            self.model_id = f"transformers:{Path(cfg.model_dir).resolve()}"
+            self.concurrency = 1
+            self.batch_size = 4
+            n_gpus = float(opt(gpus, "gpus", 0.0))
+            if n_gpus:
+                self.resources = Resources(cpus=type(self).resources.cpus, gpus=n_gpus)
+        self.view = f"frames={self.max_frames},side={self.image_max_side}"
+        self._engine: OpenAIBackend | TransformersBackend | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._cache: CaptionCache | None = None
+
+    # Built per worker in setup(); never pickled.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_engine=None, _pool=None, _cache=None)
+        return state
+
+    def required_files(self) -> list[RequiredFile]:
+        if self.backend != "transformers":
+            return []
+        model_dir = Path(self.cfg.model_dir)
+        return [
+            RequiredFile(
+                model_dir / "config.json",
+                "recaption VLM (a transformers model directory)",
+                f"on a machine with network: `hf download {MODEL_HINT} --local-dir {model_dir}` "
+                f"(or `huggingface-cli download {MODEL_HINT} --local-dir {model_dir}`), "
+                "then copy the directory here",
+            )
+        ]
+
+    def setup(self) -> None:
+        self._cache = CaptionCache(self.cache_dir)
+        if self.backend == "openai":
+            env = self.cfg.api_key_env
+            self._engine = OpenAIBackend(
+                endpoint=self.cfg.endpoint,
+                model=self.cfg.model,
+                api_key=os.environ.get(env) if env else None,
+                timeout_s=float(self.cfg.timeout_s),
+                max_retries=int(self.cfg.max_retries),
+                backoff_s=self.backoff_s,
+                max_new_tokens=self.max_new_tokens,
+            )
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="recaption")
+        else:
+            self._engine = TransformersBackend(Path(self.cfg.model_dir), self.max_new_tokens)
+
+    def _ready(self) -> None:
+        if self._engine is None:
+            self.setup()
+
+    def describe(self) -> str:
+        where = self.cfg.endpoint if self.backend == "openai" else self.cfg.model_dir
+        return f"{super().describe()}, {self.backend} {where}"
+
+    # --- per sample ---
+
+    def make_job(self, row: Row) -> Job:
+        """Prompt, frames and cache digest of one row (frames are decoded later, in _ask)."""
+        kind = row.get("kind")
+        if kind not in self.prompts:
+            raise SampleError("recaption_failed", f"unknown kind {kind!r}")
+        frames = list(row.get("frames") or [])
+        if not frames:
+            raise SampleError("recaption_failed", "the row has no frames")
+        prompt = build_prompt(row, self.prompts[kind])
+        parts: list[tuple[str, Any]] = [("text", prompt)]
+        if kind == "image":
+            parts.append(("image", frames[0]))
+        elif kind == "video":
+            picked = _pick(frames, self.max_frames)
+            parts.append(("text", f"{len(picked)} frames of the clip, in time order:"))
+            parts += [("image", f) for f in picked]
+        else:
+            target = list(row.get("target_frames") or [])
+            if not target and not (row.get("instruction") or "").strip():
+                raise SampleError(
+                    "recaption_failed", "edit sample with neither an instruction nor target frames"
+                )
+            n = 1 if kind == "image_edit" else self.max_frames
+            src = _pick(frames, n)
+            parts.append(("text", "Source:" if n == 1 else f"Source ({len(src)} frames):"))
+            parts += [("image", f) for f in src]
+            if target:
+                tgt = _pick(target, n)
+                parts.append(("text", "Target:" if n == 1 else f"Target ({len(tgt)} frames):"))
+                parts += [("image", f) for f in tgt]
+        sample_key = row.get("key") or hashlib.sha256(b"".join(frames)).hexdigest()
+        view = f"{self.view},target={int(bool(row.get('target_frames')))}"
+        return Job(
+            parts=parts,
+            prompt=prompt,
+            digest=cache_key(sample_key, prompt, self.model_id, view),
+            sample_key=sample_key,
+        )
+
+    def _ask(self, job: Job) -> str:
+        """Decode + downscale the frames, ask the model, store the answer; RecaptionFailed."""
+        assert self._engine is not None and self._cache is not None
+        try:
+            parts = [
+                (k, fit_max_side(decode_frame(v), self.image_max_side) if k == "image" else v)
+                for k, v in job.parts
+            ]
+        except ValueError as e:
+            raise RecaptionFailed(f"undecodable frame: {e}") from None
+        text = _clean(self._engine.caption(Job(parts, job.prompt, job.digest, job.sample_key)))
+        if not text:
+            raise RecaptionFailed("the model answered with an empty caption")
+        self._cache.put(
+            job.digest,
+            {
+                "key": job.sample_key,
+                "model": self.model_id,
+                "prompt": job.prompt,
+                "view": self.view,
+                "recaption": text,
+                "created": time.time(),
+            },
+        )
+        return text
+
+    def _try(self, job: Job) -> str | Exception:
+        try:
+            return self._ask(job)
+        except Exception as e:  # one sample's failure is data
+            return e
+
+    def process_row(self, row: Row) -> Row:
+        return self.process_batch([row])[0]
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        self._ready()
+        assert self._cache is not None
+        out: list[Row] = list(rows)
+        todo: list[tuple[int, Job]] = []
+        for i, row in enumerate(rows):
+            if row.get("status") == "error":
+                continue
+            try:
+                job = self.make_job(row)
+            except SampleError as e:
+                out[i] = {**mark_error(row, e.reason, e.detail), "recaption": None}
+                continue
+            cached = self._cache.get(job.digest)
+            if cached is not None:
+                out[i] = {**row, "recaption": cached}
+            else:
+                todo.append((i, job))
+        if self._pool is not None and len(todo) > 1:
+            results = list(self._pool.map(self._try, [job for _, job in todo]))
+        else:
+            results = [self._try(job) for _, job in todo]
+        for (i, _), result in zip(todo, results, strict=True):
+            if isinstance(result, str):
+                out[i] = {**rows[i], "recaption": result}
+            else:
+                why = str(result) if isinstance(result, RecaptionFailed) else _describe(result)
+                out[i] = {**mark_error(rows[i], "recaption_failed", why), "recaption": None}
+        return out
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"

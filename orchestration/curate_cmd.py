@@ -1,0 +1,73 @@
+"""``omniforge curate run|select``: raw corpus -> curated shards, index, report, catalog version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from catalog.config import load_config, to_plain
+from catalog.names import DatasetRef, is_catalog_uri
+from orchestration.common import CatalogOption, console, open_catalog
+
+app = typer.Typer(help="Curation: raw image/video/edit corpora -> curated, bucketed shards.")
+
+KINDS = ("auto", "image", "video", "image_edit", "video_edit")
+
+
+@app.command("run")
+def run(
+    input: str = typer.Option(..., "--input", help="directory, manifest, tar(s) or fsspec URI"),
+    output: Path = typer.Option(..., "--output", help="shards/, index/, report.html go here"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML curation config"),
+    set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="auto|image|video|image_edit|video_edit"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: local)"),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", envvar="OMNIFORGE_MODELS",
+                                              help="model weights directory"),  # fmt: skip
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    catalog: Optional[str] = CatalogOption,
+) -> None:
+    """Curate INPUT into OUTPUT and commit a dataset version. Rerun the same command to resume."""
+    from curation.config import CurationConfig
+    from curation.pipeline import run_curation
+
+    overrides = list(set_)
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        overrides.append(f"kind={kind}")
+    if models_dir is not None:
+        overrides.append(f"models_dir={models_dir}")
+    cfg = load_config(CurationConfig, config, overrides)
+    run_curation(input, output, cfg, catalog=open_catalog(catalog), address=address,
+                 tracking_uri=tracking_uri, console=console)  # fmt: skip
+
+
+@app.command("select")
+def select(
+    source: str = typer.Argument(..., help="catalog://NAME@VERSION or a curation output folder"),
+    output: Path = typer.Option(..., "--output", help="folder of the new version"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with new thresholds"),
+    set_: list[str] = typer.Option([], "--set", help="e.g. select.min_aesthetic=5.5"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: local)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    catalog: Optional[str] = CatalogOption,
+) -> None:
+    """Re-apply thresholds to an existing index without recomputing scores (a new version)."""
+    from curation.config import CurationConfig
+    from curation.pipeline import load_run_config, reselect
+
+    cat = open_catalog(catalog)
+    parent = None
+    if is_catalog_uri(source):
+        ref = DatasetRef.parse(source)
+        parent = cat.get_version(ref.name, ref.version)
+        root = Path(parent.root_uri)
+    else:
+        root = Path(source)
+    base = load_run_config(root)
+    cfg = load_config(CurationConfig, config, set_, base=to_plain(base))
+    reselect(root, output, cfg, catalog=cat, parent=parent, address=address,
+             tracking_uri=tracking_uri, console=console)  # fmt: skip

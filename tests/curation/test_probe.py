@@ -1,0 +1,373 @@
+"""ProbeStage against the generated corpus (ground-truth labels) and real files in tests/data."""
+
+from __future__ import annotations
+
+import pickle
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from catalog.schema import make_key
+from curation.config import CurationConfig
+from curation.sample_data import generate, load_labels
+from curation.sample_data.render import landscape, rng_for
+from curation.sample_data.videos import encode_video
+from curation.stages.probe import ProbeStage, probe_file, sniff_family
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+# label "corrupt" field -> reason tag
+CORRUPT_REASONS = {
+    "truncated": "decode_error",
+    "header_only": "decode_error",
+    "empty": "empty_file",
+    "random_bytes": "not_media",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "omniforge_corpus_seed0"
+    if not (root / "labels.jsonl").is_file():
+        generate(root, seed=0)
+    return root, load_labels(root)
+
+
+def input_row(source: Path | str, kind: str | None = None, target: Path | str | None = None):
+    source = str(source)
+    target = str(target) if target is not None else None
+    return {
+        "key": make_key(source, target_uri=target),
+        "source_uri": source,
+        "target_uri": target,
+        "kind": kind,
+        "caption": None,
+        "instruction": None,
+        "status": None,
+        "reasons": [],
+    }
+
+
+def label_row(root: Path, label: dict) -> dict:
+    if label.get("target"):
+        return input_row(root / label["source"], label["kind"], root / label["target"])
+    return input_row(root / label["path"])
+
+
+@pytest.fixture(scope="module")
+def probed(corpus):
+    root, labels = corpus
+    rows = ProbeStage(CurationConfig()).process_batch([label_row(root, lab) for lab in labels])
+    assert len(rows) == len(labels)
+    return {lab["id"]: (lab, row) for lab, row in zip(labels, rows, strict=True)}
+
+
+def find(labels, **conds) -> dict:
+    """The first label whose fields equal ``conds`` (names change; properties do not)."""
+    for lab in labels:
+        if all(lab.get(k) == v for k, v in conds.items()):
+            return lab
+    raise LookupError(conds)
+
+
+def plain_video(labels) -> dict:
+    return find(labels, true_kind="video", claimed_kind="video", container="mp4", cuts_s=[],
+                rotation=0, duration=3.0)  # fmt: skip
+
+
+def probe_one(row: dict, **overrides) -> dict:
+    cfg = CurationConfig.model_validate(overrides) if overrides else CurationConfig()
+    (out,) = ProbeStage(cfg).process_batch([row])
+    return out
+
+
+def test_stage_shape_and_pickles():
+    stage = ProbeStage(CurationConfig())
+    assert stage.name == "probe" and not stage.uses_model and stage.resources.cpus == 1
+    assert pickle.loads(pickle.dumps(stage)).limits == stage.limits
+
+
+def test_valid_media_match_their_labels(probed):
+    checked = 0
+    for lab, row in probed.values():
+        if lab["expect"] != "valid" or lab["kind"] in ("image_edit", "video_edit"):
+            continue
+        assert row["status"] is None, (lab["id"], row["reasons"])
+        assert row["kind"] == lab["true_kind"], lab["id"]
+        assert (row["width"], row["height"]) == (lab["display_width"], lab["display_height"])
+        assert row["rotation"] == (lab["rotation"] or 0), lab["id"]
+        assert row["sample_aspect_ratio"] == 1.0 and row["has_audio"] is False
+        if lab["true_kind"] == "video":
+            assert row["codec"] == lab["codec"] and row["container"] == lab["container"]
+            assert row["fps"] == pytest.approx(lab["fps"]), lab["id"]
+            assert row["num_frames"] == lab["num_frames"], lab["id"]
+            # within one frame period (Matroska stores millisecond timestamps)
+            assert row["duration"] == pytest.approx(lab["duration"], abs=1 / lab["fps"])
+            assert row["random_access"] is True
+        else:
+            assert row["container"] == lab["format"] and row["codec"] == lab["format"]
+            assert (row["num_frames"], row["duration"], row["fps"]) == (1, 0.0, None)
+        checked += 1
+    assert checked >= 20
+
+
+def test_rotated_video_reports_display_size(probed):
+    (lab, row), *_ = [(lab, row) for lab, row in probed.values() if lab.get("rotation") == 90]
+    assert (row["width"], row["height"]) == (lab["height"], lab["width"])
+    assert row["rotation"] == 90 and row["width"] < row["height"]
+
+
+def test_corrupt_files_become_error_rows_with_the_expected_reason(probed):
+    corrupt = [(lab, row) for lab, row in probed.values() if lab["expect"] == "error"]
+    assert len(corrupt) >= 6
+    for lab, row in corrupt:
+        name, reason = lab["id"], CORRUPT_REASONS[lab["corrupt"]]
+        assert row["status"] == "error", name
+        assert len(row["reasons"]) == 1 and row["reasons"][0].split(":")[0] == reason, (
+            name,
+            row["reasons"],
+        )
+        assert row["kind"] == lab["claimed_kind"]  # the contract needs a kind on every row
+
+
+def test_mislabelled_extensions_are_detected_by_content(probed):
+    mislabelled = [
+        (lab, row)
+        for lab, row in probed.values()
+        if lab["expect"] == "valid" and lab["true_kind"] and lab["claimed_kind"] != lab["true_kind"]
+    ]
+    assert {lab["true_kind"] for lab, _ in mislabelled} == {"image", "video"}
+    for lab, row in mislabelled:
+        assert row["status"] is None and row["kind"] == lab["true_kind"], lab["id"]
+        assert Path(row["source_uri"]).suffix.lstrip(".") not in (row["container"], "jpg")
+        assert (row["width"], row["height"]) == (lab["width"], lab["height"])
+        if lab["true_kind"] == "video":
+            assert (row["num_frames"], row["fps"]) == (lab["num_frames"], lab["fps"])
+
+
+def test_edit_pairs_get_target_dims(probed):
+    pairs = [
+        (lab, row) for lab, row in probed.values() if lab["kind"] in ("image_edit", "video_edit")
+    ]
+    assert len(pairs) == 11
+    for lab, row in pairs:
+        if "kind_mismatch" in lab["expect_pair_failures"]:
+            continue
+        assert row["status"] is None, (lab["id"], row["reasons"])
+        assert row["kind"] == lab["kind"]
+        assert [row["width"], row["height"]] == lab["source_size"]
+        assert [row["target_width"], row["target_height"]] == lab["target_size"]
+        expected_frames = 1 if lab["kind"] == "image_edit" else 48
+        assert row["num_frames"] == row["target_num_frames"] == expected_frames
+
+
+def test_edit_pair_of_image_and_video_is_a_kind_mismatch(probed):
+    ((_, row),) = [
+        p for p in probed.values() if "kind_mismatch" in (p[0]["expect_pair_failures"] or [])
+    ]
+    assert row["status"] == "error"
+    assert row["reasons"] == ["kind_mismatch: image_edit pair: source is image, target is video"]
+
+
+def test_edit_pair_kind_is_detected_when_not_given(corpus):
+    root, labels = corpus
+    lab = find(labels, kind="video_edit", expect_pair_ok=True)
+    row = probe_one(input_row(root / lab["source"], None, root / lab["target"]))
+    assert row["kind"] == "video_edit" and row["target_num_frames"] == 48
+
+
+def test_forced_kind_must_match_content(corpus):
+    root, labels = corpus
+    image = root / find(labels, true_kind="image", claimed_kind="image", format="jpeg")["path"]
+    video = root / plain_video(labels)["path"]
+    row = probe_one(input_row(image, "video"))
+    assert row["status"] == "error"
+    assert row["reasons"] == ["kind_mismatch: forced video, content is image"]
+    row = probe_one(input_row(video, "image"))
+    assert row["reasons"] == ["kind_mismatch: forced image, content is video"]
+    pair = find(labels, kind="image_edit", expect_pair_ok=True)
+    row = probe_one(input_row(root / pair["source"], "video_edit", root / pair["target"]))
+    assert row["reasons"] == ["kind_mismatch: forced video_edit, content is image_edit"]
+    ok = probe_one(input_row(video, "video"))
+    assert ok["status"] is None and ok["kind"] == "video"
+
+
+def test_config_kind_forces_rows_without_kind(corpus):
+    root, labels = corpus
+    image = root / find(labels, true_kind="image", claimed_kind="image")["path"]
+    row = probe_one(input_row(image), kind="video")
+    assert row["reasons"] == ["kind_mismatch: forced video, content is image"]
+
+
+def test_edit_kind_without_target(corpus):
+    root, labels = corpus
+    image = root / find(labels, true_kind="image", claimed_kind="image")["path"]
+    row = probe_one(input_row(image, "image_edit"))
+    assert row["reasons"] == ["missing_target: kind image_edit needs a target_uri"]
+
+
+def test_target_errors_name_the_side(corpus):
+    root, labels = corpus
+    image = root / find(labels, true_kind="image", claimed_kind="image")["path"]
+    empty = root / find(labels, corrupt="empty")["path"]
+    row = probe_one(input_row(image, "image_edit", empty))
+    assert row["status"] == "error" and row["reasons"][0].startswith("empty_file: target: ")
+
+
+def test_absurd_size_and_too_long(corpus):
+    root, labels = corpus
+    image = root / find(labels, true_kind="image", claimed_kind="image")["path"]
+    video = root / plain_video(labels)["path"]
+    for path in (image, video):
+        row = probe_one(input_row(path), probe={"max_pixels": 1000})
+        assert row["status"] == "error" and row["reasons"][0].startswith("absurd_size: "), row
+        row = probe_one(input_row(path), probe={"max_file_bytes": 100})
+        assert row["reasons"][0].startswith("absurd_size: "), row
+    row = probe_one(input_row(video), probe={"max_duration_s": 1.0})
+    assert row["reasons"] == ["too_long: 3.0 s > probe.max_duration_s (1.0)"]
+    assert probe_one(input_row(video), probe={"max_duration_s": 3.5})["status"] is None
+
+
+def test_rows_already_in_error_pass_through(corpus):
+    root, labels = corpus
+    empty = root / find(labels, corrupt="empty")["path"]
+    row = {**input_row(empty, "image"), "status": "error", "reasons": ["x"]}
+    assert ProbeStage(CurationConfig()).process_batch([row]) == [row]
+
+
+def test_missing_file(tmp_path):
+    row = probe_one(input_row(tmp_path / "nope.mp4"))
+    assert row["reasons"][0].startswith("not_found: ") and row["kind"] == "video"
+
+
+def test_unknown_codec_is_unsupported(corpus, tmp_path):
+    root, labels = corpus
+    data = (root / find(labels, container="matroska", codec="h264")["path"]).read_bytes()
+    assert data.count(b"V_MPEG4/ISO/AVC") == 1
+    path = tmp_path / "unknown_codec.mkv"
+    path.write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_OMNIFORGE/XYZ"))  # same length
+    row = probe_one(input_row(path))
+    assert row["status"] == "error" and row["reasons"][0].startswith("unsupported_codec: ")
+
+
+def test_audio_only_file_has_no_video_stream(tmp_path):
+    path = tmp_path / "tone.m4a"
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(
+                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
+            )
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    row = probe_one(input_row(path))
+    assert row["reasons"][0].startswith("no_video_stream: "), row["reasons"]
+
+
+def _rotated(tmp_path: Path, rotation: int) -> Path:
+    upright = landscape(rng_for(0, f"rot{rotation}"), 64, 48, "day")  # display: 48 wide, 64 high
+    stored = np.ascontiguousarray(np.rot90(upright, -rotation // 90))
+    path = tmp_path / f"rot{rotation}.mp4"
+    encode_video(path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24,
+                 rotation=rotation)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotation_metadata(tmp_path, rotation):
+    info = probe_file(str(_rotated(tmp_path, rotation)), CurationConfig().probe)
+    assert info["rotation"] == rotation
+    assert (info["width"], info["height"]) == (48, 64)
+
+
+def test_sample_aspect_ratio_gives_display_width(tmp_path):
+    path = tmp_path / "sar.mp4"
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for _ in range(4):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((64, 96, 3), np.uint8))))
+        out.mux(stream.encode(None))
+    info = probe_file(str(path), CurationConfig().probe)
+    assert info["sample_aspect_ratio"] == pytest.approx(4 / 3)
+    assert (info["width"], info["height"]) == (128, 64)
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+def test_variable_frame_rate(tmp_path, fmt):
+    """30 frames alternating 20 ms / 60 ms: average 25.4 fps, 1.18 s, every frame counted."""
+    path = tmp_path / f"vfr.{'mkv' if fmt == 'matroska' else 'mp4'}"
+    img = landscape(rng_for(0, "vfr"), 64, 96, "day")
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i in range(30):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(img, i, 1)))
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            pts += 20 if i % 2 == 0 else 60
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    info = probe_file(str(path), CurationConfig().probe)
+    assert info["num_frames"] == 30
+    assert info["duration"] == pytest.approx(1.18, abs=0.01)
+    assert info["fps"] == pytest.approx(30 / 1.18, rel=0.01)
+
+
+def test_real_videos():
+    limits = CurationConfig().probe
+    counter = probe_file(str(DATA / "counter.mp4"), limits)
+    assert counter == {
+        "kind": "video", "container": "mp4", "codec": "h264", "width": 1920, "height": 1080,
+        "rotation": 0, "sample_aspect_ratio": 1.0, "has_audio": False, "fps": 10.0,
+        "num_frames": 30, "duration": 3.0, "random_access": True,
+    }  # fmt: skip
+    fades = probe_file(str(DATA / "fades.mp4"), limits)
+    assert (fades["codec"], fades["width"], fades["height"]) == ("mpeg4", 480, 320)
+    assert (fades["fps"], fades["num_frames"], fades["duration"]) == (25.0, 250, 10.0)
+    short = probe_file(str(DATA / "realshort.mp4"), limits)
+    assert short["has_audio"] is True and short["num_frames"] == 36
+    assert short["fps"] == pytest.approx(30000 / 999.33, rel=1e-3)
+    assert short["duration"] == pytest.approx(1.2, abs=0.01)
+
+
+def test_broken_random_access_is_flagged():
+    """Old x264 4:4:4 footage decodes only from its first frame (needs the x264 version SEI)."""
+    info = probe_file(str(DATA / "cockatoo_9s.mp4"), CurationConfig().probe)
+    assert (info["width"], info["height"], info["num_frames"], info["fps"]) == (1280, 720, 180, 20)
+    assert info["random_access"] is False
+
+
+def test_real_images():
+    limits = CurationConfig().probe
+    gray = probe_file(str(DATA / "camera.png"), limits)
+    assert (gray["kind"], gray["container"], gray["width"], gray["height"]) == (
+        "image",
+        "png",
+        512,
+        512,
+    )
+    horse = probe_file(str(DATA / "horse.png"), limits)
+    assert (horse["width"], horse["height"]) == (400, 328)
+
+
+def test_exif_orientation_swaps_display_size(tmp_path):
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    Image.new("RGB", (80, 40), (200, 10, 10)).save(path, exif=exif)
+    info = probe_file(str(path), CurationConfig().probe)
+    assert (info["width"], info["height"], info["rotation"]) == (40, 80, 270)
+
+
+def test_sniff_family():
+    assert sniff_family(b"\x89PNG\r\n\x1a\n" + b"\0" * 8) == "image"
+    assert sniff_family(b"\0\0\0\x20ftypisom") == "video"
+    assert sniff_family(b"\x1a\x45\xdf\xa3....") == "video"
+    assert sniff_family(b"hello world") is None

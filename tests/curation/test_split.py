@@ -1,0 +1,184 @@
+"""SceneSplitStage: frame-accurate cuts on the generated corpus, strides, real footage."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from catalog.schema import make_key
+from curation.config import CurationConfig
+from curation.sample_data import generate, load_labels
+from curation.stages.probe import ProbeStage
+from curation.stages.split import SceneSplitStage, scene_bounds
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "omniforge_corpus_seed0"
+    if not (root / "labels.jsonl").is_file():
+        generate(root, seed=0)
+    return root, load_labels(root)
+
+
+def find(labels, **conds) -> dict:
+    """The first label whose fields equal ``conds`` (names change; properties do not)."""
+    for lab in labels:
+        if all(lab.get(k) == v for k, v in conds.items()):
+            return lab
+    raise LookupError(conds)
+
+
+def cut_video(labels) -> dict:
+    (lab,) = [lab for lab in labels if lab.get("cut_frames") and lab["claimed_kind"] == "video"]
+    return lab
+
+
+def uncut_videos(labels) -> list[dict]:
+    return [lab for lab in labels
+            if lab["true_kind"] == "video" and lab["expect"] == "valid" and not lab["cut_frames"]]  # fmt: skip
+
+
+def probed(path: Path | str, kind: str | None = None, target: Path | str | None = None) -> dict:
+    source, target = str(path), str(target) if target else None
+    row = {"key": make_key(source, target_uri=target), "source_uri": source, "target_uri": target,
+           "kind": kind, "caption": "c", "status": None, "reasons": []}  # fmt: skip
+    (out,) = ProbeStage(CurationConfig()).process_batch([row])
+    assert out["status"] is None, out["reasons"]
+    return out
+
+
+def split(row: dict, **overrides) -> list[dict]:
+    cfg = CurationConfig.model_validate(overrides) if overrides else CurationConfig()
+    return SceneSplitStage(cfg).process_batch([row])
+
+
+def spans(clips: list[dict]) -> list[tuple[float, float]]:
+    return [(c["span"]["start"], c["span"]["end"]) for c in clips]
+
+
+def test_stage_shape_and_pickles():
+    stage = SceneSplitStage(CurationConfig())
+    assert stage.name == "split" and not stage.uses_model and stage.resources.cpus == 1
+    assert pickle.loads(pickle.dumps(stage)).threshold == 27.0
+
+
+def test_cuts_land_within_two_frames_of_the_truth(corpus):
+    root, labels = corpus
+    lab = cut_video(labels)
+    row = probed(root / lab["path"])
+    clips = split(row)
+    assert all(c["status"] is None for c in clips)
+    assert len(clips) == len(lab["cut_frames"]) + 1
+    fps = lab["fps"]
+    starts = [round(c["span"]["start"] * fps) for c in clips]
+    assert starts[0] == 0
+    for found, truth in zip(starts[1:], lab["cut_frames"], strict=True):
+        assert abs(found - truth) <= 2, (starts, lab["cut_frames"])
+    # contiguous, covering the whole video, one clip row per scene
+    assert clips[-1]["span"]["end"] == pytest.approx(lab["duration"])
+    for a, b in zip(clips, clips[1:], strict=False):
+        assert a["span"]["end"] == b["span"]["start"]
+    assert sum(c["num_frames"] for c in clips) == lab["num_frames"]
+    for c in clips:
+        s, e = c["span"]["start"], c["span"]["end"]
+        assert c["parent_key"] == row["key"] and c["key"] == make_key(row["source_uri"], (s, e))
+        assert c["duration"] == pytest.approx(e - s)
+        assert c["num_frames"] == round(e * fps) - round(s * fps)
+        assert c["caption"] == "c" and c["width"] == lab["width"]  # the rest is copied
+    assert len({c["key"] for c in clips}) == len(clips)
+
+
+def test_videos_without_cuts_give_one_clip(corpus):
+    root, labels = corpus
+    videos = uncut_videos(labels)
+    assert {lab["motion"] for lab in videos} >= {"static", "slow", "fast"}
+    for lab in videos:
+        clips = split(probed(root / lab["path"]))
+        assert spans(clips) == [(0.0, pytest.approx(lab["duration"]))], lab["id"]
+        assert clips[0]["num_frames"] == lab["num_frames"]
+
+
+def test_short_scenes_are_kept(corpus):
+    """select rejects clips under min_clip_s (too_short); split must still emit them."""
+    root, labels = corpus
+    lab = min(uncut_videos(labels), key=lambda lab: lab["duration"])
+    assert lab["duration"] < CurationConfig().split.min_clip_s
+    clips = split(probed(root / lab["path"]))
+    assert len(clips) == 1 and clips[0]["duration"] == pytest.approx(lab["duration"])
+
+
+def test_long_scenes_are_cut_in_strides(corpus):
+    root, labels = corpus
+    lab = find(labels, true_kind="video", duration=4.0, fps=24, cut_frames=[])
+    clips = split(probed(root / lab["path"]), split={"max_clip_s": 1.5, "min_clip_s": 0.5})
+    assert [round(c["duration"], 6) for c in clips] == [1.5, 1.5, 1.0]
+    assert [c["num_frames"] for c in clips] == [36, 36, 24]
+    assert spans(clips) == [(0.0, 1.5), (1.5, 3.0), (3.0, 4.0)]
+    # strides restart at every cut: 3 s scenes with 2.5 s strides
+    lab = cut_video(labels)
+    assert lab["cuts_s"] == [3.0, 6.0] and lab["duration"] == 9.0
+    clips = split(probed(root / lab["path"]), split={"max_clip_s": 2.5, "min_clip_s": 0.5})
+    assert [round(c["duration"], 6) for c in clips] == [2.5, 0.5] * 3
+
+
+def test_disabled_split_keeps_the_whole_video(corpus):
+    root, labels = corpus
+    lab = cut_video(labels)
+    clips = split(probed(root / lab["path"]), split={"enabled": False})
+    assert spans(clips) == [(0.0, lab["duration"])] and clips[0]["num_frames"] == lab["num_frames"]
+
+
+def test_images_and_edit_pairs_pass_through(corpus):
+    root, labels = corpus
+    image = probed(root / find(labels, true_kind="image", claimed_kind="image")["path"])
+    lab = find(labels, kind="video_edit", expect_pair_ok=True)
+    pair = probed(root / lab["source"], "video_edit", root / lab["target"])
+    out = SceneSplitStage(CurationConfig()).process_batch([image, pair])
+    assert out == [image, pair]
+    assert "span" not in out[1]
+
+
+def test_detector_failure_is_split_failed(corpus, tmp_path):
+    root, labels = corpus
+    row = probed(root / uncut_videos(labels)[0]["path"])
+    bad = tmp_path / "gone.mp4"
+    bad.write_bytes(b"\0" * 1000)
+    (out,) = split({**row, "source_uri": str(bad)})
+    assert out["status"] == "error" and out["reasons"][0].startswith("split_failed: ")
+
+
+def test_scene_bounds():
+    assert scene_bounds([], 10, 100) == [(0, 10)]
+    assert scene_bounds([4, 0, 10, 4], 10, 100) == [(0, 4), (4, 10)]
+    assert scene_bounds([5], 12, 3) == [(0, 3), (3, 5), (5, 8), (8, 11), (11, 12)]
+
+
+def test_counter_fixture_is_one_three_second_clip():
+    clips = split(probed(DATA / "counter.mp4"))
+    assert spans(clips) == [(0.0, 3.0)] and clips[0]["num_frames"] == 30
+
+
+def test_fades_do_not_produce_hard_cut_chaos():
+    clips = split(probed(DATA / "fades.mp4"))
+    # Fades are not hard cuts: the content detector sees at most the odd boundary.
+    assert 1 <= len(clips) <= 2, spans(clips)
+    assert min(c["duration"] for c in clips) >= 2.0
+    assert sum(c["num_frames"] for c in clips) == 250
+
+
+def test_real_footage_cut():
+    """Cockatoo (first 9 s): the bird fills the frame at 7.85 s, which the detector calls a cut."""
+    clips = split(probed(DATA / "cockatoo_9s.mp4"))
+    assert len(clips) == 2
+    assert abs(round(clips[1]["span"]["start"] * 20) - 157) <= 2
+    assert clips[-1]["span"]["end"] == pytest.approx(9.0)
+
+
+def test_very_short_real_clip():
+    clips = split(probed(DATA / "realshort.mp4"))
+    assert len(clips) == 1 and clips[0]["num_frames"] == 36
+    assert clips[0]["span"]["end"] == pytest.approx(1.2, abs=0.01)
