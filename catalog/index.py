@@ -47,7 +47,9 @@ def open_index(uri: str | Path) -> ds.Dataset:
     # one part): read every part's schema (footer only) and unify them.
     schemas = [f.physical_schema for f in dataset.get_fragments()]
     if len(schemas) > 1:
-        dataset = ds.dataset(root, schema=pa.unify_schemas(schemas, promote_options="permissive"), **kw)
+        dataset = ds.dataset(
+            root, schema=pa.unify_schemas(schemas, promote_options="permissive"), **kw
+        )
     return dataset
 
 

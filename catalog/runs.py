@@ -101,9 +101,18 @@ class RunLedger:
     @staticmethod
     def _run_info(r: Run) -> RunInfo:
         return RunInfo(
-            r.id, r.kind, r.name, r.status, r.config_hash, dict(r.params or {}),
-            r.mlflow_run_id, r.ray_job_id, r.message, r.started_at, r.ended_at,
-        )  # fmt: skip
+            r.id,
+            r.kind,
+            r.name,
+            r.status,
+            r.config_hash,
+            dict(r.params or {}),
+            r.mlflow_run_id,
+            r.ray_job_id,
+            r.message,
+            r.started_at,
+            r.ended_at,
+        )
 
     # -- checkpoints and lineage ---------------------------------------------------------------
 
@@ -114,8 +123,15 @@ class RunLedger:
             ck = Checkpoint(run_id=run_id, uri=uri, step=step)
             s.add(ck)
             s.flush()
-            s.add(LineageEdge(parent_type="run", parent_id=run_id, child_type="checkpoint",
-                              child_id=ck.id, relation="produced"))  # fmt: skip
+            s.add(
+                LineageEdge(
+                    parent_type="run",
+                    parent_id=run_id,
+                    child_type="checkpoint",
+                    child_id=ck.id,
+                    relation="produced",
+                )
+            )
             return ck.id
 
     def add_edge(self, parent: Node, child: Node, relation: str = "") -> None:

@@ -49,9 +49,19 @@ from catalog.schema import STATUSES, count_by_status
 from catalog.shards import ShardInfo
 
 __all__ = [
-    "ENV_HOME", "ENV_URL", "Catalog", "CatalogError", "Edge", "Node", "NotFound",
-    "Resolution", "RunInfo", "ShardRecord", "VersionInfo", "migrate",
-]  # fmt: skip
+    "ENV_HOME",
+    "ENV_URL",
+    "Catalog",
+    "CatalogError",
+    "Edge",
+    "Node",
+    "NotFound",
+    "Resolution",
+    "RunInfo",
+    "ShardRecord",
+    "VersionInfo",
+    "migrate",
+]
 
 
 class Catalog(RunLedger):
@@ -234,6 +244,11 @@ class Catalog(RunLedger):
             v.committed_at = utcnow()
             s.flush()
             return self._version_info(s, v)
+
+    def attach_run(self, version_id: int, run_id: int) -> None:
+        """Record the run that writes a pending version (a resumed run keeps using it)."""
+        with self.session() as s:
+            self._pending(s, version_id).run_id = run_id
 
     def fail_version(self, version_id: int, note: str = "") -> None:
         with self.session() as s:

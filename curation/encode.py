@@ -46,7 +46,16 @@ def encode_clip(
         with av.open(buf, mode="w", format="mp4") as dst:
             out = dst.add_stream("libx264", rate=rate)
             out.width, out.height, out.pix_fmt = out_w, out_h, "yuv420p"
-            out.options = {"crf": str(crf), "preset": "veryfast"}
+            # Byte-identical reruns (resume must equal a clean run): x264's AVX-512 mbtree
+            # routine reads uninitialised memory at row ends unless cpu-independent=1, and
+            # frame threading reorders decisions; one thread per clip (clips run in parallel).
+            out.options = {
+                "crf": str(crf),
+                "preset": "veryfast",
+                "threads": "1",
+                "x264-params": "cpu-independent=1",
+            }
+            out.codec_context.thread_count = 1
             if start > 0:
                 src.seek(int(start / vs.time_base), stream=vs, backward=True, any_frame=False)
             for frame in src.decode(vs):
@@ -58,7 +67,9 @@ def encode_clip(
                 rgb = frame.to_ndarray(format="rgb24")
                 if rotation:
                     rgb = np.rot90(rgb, k=rotation // 90)
-                rgb = cv2.resize(np.ascontiguousarray(rgb), (out_w, out_h), interpolation=cv2.INTER_AREA)
+                rgb = cv2.resize(
+                    np.ascontiguousarray(rgb), (out_w, out_h), interpolation=cv2.INTER_AREA
+                )
                 for packet in out.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
                     dst.mux(packet)
                 written += 1

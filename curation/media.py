@@ -17,7 +17,9 @@ FRAME_MAX_SIDE = 640  # sampled frames are downscaled so the longer side is at m
 
 def encode_frame(rgb: np.ndarray) -> bytes:
     """(H, W, 3) uint8 RGB -> PNG bytes."""
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(
+        ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
@@ -55,7 +57,9 @@ def local_path(uri: str) -> str:
 def thumbnail(image_bytes: bytes, size: int = 160) -> bytes:
     """A small JPEG of an encoded image (PNG/JPEG bytes), for reports."""
     rgb = fit_max_side(decode_frame(image_bytes), size)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80]
+    )
     if not ok:
         raise ValueError("JPEG encoding failed")
     return buf.tobytes()

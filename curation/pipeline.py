@@ -125,8 +125,13 @@ def run_curation(
     identity = run_identity(cfg, inputs)
     _claim_output(out, identity, source, cfg)
     version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
-    run_id = catalog.start_run("curation", f"curate {source} -> {out}", config_hash=identity,
-                               params={"input": source, "output": str(out)})  # fmt: skip
+    run_id = _resume_or_start_run(
+        catalog,
+        version,
+        f"curate {source} -> {out}",
+        identity,
+        {"input": source, "output": str(out)},
+    )
 
     done = finished_partitions(str(out))
     pending = [r for r in inputs if r["partition"] not in done]
@@ -144,16 +149,40 @@ def run_curation(
         catalog.update_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
         raise
     catalog.add_edge(Node("run", run_id), Node("version", version.id), "output")
-    return _finish(out, cfg, version, run_id, catalog, stages, skipped, len(inputs), start,
-                   tracking_uri, console)  # fmt: skip
+    return _finish(
+        out,
+        cfg,
+        version,
+        run_id,
+        catalog,
+        stages,
+        skipped,
+        len(inputs),
+        start,
+        tracking_uri,
+        console,
+    )
+
+
+def _resume_or_start_run(
+    catalog: Catalog, version: VersionInfo, name: str, identity: str, params: dict
+) -> int:
+    """The run writing ``version``: the interrupted one when resuming (rows keep its id)."""
+    if version.run_id is not None:
+        catalog.update_run(version.run_id, status="running", message="resumed")
+        return version.run_id
+    run_id = catalog.start_run("curation", name, config_hash=identity, params=params)
+    catalog.attach_run(version.id, run_id)
+    return run_id
 
 
 def _run_ray(rows: list[dict], stages: list[Stage], writer: PartitionWriter, address: str | None):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
+        ray.init(
+            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     import ray.data
 
     resources = ray.cluster_resources()
@@ -166,9 +195,9 @@ def _run_ray(rows: list[dict], stages: list[Stage], writer: PartitionWriter, add
     for stage in stages:
         ds = apply_stage(ds, stage, plan[stage.name])
     ds = ds.map_batches(_drop_frames, batch_format="pyarrow", num_cpus=0.25)
-    ds = ds.groupby("partition").map_groups(_write_partition, fn_args=(writer,),
-                                            batch_format="pyarrow", num_cpus=0.5,
-                                            max_retries=3)  # fmt: skip
+    ds = ds.groupby("partition").map_groups(
+        _write_partition, fn_args=(writer,), batch_format="pyarrow", num_cpus=0.5, max_retries=3
+    )
     ds.take_all()
 
 
@@ -199,8 +228,10 @@ def _claim_output(out: Path, identity: str, source: str, cfg: CurationConfig) ->
 def _print_plan(console, stages, skipped, num_inputs, num_partitions, num_done) -> None:
     if console is None:
         return
-    console.print(f"[bold]curation plan[/]: {num_inputs} inputs in {num_partitions} partitions"
-                  + (f" ({num_done} already finished, skipped)" if num_done else ""))  # fmt: skip
+    console.print(
+        f"[bold]curation plan[/]: {num_inputs} inputs in {num_partitions} partitions"
+        + (f" ({num_done} already finished, skipped)" if num_done else "")
+    )
     for i, stage in enumerate(stages, 1):
         console.print(f"  {i}. {stage.describe()}")
     console.print("  -> sink: WebDataset shards per bucket + Parquet index per partition")
@@ -208,26 +239,36 @@ def _print_plan(console, stages, skipped, num_inputs, num_partitions, num_done) 
         console.print(f"  [yellow]skipped[/] {name}: {why}")
 
 
-def _finish(out, cfg, version, run_id, catalog, stages, skipped, num_inputs, start, tracking_uri,
-            console) -> CurationResult:  # fmt: skip
+def _finish(
+    out, cfg, version, run_id, catalog, stages, skipped, num_inputs, start, tracking_uri, console
+) -> CurationResult:
     from curation import report
 
     index = read_index(str(out / "index"))
     shards = catalog.shards(version.id)
     summary = report.summarize(
-        index, stages_run=[s.name for s in stages], stages_skipped=skipped,
-        elapsed_s=time.monotonic() - start, shards=shards, num_inputs=num_inputs,
-    )  # fmt: skip
+        index,
+        stages_run=[s.name for s in stages],
+        stages_skipped=skipped,
+        elapsed_s=time.monotonic() - start,
+        shards=shards,
+        num_inputs=num_inputs,
+    )
     summary["catalog"] = version.ref
     thumbs = {p.stem: p.read_bytes() for p in (out / "_thumbs").glob("*.jpg")}
     report_path = report.write_report(index, thumbs, cfg.select, summary, out / "report.html")
     mlflow_id = None
     if tracking_uri:
         mlflow_id = report.log_to_mlflow(
-            tracking_uri, "curation", f"curate {cfg.name}@{version.version}", flatten(cfg),
-            summary, report_path, extra_artifacts=[out / "config.yaml"],
+            tracking_uri,
+            "curation",
+            f"curate {cfg.name}@{version.version}",
+            flatten(cfg),
+            summary,
+            report_path,
+            extra_artifacts=[out / "config.yaml"],
             tags={"omniforge.catalog": version.ref, "omniforge.config_hash": version.config_hash},
-        )  # fmt: skip
+        )
     catalog.update_run(run_id, status="succeeded", mlflow_run_id=mlflow_id)
     if console is not None:
         report.print_summary(summary, console)
@@ -271,10 +312,16 @@ def reselect(
     _claim_output(out, identity, str(src), cfg)
     if (src / "_thumbs").is_dir():
         shutil.copytree(src / "_thumbs", out / "_thumbs", dirs_exist_ok=True)
-    version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity,
-                                    parent_id=parent.id if parent else None)  # fmt: skip
-    run_id = catalog.start_run("curation", f"select {src} -> {out}", config_hash=identity,
-                               params={"source": str(src), "output": str(out)})  # fmt: skip
+    version = catalog.begin_version(
+        cfg.name, root_uri=str(out), config_hash=identity, parent_id=parent.id if parent else None
+    )
+    run_id = _resume_or_start_run(
+        catalog,
+        version,
+        f"select {src} -> {out}",
+        identity,
+        {"source": str(src), "output": str(out)},
+    )
     if parent is not None:
         catalog.add_edge(Node("version", parent.id), Node("run", run_id), "input")
     stages: list[Stage] = [SelectStage(cfg)]
@@ -283,8 +330,14 @@ def reselect(
     pending = [r for r in rows if (r.get("partition") or 0) not in done]
     for r in pending:
         r["partition"] = r.get("partition") or 0
-    _print_plan(console, stages, {"models": "scores are read from the index"}, len(rows),
-                num_partitions, len(done))  # fmt: skip
+    _print_plan(
+        console,
+        stages,
+        {"models": "scores are read from the index"},
+        len(rows),
+        num_partitions,
+        len(done),
+    )
     try:
         if pending:
             _run_ray(pending, stages, PartitionWriter(str(out), cfg, str(run_id)), address)
@@ -294,5 +347,6 @@ def reselect(
         catalog.update_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
         raise
     catalog.add_edge(Node("run", run_id), Node("version", version.id), "output")
-    return _finish(out, cfg, version, run_id, catalog, stages, {}, len(rows), start,
-                   tracking_uri, console)  # fmt: skip
+    return _finish(
+        out, cfg, version, run_id, catalog, stages, {}, len(rows), start, tracking_uri, console
+    )

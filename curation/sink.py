@@ -32,9 +32,15 @@ from curation.media import local_path
 from curation.stages.base import mark_error
 
 WORKING_ONLY = (
-    "frames", "frame_times", "target_frames", "thumb", "input_id", "clip_embedding",
-    "random_access", "frames_decoder",
-)  # fmt: skip
+    "frames",
+    "frame_times",
+    "target_frames",
+    "thumb",
+    "input_id",
+    "clip_embedding",
+    "random_access",
+    "frames_decoder",
+)
 IMAGE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -77,9 +83,11 @@ class PartitionWriter:
         self._remove_leftovers(fs, root, name)
         self._write_thumbs(fs, root, rows)
         writer = ShardWriter(
-            self.output, prefix=name,
-            max_samples=self.cfg.shards.max_samples, max_bytes=self.cfg.shards.max_bytes,
-        )  # fmt: skip
+            self.output,
+            prefix=name,
+            max_samples=self.cfg.shards.max_samples,
+            max_bytes=self.cfg.shards.max_bytes,
+        )
         out_rows = []
         try:
             for row in rows:
@@ -122,12 +130,23 @@ class PartitionWriter:
         span = row.get("span")
         clip = (span["start"], span["end"]) if span else None
         kw = dict(max_side=self.cfg.shards.video_max_side, crf=self.cfg.shards.video_crf)
-        src, n = encode_clip(row["source_uri"], clip, display_width=row["width"],
-                             display_height=row["height"], rotation=row.get("rotation") or 0, **kw)  # fmt: skip
+        src, n = encode_clip(
+            row["source_uri"],
+            clip,
+            display_width=row["width"],
+            display_height=row["height"],
+            rotation=row.get("rotation") or 0,
+            **kw,
+        )
         if kind == "video":
             return {"mp4": src}, n
-        tgt, _ = encode_clip(row["target_uri"], None, display_width=row["target_width"],
-                             display_height=row["target_height"], **kw)  # fmt: skip
+        tgt, _ = encode_clip(
+            row["target_uri"],
+            None,
+            display_width=row["target_width"],
+            display_height=row["target_height"],
+            **kw,
+        )
         return {"src.mp4": src, "tgt.mp4": tgt}, n
 
     @staticmethod

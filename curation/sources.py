@@ -179,8 +179,13 @@ def read_tar(uri: str, staging: Path, forced: str | None = None) -> list[dict]:
                 name = member.name
                 parts = PurePosixPath(name).parts
                 if name.startswith("/") or ".." in parts or "\\" in name or not parts:
-                    refused.append(error_input(f"{uri}#{name}", "unsafe_member_path",
-                                               "absolute path or '..' in a tar member"))  # fmt: skip
+                    refused.append(
+                        error_input(
+                            f"{uri}#{name}",
+                            "unsafe_member_path",
+                            "absolute path or '..' in a tar member",
+                        )
+                    )
                     continue
                 target = dest.joinpath(*parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +197,7 @@ def read_tar(uri: str, staging: Path, forced: str | None = None) -> list[dict]:
     except (tarfile.TarError, OSError, EOFError) as e:
         return refused + [error_input(uri, "tar_error", str(e))]
     rows = []
-    for key, members in sorted(groups.items()):
+    for _key, members in sorted(groups.items()):
         media = [ext for ext in members if ext not in CAPTION_EXTENSIONS]
         if not media:
             continue  # a caption without media is not a sample

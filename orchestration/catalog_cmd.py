@@ -64,15 +64,30 @@ def show(
     if "@" not in ref:
         versions = cat.list_versions(parsed.name, include_pending=all_)
         table = Table(title=f"dataset {parsed.name}")
-        for col in ("version", "status", "samples", "accepted / rejected / error", "shards",
-                    "bytes", "config", "code", "committed"):  # fmt: skip
+        for col in (
+            "version",
+            "status",
+            "samples",
+            "accepted / rejected / error",
+            "shards",
+            "bytes",
+            "config",
+            "code",
+            "committed",
+        ):
             table.add_column(col)
         for v in versions:
             table.add_row(
-                str(v.version), v.status, str(v.num_samples), _counts(v.counts),
-                str(v.num_shards), human_bytes(v.num_bytes), (v.config_hash or "-")[:12],
-                v.code_version or "-", _when(v.committed_at),
-            )  # fmt: skip
+                str(v.version),
+                v.status,
+                str(v.num_samples),
+                _counts(v.counts),
+                str(v.num_shards),
+                human_bytes(v.num_bytes),
+                (v.config_hash or "-")[:12],
+                v.code_version or "-",
+                _when(v.committed_at),
+            )
         console.print(table if versions else f"dataset {parsed.name} has no committed version")
         return
     v = cat.get_version(parsed.name, parsed.version, include_pending=all_)

@@ -18,7 +18,7 @@ from catalog.filters import FilterError
 from catalog.schema import SchemaError
 from catalog.store import CatalogError
 from curation.stages.base import MissingWeights
-from orchestration import catalog_cmd, config_cmd, curate_cmd
+from orchestration import catalog_cmd, config_cmd, curate_cmd, train_cmd
 from orchestration.common import console, err_console
 
 app = typer.Typer(
@@ -31,11 +31,17 @@ app = typer.Typer(
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(catalog_cmd.app, name="catalog")
 app.add_typer(curate_cmd.app, name="curate")
+app.add_typer(train_cmd.app, name="train")
 
 USER_ERRORS = (
-    ConfigError, CatalogError, FilterError, SchemaError, MissingWeights, FileNotFoundError,
+    ConfigError,
+    CatalogError,
+    FilterError,
+    SchemaError,
+    MissingWeights,
+    FileNotFoundError,
     ValueError,
-)  # fmt: skip
+)
 
 
 @app.command("sample-data")
@@ -62,11 +68,14 @@ def demo(
     catalog: str | None = typer.Option(
         None, help="catalog URL (default: a SQLite file inside --output)"
     ),
+    tracking_uri: str | None = typer.Option(
+        None, help="MLflow tracking URI (default: a SQLite store inside --output)"
+    ),
 ) -> None:
-    """The main job on embedded defaults: sample corpus -> catalog dataset version."""
+    """The main job on embedded defaults: sample corpus -> curation -> catalog + MLflow."""
     from orchestration.demo import run_demo
 
-    run_demo(output, catalog)
+    run_demo(output, catalog, tracking_uri)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,4 +103,3 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,14 +19,15 @@ KINDS = ("auto", "image", "video", "image_edit", "video_edit")
 def run(
     input: str = typer.Option(..., "--input", help="directory, manifest, tar(s) or fsspec URI"),
     output: Path = typer.Option(..., "--output", help="shards/, index/, report.html go here"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML curation config"),
+    config: Path | None = typer.Option(None, "--config", help="YAML curation config"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="auto|image|video|image_edit|video_edit"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: local)"),
-    models_dir: Optional[Path] = typer.Option(None, "--models-dir", envvar="OMNIFORGE_MODELS",
-                                              help="model weights directory"),  # fmt: skip
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
-    catalog: Optional[str] = CatalogOption,
+    kind: str | None = typer.Option(None, "--kind", help="auto|image|video|image_edit|video_edit"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
+    models_dir: Path | None = typer.Option(
+        None, "--models-dir", envvar="OMNIFORGE_MODELS", help="model weights directory"
+    ),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    catalog: str | None = CatalogOption,
 ) -> None:
     """Curate INPUT into OUTPUT and commit a dataset version. Rerun the same command to resume."""
     from curation.config import CurationConfig
@@ -41,19 +41,26 @@ def run(
     if models_dir is not None:
         overrides.append(f"models_dir={models_dir}")
     cfg = load_config(CurationConfig, config, overrides)
-    run_curation(input, output, cfg, catalog=open_catalog(catalog), address=address,
-                 tracking_uri=tracking_uri, console=console)  # fmt: skip
+    run_curation(
+        input,
+        output,
+        cfg,
+        catalog=open_catalog(catalog),
+        address=address,
+        tracking_uri=tracking_uri,
+        console=console,
+    )
 
 
 @app.command("select")
 def select(
     source: str = typer.Argument(..., help="catalog://NAME@VERSION or a curation output folder"),
     output: Path = typer.Option(..., "--output", help="folder of the new version"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with new thresholds"),
+    config: Path | None = typer.Option(None, "--config", help="YAML with new thresholds"),
     set_: list[str] = typer.Option([], "--set", help="e.g. select.min_aesthetic=5.5"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: local)"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
-    catalog: Optional[str] = CatalogOption,
+    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    catalog: str | None = CatalogOption,
 ) -> None:
     """Re-apply thresholds to an existing index without recomputing scores (a new version)."""
     from curation.config import CurationConfig
@@ -69,5 +76,13 @@ def select(
         root = Path(source)
     base = load_run_config(root)
     cfg = load_config(CurationConfig, config, set_, base=to_plain(base))
-    reselect(root, output, cfg, catalog=cat, parent=parent, address=address,
-             tracking_uri=tracking_uri, console=console)  # fmt: skip
+    reselect(
+        root,
+        output,
+        cfg,
+        catalog=cat,
+        parent=parent,
+        address=address,
+        tracking_uri=tracking_uri,
+        console=console,
+    )

@@ -11,7 +11,8 @@
     labels.jsonl   one record per item, every field of ``labels.FIELDS`` present
     edits.jsonl    {"source", "target", "instruction"?, "kind"} per edit pair
 
-Same seed => byte-identical files (single-threaded encoders, bit-exact muxing, no timestamps).
+Same seed => byte-identical files (single-threaded encoders, x264's CPU-independent
+macroblock tree, bit-exact muxing, no timestamps).
 """
 
 from __future__ import annotations

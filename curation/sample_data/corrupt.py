@@ -70,11 +70,16 @@ def write_corrupt(root: Path, seed: int) -> list[dict[str, Any]]:
         ("truncated.mp4", mp4[: int(len(mp4) * TRUNCATE_FRACTION)], "truncated", "video", "mp4"),
         ("truncated.jpg", jpeg[: int(len(jpeg) * TRUNCATE_FRACTION)], "truncated", "image", "jpeg"),
         ("empty.jpg", b"", "empty", None, None),
-        ("random_bytes.mp4", rng_for(seed, "corrupt/random").bytes(32 * 1024), "random_bytes",
-         None, None),
+        (
+            "random_bytes.mp4",
+            rng_for(seed, "corrupt/random").bytes(32 * 1024),
+            "random_bytes",
+            None,
+            None,
+        ),
         ("header_only.mp4", _ftyp_only(mp4), "header_only", "video", "mp4"),
         ("header_only.png", _png_header_only(320, 240), "header_only", "image", "png"),
-    ]  # fmt: skip
+    ]
     for name, data, how, true_kind, fmt in broken:
         labels.append(_broken(root, f"corrupt/{name}", data, how, true_kind, fmt))
 

@@ -113,9 +113,15 @@ def image_pairs(seed: int) -> list[ImagePair]:
     src = _scene(seed, "kind_mismatch", w=VID_W, h=VID_H)
     canvas = pan_canvas(seed, "edit/kind_mismatch", "day", VID_W, VID_H, VID_N, (1, 0))
     pairs.append(
-        ImagePair("kind_mismatch", src, canvas, "animate the clouds",
-                  failures=["kind_mismatch"], tgt_is_video=True)
-    )  # fmt: skip
+        ImagePair(
+            "kind_mismatch",
+            src,
+            canvas,
+            "animate the clouds",
+            failures=["kind_mismatch"],
+            tgt_is_video=True,
+        )
+    )
     return pairs
 
 
@@ -149,14 +155,27 @@ def video_pairs(seed: int) -> list[VideoPair]:
     ball_src = still("red_ball", "forest")
     r, y = BALL_R + 1, VID_H // 2
     return [
-        VideoPair("warm_tint", tint_src, lambda: map(warm_tint, tint_src()),
-                  "give the video a warm orange sunset tint"),
-        VideoPair("red_ball", ball_src, lambda: _add_ball(ball_src()),
-                  "add a red ball moving from left to right",
-                  box=[ball_x(0) - r, y - r, ball_x(VID_N - 1) + r + 1, y + r + 1]),
-        VideoPair("identical_video", panning("identical_video", "ocean"), None, "make it snow",
-                  failures=["identical"]),
-    ]  # fmt: skip
+        VideoPair(
+            "warm_tint",
+            tint_src,
+            lambda: map(warm_tint, tint_src()),
+            "give the video a warm orange sunset tint",
+        ),
+        VideoPair(
+            "red_ball",
+            ball_src,
+            lambda: _add_ball(ball_src()),
+            "add a red ball moving from left to right",
+            box=[ball_x(0) - r, y - r, ball_x(VID_N - 1) + r + 1, y + r + 1],
+        ),
+        VideoPair(
+            "identical_video",
+            panning("identical_video", "ocean"),
+            None,
+            "make it snow",
+            failures=["identical"],
+        ),
+    ]
 
 
 def _pair_label(root: Path, kind: str, pair, src: str, tgt: str, sizes) -> dict[str, Any]:

@@ -28,8 +28,13 @@ def caption_for(label: dict[str, Any]) -> str:
     kind = label.get("true_kind") or label["kind"]
     words = [f"a synthetic {kind}"]
     if label.get("motion"):
-        words.append({"static": "with a still camera", "slow": "with a slow camera pan",
-                      "fast": "with a fast camera pan"}[label["motion"]])  # fmt: skip
+        words.append(
+            {
+                "static": "with a still camera",
+                "slow": "with a slow camera pan",
+                "fast": "with a fast camera pan",
+            }[label["motion"]]
+        )
     if label.get("cuts_s"):
         words.append(f"with {len(label['cuts_s'])} scene cuts")
     if label.get("has_text") and label.get("text"):
@@ -67,8 +72,12 @@ def label_to_row(root: Path, label: dict[str, Any]) -> dict[str, Any]:
     }
     if is_edit:
         tw, th = label.get("target_size") or (None, None)
-        row.update(target_uri=target, target_width=tw, target_height=th,
-                   target_num_frames=row["num_frames"])  # fmt: skip
+        row.update(
+            target_uri=target,
+            target_width=tw,
+            target_height=th,
+            target_num_frames=row["num_frames"],
+        )
     if label.get("expect") == "error":
         row.update(status="error", reasons=[f"corrupt:{label.get('corrupt') or 'undecodable'}"])
         for k in ("width", "height", "fps", "num_frames", "duration", "codec", "container"):

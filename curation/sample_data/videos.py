@@ -114,7 +114,18 @@ def _codec_setup(stream: av.VideoStream, codec: str) -> None:
     # One thread and fixed rate control: x264/mpeg4 output is then byte-for-byte reproducible.
     stream.codec_context.thread_count = 1
     if codec == "libx264":
-        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1"}
+        # cpu-independent: x264's macroblock-tree kernels in plain C. Its AVX-512
+        # mbtree_propagate_list works on groups of 8 macroblocks without masking the tail of a
+        # row, so unless the width is a multiple of 128 px (not 320, 400, 270, ...) it adds
+        # costs read from uninitialised heap memory into the QP decisions: the bytes then
+        # depend on what earlier allocations left there. The C kernels read only what x264
+        # wrote, and give the same bytes with any SIMD level (AVX-512, AVX2, none).
+        stream.options = {
+            "preset": "veryfast",
+            "crf": "23",
+            "threads": "1",
+            "x264-params": "cpu-independent=1",
+        }
     else:
         # Capped quantiser: a pure bitrate target starves on film grain and freezes frames.
         stream.bit_rate = 1_000_000
@@ -209,9 +220,15 @@ def video_frames(spec: VideoSpec, seed: int) -> tuple[Iterator[np.ndarray], dict
             start, end = i * fps, min(n, (i + 1) * fps)
             box = draw_text(np.zeros((h, w, 3), np.uint8), line, w // 2, h - h // 12, scale, thick)
             segs.append(
-                {"text": line, "start_s": start / fps, "end_s": end / fps,
-                 "start_frame": start, "end_frame": end, "box": box}
-            )  # fmt: skip
+                {
+                    "text": line,
+                    "start_s": start / fps,
+                    "end_s": end / fps,
+                    "start_frame": start,
+                    "end_frame": end,
+                    "box": box,
+                }
+            )
             subtitle_at += [line] * (end - start)
         info.update(
             text=list(spec.subtitles), text_boxes=[s["box"] for s in segs], text_segments=segs
@@ -274,9 +291,15 @@ def write_video(root: Path, rel: str, spec: VideoSpec, seed: int, **extra: Any) 
     """Render + encode ``spec`` to ``rel`` (whatever its extension) and return its label."""
     frames, info = video_frames(spec, seed)
     n = encode_video(
-        root / rel, frames, spec.width, spec.height, spec.fps, spec.codec, spec.container,
+        root / rel,
+        frames,
+        spec.width,
+        spec.height,
+        spec.fps,
+        spec.codec,
+        spec.container,
         spec.rotation,
-    )  # fmt: skip
+    )
     return video_label(root, rel, spec, n, **{**info, **extra})
 
 

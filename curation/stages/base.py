@@ -108,7 +108,9 @@ def mark_error(row: Row, reason: str, detail: str = "") -> Row:
 
 def check_required(stages: Iterable[Stage]) -> None:
     """Raise MissingWeights listing every missing file (with how to get it) before any work."""
-    missing = [(s.name, f) for s in stages for f in s.required_files() if not Path(f.path).is_file()]
+    missing = [
+        (s.name, f) for s in stages for f in s.required_files() if not Path(f.path).is_file()
+    ]
     if missing:
         lines = [f"{name}: {f.what} not found at {f.path} ({f.how_to_get})" for name, f in missing]
         raise MissingWeights("model weights are missing:\n  - " + "\n  - ".join(lines))

@@ -40,15 +40,36 @@ Image.init()
 # Still-image formats recognised by Pillow. Formats without a magic number (TGA, SPIDER...)
 # are left out on purpose: Pillow would "recognise" random bytes as them.
 _PIL_WANTED = (
-    "JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "JPEG2000", "PPM", "AVIF", "QOI",
-    "ICO", "PSD", "SGI", "DDS",
-)  # fmt: skip
+    "JPEG",
+    "PNG",
+    "WEBP",
+    "GIF",
+    "BMP",
+    "DIB",
+    "TIFF",
+    "JPEG2000",
+    "PPM",
+    "AVIF",
+    "QOI",
+    "ICO",
+    "PSD",
+    "SGI",
+    "DDS",
+)
 PIL_FORMATS = tuple(f for f in _PIL_WANTED if f in Image.OPEN)
 # Pillow format -> container name (MPO is a multi-picture JPEG).
 _PIL_NAMES = {"MPO": "jpeg", "JPEG2000": "jpeg2000"}
 # EXIF orientation -> (display rotation in CCW degrees, width/height swapped)
-EXIF_ROTATION = {1: (0, False), 2: (0, False), 3: (180, False), 4: (180, False),
-                 5: (90, True), 6: (270, True), 7: (270, True), 8: (90, True)}  # fmt: skip
+EXIF_ROTATION = {
+    1: (0, False),
+    2: (0, False),
+    3: (180, False),
+    4: (180, False),
+    5: (90, True),
+    6: (270, True),
+    7: (270, True),
+    8: (90, True),
+}
 # FFmpeg demuxers that "open" text files as video (ANSI art): not media for a curation corpus.
 _PSEUDO_VIDEO_FORMATS = {"tty"}
 SNIFF_BYTES = 64

@@ -29,6 +29,7 @@ Defaults (``SelectConfig``) and where they come from:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from curation.config import CurationConfig
@@ -74,12 +75,22 @@ def reasons_for(row: Row, cfg: CurationConfig) -> list[str]:
             out.append("no_instruction: the edit pair has no instruction")
         diff = row.get("edit_aspect_diff")
         if diff is not None:
-            check("pair_aspect_mismatch", diff, cfg.edit.max_aspect_diff,
-                  diff > cfg.edit.max_aspect_diff, ">")  # fmt: skip
+            check(
+                "pair_aspect_mismatch",
+                diff,
+                cfg.edit.max_aspect_diff,
+                diff > cfg.edit.max_aspect_diff,
+                ">",
+            )
         change = row.get("edit_change")
         if change is not None:
-            check("identical_pair", change, cfg.edit.min_target_change,
-                  change < cfg.edit.min_target_change, "<")  # fmt: skip
+            check(
+                "identical_pair",
+                change,
+                cfg.edit.min_target_change,
+                change < cfg.edit.min_target_change,
+                "<",
+            )
     return out
 
 
@@ -115,8 +126,6 @@ class SelectStage(Stage):
         out = select_rows(rows, self.cfg)
         for row in out:  # the report shows what was left out
             if row["status"] != "accepted" and row.get("frames"):
-                try:
+                with contextlib.suppress(ValueError):
                     row["thumb"] = thumbnail(row["frames"][0])
-                except ValueError:
-                    pass
         return out

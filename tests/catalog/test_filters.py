@@ -4,12 +4,14 @@ import pytest
 
 from catalog.filters import FilterError, parse_filter
 
-TABLE = pa.table({
-    "kind": ["image", "video", "video", "image_edit"],
-    "aesthetic": [4.0, 6.0, 5.5, None],
-    "motion": [None, 0.002, 0.05, None],
-    "recaption": [None, "a bird", None, None],
-})  # fmt: skip
+TABLE = pa.table(
+    {
+        "kind": ["image", "video", "video", "image_edit"],
+        "aesthetic": [4.0, 6.0, 5.5, None],
+        "motion": [None, 0.002, 0.05, None],
+        "recaption": [None, "a bird", None, None],
+    }
+)
 
 
 def keep(expr: str) -> list[int]:

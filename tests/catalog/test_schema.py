@@ -16,10 +16,31 @@ from catalog.schema import (
 
 
 def test_contract_has_the_design_fields():
-    for name in ["key", "kind", "source_uri", "span", "width", "height", "fps", "num_frames",
-                 "duration", "caption", "recaption", "instruction", "aesthetic", "watermark",
-                 "motion", "ocr_area", "ocr_boxes", "status", "reasons", "bucket", "shard",
-                 "run_id", "target_uri"]:  # fmt: skip
+    for name in [
+        "key",
+        "kind",
+        "source_uri",
+        "span",
+        "width",
+        "height",
+        "fps",
+        "num_frames",
+        "duration",
+        "caption",
+        "recaption",
+        "instruction",
+        "aesthetic",
+        "watermark",
+        "motion",
+        "ocr_area",
+        "ocr_boxes",
+        "status",
+        "reasons",
+        "bucket",
+        "shard",
+        "run_id",
+        "target_uri",
+    ]:
         assert name in COLUMNS
     assert SAMPLE_SCHEMA.field("reasons").type == pa.list_(pa.string())
     assert all(SAMPLE_SCHEMA.field(c).metadata[b"doc"] for c in COLUMNS)
@@ -85,10 +106,16 @@ def test_wrong_type_is_named_and_conform_casts_safely():
 
 
 def test_conform_adds_missing_nullable_columns_and_keeps_extras():
-    minimal = pa.table({
-        "key": ["k1"], "kind": ["image"], "source_uri": ["a.png"],
-        "status": ["accepted"], "reasons": [[]], "my_score": [0.3],
-    })  # fmt: skip
+    minimal = pa.table(
+        {
+            "key": ["k1"],
+            "kind": ["image"],
+            "source_uri": ["a.png"],
+            "status": ["accepted"],
+            "reasons": [[]],
+            "my_score": [0.3],
+        }
+    )
     out = conform(minimal)
     assert out.column_names[: len(COLUMNS)] == list(COLUMNS)
     assert out.column_names[-1] == "my_score"

@@ -35,8 +35,11 @@ def write(root, n=7, **kw):
 def test_roll_over_by_samples_and_read_back(tmp_path):
     shards, placed = write(tmp_path, max_samples=2)
     assert sorted((s.bucket, s.num_samples) for s in shards) == [
-        ("a512_r16x9_f1", 2), ("a512_r16x9_f1", 2), ("a512_r1x1_f1", 1), ("a512_r1x1_f1", 2),
-    ]  # fmt: skip
+        ("a512_r16x9_f1", 2),
+        ("a512_r16x9_f1", 2),
+        ("a512_r1x1_f1", 1),
+        ("a512_r1x1_f1", 2),
+    ]
     seen = {}
     for s in shards:
         assert s.uri == str(tmp_path / s.path) and s.path.startswith(f"shards/{s.bucket}/p-")

@@ -36,8 +36,14 @@ def corpus(tmp_path_factory):
 
 def input_row(source, kind=None, target=None) -> dict:
     source, target = str(source), str(target) if target else None
-    return {"key": make_key(source, target_uri=target), "source_uri": source, "target_uri": target,
-            "kind": kind, "status": None, "reasons": []}  # fmt: skip
+    return {
+        "key": make_key(source, target_uri=target),
+        "source_uri": source,
+        "target_uri": target,
+        "kind": kind,
+        "status": None,
+        "reasons": [],
+    }
 
 
 def pipeline(rows: list[dict], cfg: CurationConfig = CFG) -> list[dict]:
@@ -179,8 +185,9 @@ def _rotated_video(tmp_path: Path, rotation: int, height: int, width: int) -> Pa
     upright[: height // 2, : width // 2] = (230, 20, 20)
     stored = np.ascontiguousarray(np.rot90(upright, -rotation // 90))
     path = tmp_path / f"rot{rotation}.mp4"
-    encode_video(path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24,
-                 rotation=rotation)  # fmt: skip
+    encode_video(
+        path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24, rotation=rotation
+    )
     return path
 
 
@@ -322,8 +329,14 @@ def test_undecodable_inputs_are_decode_errors(corpus, tmp_path):
     root, labels = corpus
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(np.random.default_rng(1).bytes(4096))
-    video_row = {**input_row(junk, "video"), "fps": 24.0, "num_frames": 48,
-                 "span": {"start": 0.0, "end": 2.0}, "width": 320, "height": 180}  # fmt: skip
+    video_row = {
+        **input_row(junk, "video"),
+        "fps": 24.0,
+        "num_frames": 48,
+        "span": {"start": 0.0, "end": 2.0},
+        "width": 320,
+        "height": 180,
+    }
     truncated = next(
         lab for lab in labels if lab["corrupt"] == "truncated" and lab["format"] == "jpeg"
     )

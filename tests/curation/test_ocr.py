@@ -26,8 +26,12 @@ CLEAN_MAX_AREA = 0.005  # "no text": below half a percent of the frame
 
 def image_row(path: Path) -> dict:
     rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return {"kind": "image", "status": "accepted", "frames": [encode_frame(fit_max_side(rgb))],
-            "frame_times": [0.0]}  # fmt: skip
+    return {
+        "kind": "image",
+        "status": "accepted",
+        "frames": [encode_frame(fit_max_side(rgb))],
+        "frame_times": [0.0],
+    }
 
 
 def video_row(path: Path, times: list[float]) -> dict:

@@ -74,8 +74,15 @@ def find(labels, **conds) -> dict:
 
 
 def plain_video(labels) -> dict:
-    return find(labels, true_kind="video", claimed_kind="video", container="mp4", cuts_s=[],
-                rotation=0, duration=3.0)  # fmt: skip
+    return find(
+        labels,
+        true_kind="video",
+        claimed_kind="video",
+        container="mp4",
+        cuts_s=[],
+        rotation=0,
+        duration=3.0,
+    )
 
 
 def probe_one(row: dict, **overrides) -> dict:
@@ -272,8 +279,9 @@ def _rotated(tmp_path: Path, rotation: int) -> Path:
     upright = landscape(rng_for(0, f"rot{rotation}"), 64, 48, "day")  # display: 48 wide, 64 high
     stored = np.ascontiguousarray(np.rot90(upright, -rotation // 90))
     path = tmp_path / f"rot{rotation}.mp4"
-    encode_video(path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24,
-                 rotation=rotation)  # fmt: skip
+    encode_video(
+        path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24, rotation=rotation
+    )
     return path
 
 
@@ -324,10 +332,19 @@ def test_real_videos():
     limits = CurationConfig().probe
     counter = probe_file(str(DATA / "counter.mp4"), limits)
     assert counter == {
-        "kind": "video", "container": "mp4", "codec": "h264", "width": 1920, "height": 1080,
-        "rotation": 0, "sample_aspect_ratio": 1.0, "has_audio": False, "fps": 10.0,
-        "num_frames": 30, "duration": 3.0, "random_access": True,
-    }  # fmt: skip
+        "kind": "video",
+        "container": "mp4",
+        "codec": "h264",
+        "width": 1920,
+        "height": 1080,
+        "rotation": 0,
+        "sample_aspect_ratio": 1.0,
+        "has_audio": False,
+        "fps": 10.0,
+        "num_frames": 30,
+        "duration": 3.0,
+        "random_access": True,
+    }
     fades = probe_file(str(DATA / "fades.mp4"), limits)
     assert (fades["codec"], fades["width"], fades["height"]) == ("mpeg4", 480, 320)
     assert (fades["fps"], fades["num_frames"], fades["duration"]) == (25.0, 250, 10.0)

@@ -221,7 +221,9 @@ def report(tmp_path_factory):
     table = rows_to_table(rows)
     thumbs = {r["key"]: _jpeg() for r in extra[-10:]}
     thumbs[rows[5]["key"]] = _jpeg((0, 0, 255))  # an error row
-    cfg = SelectConfig(min_aesthetic=4.25, max_ocr_area=0.015, max_watermark=0.35, min_motion=None)
+    cfg = SelectConfig(
+        min_aesthetic=4.25, max_ocr_area=0.015, max_watermark=0.35, min_motion=None, max_motion=0.1
+    )
     summary = _summary(table, "catalog://sample-corpus@2")
     path = write_report(
         table, thumbs, cfg, summary, tmp_path_factory.mktemp("r") / "out" / "report.html"

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
 import time
 from collections import Counter
 from functools import lru_cache
@@ -146,8 +151,12 @@ def test_corpus_covers_required_cases(labels):
     corrupt = [lab for lab in labels if lab["path"].startswith("corrupt/")]
     assert len(corrupt) >= 8
     assert {lab["corrupt"] for lab in corrupt} == {
-        "truncated", "empty", "random_bytes", "header_only", None
-    }  # fmt: skip
+        "truncated",
+        "empty",
+        "random_bytes",
+        "header_only",
+        None,
+    }
     videos = valid(labels, "video")
     assert {v["motion"] for v in videos} >= {"static", "slow", "fast"}
     assert {v["container"] for v in videos} == {"mp4", "matroska"}
@@ -414,8 +423,10 @@ def test_edit_manifest_matches_labels(root, labels):
     assert (root / EDITS_FILE).is_file() and len(rows) == len(edits)
     for row, lab in zip(rows, edits, strict=True):
         assert (row["source"], row["target"], row["kind"]) == (
-            lab["source"], lab["target"], lab["kind"]
-        )  # fmt: skip
+            lab["source"],
+            lab["target"],
+            lab["kind"],
+        )
         assert lab["path"] == lab["source"]
         assert (root / row["source"]).is_file() and (root / row["target"]).is_file()
         missing = "no_instruction" in lab["expect_pair_failures"]
@@ -506,3 +517,44 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(root, tmp_path):
     images = [k for k in first if k.startswith("images/")]
     assert images and all(other[k] != first[k] for k in images)
     assert other[LABELS_FILE] != first[LABELS_FILE]
+
+
+# Code run in a child process: encode every clip of ``VIDEOS`` and print {id: sha256}.
+_ENCODE_VIDEOS = """
+import json, sys
+from pathlib import Path
+from curation.sample_data.videos import write_videos
+root = Path(sys.argv[1])
+(root / "videos").mkdir(parents=True)
+print(json.dumps({lab["id"]: lab["sha256"] for lab in write_videos(root, 0)}))
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+    reason="MALLOC_PERTURB_ is a glibc malloc feature",
+)
+def test_videos_do_not_depend_on_uninitialised_memory(tmp_path):
+    """Encoders must not read memory they never wrote.
+
+    Such reads make the bytes depend on what earlier allocations left behind, which the
+    same-seed test above only catches by chance. glibc's MALLOC_PERTURB_ fills every fresh
+    allocation with a chosen byte, so two children with different fill bytes must agree.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    digests = []
+    for fill in ("1", "170"):
+        env = {**os.environ, "MALLOC_PERTURB_": fill}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+        out = subprocess.run(
+            [sys.executable, "-c", _ENCODE_VIDEOS, str(tmp_path / fill)],
+            env=env,
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
+        digests.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    differing = sorted(k for k in digests[0] if digests[0][k] != digests[1].get(k))
+    assert digests[0].keys() == digests[1].keys() and not differing, differing

@@ -38,14 +38,24 @@ def cut_video(labels) -> dict:
 
 
 def uncut_videos(labels) -> list[dict]:
-    return [lab for lab in labels
-            if lab["true_kind"] == "video" and lab["expect"] == "valid" and not lab["cut_frames"]]  # fmt: skip
+    return [
+        lab
+        for lab in labels
+        if lab["true_kind"] == "video" and lab["expect"] == "valid" and not lab["cut_frames"]
+    ]
 
 
 def probed(path: Path | str, kind: str | None = None, target: Path | str | None = None) -> dict:
     source, target = str(path), str(target) if target else None
-    row = {"key": make_key(source, target_uri=target), "source_uri": source, "target_uri": target,
-           "kind": kind, "caption": "c", "status": None, "reasons": []}  # fmt: skip
+    row = {
+        "key": make_key(source, target_uri=target),
+        "source_uri": source,
+        "target_uri": target,
+        "kind": kind,
+        "caption": "c",
+        "status": None,
+        "reasons": [],
+    }
     (out,) = ProbeStage(CurationConfig()).process_batch([row])
     assert out["status"] is None, out["reasons"]
     return out

@@ -77,8 +77,15 @@ def test_catalog_commands(cat, catalog_url, committed_version):
     assert out.returncode == 0, out.stderr
     assert "catalog://raw@1" in out.stdout and "curate raw" in out.stdout
 
-    out = run("catalog", "resolve", "catalog://curated@latest", "--filter", "kind == 'video'",
-              "--keys", env_url=catalog_url)  # fmt: skip
+    out = run(
+        "catalog",
+        "resolve",
+        "catalog://curated@latest",
+        "--filter",
+        "kind == 'video'",
+        "--keys",
+        env_url=catalog_url,
+    )
     assert out.returncode == 0, out.stderr
     videos = [r["key"] for r in rows if r["status"] == "accepted" and r["kind"] == "video"]
     assert f"{len(videos)} accepted samples matching" in out.stdout

@@ -111,8 +111,14 @@ def test_duplicate_stage_names():
 def test_ineffective_settings_warn():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        validate(Recipe, recipe(stages__0__checkpoint_every=50, stages__0__tasks__t2i__fps=8,
-                                model__pretrained={"mllm": "/models/qwen"}))  # fmt: skip
+        validate(
+            Recipe,
+            recipe(
+                stages__0__checkpoint_every=50,
+                stages__0__tasks__t2i__fps=8,
+                model__pretrained={"mllm": "/models/qwen"},
+            ),
+        )
     messages = " | ".join(str(w.message) for w in caught if w.category is ConfigWarning)
     assert "stages.align.checkpoint_every" in messages
     assert "stages.align.tasks.t2i.fps" in messages

@@ -1,0 +1,101 @@
+"""``omniforge train run|plan``: multi-stage training of a recipe on curated shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from catalog.config import load_config
+from orchestration.common import CatalogOption, console, open_catalog
+
+app = typer.Typer(help="Training: multi-stage recipes on Ray Train + DeepSpeed, tracked in MLflow.")
+
+RECIPES = Path(__file__).resolve().parent.parent / "training" / "recipes"
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file, or the name of a built-in recipe (``omni_video_tiny``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    builtin = RECIPES / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if builtin.exists():
+        return builtin
+    known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise FileNotFoundError(f"recipe {name_or_path!r} not found; built-in recipes: {known}")
+
+
+def parse_stages(text: str | None, count: int) -> list[int] | None:
+    """``"1-3"``, ``"2"``, ``"1,3"`` -> 0-based indices (validated against the recipe)."""
+    if not text:
+        return None
+    chosen: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+            raise ValueError(f"--stages {text!r}: use numbers like 1-3, 2 or 1,3")
+        a, b = int(lo), int(hi or lo)
+        if not 1 <= a <= b <= count:
+            raise ValueError(f"--stages {text!r}: the recipe has stages 1..{count}")
+        chosen += [i - 1 for i in range(a, b + 1) if i - 1 not in chosen]
+    if chosen != sorted(chosen) or chosen != list(range(chosen[0], chosen[-1] + 1)):
+        raise ValueError(f"--stages {text!r}: stages run in order without gaps")
+    return chosen
+
+
+@app.command("run")
+def run(
+    recipe: str = typer.Argument(..., help="recipe YAML or built-in name (omni_video_tiny, ...)"),
+    stages: str | None = typer.Option(None, "--stages", help="e.g. 1-3 (default: all)"),
+    output: Path = typer.Option(Path("runs/train"), "--output", help="weights, checkpoints"),
+    workers: int | None = typer.Option(None, "--workers", help="Ray Train workers (0: in-process)"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --output"),
+    set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+    catalog: str | None = CatalogOption,
+) -> None:
+    """Train the recipe's stages; each stage starts from the previous stage's final weights."""
+    from training.recipe import Recipe
+    from training.runner import run_training
+
+    r = load_config(Recipe, recipe_path(recipe), set_)
+    summary = run_training(
+        r,
+        output,
+        stages=parse_stages(stages, len(r.stages)),
+        workers=workers,
+        address=address,
+        tracking_uri=tracking_uri,
+        catalog=open_catalog(catalog),
+        resume=resume,
+        console=console,
+    )
+    table = Table(title=f"training {r.name}")
+    for col in ("stage", "steps", "final loss", "time", "weights"):
+        table.add_column(col)
+    for s in summary["stages"]:
+        if s.get("stopped_at") is not None:
+            table.add_row(s["stage"], f"stopped at {s['stopped_at']}", "-", "-", "-")
+            continue
+        loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
+        when = "earlier" if s.get("skipped") else f"{s['elapsed_s']:.0f} s"
+        table.add_row(s["stage"], str(s["steps"]), loss, when, s["weights"])
+    console.print(table)
+    if tracking_uri:
+        console.print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+
+
+@app.command("plan")
+def plan(
+    recipe: str = typer.Argument(..., help="recipe YAML or built-in name"),
+    set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+) -> None:
+    """A table per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO."""
+    from training.plan import describe
+    from training.recipe import Recipe
+
+    for table in describe(load_config(Recipe, recipe_path(recipe), set_)):
+        console.print(table)

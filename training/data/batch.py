@@ -1,0 +1,47 @@
+"""What a training step consumes: one task's batch, all samples of one bucket shape.
+
+Pixel tensors are float32 in [-1, 1], layout (B, T, C, H, W); images have T == 1. Text is
+tokenised by the model family's tokenizer (the loader calls ``family.tokenize``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+TASKS = ("t2i", "t2v", "i2i_edit", "v2v_edit", "image_understanding", "video_understanding")
+GENERATION_TASKS = ("t2i", "t2v", "i2i_edit", "v2v_edit")
+UNDERSTANDING_TASKS = ("image_understanding", "video_understanding")
+EDIT_TASKS = ("i2i_edit", "v2v_edit")
+
+
+@dataclass
+class TaskBatch:
+    task: str
+    keys: list[str]  # sample keys, for exact-resume checks and logging
+    pixels: torch.Tensor  # (B, T, C, H, W): the generation target, or the understood medium
+    input_ids: torch.Tensor  # (B, L) int64: caption / instruction / answer text
+    attention_mask: torch.Tensor  # (B, L) int64 1 = token, 0 = padding
+    source_pixels: torch.Tensor | None = None  # (B, T, C, H, W): edit source medium
+    # Condition dropout decided once per step from the shared generator, same on every rank:
+    # modality name ("text", "source") -> (B,) bool, True = drop this condition for the sample.
+    drop: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return TaskBatch(
+            task=self.task,
+            keys=self.keys,
+            pixels=move(self.pixels),
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            source_pixels=move(self.source_pixels),
+            drop={k: move(v) for k, v in self.drop.items()},
+        )

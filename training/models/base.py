@@ -1,0 +1,63 @@
+"""The interface every model family implements (omni_video, haplo_omni, vino).
+
+A family is an ``nn.Module`` whose parameters live in named module groups (``self.groups``,
+an ``nn.ModuleDict``): stages train some groups (recipe ``trainable`` globs) and freeze the
+rest. ``forward(batch)`` returns the loss of one task batch and its parts for logging.
+Geometry: latent side = pixel side / ``spatial_factor``; video frame counts are
+``k * temporal_factor + 1`` (causal video VAE: the first frame alone, then groups).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.data.batch import TaskBatch
+
+
+@dataclass(frozen=True)
+class Geometry:
+    spatial_factor: int  # pixels per latent token side (VAE downsample x patch size)
+    temporal_factor: int  # frames per latent frame after the first
+    max_text_len: int  # tokens per caption after truncation
+
+
+class UnifiedModel(nn.Module):
+    family: str = ""
+    groups: nn.ModuleDict
+    geometry: Geometry
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts -> (input_ids (B, L) int64, attention_mask (B, L) int64), L <= max_text_len."""
+        raise NotImplementedError
+
+    def forward(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """{"loss": scalar to backprop, "loss/<part>": detached parts for logging}."""
+        raise NotImplementedError
+
+    def supported_tasks(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def select_groups(self, patterns: list[str]) -> list[str]:
+        """Group names matching any glob; a pattern matching nothing is an error."""
+        names = list(self.groups.keys())
+        chosen = []
+        for pattern in patterns:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise ValueError(
+                    f"trainable pattern {pattern!r} matches no module group of {self.family}; "
+                    f"groups: {', '.join(names)}"
+                )
+            chosen += [h for h in hits if h not in chosen]
+        return chosen
+
+    def set_trainable(self, patterns: list[str]) -> list[str]:
+        """requires_grad on the matching groups only; returns the trainable group names."""
+        chosen = self.select_groups(patterns)
+        for name, group in self.groups.items():
+            group.requires_grad_(name in chosen)
+        return chosen

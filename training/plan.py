@@ -1,0 +1,68 @@
+"""``train plan``: what each stage of a recipe will do, without training anything."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from catalog.shards import ASPECT_CLASSES
+from training.data.batch import EDIT_TASKS
+from training.data.buckets import batch_size_for, bucket_for
+from training.recipe import IMAGE_TASKS, Recipe
+
+
+def describe(recipe: Recipe) -> list[Table]:
+    from training.models.registry import build_model
+
+    m = recipe.model
+    model = build_model(m.family, m.size, m.pretrained, recipe.stages[0].timestep_shift)
+    counts = {name: sum(p.numel() for p in g.parameters()) for name, g in model.groups.items()}
+    geo = model.geometry
+    tables = []
+    for i, stage in enumerate(recipe.stages):
+        trainable = model.select_groups(stage.trainable)
+        t = Table(
+            title=f"stage {i + 1}: {stage.name}  ({stage.steps} steps, ZeRO-{stage.zero_stage}, "
+            f"lr {stage.optimizer.lr:g} {stage.schedule.kind}"
+            + (f", EMA {stage.ema.decay}" if stage.ema else "")
+            + ")"
+        )
+        t.add_column("module group")
+        t.add_column("parameters", justify="right")
+        t.add_column("trains")
+        for name, n in counts.items():
+            t.add_row(name, f"{n:,}", "yes" if name in trainable else "frozen")
+        total = sum(counts[n] for n in trainable)
+        t.add_row("[bold]trainable[/]", f"[bold]{total:,}[/]", f"of {sum(counts.values()):,}")
+        tables.append(t)
+        tasks = Table(
+            title=f"stage {i + 1} tasks (frame area {stage.frame_area} px, "
+            f"token budget {stage.token_budget}, shift {stage.timestep_shift})"
+        )
+        for col in ("task", "weight", "data", "frames", "fps", "buckets (F x H x W : batch)"):
+            tasks.add_column(col)
+        for name, task in stage.tasks.items():
+            frames = 1 if name in IMAGE_TASKS else task.num_frames
+            media = 2 if name in EDIT_TASKS else 1
+            shapes = []
+            for w, h in ASPECT_CLASSES:
+                shape = bucket_for(
+                    w, h, frames, stage.frame_area, geo.spatial_factor, geo.temporal_factor
+                )
+                b = batch_size_for(
+                    shape,
+                    stage.token_budget,
+                    geo.spatial_factor,
+                    geo.temporal_factor,
+                    media_per_sample=media,
+                )
+                shapes.append(f"{shape}:{b}")
+            tasks.add_row(
+                name,
+                f"{task.weight:g}",
+                recipe.data[task.data].uri,
+                str(frames),
+                str(task.fps or "-"),
+                " ".join(dict.fromkeys(shapes)),
+            )
+        tables.append(tasks)
+    return tables

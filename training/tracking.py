@@ -1,0 +1,132 @@
+"""MLflow for training: a parent run per ``train run``, a nested run per stage; rank 0 logs.
+
+The driver creates the runs (so a stage run exists even if every worker dies) and hands the
+stage run id to the workers; rank 0 logs metrics to it in batches through ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from catalog.config import flatten
+
+SECRET_WORDS = ("password", "secret", "token", "access_key", "api_key")
+
+
+def mask(params: dict[str, Any]) -> dict[str, str]:
+    """MLflow params: strings, secrets masked, values cut to MLflow's limits."""
+    out = {}
+    for key, value in params.items():
+        text = "***" if any(w in key.lower() for w in SECRET_WORDS) else str(value)
+        out[key[:250]] = text[:500]
+    return out
+
+
+def start_parent(tracking_uri: str, recipe, experiment: str = "training") -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=recipe.name, tags={"omniforge.kind": "training"})
+    _log_params(client, run.info.run_id, flatten(recipe))
+    return run.info.run_id
+
+
+def start_stage(
+    tracking_uri: str, parent_id: str, recipe, stage_index: int, inputs: list[str]
+) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_id)
+    stage = recipe.stages[stage_index]
+    run = client.create_run(
+        parent.info.experiment_id,
+        run_name=f"{stage_index + 1}. {stage.name}",
+        tags={
+            "mlflow.parentRunId": parent_id,
+            "omniforge.stage": stage.name,
+            "omniforge.inputs": ",".join(inputs),
+        },
+    )
+    params = flatten(
+        {"stage": stage.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
+    )
+    _log_params(client, run.info.run_id, params)
+    _log_inputs(client, run.info.run_id, inputs)
+    return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in mask(params).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _log_inputs(client, run_id: str, inputs: list[str]) -> None:
+    """Dataset versions as MLflow run inputs (name = catalog reference)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    datasets = [
+        DatasetInput(
+            Dataset(name=ref, digest=ref[-36:], source_type="omniforge-catalog", source=ref),
+            tags=[InputTag("mlflow.data.context", "training")],
+        )
+        for ref in inputs
+    ]
+    if datasets:
+        client.log_inputs(run_id, datasets=datasets)
+
+
+def finish(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+class StageTracker:
+    """Buffered metric logging from rank 0 (no-op on other ranks or without a tracking URI)."""
+
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        run_id: str | None,
+        enabled: bool = True,
+        flush_every: int = 20,
+    ):
+        self.enabled = bool(enabled and tracking_uri and run_id)
+        self.run_id = run_id
+        self.buffer: list = []
+        self.flush_every = flush_every
+        self.client = None
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.buffer) >= self.flush_every * 8:
+            self.flush()
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def flush(self) -> None:
+        if self.enabled and self.buffer:
+            for i in range(0, len(self.buffer), 1000):
+                self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
+            self.buffer = []
+
+    def close(self) -> None:
+        self.flush()

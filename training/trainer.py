@@ -1,0 +1,297 @@
+"""One training stage on one rank: build in dependency order, then a step that reads top to bottom.
+
+Runs inside a Ray Train worker (or in-process with ``num_workers=0``). Every rank builds the
+same model (same seed), takes the trainable groups of the stage, builds its task loaders over
+its part of the data, wraps the model in a DeepSpeed engine and restores the latest checkpoint
+if there is one. Each step: receive (task, bucket) from rank 0, get the batch, forward,
+backward, check finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from training import checkpoint as ckpt
+from training.ema import EMA
+from training.recipe import Recipe, StageConfig
+from training.sampler import StepSampler
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageSpec:
+    """Everything a worker needs for one stage (plain data: it crosses to Ray workers)."""
+
+    recipe: dict[str, Any]  # Recipe.model_dump(mode="json")
+    stage_index: int
+    output: str  # stage folder: final weights, exported artifacts
+    init_weights: str | None = None  # previous stage's final weights (safetensors)
+    catalog_url: str | None = None
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None  # the stage's (nested) MLflow run
+    stop_after: int | None = None  # testing/ops: stop cleanly after this many steps
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def step_seed(seed: int, stage: int, step: int, rank: int) -> int:
+    """Per-step RNG seed (noise, timesteps): a pure function of the step, so resume is exact."""
+    digest = hashlib.sha256(f"{seed}:{stage}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def ensure_process_group() -> tuple[int, int]:
+    """(rank, world size). Ray Train sets up torch.distributed for >= 1 worker; in-process runs
+    get a one-rank gloo group so DeepSpeed has one too."""
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(recipe: Recipe, stage: StageConfig, on_gpu: bool) -> dict[str, Any]:
+    """ZeRO-1/2 config from the recipe. CPU: fp32 + torch AdamW; GPU: bf16 (unless fp32)."""
+    bf16 = on_gpu and recipe.precision in ("auto", "bf16")
+    opt = stage.optimizer
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # batches are pre-formed per bucket
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": stage.grad_clip,
+        "zero_optimization": {"stage": stage.zero_stage},
+        "bf16": {"enabled": bf16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_at(stage: StageConfig, step: int) -> float:
+    """Learning rate of ``step`` (0-based): warmup, then constant / cosine / linear decay."""
+    import math
+
+    base, sched = stage.optimizer.lr, stage.schedule
+    if step < sched.warmup_steps:
+        return base * (step + 1) / sched.warmup_steps
+    if sched.kind == "constant":
+        return base
+    span = max(1, stage.steps - sched.warmup_steps)
+    progress = min(1.0, (step - sched.warmup_steps) / span)
+    floor = base * sched.min_lr_ratio
+    if sched.kind == "cosine":
+        return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return base - (base - floor) * progress
+
+
+class Trainer:
+    def __init__(self, spec: StageSpec, context: Any):
+        """``context``: ``report(metrics, checkpoint_dir)`` and ``latest_checkpoint()``."""
+        import deepspeed
+
+        from training.data.loaders import build_task_loaders
+        from training.models.registry import build_model
+        from training.tracking import StageTracker
+
+        self.spec, self.context = spec, context
+        self.recipe = Recipe.model_validate(spec.recipe)
+        self.stage = self.recipe.stages[spec.stage_index]
+        self.rank, self.world_size = ensure_process_group()
+        self.device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+        torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
+        m = self.recipe.model
+        self.model = build_model(m.family, m.size, m.pretrained, self.stage.timestep_shift)
+        if spec.init_weights:
+            ckpt.load_weights(self.model, Path(spec.init_weights))
+        self.trainable = self.model.set_trainable(self.stage.trainable)
+        self._set_checkpointing(self.stage.gradient_checkpointing)
+        catalog = None
+        if spec.catalog_url:
+            from catalog.store import Catalog
+
+            catalog = Catalog(spec.catalog_url)
+        self.loaders = build_task_loaders(
+            self.stage,
+            self.recipe.data,
+            catalog,
+            self.rank,
+            self.world_size,
+            self.recipe.seed,
+            self.model.geometry,
+            self.model.tokenize,
+        )
+        self.sampler = StepSampler(
+            {t: c.weight for t, c in self.stage.tasks.items()},
+            {t: list(loader.bucket_weights().items()) for t, loader in self.loaders.items()},
+            seed=self.recipe.seed * 1009 + spec.stage_index,
+            dropout=self.stage.condition_dropout,
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model.to(self.device),
+            model_parameters=params,
+            config=deepspeed_config(self.recipe, self.stage, self.device.type == "cuda"),
+        )
+        self.engine.checkpoint_engine = ckpt.safe_checkpoint_engine()
+        self.ema = EMA(self.model, self.stage.ema.decay) if self.stage.ema else None
+        self.step = 0
+        self._restore()
+        self.tracker = StageTracker(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
+        self.task_counts: Counter[str] = Counter()
+
+    def _set_checkpointing(self, on: bool) -> None:
+        for module in self.model.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = on
+
+    def _restore(self) -> None:
+        with self.context.latest_checkpoint() as directory:
+            if directory is None:
+                return
+            trainer_state, loader_states, ema_state = ckpt.load(
+                Path(directory), engine=self.engine, rank=self.rank
+            )
+        self.step = trainer_state["step"]
+        self.sampler.load_state_dict(trainer_state["sampler"])
+        for task, state in loader_states.items():
+            self.loaders[task].load_state_dict(state)
+        if self.ema is not None and ema_state is not None:
+            self.ema.load_state_dict(ema_state)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        stop_at = self.stage.steps
+        if self.spec.stop_after is not None:
+            stop_at = min(stop_at, self.step + self.spec.stop_after)
+        while self.step < stop_at:
+            last = self.train_step()
+            done = self.step == self.stage.steps
+            if self.step % self.stage.checkpoint_every == 0 or done or self.step == stop_at:
+                self.save_checkpoint(last)
+        if self.step == self.stage.steps and self.rank == 0:
+            self.export_final()
+        self.tracker.close()
+        return last
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        task, bucket = self.sampler.next(self.device)  # same on every rank
+        batch = self.loaders[task].next_batch(bucket)
+        batch.drop = self.sampler.drops(batch.size)  # same on every rank
+        t_data = time.perf_counter() - t0
+
+        torch.manual_seed(step_seed(self.recipe.seed, self.spec.stage_index, self.step, self.rank))
+        lr = lr_at(self.stage, self.step)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        out = self.engine(batch.to(self.device))
+        loss = out["loss"]
+        self._check_finite("loss", loss.detach(), task, batch.keys)
+        self.engine.backward(loss)
+        self.engine.step()  # clips to stage.grad_clip, then the optimizer step
+        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            raise NonFiniteError(
+                f"step {self.step}: gradient norm {grad_norm} ({task}, {batch.keys[:3]})"
+            )
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.task_counts[task] += 1
+
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "loss": float(loss.detach()),
+            f"loss/{task}": float(loss.detach()),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "samples_per_s": batch.size * self.world_size / elapsed,
+            "data_wait_fraction": t_data / elapsed,
+            **{f"tasks/{t}": n for t, n in self.task_counts.items()},
+            **{k: float(v) for k, v in out.items() if k.startswith("loss/")},
+        }
+        self.tracker.log(metrics, self.step)
+        if self.spec.extra.get("trace"):  # what every rank did at every step (tests, audits)
+            record = {
+                "step": self.step,
+                "task": task,
+                "bucket": str(bucket),
+                "keys": batch.keys,
+                "loss": metrics["loss"],
+                "drop": {k: v.tolist() for k, v in batch.drop.items()},
+            }
+            with open(Path(self.spec.output) / f"trace-rank{self.rank}.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return {**metrics, "step": self.step, "task": task, "keys": batch.keys}
+
+    def _check_finite(self, what: str, value: torch.Tensor, task: str, keys: list[str]) -> None:
+        """Every rank agrees before the optimizer step: one rank's NaN stops them all."""
+        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise NonFiniteError(
+                f"stage {self.stage.name!r} step {self.step}: non-finite {what} on task {task} "
+                f"(samples {keys[:3]}); stopping before the optimizer step"
+            )
+
+    # -- checkpoints and export ----------------------------------------------------------------
+
+    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
+        from catalog.config import dump_yaml
+
+        with tempfile.TemporaryDirectory(prefix="omniforge-ckpt-") as tmp:
+            ckpt.save(
+                Path(tmp),
+                engine=self.engine,
+                rank=self.rank,
+                trainer_state={"step": self.step, "sampler": self.sampler.state_dict()},
+                loader_states={t: loader.state_dict() for t, loader in self.loaders.items()},
+                ema_state=self.ema.state_dict() if self.ema else None,
+                recipe_yaml=dump_yaml(self.recipe),
+            )
+            report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.context.report({**report, "step": self.step}, tmp)
+
+    def export_final(self) -> None:
+        out = Path(self.spec.output)
+        ckpt.save_weights(self.model, out / "final.safetensors")
+        if self.ema is not None:
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            for name, value in self.ema.state_dict().items():
+                weights[name] = value
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.contiguous() for k, v in weights.items()}, out / "final_ema.safetensors"
+            )
