@@ -64,7 +64,11 @@ SAMPLE_SCHEMA = pa.schema(
         # scores (scorers add, select thresholds)
         _f("aesthetic", pa.float32(), "LAION aesthetic score, 1-10 (min over frames for video)"),
         _f("watermark", pa.float32(), "watermark probability, 0-1"),
-        _f("watermark_static", pa.float32(), "fraction of static pixels while the rest moves, 0-1"),
+        _f(
+            "watermark_static",
+            pa.float32(),
+            "static-overlay share (densest quarter window) while the rest moves",
+        ),
         _f("motion", pa.float32(), "mean optical-flow magnitude / frame diagonal, per second"),
         _f("motion_min", pa.float32(), "min over frame pairs of the per-pair motion (per second)"),
         _f("motion_max", pa.float32(), "max over frame pairs of the per-pair motion (per second)"),

@@ -29,6 +29,7 @@ WORKING_SCHEMA = pa.schema(
         pa.field("edit_aspect_diff", pa.float64()),
         pa.field("thumb", pa.binary()),
         pa.field("random_access", pa.bool_()),
+        pa.field("clip_embedding", pa.list_(pa.binary())),
         pa.field("frames_decoder", pa.string()),
     ]
 )

@@ -53,8 +53,14 @@ class FramesConfig(StrictModel):
 
 class AestheticConfig(StrictModel):
     enabled: bool | None = None
-    clip_model: str = Field("ViT-L-14", description="open_clip architecture of the embedding")
-    clip_weights: Path | None = Field(None, description="open_clip checkpoint; else models dir")
+    clip_model: str = Field(
+        "ViT-L-14-quickgelu",
+        description="open_clip architecture of the embedding (shared with watermark); the LAION "
+        "head scores OpenAI ViT-L/14 embeddings, which use QuickGELU",
+    )
+    clip_weights: Path | None = Field(
+        None, description="open_clip checkpoint (shared with watermark); else the models dir"
+    )
     head_weights: Path | None = Field(
         None, description="LAION MLP head state dict; else models dir"
     )

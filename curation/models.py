@@ -199,8 +199,9 @@ class ClipSpec:
             ]
         hint = _HF_HINTS.get(self.arch)
         fetch = (
-            f"e.g. `huggingface-cli download {hint} open_clip_pytorch_model.bin` on a machine "
-            f"with network access, saved as {self.weights.with_suffix('.bin')}"
+            f"e.g. `huggingface-cli download {hint} open_clip_pytorch_model.bin --local-dir "
+            f"DIR` on a machine with network access, then copy DIR/open_clip_pytorch_model.bin "
+            f"to {self.weights.with_suffix('.bin')}"
             if hint
             else f"any open_clip checkpoint of {self.arch} "
             f"(open_clip.list_pretrained_tags_by_model('{self.arch}') lists published ones)"
@@ -222,11 +223,12 @@ class ClipSpec:
 
 def import_open_clip():
     """open_clip, importable next to a CPU torch (see catalog.compat)."""
-    import open_clip
+    import importlib
 
-    import catalog.compat  # noqa: F401  (must precede torchvision / open_clip)
+    import catalog.compat  # noqa: F401  (patches torchvision's C-op registration if needed)
 
-    return open_clip
+    # import_module, not an import statement: isort must not hoist open_clip above compat
+    return importlib.import_module("open_clip")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

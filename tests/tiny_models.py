@@ -10,10 +10,11 @@ Two architectures are registered with open_clip (``add_model_config``):
   Random weights (seeded): enough for plumbing tests (the aesthetic head is set by hand).
 - ``omniforge-tiny-rn``: open_clip ModifiedResNet, 128 px input, width 4, 32-d embedding.
   A random tiny CLIP does not see watermarks: with a linear probe on its embedding, held-out
-  corpus images separate at AUC 0.47-0.70 (ViTs of 64-224 px, embeddings of 32-256 d). Its
-  image tower is therefore briefly *trained* here (``train_watermark_tower``, ~20 s on one CPU
-  thread) as a stand-in for a pretrained CLIP whose embedding carries the cue; the watermark
-  head is then fitted separately on the frozen embeddings, as it would be on a real CLIP.
+  corpus images separate at AUC 0.47-0.70 (random ViTs of 64-224 px input, 32-256 d
+  embeddings), and a tiny ViT trained end to end for 300 steps did no better. The conv tower
+  here learns it, so it is briefly *trained* (``train_watermark_tower``, 250 steps, ~20-30 s
+  on one CPU thread) as a stand-in for a pretrained CLIP whose embedding carries the cue; the
+  watermark head is then fitted separately on the frozen embeddings, as on a real CLIP.
 """
 
 from __future__ import annotations

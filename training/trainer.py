@@ -132,12 +132,13 @@ class Trainer:
         if spec.init_weights:
             ckpt.load_weights(self.model, Path(spec.init_weights))
         self.trainable = self.model.set_trainable(self.stage.trainable)
-        self._set_checkpointing(self.stage.gradient_checkpointing)
+        self.model.set_gradient_checkpointing(self.stage.gradient_checkpointing)
         catalog = None
         if spec.catalog_url:
             from catalog.store import Catalog
 
             catalog = Catalog(spec.catalog_url)
+        self.catalog = catalog
         self.loaders = build_task_loaders(
             self.stage,
             self.recipe.data,
@@ -167,11 +168,6 @@ class Trainer:
         self.tracker = StageTracker(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
         self.task_counts: Counter[str] = Counter()
 
-    def _set_checkpointing(self, on: bool) -> None:
-        for module in self.model.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = on
-
     def _restore(self) -> None:
         with self.context.latest_checkpoint() as directory:
             if directory is None:
@@ -193,15 +189,55 @@ class Trainer:
         stop_at = self.stage.steps
         if self.spec.stop_after is not None:
             stop_at = min(stop_at, self.step + self.spec.stop_after)
+        if self.step == 0:
+            self.evaluate("start")
         while self.step < stop_at:
             last = self.train_step()
             done = self.step == self.stage.steps
+            if done:
+                last.update(self.evaluate("end"))
             if self.step % self.stage.checkpoint_every == 0 or done or self.step == stop_at:
                 self.save_checkpoint(last)
         if self.step == self.stage.steps and self.rank == 0:
             self.export_final()
         self.tracker.close()
         return last
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        """Loss per task on fixed held-out batches with fixed noise (rank 0): a measure of
+        progress that the task mixture and the flow-matching noise do not blur."""
+        if self.rank != 0:
+            return {}
+        if not hasattr(self, "eval_batches"):
+            from training.data.loaders import build_task_loaders
+
+            loaders = build_task_loaders(
+                self.stage,
+                self.recipe.data,
+                self.catalog,
+                0,
+                1,
+                self.recipe.seed + 1,
+                self.model.geometry,
+                self.model.tokenize,
+            )
+            self.eval_batches = {}
+            for task, loader in loaders.items():
+                weights = loader.bucket_weights()
+                bucket = max(weights, key=lambda b: (weights[b], str(b)))
+                self.eval_batches[task] = loader.next_batch(bucket)
+        self.model.eval()
+        results = {}
+        with torch.no_grad():
+            for task, batch in sorted(self.eval_batches.items()):
+                torch.manual_seed(self.recipe.seed + 4242)
+                out = self.model(batch.to(self.device))
+                results[f"eval_loss/{task}"] = float(out["loss"])
+        self.model.train()
+        self.tracker.log(results, self.step)
+        with open(Path(self.spec.output) / f"eval-{when}.json", "w") as f:
+            json.dump(results, f)
+        return results
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()

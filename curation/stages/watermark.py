@@ -225,23 +225,23 @@ class WatermarkStage(Stage):
         batch.reuse(self.embedder.key)
         batch.embed(self.embedder)
         batch.share(self.embedder.key)
-        for i in list(batch.data):
-            if i not in batch.embeddings:
-                continue
-            probs = self.head.probability(batch.embeddings[i])  # size mismatch: config error
-            if not np.all(np.isfinite(probs)):
-                batch.fail(i, f"{self.name}_failed", f"non-finite probabilities {probs.tolist()}")
-                continue
-            batch.rows[i] = {**batch.rows[i], "watermark": float(np.clip(probs.max(), 0, 1))}
         for i, row in enumerate(batch.rows):
             if row.get("status") == "error":
                 continue
-            out = {"watermark": row.get("watermark") if i in batch.embeddings else None}
-            out["watermark_static"] = None
+            out: dict[str, Any] = {"watermark": None, "watermark_static": None}
+            emb = batch.embeddings.get(i)
+            if emb is not None:
+                probs = self.head.probability(emb)  # a size mismatch raises: config error
+                if not np.all(np.isfinite(probs)):
+                    batch.fail(
+                        i, f"{self.name}_failed", f"non-finite probabilities {probs.tolist()}"
+                    )
+                    continue
+                out["watermark"] = float(np.clip(probs.max(), 0.0, 1.0))  # max over frames
             if self.static_overlay and row.get("kind") in VIDEO_KINDS and i in batch.data:
                 batch.decode([i])
                 if i not in batch.frames:
-                    continue  # decode failed: the row is an error now
+                    continue  # the frames do not decode: the row is an error now
                 try:
                     out["watermark_static"] = static_overlay_score(batch.frames[i])
                 except Exception as e:

@@ -118,7 +118,10 @@ def video_row(frames: list[np.ndarray], kind: str = "video") -> dict:
 
 
 def wm_config(models: Path, arch: str = TINY_RN, **watermark) -> CurationConfig:
-    return CurationConfig(models_dir=models, aesthetic={"clip_model": arch}, watermark=watermark)
+    select = {} if watermark.get("static_overlay", True) else {"max_watermark_static": None}
+    return CurationConfig(
+        models_dir=models, aesthetic={"clip_model": arch}, watermark=watermark, select=select
+    )
 
 
 # ----------------------------------------------------------------- watermark probability

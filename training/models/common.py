@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -408,6 +409,7 @@ class FamilyModel(UnifiedModel):
                     module.enable_gradient_checkpointing()
                 else:
                     module.disable_gradient_checkpointing()
+        checkpoint_ready(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -466,6 +468,20 @@ class FamilyModel(UnifiedModel):
         out = {"loss": sum(parts.values())}
         out.update({f"loss/{k}": v.detach() for k, v in parts.items()})
         return out
+
+
+def checkpoint_ready(model: nn.Module) -> nn.Module:
+    """Give every transformers / diffusers submodule with a ``gradient_checkpointing`` flag a
+    non-reentrant checkpoint function (diffusers leaves the reentrant default after a disable),
+    so flipping the flags alone also works."""
+    for module in model.modules():
+        has_flag = hasattr(module, "gradient_checkpointing") and not getattr(
+            type(module), "checkpointable", False
+        )
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if has_flag and (func is None or func is checkpoint):
+            module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    return model
 
 
 def _hf_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from training.models import haplo_omni, omni_video, vino
 from training.models.base import Geometry, UnifiedModel
@@ -40,6 +38,7 @@ from training.models.common import (
     Frozen,
     MultimodalLM,
     attention_mask,
+    checkpoint_ready,
     group_frames,
     latent_frames,
     pad_sequences,
@@ -140,16 +139,6 @@ def locate_all(pretrained: dict[str, str], where: str, specs: list[tuple]) -> di
     if problems:
         raise MissingPretrained("\n".join(problems))
     return roots
-
-
-def checkpoint_ready(model: nn.Module) -> nn.Module:
-    """Give every transformers / diffusers submodule that has a ``gradient_checkpointing`` flag
-    a (non-reentrant) checkpoint function, so a trainer that only flips the flags works."""
-    for module in model.modules():
-        has_flag = hasattr(module, "gradient_checkpointing")
-        if has_flag and getattr(module, "_gradient_checkpointing_func", None) is None:
-            module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
-    return model
 
 
 # ---------------------------------------------------------------- transformers wrappers
