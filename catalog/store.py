@@ -275,6 +275,23 @@ class Catalog(RunLedger):
                 )
             return self._version_info(s, v)
 
+    def find_committed(self, name: str, root_uri: str, config_hash: str) -> VersionInfo | None:
+        """The committed version written to ``root_uri`` with ``config_hash``, if any (a rerun
+        of a finished job returns it instead of writing the same version again)."""
+        with self.session() as s:
+            ds = s.scalar(select(Dataset).where(Dataset.name == name))
+            if ds is None:
+                return None
+            v = s.scalar(
+                select(DatasetVersion).where(
+                    DatasetVersion.dataset_id == ds.id,
+                    DatasetVersion.status == "committed",
+                    DatasetVersion.root_uri == root_uri,
+                    DatasetVersion.config_hash == config_hash,
+                )
+            )
+            return self._version_info(s, v) if v is not None else None
+
     def version_by_id(self, version_id: int) -> VersionInfo:
         with self.session() as s:
             v = s.get(DatasetVersion, version_id)

@@ -124,6 +124,23 @@ def run_curation(
         row["partition"] = i // cfg.partition_size
     identity = run_identity(cfg, inputs)
     _claim_output(out, identity, source, cfg)
+    finished = catalog.find_committed(cfg.name, str(out), identity)
+    if finished is not None:  # the same run finished earlier: nothing to do
+        if console is not None:
+            console.print(f"{out} already holds {finished.ref} from this config and input")
+        return _finish(
+            out,
+            cfg,
+            finished,
+            finished.run_id,
+            catalog,
+            stages,
+            skipped,
+            len(inputs),
+            start,
+            None,
+            console,
+        )
     version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
     run_id = _resume_or_start_run(
         catalog,

@@ -1,18 +1,14 @@
-"""End-of-run curation report: summary numbers, console tables, one HTML page, MLflow logging.
+"""End-of-run curation report: one self-contained HTML page and the MLflow run.
 
-- ``summarize`` turns the sample index of a run (plus what the driver knows: stages, shards,
-  elapsed time) into a plain, JSON-ready dict.
-- ``print_summary`` prints that dict as rich tables at the end of a run.
 - ``write_report`` writes ONE self-contained ``report.html``: counts, per-score histograms
   with the ``select`` thresholds, and a thumbnail section per rejection / error reason.
 - ``log_to_mlflow`` records params (secrets masked), metrics, tags and the report as one
-  MLflow run.
+  MLflow run, through the shared helpers in ``catalog.tracking``.
 
-Reasons are grouped by their tag, the text before the first ``:`` (``"decode_error: moov
-atom not found"`` -> ``decode_error``). A row rejected for several reasons counts once under
-each of its reasons, so per-reason counts can add up to more than the rejected rows.
-Everything over rows is vectorised (pyarrow / numpy); only the few rows shown as thumbnails
-become Python objects, so 100k-row indexes report in seconds.
+The numbers come from ``curation.summary.summarize`` (re-exported here with
+``print_summary``), which also defines how reasons are grouped and counted. Everything over
+rows is vectorised (pyarrow / numpy); only the few rows shown as thumbnails become Python
+objects, so 100k-row indexes report in seconds.
 """
 
 from __future__ import annotations
@@ -25,25 +21,41 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.config import flatten
 from catalog.schema import SAMPLE_SCHEMA, SCORE_COLUMNS, STATUSES
-
-REASON_NOTE = (
-    "reasons are grouped by tag (text before the first ':'); a row rejected or errored for "
-    "several reasons counts once under each of them, so per-reason counts can add up to more "
-    "than the rows"
+from catalog.tracking import (
+    MASK,
+    MLFLOW_BATCH_METRICS,
+    MLFLOW_BATCH_PARAMS,
+    MLFLOW_TAG_LIMIT,
+    SECRET_KEY,
+    chunks,
+    experiment_id,
+    log_params,
+    mask_urls,
+    masked_params,
+    mlflow_key,
+    truncate,
 )
-UNSPECIFIED_REASON = "unspecified"
+from curation.summary import (
+    REASON_NOTE,
+    UNSPECIFIED_REASON,
+    duration,
+    human_bytes,
+    index_column,
+    pct,
+    reason_pairs,
+)
+from curation.summary import print_summary as print_summary  # re-export for callers
+from curation.summary import summarize as summarize  # re-export for callers
 
 # score column -> the select thresholds drawn on its histogram ("short_side" and "aspect" are
 # derived from width / height, the way select applies min_short_side and the aspect limits).
@@ -62,264 +74,7 @@ DERIVED_DOC = {
     "short_side": "min(width, height) in pixels (derived)",
     "aspect": "width / height (derived)",
 }
-
-# MLflow limits (validation.py): entity keys 250 chars; param values are capped at 500 chars
-# here so the run also logs to older servers / database schemas; tag values at 5000.
-MLFLOW_KEY_LIMIT = 250
-MLFLOW_PARAM_LIMIT = 500
-MLFLOW_TAG_LIMIT = 5000
-MLFLOW_BATCH_PARAMS = 100
-MLFLOW_BATCH_METRICS = 1000
-SECRET_KEY = re.compile(r"key|secret|password|token", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@")
-MASK = "***"
-
 STATUS_COLORS = {"accepted": "#2e7d32", "rejected": "#ef6c00", "error": "#c62828"}
-
-
-# --------------------------------------------------------------------------------------------
-# summary
-
-
-def reason_tag(reason: str | None) -> str:
-    """``"decode_error: moov atom not found"`` -> ``"decode_error"`` (empty -> unspecified)."""
-    tag = (reason or "").split(":", 1)[0].strip()
-    return tag or UNSPECIFIED_REASON
-
-
-def reason_pairs(index: pa.Table) -> pa.Table:
-    """One row per (sample row, status, reason tag), each distinct tag of a row once.
-
-    Columns: ``row`` (int64 position in ``index``), ``status``, ``tag``; ordered by row.
-    """
-    reasons = _column(index, "reasons")
-    if isinstance(reasons, pa.ChunkedArray):
-        reasons = reasons.combine_chunks()
-    if len(reasons) == 0 or pa.types.is_null(reasons.type):
-        return pa.table(
-            {
-                "row": pa.array([], pa.int64()),
-                "status": pa.array([], pa.string()),
-                "tag": pa.array([], pa.string()),
-            }
-        )
-    flat = pc.list_flatten(reasons)
-    rows = pc.cast(pc.list_parent_indices(reasons), pa.int64())
-    tags = pc.utf8_trim_whitespace(pc.list_element(pc.split_pattern(flat, ":", max_splits=1), 0))
-    tags = pc.fill_null(tags, "")
-    tags = pc.if_else(pc.equal(tags, ""), UNSPECIFIED_REASON, tags)
-    status = pc.take(_column(index, "status"), rows)
-    pairs = pa.table({"row": rows, "status": status, "tag": tags})
-    pairs = pairs.group_by(["row", "status", "tag"]).aggregate([])  # distinct
-    return pairs.sort_by([("row", "ascending"), ("tag", "ascending")])
-
-
-def _count_by_tag(pairs: pa.Table, status: str) -> dict[str, int]:
-    sel = pairs.filter(pc.equal(pairs.column("status"), status))
-    if sel.num_rows == 0:
-        return {}
-    counts = sel.group_by("tag").aggregate([("row", "count")])
-    items = zip(
-        counts.column("tag").to_pylist(), counts.column("row_count").to_pylist(), strict=True
-    )
-    return dict(sorted(items, key=lambda kv: (-kv[1], kv[0])))
-
-
-def summarize(
-    index: pa.Table,
-    *,
-    stages_run: Sequence[str],
-    stages_skipped: Mapping[str, str],
-    elapsed_s: float,
-    shards: Iterable[Any],
-    num_inputs: int,
-) -> dict[str, Any]:
-    """The numbers of the end-of-run summary as a JSON-ready dict.
-
-    ``samples`` = rows of the index = ``accepted + rejected + errors``; ``inputs`` is what
-    the driver listed (a video input becomes several clip rows), ``inputs_in_index`` counts
-    distinct ``parent_key`` (or ``key`` for uncut inputs). ``rejected_by_reason`` and
-    ``errors_by_reason`` count rows per reason tag; a row with several reasons counts under
-    each (see ``reason_counting``), ``multi_reason_rejected`` says how many such rows exist.
-    """
-    n = index.num_rows
-    status = _column(index, "status")
-    by_status = {s: 0 for s in STATUSES}
-    by_kind: dict[str, dict[str, int]] = {}
-    if n:
-        counts = (
-            pa.table({"kind": pc.fill_null(_column(index, "kind"), "?"), "status": status})
-            .group_by(["kind", "status"])
-            .aggregate([("status", "count")])
-        )
-        for kind, st, c in zip(
-            counts.column("kind").to_pylist(),
-            counts.column("status").to_pylist(),
-            counts.column("status_count").to_pylist(),
-            strict=True,
-        ):
-            by_status[st] = by_status.get(st, 0) + c
-            row = by_kind.setdefault(kind, {s: 0 for s in STATUSES})
-            row[st] = row.get(st, 0) + c
-    kind = _column(index, "kind")
-    clips = int(
-        pc.sum(
-            pc.and_(
-                pc.fill_null(pc.equal(kind, "video"), False),
-                pc.is_valid(_column(index, "span")),
-            )
-        ).as_py()
-        or 0
-    )
-    inputs_in_index = (
-        int(
-            pc.count_distinct(
-                pc.coalesce(_column(index, "parent_key"), _column(index, "key"))
-            ).as_py()
-        )
-        if n
-        else 0
-    )
-    pairs = reason_pairs(index)
-    rejected_pairs = pairs.filter(pc.equal(pairs.column("status"), "rejected"))
-    multi = 0
-    if rejected_pairs.num_rows:
-        per_row = rejected_pairs.group_by("row").aggregate([("tag", "count")])
-        multi = int(pc.sum(pc.greater(per_row.column("tag_count"), 1)).as_py() or 0)
-
-    shard_list = list(shards)
-    buckets: dict[str, dict[str, int]] = {}
-    for s in shard_list:
-        b = buckets.setdefault(str(s.bucket), {"shards": 0, "samples": 0, "bytes": 0})
-        b["shards"] += 1
-        b["samples"] += int(s.num_samples)
-        b["bytes"] += int(s.num_bytes)
-    elapsed = float(elapsed_s)
-    return {
-        "inputs": int(num_inputs),
-        "inputs_in_index": inputs_in_index,
-        "samples": n,
-        "clips": clips,
-        "accepted": by_status.get("accepted", 0),
-        "rejected": by_status.get("rejected", 0),
-        "errors": by_status.get("error", 0),
-        "other_status": sum(v for k, v in by_status.items() if k not in STATUSES),
-        "by_kind": dict(sorted(by_kind.items())),
-        "rejected_by_reason": _count_by_tag(pairs, "rejected"),
-        "errors_by_reason": _count_by_tag(pairs, "error"),
-        "multi_reason_rejected": multi,
-        "reason_counting": REASON_NOTE,
-        "shards": len(shard_list),
-        "bytes": sum(b["bytes"] for b in buckets.values()),
-        "shard_samples": sum(b["samples"] for b in buckets.values()),
-        "shards_by_bucket": dict(sorted(buckets.items())),
-        "elapsed_s": elapsed,
-        "samples_per_s": (n / elapsed) if elapsed > 0 else None,
-        "stages_run": [str(s) for s in stages_run],
-        "stages_skipped": {str(k): str(v) for k, v in stages_skipped.items()},
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# console
-
-
-def print_summary(summary: Mapping[str, Any], console: Any = None) -> None:
-    """Print the summary as rich tables: totals, reasons, shards per bucket, skipped stages."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    s = summary
-    samples = s.get("samples", 0)
-
-    totals = Table(title="Curation run", show_header=False, title_justify="left")
-    totals.add_column("", style="bold")
-    totals.add_column("", justify="right")
-    totals.add_column("", style="dim")
-    totals.add_row("inputs", f"{s['inputs']:,}", _inputs_note(s))
-    totals.add_row("samples (rows)", f"{samples:,}", f"{s.get('clips', 0):,} of them video clips")
-    totals.add_row("accepted", f"[green]{s['accepted']:,}[/]", _pct(s["accepted"], samples))
-    totals.add_row("rejected", f"[yellow]{s['rejected']:,}[/]", _pct(s["rejected"], samples))
-    totals.add_row("errors", f"[red]{s['errors']:,}[/]", _pct(s["errors"], samples))
-    accounted = s["accepted"] + s["rejected"] + s["errors"]
-    if accounted != samples:
-        totals.add_row("[red]unaccounted[/]", f"[red]{samples - accounted:,}[/]", "unknown status")
-    shard_note = "no shards written" if not s["shards"] else ""
-    if s["shards"] and s.get("shard_samples", s["accepted"]) != s["accepted"]:
-        shard_note = f"[red]{s['shard_samples']:,} samples in shards != accepted[/]"
-    totals.add_row("shards", f"{s['shards']:,}", shard_note)
-    totals.add_row("bytes", human_bytes(s["bytes"]), f"{s['bytes']:,} B")
-    rate = s.get("samples_per_s")
-    totals.add_row("elapsed", _duration(s["elapsed_s"]), f"{rate:,.1f} samples/s" if rate else "")
-    console.print(totals)
-
-    if s.get("rejected_by_reason") or s.get("errors_by_reason"):
-        reasons = Table(title="Rejections and errors by reason", title_justify="left")
-        reasons.add_column("status")
-        reasons.add_column("reason")
-        reasons.add_column("rows", justify="right")
-        reasons.add_column("% of samples", justify="right")
-        for status, key, style in (
-            ("rejected", "rejected_by_reason", "yellow"),
-            ("error", "errors_by_reason", "red"),
-        ):
-            for tag, count in s.get(key, {}).items():
-                reasons.add_row(
-                    f"[{style}]{status}[/]", _rich_safe(tag), f"{count:,}", _pct(count, samples)
-                )
-        console.print(reasons)
-        if s.get("multi_reason_rejected"):
-            console.print(
-                f"[dim]{s['multi_reason_rejected']:,} rejected rows have several reasons and "
-                "count under each.[/]"
-            )
-
-    if s.get("by_kind") and len(s["by_kind"]) > 1:
-        kinds = Table(title="By kind", title_justify="left")
-        kinds.add_column("kind")
-        for st in STATUSES:
-            kinds.add_column(st, justify="right")
-        for k, row in s["by_kind"].items():
-            kinds.add_row(_rich_safe(k), *(f"{row.get(st, 0):,}" for st in STATUSES))
-        console.print(kinds)
-
-    if s.get("shards_by_bucket"):
-        buckets = Table(title="Shards by bucket", title_justify="left")
-        buckets.add_column("bucket")
-        buckets.add_column("shards", justify="right")
-        buckets.add_column("samples", justify="right")
-        buckets.add_column("bytes", justify="right")
-        for name, b in s["shards_by_bucket"].items():
-            buckets.add_row(
-                _rich_safe(name), f"{b['shards']:,}", f"{b['samples']:,}", human_bytes(b["bytes"])
-            )
-        console.print(buckets)
-
-    if s.get("stages_skipped"):
-        skipped = Table(title="Stages skipped", title_justify="left")
-        skipped.add_column("stage", style="bold")
-        skipped.add_column("why")
-        for name, why in s["stages_skipped"].items():
-            skipped.add_row(_rich_safe(name), _rich_safe(why))
-        console.print(skipped)
-    if s.get("catalog"):
-        console.print(f"catalog version: [bold]{_rich_safe(s['catalog'])}[/]")
-    if s.get("stages_run"):
-        console.print("[dim]stages run: " + _rich_safe(", ".join(s["stages_run"])) + "[/]")
-
-
-def _inputs_note(s: Mapping[str, Any]) -> str:
-    in_index = s.get("inputs_in_index")
-    if in_index is None or in_index == s["inputs"]:
-        return ""
-    return f"[yellow]{in_index:,} distinct inputs in the index[/]"
-
-
-def _rich_safe(text: Any) -> str:
-    from rich.markup import escape
-
-    return escape(str(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +122,7 @@ def write_report(
         parts.append('<p class="dim">no score column has values</p>')
     for sec in sections:
         parts.append(_html_section(index, sec, thumbnails, has_thumb, max_thumbnails))
-    accepted_rows = _rows_where(index, pc.equal(_column(index, "status"), "accepted"))
+    accepted_rows = _rows_where(index, pc.equal(index_column(index, "status"), "accepted"))
     if has_thumb[accepted_rows].any():  # accepted samples only when some have a thumbnail
         parts.append(
             _html_section(
@@ -442,15 +197,15 @@ def _html_counts(s: Mapping[str, Any]) -> str:
         ),
         card("samples", f"{samples:,}", f"{s.get('clips', 0):,} clips"),
         card(
-            "accepted", f"{s.get('accepted', 0):,}", _pct(s.get("accepted", 0), samples), "accepted"
+            "accepted", f"{s.get('accepted', 0):,}", pct(s.get("accepted", 0), samples), "accepted"
         ),
         card(
-            "rejected", f"{s.get('rejected', 0):,}", _pct(s.get("rejected", 0), samples), "rejected"
+            "rejected", f"{s.get('rejected', 0):,}", pct(s.get("rejected", 0), samples), "rejected"
         ),
-        card("errors", f"{s.get('errors', 0):,}", _pct(s.get("errors", 0), samples), "error"),
+        card("errors", f"{s.get('errors', 0):,}", pct(s.get("errors", 0), samples), "error"),
         card("shards", f"{s.get('shards', 0):,}", human_bytes(s.get("bytes", 0))),
         card(
-            "elapsed", _duration(s.get("elapsed_s", 0.0)), f"{rate:,.1f} samples/s" if rate else ""
+            "elapsed", duration(s.get("elapsed_s", 0.0)), f"{rate:,.1f} samples/s" if rate else ""
         ),
     ]
     out = ['<div class="cards">' + "".join(cards) + "</div>"]
@@ -485,7 +240,7 @@ def _html_reason_table(s: Mapping[str, Any], sections: list[dict[str, Any]]) -> 
         f'<tr><td class="{sec["status"]}">{sec["status"]}</td>'
         f'<td><a href="#{sec["anchor"]}">{_esc(sec["tag"])}</a></td>'
         f'<td class="num">{len(sec["rows"]):,}</td>'
-        f'<td class="num">{_esc(_pct(len(sec["rows"]), samples))}</td></tr>'
+        f'<td class="num">{_esc(pct(len(sec["rows"]), samples))}</td></tr>'
         for sec in sections
     )
     return (
@@ -569,7 +324,7 @@ def _histograms(index: pa.Table, thresholds: Mapping[str, Any]) -> list[str]:
         return []
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas for PNG
 
-    status = _column(index, "status")
+    status = index_column(index, "status")
     masks = {
         st: np.asarray(pc.fill_null(pc.equal(status, st), False).to_numpy(zero_copy_only=False))
         for st in STATUSES
@@ -785,7 +540,7 @@ def _has_thumbnail(index: pa.Table, thumbnails: Mapping[str, bytes]) -> np.ndarr
     if not thumbnails or index.num_rows == 0:
         return np.zeros(index.num_rows, dtype=bool)
     keys = pa.array([k for k, v in thumbnails.items() if v], pa.string())
-    mask = pc.fill_null(pc.is_in(_column(index, "key"), value_set=keys), False)
+    mask = pc.fill_null(pc.is_in(index_column(index, "key"), value_set=keys), False)
     return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 
 
@@ -824,39 +579,31 @@ def log_to_mlflow(
 
     Params are flattened (``a.b.c``), stringified, cut to 500 characters (keys to 250);
     any param or tag whose key contains key / secret / password / token is logged as ``***``
-    and passwords in URLs (``scheme://user:pw@host``) are masked. Metrics are the summary
-    counts (``inputs``, ``samples``, ``accepted``, ``rejected``, ``errors``,
-    ``rejected.<reason>``, ``error.<reason>``, ``shards``, ``bytes``, ``elapsed_s``...).
-    Artifacts: the report, ``summary.json``, ``params.json`` (masked, not truncated) and
-    ``extra_artifacts`` (files, or directories logged under their name).
+    and passwords in URLs (``scheme://user:pw@host``) are masked (``catalog.tracking``).
+    Metrics are the summary counts (``inputs``, ``samples``, ``accepted``, ``rejected``,
+    ``errors``, ``rejected.<reason>``, ``error.<reason>``, ``shards``, ``bytes``,
+    ``elapsed_s``...). Artifacts: the report, ``summary.json``, ``params.json`` (masked, not
+    truncated) and ``extra_artifacts`` (files, or directories logged under their name).
 
     Uses an explicit ``MlflowClient``: the process-wide tracking URI and active run are left
     alone. A new experiment on a ``sqlite:///`` store keeps its artifacts next to the database
     (``mlartifacts/``) unless ``artifact_location`` says otherwise.
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        if artifact_location is None:
-            artifact_location = _default_artifact_location(tracking_uri)
-        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
-    else:
-        experiment_id = exp.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name)
+    exp_id = experiment_id(client, experiment, tracking_uri, artifact_location)
+    run = client.create_run(exp_id, run_name=run_name)
     run_id = run.info.run_id
     try:
-        plain = mlflow_params(params)
         now = _now_ms()
         metrics = [Metric(k, v, now, 0) for k, v in mlflow_metrics(summary).items()]
         run_tags = mlflow_tags(summary, tags)
-        for chunk in _chunks(metrics, MLFLOW_BATCH_METRICS):
+        for chunk in chunks(metrics, MLFLOW_BATCH_METRICS):
             client.log_batch(run_id, metrics=chunk)
-        for chunk in _chunks([Param(k, v) for k, v in plain.items()], MLFLOW_BATCH_PARAMS):
-            client.log_batch(run_id, params=chunk)
-        for chunk in _chunks([RunTag(k, v) for k, v in run_tags.items()], MLFLOW_BATCH_PARAMS):
+        log_params(client, run_id, params)
+        for chunk in chunks([RunTag(k, v) for k, v in run_tags.items()], MLFLOW_BATCH_PARAMS):
             client.log_batch(run_id, tags=chunk)
         client.log_artifact(run_id, str(report_path))
         client.log_dict(run_id, _json_ready(summary), "summary.json")
@@ -872,28 +619,6 @@ def log_to_mlflow(
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
-
-
-def masked_params(params: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """Flattened params with secret-looking keys (and URL passwords) masked; not truncated."""
-    out = {}
-    for key, value in flatten(params).items():
-        if SECRET_KEY.search(key):
-            out[key] = MASK
-        elif isinstance(value, str):
-            out[key] = _mask_urls(value)
-        else:
-            out[key] = json.loads(_mask_urls(json.dumps(value, default=str)))
-    return out
-
-
-def mlflow_params(params: Mapping[str, Any] | Any) -> dict[str, str]:
-    """What ``log_to_mlflow`` logs as params: flattened, masked, stringified, size-limited."""
-    out: dict[str, str] = {}
-    for key, value in masked_params(params).items():
-        text = value if isinstance(value, str) else _stringify(value)
-        out[_mlflow_key(key, out)] = _truncate(text, MLFLOW_PARAM_LIMIT)
-    return out
 
 
 def mlflow_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
@@ -917,12 +642,13 @@ def mlflow_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
             metrics[key] = float(value)
     for prefix, key in (("rejected", "rejected_by_reason"), ("error", "errors_by_reason")):
         for tag, count in (summary.get(key) or {}).items():
-            name = _mlflow_key(f"{prefix}.{_metric_safe(tag)}", {})
+            name = mlflow_key(f"{prefix}.{_metric_safe(tag)}", {})
             metrics[name] = metrics.get(name, 0.0) + float(count)
     return metrics
 
 
 def mlflow_tags(summary: Mapping[str, Any], tags: Mapping[str, Any] | None) -> dict[str, str]:
+    """Run tags: job kind, stages run / skipped and ``tags`` (None dropped, secrets masked)."""
     out: dict[str, str] = {"omniforge.job": "curation"}
     if summary.get("stages_run"):
         out["stages_run"] = ", ".join(summary["stages_run"])
@@ -934,57 +660,16 @@ def mlflow_tags(summary: Mapping[str, Any], tags: Mapping[str, Any] | None) -> d
         key = str(key)
         if SECRET_KEY.search(key) and not key.startswith("mlflow."):
             value = MASK
-        out[key] = _mask_urls(str(value))
-    return {_mlflow_key(k, {}): _truncate(v, MLFLOW_TAG_LIMIT) for k, v in out.items()}
-
-
-def _default_artifact_location(tracking_uri: str) -> str | None:
-    if tracking_uri.startswith("sqlite:///"):
-        db = unquote(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
-        if db and db != ":memory:":
-            return (Path(db).resolve().parent / "mlartifacts").as_uri()
-    return None
-
-
-def _mask_urls(text: str) -> str:
-    """``https://user:pw@host/x`` -> ``https://user:***@host/x``."""
-    return URL_PASSWORD.sub(r"\1:" + MASK + "@", text)
-
-
-def _mlflow_key(key: str, taken: Mapping[str, Any]) -> str:
-    """A valid MLflow param/metric key: allowed characters, no path tricks, <= 250 chars."""
-    safe = re.sub(r"[^\w.\- /]", "_", key)
-    safe = re.sub(r"/+", "/", safe).strip("/")
-    safe = "/".join(p if p not in (".", "..") else "_" for p in safe.split("/")) or "_"
-    if len(safe) > MLFLOW_KEY_LIMIT or (safe != key and safe in taken):
-        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-        safe = f"{safe[: MLFLOW_KEY_LIMIT - 9]}_{digest}"
-    return safe
+        out[key] = mask_urls(str(value))
+    return {mlflow_key(k, {}): truncate(v, MLFLOW_TAG_LIMIT) for k, v in out.items()}
 
 
 def _metric_safe(text: str) -> str:
     return re.sub(r"[^\w\-]", "_", str(text)) or UNSPECIFIED_REASON
 
 
-def _stringify(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, default=str, ensure_ascii=False)
-    return str(value)
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _json_ready(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _chunks(items: list, size: int) -> Iterable[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _now_ms() -> int:
@@ -1017,28 +702,6 @@ def file_name(uri: str) -> str:
     return name or str(uri)
 
 
-def human_bytes(n: float) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PiB"
-
-
-def _duration(seconds: float) -> str:
-    seconds = float(seconds or 0)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100.0 * part / whole:.1f}%" if whole else ""
-
-
 def _thresholds(select_cfg: Any) -> dict[str, Any]:
     if select_cfg is None:
         return {}
@@ -1047,10 +710,3 @@ def _thresholds(select_cfg: Any) -> dict[str, Any]:
     if isinstance(select_cfg, Mapping):
         return dict(select_cfg)
     return {k: v for k, v in vars(select_cfg).items() if not k.startswith("_")}
-
-
-def _column(index: pa.Table, name: str) -> pa.ChunkedArray:
-    if name in index.column_names:
-        return index.column(name)
-    field = SAMPLE_SCHEMA.field(name) if name in SAMPLE_SCHEMA.names else pa.field(name, pa.null())
-    return pa.chunked_array([pa.nulls(index.num_rows, field.type)], field.type)

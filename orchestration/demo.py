@@ -1,8 +1,8 @@
 """``omniforge demo`` / ``make demo``: the main job on embedded defaults.
 
 sample corpus -> ground-truth registration (``sample-corpus``) -> curation on a local Ray
-(``sample-curated``) with the corpus registered as its input in the lineage. Training extends
-this same command.
+(``sample-curated``) -> the omni_video tiny recipe, 3 stages on Ray Train (2 workers) with
+DeepSpeed -> MLflow runs (a SQLite store in the output folder). Rerunning resumes.
 """
 
 from __future__ import annotations
@@ -55,12 +55,33 @@ def run_demo(output: Path, catalog_url: str | None = None, tracking_uri: str | N
     if version.run_id is not None:
         cat.add_edge(Node("version", raw.id), Node("run", version.run_id), "input")
 
+    console.rule("3. training")
+    from orchestration.train_cmd import recipe_path
+    from training.recipe import Recipe
+    from training.runner import run_training
+
+    recipe = load_config(
+        Recipe, recipe_path("omni_video_tiny"), [f"data.curated.uri={version.ref}"]
+    )
+    trained = run_training(
+        recipe,
+        output / "train",
+        workers=2,
+        catalog=cat,
+        tracking_uri=tracking_uri,
+        resume=True,
+        console=console,
+    )
+    for s in trained["stages"]:
+        loss = s.get("final_loss")
+        console.print(f"  stage {s['stage']}: " + (f"final loss {loss:.4f}" if loss else "done"))
     console.rule("done")
     console.print(f"finished in {time.monotonic() - start:.1f} s. Look around with:")
     for cmd in (
         f"omniforge catalog ls --catalog {catalog_url}",
         f"omniforge catalog show {version.dataset}@{version.version} --catalog {catalog_url}",
         f"omniforge catalog lineage {version.dataset}@{version.version} --catalog {catalog_url}",
+        "omniforge train plan omni_video_tiny",
         f"open {result.report}",
         f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  # then http://127.0.0.1:5000",
     ):

@@ -2,35 +2,28 @@
 
 The driver creates the runs (so a stage run exists even if every worker dies) and hands the
 stage run id to the workers; rank 0 logs metrics to it in batches through ``MlflowClient``.
+Experiments, params and secret masking go through ``catalog.tracking`` (shared with curation).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from catalog.config import flatten
-
-SECRET_WORDS = ("password", "secret", "token", "access_key", "api_key")
-
-
-def mask(params: dict[str, Any]) -> dict[str, str]:
-    """MLflow params: strings, secrets masked, values cut to MLflow's limits."""
-    out = {}
-    for key, value in params.items():
-        text = "***" if any(w in key.lower() for w in SECRET_WORDS) else str(value)
-        out[key[:250]] = text[:500]
-    return out
+from catalog.tracking import MLFLOW_BATCH_METRICS, chunks, experiment_id, log_params
 
 
 def start_parent(tracking_uri: str, recipe, experiment: str = "training") -> str:
+    """Create the parent run of a ``train run`` (params: the whole recipe, masked).
+
+    A new experiment on a ``sqlite:///`` store keeps its artifacts in ``mlartifacts/`` next to
+    the database, never in ``./mlruns`` of the working directory.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment, tracking_uri)
     run = client.create_run(exp_id, run_name=recipe.name, tags={"omniforge.kind": "training"})
-    _log_params(client, run.info.run_id, flatten(recipe))
+    log_params(client, run.info.run_id, recipe)
     return run.info.run_id
 
 
@@ -51,20 +44,10 @@ def start_stage(
             "omniforge.inputs": ",".join(inputs),
         },
     )
-    params = flatten(
-        {"stage": stage.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
-    )
-    _log_params(client, run.info.run_id, params)
+    params = {"stage": stage.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
+    log_params(client, run.info.run_id, params)  # flattened: stage.*, model.*
     _log_inputs(client, run.info.run_id, inputs)
     return run.info.run_id
-
-
-def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in mask(params).items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def _log_inputs(client, run_id: str, inputs: list[str]) -> None:
@@ -124,8 +107,8 @@ class StageTracker:
 
     def flush(self) -> None:
         if self.enabled and self.buffer:
-            for i in range(0, len(self.buffer), 1000):
-                self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 1000])
+            for chunk in chunks(self.buffer, MLFLOW_BATCH_METRICS):
+                self.client.log_batch(self.run_id, metrics=chunk)
             self.buffer = []
 
     def close(self) -> None:

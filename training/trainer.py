@@ -29,6 +29,9 @@ from training.recipe import Recipe, StageConfig
 from training.sampler import StepSampler
 
 
+EVAL_DRAWS = 4  # noise/timestep draws per held-out batch (flow-matching loss varies with t)
+
+
 class NonFiniteError(RuntimeError):
     pass
 
@@ -230,9 +233,11 @@ class Trainer:
         results = {}
         with torch.no_grad():
             for task, batch in sorted(self.eval_batches.items()):
-                torch.manual_seed(self.recipe.seed + 4242)
-                out = self.model(batch.to(self.device))
-                results[f"eval_loss/{task}"] = float(out["loss"])
+                losses = []
+                for draw in range(EVAL_DRAWS):  # fixed timesteps/noise, averaged
+                    torch.manual_seed(self.recipe.seed + 4242 + draw)
+                    losses.append(float(self.model(batch.to(self.device))["loss"]))
+                results[f"eval_loss/{task}"] = sum(losses) / len(losses)
         self.model.train()
         self.tracker.log(results, self.step)
         with open(Path(self.spec.output) / f"eval-{when}.json", "w") as f:

@@ -22,8 +22,6 @@ TEST_SETTINGS = [
     "select.min_short_side=64",
     "partition_size=16",
     "name=corpus",
-    "aesthetic.enabled=false",
-    "watermark.enabled=false",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Curation report: summary numbers, console tables, the self-contained HTML page, MLflow."""
+"""Curation run summary (numbers, console tables), the self-contained HTML page, MLflow."""
 
 from __future__ import annotations
 
@@ -18,18 +18,10 @@ from rich.console import Console
 
 from catalog.records import ShardRecord
 from catalog.schema import conform, make_key, rows_to_table
+from catalog.tracking import MLFLOW_KEY_LIMIT, MLFLOW_PARAM_LIMIT, mlflow_params
 from curation.config import SelectConfig
-from curation.report import (
-    MLFLOW_KEY_LIMIT,
-    MLFLOW_PARAM_LIMIT,
-    log_to_mlflow,
-    mlflow_metrics,
-    mlflow_params,
-    print_summary,
-    reason_tag,
-    summarize,
-    write_report,
-)
+from curation.report import log_to_mlflow, mlflow_metrics, write_report
+from curation.summary import print_summary, reason_tag, summarize
 
 HOSTILE_URI = '/data/raw/<script>alert("x")</script> & "quotes" \ufffd\ufffd.mp4'
 HOSTILE_REASON = "bad_file: <img src=x onerror=alert(1)>"
@@ -519,3 +511,10 @@ def _b64(src: str) -> bytes:
     import base64
 
     return base64.b64decode(src.split(",", 1)[1])
+
+
+def test_report_re_exports_the_run_summary():
+    from curation import report, summary
+
+    assert report.summarize is summary.summarize
+    assert report.print_summary is summary.print_summary

@@ -88,13 +88,18 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
     before = build_model(r.model.family, r.model.size).state_dict()
     model = build_model(r.model.family, r.model.size)
     for stage, done in zip(r.stages, summary["stages"], strict=True):
-        # loss falls in every stage: per task, on fixed held-out batches with fixed noise
+        # loss falls in every stage: the stage's objective (the task mixture) on fixed
+        # held-out batches with fixed noise; single tasks may trade off against each other
         folder = Path(done["weights"]).parent
         start = json.loads((folder / "eval-start.json").read_text())
         end = json.loads((folder / "eval-end.json").read_text())
         assert set(start) == set(end) == {f"eval_loss/{t}" for t in stage.tasks}
-        for task in start:
-            assert end[task] < start[task], (stage.name, task, start[task], end[task])
+        weights = {f"eval_loss/{t}": c.weight for t, c in stage.tasks.items()}
+
+        def objective(losses: dict[str, float], w: dict[str, float] = weights) -> float:
+            return sum(w[k] * v for k, v in losses.items()) / sum(w.values())
+
+        assert objective(end) < objective(start), (stage.name, start, end)
         # frozen groups are bit-identical through the stage; trainable ones moved
         after = load_file(done["weights"])
         trainable = model.select_groups(stage.trainable)
@@ -141,16 +146,19 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_session):
-    r = recipe("omni_video_tiny", *SHORT)
+    r = recipe("omni_video_tiny", "stages.0.steps=40", "stages.0.checkpoint_every=8")
     out = tmp_path / "run"
-    trace_file = out / "stages" / "1-align" / "trace-rank1.jsonl"
+    storage = out / "ray"
     killed: list[int] = []
 
     def killer() -> None:
-        deadline = time.monotonic() + 300
+        # Ray Train registers a reported checkpoint when its controller next polls the workers
+        # (every ~2 s): kill a worker well after the first checkpoint reached storage.
+        deadline, seen = time.monotonic() + 300, None
         while not killed and time.monotonic() < deadline:
-            lines = trace_file.read_text().splitlines() if trace_file.exists() else []
-            if len(lines) >= 6:  # past the checkpoint at step 4
+            if seen is None and list(storage.glob("*/checkpoint_*/trainer.json")):
+                seen = time.monotonic()
+            if seen is not None and time.monotonic() - seen > 6:
                 for proc in psutil.process_iter(["pid", "cmdline"]):
                     title = " ".join(proc.info["cmdline"] or [])
                     if title.startswith("ray::") and "TrainWorker" in title:
@@ -165,9 +173,13 @@ def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_
     thread.join()
     assert killed, "no training worker was killed"
     steps = [t["step"] for t in trace(out, "align", 0)]
-    assert steps[-1] == 12 and len(steps) > 12  # some steps ran twice after the restart
+    assert steps[-1] == 40 and len(steps) > 40  # some steps ran twice after the restart
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    assert steps[restart] in (5, 9)  # resumed right after a checkpoint (every 4 steps)
+    assert steps[restart] > 1 and (steps[restart] - 1) % 8 == 0  # right after a checkpoint
+    clean = run_training(r, tmp_path / "clean", stages=[0], workers=2, catalog=catalog)
+    a = load_file(out / "stages" / "1-align" / "final.safetensors")
+    b = load_file(Path(clean["stages"][0]["weights"]))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the restart changed nothing
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step():

@@ -1,0 +1,137 @@
+"""Shared MLflow helpers (catalog.tracking) and the training runs built on them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from catalog.config import validate
+from catalog.tracking import (
+    MLFLOW_BATCH_PARAMS,
+    default_artifact_location,
+    experiment_id,
+    log_params,
+    mask_urls,
+    masked_params,
+    mlflow_params,
+)
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "model": {"family": "omni_video", "size": "tiny"},
+    "data": {"main": {"uri": "catalog://demo@latest", "filter": "aesthetic > 4"}},
+    "stages": [
+        {
+            "name": "align",
+            "trainable": ["adapter", "vision_head"],
+            "optimizer": {"lr": 1e-4, "weight_decay": 0.01},
+            "frame_area": 1024,
+            "token_budget": 4096,
+            "tasks": {"t2i": {"weight": 1.0, "data": "main"}},
+            "steps": 10,
+            "checkpoint_every": 5,
+        }
+    ],
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A separate, empty working directory: nothing may land in it."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def test_importing_catalog_tracking_does_not_import_mlflow():
+    code = "import sys, catalog.tracking; sys.exit('mlflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_default_artifact_location(tmp_path):
+    db = tmp_path / "my dir" / "mlflow.db"
+    expected = (tmp_path / "my dir" / "mlartifacts").as_uri()
+    assert default_artifact_location(f"sqlite:///{db}") == expected
+    assert default_artifact_location(f"sqlite:///{db}?timeout=5") == expected
+    assert default_artifact_location(f"sqlite:///{str(db).replace(' ', '%20')}") == expected
+    assert default_artifact_location("sqlite:///:memory:") is None
+    assert default_artifact_location("http://mlflow:5000") is None
+    assert default_artifact_location("databricks") is None
+
+
+def test_experiment_id_gets_or_creates_with_artifacts_next_to_the_database(tmp_path, workdir):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    first = experiment_id(client, "exp", uri)
+    assert experiment_id(client, "exp", uri) == first  # existing: same id
+    location = client.get_experiment(first).artifact_location
+    assert location.startswith((tmp_path / "mlartifacts").as_uri())
+    explicit = (tmp_path / "elsewhere").as_uri()
+    other = experiment_id(client, "other", uri, artifact_location=explicit)
+    assert client.get_experiment(other).artifact_location == explicit
+    assert list(workdir.iterdir()) == []
+
+
+def test_masking_and_param_values():
+    params = {"db": {"url": "postgresql://me:pw@host/db", "api_key": "k"}, "lst": [1, "a"]}
+    assert (
+        mask_urls("see https://u:p%40ss@h/x and s3://h/y") == "see https://u:***@h/x and s3://h/y"
+    )
+    assert masked_params(params) == {"db.url": "postgresql://me:***@host/db", "db.api_key": "***",
+                                     "lst": [1, "a"]}  # fmt: skip
+    assert mlflow_params(params)["lst"] == '[1, "a"]'
+
+
+def test_log_params_logs_in_batches():
+    class Client:
+        def __init__(self):
+            self.batches = []
+
+        def log_batch(self, run_id, params=()):
+            self.batches.append((run_id, {p.key: p.value for p in params}))
+
+    client = Client()
+    params = {f"p{i}": i for i in range(2 * MLFLOW_BATCH_PARAMS + 1)} | {"token": "t0k"}
+    log_params(client, "r1", params)
+    assert [len(b) for _, b in client.batches] == [MLFLOW_BATCH_PARAMS] * 2 + [2]
+    logged = {k: v for _, b in client.batches for k, v in b.items()}
+    assert logged == mlflow_params(params) and logged["token"] == "***"
+
+
+def test_training_runs_keep_artifacts_next_to_a_sqlite_store(tmp_path, workdir):
+    from mlflow.tracking import MlflowClient
+
+    from training import tracking
+    from training.recipe import Recipe
+
+    recipe = validate(Recipe, TINY_RECIPE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent_id = tracking.start_parent(uri, recipe)
+    stage_id = tracking.start_stage(uri, parent_id, recipe, 0, ["catalog://demo@1"])
+    note = tmp_path / "note.txt"
+    note.write_text("hello\n")
+    tracker = tracking.StageTracker(uri, stage_id)
+    tracker.log({"loss": 1.0}, step=0)
+    tracker.log_artifact(str(note))
+    tracker.close()
+    tracking.finish(uri, stage_id)
+    tracking.finish(uri, parent_id)
+
+    assert list(workdir.iterdir()) == []  # no ./mlruns
+    client = MlflowClient(uri)
+    parent, stage = client.get_run(parent_id), client.get_run(stage_id)
+    artifacts = (tmp_path / "mlartifacts").as_uri()
+    assert parent.info.artifact_uri.startswith(artifacts)
+    assert stage.info.artifact_uri.startswith(artifacts)
+    assert list((tmp_path / "mlartifacts").rglob("note.txt"))
+    assert parent.info.status == stage.info.status == "FINISHED"
+    assert parent.data.params["stages.0.optimizer.lr"] == str(recipe.stages[0].optimizer.lr)
+    assert stage.data.params["stage.name"] == "align"
+    assert stage.data.tags["mlflow.parentRunId"] == parent_id
+    assert client.get_metric_history(stage_id, "loss")[0].value == 1.0
