@@ -28,7 +28,6 @@ from training.ema import EMA
 from training.recipe import Recipe, StageConfig
 from training.sampler import StepSampler
 
-
 EVAL_DRAWS = 4  # noise/timestep draws per held-out batch (flow-matching loss varies with t)
 
 
