@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
-from rich.tree import Tree
 
 from catalog.names import DatasetRef
 from catalog.store import Catalog, Node, VersionInfo, migrate
@@ -30,14 +29,8 @@ def ls(catalog: str | None = CatalogOption) -> None:
         console.print(f"no datasets in {cat.url}")
         return
     table = Table(title=f"datasets in {cat.url}")
-    for col in (
-        "name",
-        "versions",
-        "latest",
-        "samples",
-        "accepted / rejected / error",
-        "committed",
-    ):
+    table.add_column("name", overflow="fold")
+    for col in ("versions", "latest", "samples", "accepted / rejected / error", "committed"):
         table.add_column(col)
     for r in rows:
         pending = f" (+{r['pending']} pending)" if r["pending"] else ""
@@ -133,18 +126,16 @@ def lineage(
     parsed = DatasetRef.parse(ref)
     v = cat.get_version(parsed.name, parsed.version, include_pending=True)
     up, down = cat.lineage(Node("version", v.id))
-    tree = Tree(f"[bold]{v.ref}[/] [{v.status}]")
-    up_branch = tree.add("upstream")
-    for e in up:
-        up_branch.add(f"{e.parent_label} --{e.relation or '->'}--> {e.child_label}")
-    if not up:
-        up_branch.add("(none)")
-    down_branch = tree.add("downstream")
-    for e in down:
-        down_branch.add(f"{e.parent_label} --{e.relation or '->'}--> {e.child_label}")
-    if not down:
-        down_branch.add("(none)")
-    console.print(tree)
+    # plain lines (not a rich Tree): labels hold paths that must not be cut at 80 columns
+    console.print(f"[bold]{v.ref}[/] ({v.status})")
+    for title, edges in (("upstream", up), ("downstream", down)):
+        console.print(f"  {title}:")
+        for e in edges:
+            console.print(
+                f"    {e.parent_label} --{e.relation or 'to'}--> {e.child_label}", markup=False
+            )
+        if not edges:
+            console.print("    (none)")
 
 
 @app.command()
