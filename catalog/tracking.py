@@ -32,7 +32,9 @@ MLFLOW_PARAM_LIMIT = 500
 MLFLOW_TAG_LIMIT = 5000
 MLFLOW_BATCH_PARAMS = 100
 MLFLOW_BATCH_METRICS = 1000
-SECRET_KEY = re.compile(r"key|secret|password|token", re.IGNORECASE)
+# The last segment of a flattened key names a secret: password, secret, token, *_key (api_key,
+# access_key, secret_key...). Not token_budget or api_key_env (the name of a variable).
+SECRET_KEY = re.compile(r"(^|[._])(password|passwd|secret|token|[a-z]*_?key)$", re.IGNORECASE)
 URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@")
 MASK = "***"
 

@@ -260,10 +260,11 @@ def _finish(
     out, cfg, version, run_id, catalog, stages, skipped, num_inputs, start, tracking_uri, console
 ) -> CurationResult:
     from curation import report
+    from curation.summary import print_summary, summarize
 
     index = read_index(str(out / "index"))
     shards = catalog.shards(version.id)
-    summary = report.summarize(
+    summary = summarize(
         index,
         stages_run=[s.name for s in stages],
         stages_skipped=skipped,
@@ -288,7 +289,7 @@ def _finish(
         )
     catalog.update_run(run_id, status="succeeded", mlflow_run_id=mlflow_id)
     if console is not None:
-        report.print_summary(summary, console)
+        print_summary(summary, console)
         console.print(f"report: {report_path}\ncatalog: {version.ref}")
     return CurationResult(version, summary, report_path, mlflow_id)
 

@@ -5,8 +5,8 @@
 - ``log_to_mlflow`` records params (secrets masked), metrics, tags and the report as one
   MLflow run, through the shared helpers in ``catalog.tracking``.
 
-The numbers come from ``curation.summary.summarize`` (re-exported here with
-``print_summary``), which also defines how reasons are grouped and counted. Everything over
+The numbers come from ``curation.summary.summarize``, which also defines how reasons are
+grouped and counted. Everything over
 rows is vectorised (pyarrow / numpy); only the few rows shown as thumbnails become Python
 objects, so 100k-row indexes report in seconds.
 """
@@ -54,8 +54,6 @@ from curation.summary import (
     pct,
     reason_pairs,
 )
-from curation.summary import print_summary as print_summary  # re-export for callers
-from curation.summary import summarize as summarize  # re-export for callers
 
 # score column -> the select thresholds drawn on its histogram ("short_side" and "aspect" are
 # derived from width / height, the way select applies min_short_side and the aspect limits).

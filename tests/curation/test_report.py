@@ -389,7 +389,12 @@ def test_report_of_many_rows_caps_thumbnails(tmp_path):
 def test_mlflow_params_are_flat_masked_and_limited():
     params = {
         "select": {"min_aesthetic": 4.5, "max_motion": None},
-        "recaption": {"api_key_env": "OPENAI_API_KEY", "endpoint": "https://bob:hunter2@h/v1"},
+        "recaption": {
+            "api_key_env": "OPENAI_API_KEY",
+            "endpoint": "https://bob:hunter2@h/v1",
+            "api_key": "sk-123",
+        },
+        "stages": [{"token_budget": 4096}],
         "db": {"Password": "pw"},
         "AUTH_TOKEN": "t0k",
         "client_secret": "s",
@@ -400,14 +405,17 @@ def test_mlflow_params_are_flat_masked_and_limited():
     }
     out = mlflow_params(params)
     assert out["select.min_aesthetic"] == "4.5" and out["select.max_motion"] == "None"
-    for key in ("recaption.api_key_env", "db.Password", "AUTH_TOKEN", "client_secret"):
+    for key in ("recaption.api_key", "db.Password", "AUTH_TOKEN", "client_secret"):
         assert out[key] == "***", key
+    # the name of the variable holding a key, and a token budget, are not secrets
+    assert out["recaption.api_key_env"] == "OPENAI_API_KEY"
+    assert out["stages.0.token_budget"] == "4096"
     assert out["recaption.endpoint"] == "https://bob:***@h/v1"
     assert out["inputs"] == '["a", "b"]'
     assert len(out["long"]) == MLFLOW_PARAM_LIMIT and out["long"].endswith("...")
     assert all(len(k) <= MLFLOW_KEY_LIMIT for k in out)
     assert all(re.fullmatch(r"[\w.\- /]+", k) and ".." not in k.split("/") for k in out)
-    assert len(out) == len(params) + 2  # nested sections flattened, nothing lost
+    assert len(out) == len(params) + 3  # nested sections flattened, nothing lost
 
 
 def test_mlflow_metrics_name_reasons():
@@ -474,7 +482,7 @@ def test_log_to_mlflow_against_a_local_sqlite_store(tmp_path, monkeypatch, repor
 
     p = run.data.params
     assert p["select.min_aesthetic"] == str(SelectConfig().min_aesthetic)
-    assert p["recaption.api_key_env"] == "***"
+    assert p["recaption.api_key_env"] == "OPENAI_API_KEY"
     assert p["s3.secret_access_key"] == "***" and p["s3.token"] == "***"
     assert p["recaption.endpoint"] == "http://u:***@vllm:8000"
     assert len(p["note"]) == 500
@@ -511,10 +519,3 @@ def _b64(src: str) -> bytes:
     import base64
 
     return base64.b64decode(src.split(",", 1)[1])
-
-
-def test_report_re_exports_the_run_summary():
-    from curation import report, summary
-
-    assert report.summarize is summary.summarize
-    assert report.print_summary is summary.print_summary
