@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from catalog.filters import parse_filter
-from catalog.schema import SAMPLE_SCHEMA, assert_valid, conform, validate_table
+from catalog.schema import assert_valid, conform, validate_table
 
 
 def write_index_part(table: pa.Table, index_dir: str | Path, name: str) -> str:
@@ -72,13 +72,3 @@ def check_index_schema(uri: str | Path) -> list[str]:
 
 def read_index(uri: str | Path) -> pa.Table:
     return open_index(uri).to_table()
-
-
-__all__ = [
-    "SAMPLE_SCHEMA",
-    "check_index_schema",
-    "open_index",
-    "query_index",
-    "read_index",
-    "write_index_part",
-]

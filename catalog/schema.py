@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -323,7 +322,3 @@ def count_by_status(table: pa.Table) -> dict[str, int]:
         value = item["values"].as_py()
         counts[value] = counts.get(value, 0) + item["counts"].as_py()
     return counts
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -299,10 +299,6 @@ def load_run_config(output: str | Path) -> CurationConfig:
     return validate(CurationConfig, load_yaml(Path(output) / "config.yaml"), str(output))
 
 
-def index_rows(index_uri: str) -> list[dict]:
-    return read_index(index_uri).to_pylist()
-
-
 def reselect(
     source_root: str | Path,
     output: str | Path,

@@ -24,7 +24,7 @@ import pyarrow as pa
 from PIL import Image
 
 from catalog.index import write_index_part
-from catalog.schema import COLUMNS
+from catalog.schema import conform
 from catalog.shards import ShardInfo, ShardWriter, bucket_name, sample_json
 from curation.config import CurationConfig
 from curation.encode import encode_clip
@@ -179,9 +179,8 @@ def image_bytes(uri: str) -> tuple[str, bytes]:
 
 
 def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Index rows: contract columns + extra score/working columns that belong in the index."""
-    from catalog.schema import rows_to_table
+    """Index rows: the contract columns, then extra score columns (``partition``,
+    ``edit_change``...) typed as the working schema types them."""
+    from curation.adapter import rows_to_arrow
 
-    extras = [k for r in rows for k in r if k not in COLUMNS]
-    keep = [{k: v for k, v in r.items() if k in COLUMNS or k in extras} for r in rows]
-    return rows_to_table(keep)
+    return conform(rows_to_arrow(rows))

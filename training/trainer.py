@@ -28,6 +28,7 @@ from training.ema import EMA
 from training.recipe import Recipe, StageConfig
 from training.sampler import StepSampler
 
+GRID_BUCKETS = 3  # input grids logged per task (most common buckets first)
 EVAL_DRAWS = 4  # noise/timestep draws per held-out batch (flow-matching loss varies with t)
 
 
@@ -226,8 +227,9 @@ class Trainer:
             self.eval_batches = {}
             for task, loader in loaders.items():
                 weights = loader.bucket_weights()
-                bucket = max(weights, key=lambda b: (weights[b], str(b)))
-                self.eval_batches[task] = loader.next_batch(bucket)
+                ranked = sorted(weights, key=lambda b: (-weights[b], str(b)))
+                self.eval_batches[task] = loader.next_batch(ranked[0])
+                self._log_input_grids(task, loader, ranked[:GRID_BUCKETS])
         self.model.eval()
         results = {}
         with torch.no_grad():
@@ -304,6 +306,24 @@ class Trainer:
                 f"stage {self.stage.name!r} step {self.step}: non-finite {what} on task {task} "
                 f"(samples {keys[:3]}); stopping before the optimizer step"
             )
+
+    def _log_input_grids(self, task: str, loader: Any, buckets: list) -> None:
+        """A PNG grid of what the stage trains on, per bucket (first frame of each sample;
+        edits show source over target), logged as MLflow artifacts under ``inputs/``."""
+        from PIL import Image
+
+        folder = Path(self.spec.output) / "inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        for bucket in buckets:
+            batch = loader.next_batch(bucket)
+            rows = [batch.pixels[:, 0]]  # (B, C, H, W)
+            if batch.source_pixels is not None:
+                rows.insert(0, batch.source_pixels[:, 0])
+            frames = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (C, rH, BW)
+            rgb = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            path = folder / f"{task}-{bucket}.png"
+            Image.fromarray(rgb).save(path)
+            self.tracker.log_artifact(str(path), "inputs")
 
     # -- checkpoints and export ----------------------------------------------------------------
 

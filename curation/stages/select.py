@@ -35,6 +35,7 @@ from typing import Any
 from curation.config import CurationConfig
 from curation.media import thumbnail
 from curation.stages.base import Row, Stage
+from curation.stages.resolution import resolution_reasons
 
 
 def reasons_for(row: Row, cfg: CurationConfig) -> list[str]:
@@ -50,14 +51,7 @@ def reasons_for(row: Row, cfg: CurationConfig) -> list[str]:
     if kind == "video" and row.get("duration") is not None:
         d = row["duration"]
         check("too_short", d, cfg.split.min_clip_s, d < cfg.split.min_clip_s, "<")
-    if w and h:
-        short, aspect = min(w, h), w / h
-        if sel.min_short_side is not None:
-            check("too_small", short, sel.min_short_side, short < sel.min_short_side, "<")
-        if sel.min_aspect is not None:
-            check("aspect_ratio", aspect, sel.min_aspect, aspect < sel.min_aspect, "<")
-        if sel.max_aspect is not None:
-            check("aspect_ratio", aspect, sel.max_aspect, aspect > sel.max_aspect, ">")
+    out += resolution_reasons(w, h, sel)
     for col, tag, limit, is_min in [
         ("aesthetic", "low_aesthetic", sel.min_aesthetic, True),
         ("watermark", "watermark", sel.max_watermark, False),

@@ -136,6 +136,10 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
             "catalog://sample-corpus@1"
         ]
         assert "recipe.yaml" in [a.path for a in client.list_artifacts(child.info.run_id)]
+        grids = [a.path for a in client.list_artifacts(child.info.run_id, "inputs")]
+        stage_name = child.data.tags["omniforge.stage"]
+        tasks = next(s.tasks for s in r.stages if s.name == stage_name)
+        assert {g.split("/")[-1].split("-")[0] for g in grids} == set(tasks), grids
 
     # the catalog links the data version -> stage runs -> checkpoints -> next stage
     version = catalog.get_version("sample-corpus", 1)
