@@ -39,6 +39,7 @@ import numpy as np
 
 from curation.config import CurationConfig
 from curation.media import decode_frames
+from curation.shift import dominant_shift, overlap
 
 from .base import Resources, Row, SampleError, Stage
 
@@ -51,8 +52,6 @@ FARNEBACK_PARAMS = (0.5, 3, 15, 3, 5, 1.2, 0)
 
 # Global-translation search: candidate peaks of the phase correlation tried per pair, and the
 # smallest share of the frame two aligned frames must still have in common.
-SHIFT_CANDIDATES = 3
-MIN_OVERLAP = 0.25
 
 
 def to_flow_gray(rgb: np.ndarray, short_side: int) -> np.ndarray:
@@ -64,54 +63,6 @@ def to_flow_gray(rgb: np.ndarray, short_side: int) -> np.ndarray:
         return gray
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-
-
-def _phase_peaks(a: np.ndarray, b: np.ndarray, k: int) -> list[tuple[int, int]]:
-    """Integer shifts ``d`` (dx, dy) with ``b(x + d) ~ a(x)``, strongest phase-correlation
-    peaks first (Hanning-windowed, like ``cv2.phaseCorrelate``, which only returns one)."""
-    h, w = a.shape
-    win = cv2.createHanningWindow((w, h), cv2.CV_32F)
-    fa = np.fft.rfft2(a.astype(np.float32) * win)
-    fb = np.fft.rfft2(b.astype(np.float32) * win)
-    cross = fb * np.conj(fa)
-    cross /= np.maximum(np.abs(cross), 1e-9)
-    surface = np.fft.irfft2(cross, s=(h, w)).astype(np.float32)
-    local_max = surface >= cv2.dilate(surface, np.ones((3, 3), np.uint8))
-    ys, xs = np.nonzero(local_max)
-    order = np.argsort(surface[ys, xs])[::-1][:k]
-    peaks = []
-    for y, x in zip(ys[order], xs[order], strict=True):
-        dy = int(y) - h if y > h // 2 else int(y)
-        dx = int(x) - w if x > w // 2 else int(x)
-        peaks.append((dx, dy))
-    return peaks
-
-
-def _overlap(shape: tuple[int, int], d: tuple[int, int]) -> tuple[slice, slice] | None:
-    """Region of ``a`` whose shifted position ``x + d`` is still inside ``b``."""
-    h, w = shape
-    dx, dy = d
-    x0, x1 = max(0, -dx), min(w, w - dx)
-    y0, y1 = max(0, -dy), min(h, h - dy)
-    if x1 <= x0 or y1 <= y0 or (x1 - x0) * (y1 - y0) < MIN_OVERLAP * h * w:
-        return None
-    return slice(y0, y1), slice(x0, x1)
-
-
-def dominant_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """The translation that best aligns ``b`` onto ``a`` among no shift and the strongest
-    phase-correlation peaks (lowest mean absolute difference on the shared area)."""
-    best, best_err = (0, 0), float(np.mean(cv2.absdiff(a, b)))
-    for d in _phase_peaks(a, b, SHIFT_CANDIDATES):
-        region = _overlap(a.shape, d)
-        if d == (0, 0) or region is None:
-            continue
-        ys, xs = region
-        shifted = b[ys.start + d[1] : ys.stop + d[1], xs.start + d[0] : xs.stop + d[0]]
-        err = float(np.mean(cv2.absdiff(a[ys, xs], shifted)))
-        if err < best_err:
-            best, best_err = d, err
-    return best
 
 
 class MotionStage(Stage):
@@ -161,7 +112,7 @@ class MotionStage(Stage):
             b, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE
         )
         f = self.flow(a, aligned)
-        ys, xs = _overlap(a.shape, d)
+        ys, xs = overlap(a.shape, d)
         fx, fy = f[ys, xs, 0] + d[0], f[ys, xs, 1] + d[1]
         return float(np.mean(np.hypot(fx, fy)))
 

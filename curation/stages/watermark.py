@@ -54,6 +54,7 @@ from curation.models import (
     resolve,
     watermark_head_relative,
 )
+from curation.shift import dominant_shift, overlap, shifted
 
 from .aesthetic import VIDEO_KINDS, FrameBatch
 from .base import RequiredFile, Resources, Row, Stage
@@ -67,8 +68,6 @@ STATIC_VOTE = 2 / 3  # share of moving pairs a pixel must be static in
 STATIC_CLOSE = 0.02  # closing kernel, share of the long side
 STATIC_MIN_BLOB = 0.0005  # smallest blob kept, share of the frame area
 STATIC_WINDOW = 4  # the window is frame width / 4 by frame height / 4
-SHIFT_CANDIDATES = 3  # phase-correlation peaks tried per pair
-MIN_OVERLAP = 0.25  # a shift must leave this share of the frame in common
 
 
 def _grey(rgb: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -88,48 +87,6 @@ def _edges(g: np.ndarray) -> np.ndarray:
     return cv2.magnitude(gx, gy) / 8.0  # a ramp of s grey levels per pixel -> s
 
 
-def _overlap(shape: tuple[int, int], d: tuple[int, int]) -> tuple[slice, slice] | None:
-    """Region of frame ``a`` whose content sits at ``x + d`` inside frame ``b``."""
-    h, w = shape
-    dx, dy = d
-    x0, x1 = max(0, -dx), min(w, w - dx)
-    y0, y1 = max(0, -dy), min(h, h - dy)
-    if x1 <= x0 or y1 <= y0 or (x1 - x0) * (y1 - y0) < MIN_OVERLAP * h * w:
-        return None
-    return slice(y0, y1), slice(x0, x1)
-
-
-def _shifted(b: np.ndarray, region: tuple[slice, slice], d: tuple[int, int]) -> np.ndarray:
-    ys, xs = region
-    return b[ys.start + d[1] : ys.stop + d[1], xs.start + d[0] : xs.stop + d[0]]
-
-
-def camera_shift(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """Integer (dx, dy) with ``b(x + d) ~ a(x)``: among no shift and the strongest peaks of the
-    phase correlation, the one with the lowest mean absolute difference on the shared area
-    (a static overlay makes a peak at zero; the moving background wins on the residual)."""
-    h, w = a.shape
-    win = cv2.createHanningWindow((w, h), cv2.CV_32F)
-    fa = np.fft.rfft2((a - a.mean()) * win)
-    fb = np.fft.rfft2((b - b.mean()) * win)
-    cross = fb * np.conj(fa)
-    cross /= np.maximum(np.abs(cross), 1e-9)
-    surface = np.fft.irfft2(cross, s=(h, w)).astype(np.float32)
-    peaks = surface >= cv2.dilate(surface, np.ones((3, 3), np.uint8))
-    ys, xs = np.nonzero(peaks)
-    order = np.argsort(surface[ys, xs])[::-1][:SHIFT_CANDIDATES]
-    best, best_err = (0, 0), float(np.mean(np.abs(a - b)))
-    for y, x in zip(ys[order], xs[order], strict=True):
-        d = (int(x) - w if x > w // 2 else int(x), int(y) - h if y > h // 2 else int(y))
-        region = _overlap((h, w), d)
-        if d == (0, 0) or region is None:
-            continue
-        err = float(np.mean(np.abs(a[region] - _shifted(b, region, d))))
-        if err < best_err:
-            best, best_err = d, err
-    return best
-
-
 def static_overlay_score(frames: list[np.ndarray]) -> float | None:
     """``watermark_static`` of a clip's sampled RGB frames (module docstring); None when the
     frame as a whole never moves or there are fewer than two frames."""
@@ -144,15 +101,15 @@ def static_overlay_score(frames: list[np.ndarray]) -> float | None:
     votes = np.zeros((h, w), np.int32)
     moving = 0
     for i in range(len(greys) - 1):
-        d = camera_shift(greys[i], greys[i + 1])
+        d = dominant_shift(greys[i], greys[i + 1])
         if d == (0, 0):
             continue  # no camera motion in this pair: it cannot tell overlay from scene
         moving += 1
         in_place = np.minimum(edges[i], edges[i + 1])
         along = np.zeros_like(in_place)
-        region = _overlap((h, w), d)
+        region = overlap((h, w), d)
         if region is not None:
-            along[region] = np.minimum(edges[i][region], _shifted(edges[i + 1], region, d))
+            along[region] = np.minimum(edges[i][region], shifted(edges[i + 1], region, d))
         votes += (in_place >= STATIC_EDGE_MIN) & (in_place >= STATIC_MOTION_RATIO * along)
     if not moving:
         return None
