@@ -238,12 +238,9 @@ def test_concurrency_limit(server, tmp_path):
     server.delay = 0.25
     stage = _stage(server, tmp_path, concurrency=3)
     rows = [_row("image", i) for i in range(9)]
-    t0 = time.monotonic()
     out = stage.process_batch(rows)
-    elapsed = time.monotonic() - t0
     assert all(r["recaption"] for r in out)
-    assert server.max_in_flight == 3  # parallel, never more than the limit
-    assert elapsed < 9 * 0.25  # not serial
+    assert server.max_in_flight == 3  # parallel (not serial), never more than the limit
 
 
 def test_retries_then_success_honours_retry_after(server, tmp_path):

@@ -121,10 +121,10 @@ def pil_fails(path: Path) -> bool:
 # --- corpus-level -------------------------------------------------------------------------
 
 
-def test_generation_is_fast_and_small(corpus):
-    root, _, elapsed = corpus
+def test_corpus_is_small(corpus):
+    # generation speed is a benchmark concern (bench/), not a test
+    root, _, _ = corpus
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert elapsed < 30, f"generation took {elapsed:.1f}s"
     assert total < 15 * 2**20, f"corpus is {total / 2**20:.1f} MiB"
 
 
