@@ -154,18 +154,9 @@ def run_curation(
     pending = [r for r in inputs if r["partition"] not in done]
     num_partitions = (len(inputs) + cfg.partition_size - 1) // cfg.partition_size
     _print_plan(console, stages, skipped, len(inputs), num_partitions, len(done))
-    try:
-        if pending:
-            _run_ray(pending, stages, PartitionWriter(str(out), cfg, str(run_id)), address)
-        missing = set(range(num_partitions)) - finished_partitions(str(out))
-        if missing:
-            raise RuntimeError(f"partitions {sorted(missing)[:10]} did not finish; rerun to resume")
-        catalog.add_shards(version.id, read_shard_manifests(str(out)))
-        version = catalog.commit_version(version.id, str(out / "index"))
-    except BaseException as e:
-        catalog.update_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
-        raise
-    catalog.add_edge(Node("run", run_id), Node("version", version.id), "output")
+    version = _write_and_commit(
+        catalog, version, run_id, out, cfg, stages, pending, num_partitions, address
+    )
     return _finish(
         out,
         cfg,
@@ -179,6 +170,33 @@ def run_curation(
         tracking_uri,
         console,
     )
+
+
+def _write_and_commit(
+    catalog: Catalog,
+    version: VersionInfo,
+    run_id: int,
+    out: Path,
+    cfg: CurationConfig,
+    stages: list[Stage],
+    pending: list[dict],
+    num_partitions: int,
+    address: str | None,
+) -> VersionInfo:
+    """Run the pending partitions, then commit the version (last); a failure marks the run."""
+    try:
+        if pending:
+            _run_ray(pending, stages, PartitionWriter(str(out), cfg, str(run_id)), address)
+        missing = set(range(num_partitions)) - finished_partitions(str(out))
+        if missing:
+            raise RuntimeError(f"partitions {sorted(missing)[:10]} did not finish; rerun to resume")
+        catalog.add_shards(version.id, read_shard_manifests(str(out)))
+        version = catalog.commit_version(version.id, str(out / "index"))
+    except BaseException as e:
+        catalog.update_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
+        raise
+    catalog.add_edge(Node("run", run_id), Node("version", version.id), "output")
+    return version
 
 
 def _resume_or_start_run(
@@ -352,15 +370,9 @@ def reselect(
         num_partitions,
         len(done),
     )
-    try:
-        if pending:
-            _run_ray(pending, stages, PartitionWriter(str(out), cfg, str(run_id)), address)
-        catalog.add_shards(version.id, read_shard_manifests(str(out)))
-        version = catalog.commit_version(version.id, str(out / "index"))
-    except BaseException as e:
-        catalog.update_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
-        raise
-    catalog.add_edge(Node("run", run_id), Node("version", version.id), "output")
+    version = _write_and_commit(
+        catalog, version, run_id, out, cfg, stages, pending, num_partitions, address
+    )
     return _finish(
         out, cfg, version, run_id, catalog, stages, {}, len(rows), start, tracking_uri, console
     )
