@@ -7,9 +7,9 @@ L2-normalised embedding goes through the LAION MLP head, and
 - image: ``aesthetic`` = the score of its frame;
 - video clip: ``aesthetic`` = the **minimum** over its sampled frames (as published video
   curation pipelines do: one ugly stretch is enough to drop a clip);
-- edit pairs (``image_edit`` / ``video_edit``): the **target** medium is scored when its frames
-  (``target_frames``) are there -- the target is what a model trained on the pair learns to
-  produce -- else the source ``frames``.
+- edit pairs (``image_edit`` / ``video_edit``): **both sides** are scored, source ``frames``
+  and ``target_frames`` together (minimum over all of them: a pair is as good as its worse
+  side; the watermark stage takes the maximum the same way).
 
 Scores are clamped to [0, 10] (the head's raw output can step slightly outside 1-10).
 
@@ -53,10 +53,11 @@ SCORE_RANGE = (0.0, 10.0)
 
 
 def scored_frames(row: Row) -> list[bytes]:
-    """The frames a CLIP scorer looks at: an edit pair's target when present, else ``frames``."""
-    if row.get("kind") in EDIT_KINDS and row.get("target_frames"):
-        return list(row["target_frames"])
-    return list(row.get("frames") or [])
+    """The frames a CLIP scorer looks at: ``frames``, plus an edit pair's ``target_frames``."""
+    frames = list(row.get("frames") or [])
+    if row.get("kind") in EDIT_KINDS:
+        frames += list(row.get("target_frames") or [])
+    return frames
 
 
 class FrameBatch:

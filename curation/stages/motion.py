@@ -11,7 +11,8 @@ resolution either. A pan of ``p`` pixels per frame at ``fps`` on a ``W x H`` vid
 
 Columns: ``motion`` (mean over the pairs), ``motion_min``, ``motion_max``. Stills (``image``,
 ``image_edit``) and clips with fewer than two frames (or no two frames with increasing
-times) get ``None``. ``video_edit`` rows are scored on their source frames (``frames``).
+times) get ``None``. ``video_edit`` rows are scored on their source frames (``frames``):
+the pair's motion is the input's (an edit keeps the target's camera motion in step).
 
 Large displacements: samples of a clip can be far apart (8 samples over a 4 s clip are ~0.5 s
 apart, a fast pan moves the content by ~100 px between them), beyond what coarse-to-fine flow

@@ -3,7 +3,7 @@
 Per frame, the detected text regions (4-point polygons) are rasterised into one mask;
 ``ocr_area`` = mask pixels / frame pixels (the area of the union of the boxes, 0-1) and
 ``ocr_boxes`` = number of boxes, each the maximum over the sampled frames. Stills have one frame;
-edit pairs are scored on their source frames (``frames``).
+edit pairs are scored on both sides (``frames`` and ``target_frames``; max over all).
 
 Engines (``ocr.engine``):
 
@@ -264,7 +264,9 @@ class OcrStage(Stage):
         return keep_text_boxes(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), polys, scores)
 
     def process_row(self, row: Row) -> Row:
-        data = row.get("frames") or []
+        data = list(row.get("frames") or [])
+        if row.get("kind") in ("image_edit", "video_edit"):  # text on either side counts
+            data += list(row.get("target_frames") or [])
         if not data:
             raise SampleError("no_frames", "ocr needs the sampled frames (frames column)")
         area, boxes = 0.0, 0

@@ -157,7 +157,7 @@ def test_head_probability_separates_the_corpus_images(corpus, trained):
     assert auc(pos, neg) >= 0.9
 
 
-def test_video_takes_the_max_over_frames_and_edits_their_target(corpus, trained):
+def test_video_takes_the_max_over_frames_and_edits_both_sides(corpus, trained):
     root, _ = corpus
     clean = np.asarray(Image.open(root / "images/square_512.jpg").convert("RGB"))
     marked = np.asarray(Image.open(root / "images/classic_480x360.jpg").convert("RGB"))
@@ -171,11 +171,13 @@ def test_video_takes_the_max_over_frames_and_edits_their_target(corpus, trained)
             video_row([clean, clean, marked, clean]),
             video_row([clean, clean]),
             {**video_row([marked], "image_edit"), "target_frames": [encode_frame(clean)]},
+            {**video_row([clean], "image_edit"), "target_frames": [encode_frame(clean)]},
         ]
     )
     assert out[0]["watermark"] == pytest.approx(p_marked, abs=1e-5)
     assert out[1]["watermark"] == pytest.approx(p_clean, abs=1e-5)
-    assert out[2]["watermark"] == pytest.approx(p_clean, abs=1e-5)  # the target is scored
+    assert out[2]["watermark"] == pytest.approx(p_marked, abs=1e-5)  # either side counts
+    assert out[3]["watermark"] == pytest.approx(p_clean, abs=1e-5)
     assert all(r["watermark_static"] is None for r in out)  # static_overlay off
 
 
