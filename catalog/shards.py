@@ -58,6 +58,15 @@ def bucket_name(width: int, height: int, num_frames: int = 1) -> str:
     return f"a{a}_r{r[0]}x{r[1]}_f{f}"
 
 
+def relative_to_root(root: str | None, uri: str) -> str:
+    """A shard uri as the index's ``shard`` column names it (relative to the version root)."""
+    if root:
+        prefix = root.rstrip("/") + "/"
+        if uri.startswith(prefix):
+            return uri[len(prefix) :]
+    return uri
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     uri: str  # full path or fsspec URI of the finished tar

@@ -46,7 +46,7 @@ from catalog.names import DatasetRef, check_name
 from catalog.records import Edge, Node, Resolution, RunInfo, ShardRecord, VersionInfo
 from catalog.runs import RunLedger
 from catalog.schema import STATUSES, count_by_status
-from catalog.shards import ShardInfo
+from catalog.shards import ShardInfo, relative_to_root
 
 __all__ = [
     "ENV_HOME",
@@ -232,7 +232,7 @@ class Catalog(RunLedger):
                     )
                 accepted = table.filter(pc.equal(table.column("status"), "accepted"))
                 named = set(accepted.column("shard").drop_null().to_pylist())
-                registered = {self._relative(v.root_uri, sh.uri) for sh in shards}
+                registered = {relative_to_root(v.root_uri, sh.uri) for sh in shards}
                 missing = sorted(named - registered)
                 if missing:
                     raise CatalogError(f"index names unregistered shards: {missing[:5]}")
@@ -332,7 +332,7 @@ class Catalog(RunLedger):
         )
         wanted = set(table.column("shard").drop_null().to_pylist())
         shards = [
-            sh for sh in self.shards(info.id) if self._relative(info.root_uri, sh.uri) in wanted
+            sh for sh in self.shards(info.id) if relative_to_root(info.root_uri, sh.uri) in wanted
         ]
         buckets: dict[str, int] = {}
         for b in table.column("bucket").to_pylist():
@@ -355,14 +355,6 @@ class Catalog(RunLedger):
                 f"version {v.dataset.name}@{v.version} is {v.status}; only pending versions change"
             )
         return v
-
-    @staticmethod
-    def _relative(root: str | None, uri: str) -> str:
-        if root:
-            prefix = root.rstrip("/") + "/"
-            if uri.startswith(prefix):
-                return uri[len(prefix) :]
-        return uri
 
     @staticmethod
     def _version_info(s: Session, v: DatasetVersion) -> VersionInfo:

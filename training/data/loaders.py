@@ -64,6 +64,7 @@ import fsspec
 import numpy as np
 import torch
 
+from catalog.shards import relative_to_root
 from training.data.batch import EDIT_TASKS, TASKS, TaskBatch
 from training.data.buckets import (
     BucketShape,
@@ -781,14 +782,6 @@ class DataSource:
         return {u: sum(c.get(k, 0) for k in kinds) for u, c in self.kind_counts.items()}
 
 
-def _relative(root: str | None, uri: str) -> str:
-    if root:
-        prefix = root.rstrip("/") + "/"
-        if uri.startswith(prefix):
-            return uri[len(prefix) :]
-    return uri
-
-
 def _glob_shards(uri: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(uri)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
@@ -847,7 +840,9 @@ def resolve_data(data: Any, catalog: Any = None) -> DataSource:
         if rel is not None:
             by_rel.setdefault(rel, Counter())[kind] += 1
     root = res.version.root_uri
-    kind_counts = {sh.uri: by_rel.get(_relative(root, sh.uri), Counter()) for sh in res.shards}
+    kind_counts = {
+        sh.uri: by_rel.get(relative_to_root(root, sh.uri), Counter()) for sh in res.shards
+    }
     shards = sorted((sh.uri, sh.bucket) for sh in res.shards)
     return DataSource(res.version.ref, shards, kind_counts, keys)
 
