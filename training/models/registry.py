@@ -129,7 +129,13 @@ def locate(
 
 def locate_all(pretrained: dict[str, str], where: str, specs: list[tuple]) -> dict[str, Path]:
     """``locate`` each (group, repo, subfolder, fallback) before anything loads; every problem
-    is reported in one MissingPretrained."""
+    is reported in one MissingPretrained. Keys of ``pretrained`` outside ``specs`` are errors."""
+    allowed = [spec[0] for spec in specs]
+    unknown = sorted(set(pretrained) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown model.pretrained keys {unknown}; allowed: {', '.join(allowed)}"
+        )
     roots, problems = {}, []
     for group, repo, subfolder, fallback in specs:
         try:
@@ -411,14 +417,6 @@ GRID = 8  # vision-encoder features pooled to 8 x 8 tokens per latent frame
 NUM_TOKENS = 64  # Omni-Video vision tokens / VINO learnable queries
 
 
-def _check_keys(pretrained: dict[str, str], allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(pretrained) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown model.pretrained keys {unknown}; allowed: {', '.join(allowed)}"
-        )
-
-
 def _geometry(vae: DiffusersVAE, patch: int) -> Geometry:
     return Geometry(vae.spatial_factor * patch, vae.temporal_factor, MAX_TEXT_LEN)
 
@@ -427,7 +425,6 @@ def _omni_video(size, pretrained, shift, dtype):
     if size == "tiny":
         return omni_video.build_tiny(shift)
     where = f"omni_video size {size!r}"
-    _check_keys(pretrained, ("mllm", "vision_encoder", "dit", "vae"), where)
     roots = locate_all(
         pretrained,
         where,
@@ -460,7 +457,6 @@ def _haplo_omni(size, pretrained, shift, dtype):
     if size == "tiny":
         return haplo_omni.build_tiny(shift)
     where = f"haplo_omni size {size!r}"
-    _check_keys(pretrained, ("pre_decoder", "base_decoder", "post_decoder", "vae"), where)
     roots = locate_all(
         pretrained,
         where,
@@ -492,7 +488,6 @@ def _vino(size, pretrained, shift, dtype):
     if size == "tiny":
         return vino.build_tiny(shift)
     where = f"vino size {size!r}"
-    _check_keys(pretrained, ("vlm", "vision_encoder", "mmdit", "vae"), where)
     roots = locate_all(
         pretrained,
         where,
