@@ -21,9 +21,13 @@ class NotFound(CatalogError):
 
 
 def default_url() -> str:
-    """``OMNIFORGE_CATALOG_URL``, else a SQLite file under ``OMNIFORGE_HOME`` (~/.omniforge)."""
-    if os.environ.get(ENV_URL):
-        return os.environ[ENV_URL]
+    """``OMNIFORGE_CATALOG_URL`` (or the secret file named by ``OMNIFORGE_CATALOG_URL_FILE``:
+    the URL may hold a database password), else a SQLite file under ``OMNIFORGE_HOME``."""
+    from catalog.secrets import read_secret
+
+    url = read_secret(ENV_URL)
+    if url:
+        return url
     home = Path(os.environ.get(ENV_HOME) or Path.home() / ".omniforge")
     return f"sqlite:///{home / 'catalog.db'}"
 

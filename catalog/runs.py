@@ -5,6 +5,8 @@ Mixed into ``Catalog``; relies on its ``session()``.
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -22,6 +24,21 @@ from catalog.models import (
     utcnow,
 )
 from catalog.records import Edge, Node, RunInfo
+from catalog.secrets import masked
+
+ENV_JOB_ID = "OMNIFORGE_JOB_ID"  # set by ``omniforge submit`` in the job's runtime_env
+
+
+def current_job_id() -> str | None:
+    """The Ray Jobs submission id this process runs under, if any: ``OMNIFORGE_JOB_ID``, else
+    the ``job_submission_id`` Ray puts in the driver's job config."""
+    if os.environ.get(ENV_JOB_ID):
+        return os.environ[ENV_JOB_ID]
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    except json.JSONDecodeError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id")
 
 
 class RunLedger:
@@ -50,9 +67,9 @@ class RunLedger:
                 name=name,
                 status=status,
                 config_hash=config_hash,
-                params=params or {},
+                params=masked(params or {}),
                 mlflow_run_id=mlflow_run_id,
-                ray_job_id=ray_job_id,
+                ray_job_id=ray_job_id or current_job_id(),
             )
             s.add(run)
             s.flush()
@@ -74,7 +91,7 @@ class RunLedger:
                     if value in ("succeeded", "failed", "cancelled"):
                         run.ended_at = utcnow()
                 if key == "params":
-                    value = {**(run.params or {}), **value}
+                    value = {**(run.params or {}), **masked(value)}
                 setattr(run, key, value)
             s.flush()
             return self._run_info(run)
@@ -86,11 +103,16 @@ class RunLedger:
                 raise NotFound(f"no run with id {run_id}")
             return self._run_info(run)
 
-    def list_runs(self, kind: str | None = None, limit: int = 50) -> list[RunInfo]:
+    def list_runs(
+        self, kind: str | None = None, limit: int = 50, job_id: str | None = None
+    ) -> list[RunInfo]:
+        """Newest first; optionally only one kind, or only the runs of one Ray job."""
         with self.session() as s:
             q = select(Run).order_by(Run.id.desc()).limit(limit)
             if kind:
                 q = q.where(Run.kind == kind)
+            if job_id:
+                q = q.where(Run.ray_job_id == job_id)
             return [self._run_info(r) for r in s.scalars(q)]
 
     @staticmethod

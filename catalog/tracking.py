@@ -5,7 +5,7 @@
   instead of MLflow's default ``./mlruns`` in whatever the working directory happens to be.
 - ``mlflow_params`` turns a config (mapping or pydantic model) into MLflow params: flattened
   (``a.b.c``), secrets masked, stringified, cut to MLflow's limits, keys made valid.
-  ``masked_params`` is the same without stringifying / truncating (for a ``params.json``).
+  Masking lives in ``catalog.secrets`` (``masked_params``: the same without stringifying).
 - ``log_params`` logs them in batches.
 
 A key containing key / secret / password / token is masked as ``***``; passwords in URLs
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from catalog.config import flatten
+from catalog.secrets import masked_params
 
 # MLflow limits (validation.py): entity keys 250 chars; param values are capped at 500 chars
 # here so runs also log to older servers / database schemas; tag values at 5000.
@@ -32,11 +32,6 @@ MLFLOW_PARAM_LIMIT = 500
 MLFLOW_TAG_LIMIT = 5000
 MLFLOW_BATCH_PARAMS = 100
 MLFLOW_BATCH_METRICS = 1000
-# The last segment of a flattened key names a secret: password, secret, token, *_key (api_key,
-# access_key, secret_key...). Not token_budget or api_key_env (the name of a variable).
-SECRET_KEY = re.compile(r"(^|[._])(password|passwd|secret|token|[a-z]*_?key)$", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@")
-MASK = "***"
 
 
 def experiment_id(
@@ -66,19 +61,6 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def masked_params(params: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """Flattened params with secret-looking keys (and URL passwords) masked; not truncated."""
-    out = {}
-    for key, value in flatten(params).items():
-        if SECRET_KEY.search(key):
-            out[key] = MASK
-        elif isinstance(value, str):
-            out[key] = mask_urls(value)
-        else:
-            out[key] = json.loads(mask_urls(json.dumps(value, default=str)))
-    return out
-
-
 def mlflow_params(params: Mapping[str, Any] | Any) -> dict[str, str]:
     """What ``log_params`` logs: flattened, masked, stringified, size-limited, valid keys."""
     out: dict[str, str] = {}
@@ -95,11 +77,6 @@ def log_params(client: Any, run_id: str, params: Mapping[str, Any] | Any) -> Non
     items = [Param(k, v) for k, v in mlflow_params(params).items()]
     for chunk in chunks(items, MLFLOW_BATCH_PARAMS):
         client.log_batch(run_id, params=chunk)
-
-
-def mask_urls(text: str) -> str:
-    """``https://user:pw@host/x`` -> ``https://user:***@host/x``."""
-    return URL_PASSWORD.sub(r"\1:" + MASK + "@", text)
 
 
 def mlflow_key(key: str, taken: Mapping[str, Any]) -> str:

@@ -31,17 +31,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.schema import SAMPLE_SCHEMA, SCORE_COLUMNS, STATUSES
+from catalog.secrets import MASK, SECRET_KEY, mask_urls, masked_params
 from catalog.tracking import (
-    MASK,
     MLFLOW_BATCH_METRICS,
     MLFLOW_BATCH_PARAMS,
     MLFLOW_TAG_LIMIT,
-    SECRET_KEY,
     chunks,
     experiment_id,
     log_params,
-    mask_urls,
-    masked_params,
     mlflow_key,
     truncate,
 )

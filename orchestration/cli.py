@@ -7,6 +7,7 @@ message and exit with status 2; a traceback is shown only for bugs (or with OMNI
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -18,8 +19,17 @@ from catalog.filters import FilterError
 from catalog.schema import SchemaError
 from catalog.store import CatalogError
 from curation.stages.base import MissingWeights
-from orchestration import catalog_cmd, config_cmd, curate_cmd, train_cmd
+from orchestration import (
+    catalog_cmd,
+    cluster_cmd,
+    config_cmd,
+    curate_cmd,
+    jobs_cmd,
+    train_cmd,
+)
 from orchestration.common import console, err_console
+from orchestration.jobs import JobError
+from orchestration.services import ServiceError
 
 app = typer.Typer(
     name="omniforge",
@@ -32,6 +42,9 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(catalog_cmd.app, name="catalog")
 app.add_typer(curate_cmd.app, name="curate")
 app.add_typer(train_cmd.app, name="train")
+app.add_typer(cluster_cmd.app, name="cluster")
+app.add_typer(jobs_cmd.submit_app, name="submit")
+app.add_typer(jobs_cmd.jobs_app, name="jobs")
 
 USER_ERRORS = (
     ConfigError,
@@ -39,6 +52,8 @@ USER_ERRORS = (
     FilterError,
     SchemaError,
     MissingWeights,
+    ServiceError,
+    JobError,
     FileNotFoundError,
     ValueError,
 )
@@ -78,10 +93,15 @@ def demo(
     run_demo(output, catalog, tracking_uri)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one readable line and exit status 2."""
     warnings.simplefilter("default", ConfigWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    signal.signal(signal.SIGTERM, _terminate)  # `jobs cancel`, `kill`: clean up like Ctrl-C
     try:
         app(args=argv, standalone_mode=False)
     except USER_ERRORS as e:

@@ -8,13 +8,12 @@ import sys
 import pytest
 
 from catalog.config import validate
+from catalog.secrets import mask_urls, masked_params
 from catalog.tracking import (
     MLFLOW_BATCH_PARAMS,
     default_artifact_location,
     experiment_id,
     log_params,
-    mask_urls,
-    masked_params,
     mlflow_params,
 )
 

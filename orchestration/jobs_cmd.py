@@ -1,0 +1,169 @@
+"""``omniforge submit curate|train`` and ``omniforge jobs ls|status|logs|cancel``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from catalog.config import load_config
+from catalog.secrets import mask_urls
+from orchestration import jobs
+from orchestration.common import CatalogOption, console, open_catalog
+
+submit_app = typer.Typer(help="Run curation or training on a Ray cluster (Ray Jobs API).")
+jobs_app = typer.Typer(help="List, inspect, follow and cancel cluster jobs.")
+
+AddressOption = typer.Option(
+    None,
+    "--address",
+    help="Jobs API of the cluster, http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, "
+    "else the head from `omniforge cluster up`)",
+)
+# On the cluster the catalog URL and tracking URI come from the nodes' environment unless
+# given here (without a password).
+JobCatalogOption = typer.Option(
+    None, "--catalog", help="catalog URL the job uses (default: the cluster's environment)"
+)
+
+
+def _finish(job_id: str, address: str | None, wait: bool, follow: bool) -> None:
+    console.print(f"submitted job {job_id}")
+    if follow:
+        jobs.follow_logs(job_id, address, lambda text: console.out(text, end=""))
+    if wait or follow:
+        status = jobs.wait(job_id, address, on_status=lambda s: console.print(f"job {s}"))
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+    else:
+        console.print(f"follow with: omniforge jobs logs {job_id} --follow")
+
+
+@submit_app.command("curate")
+def submit_curate(
+    config: Path | None = typer.Argument(None, help="curation config YAML (default profile)"),
+    input: str = typer.Option(..., "--input", help="corpus URI as the cluster sees it"),
+    output: str = typer.Option(..., "--output", help="output folder/URI on the cluster"),
+    set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+    address: str | None = AddressOption,
+    catalog: str | None = JobCatalogOption,
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    package: bool = typer.Option(True, help="ship this checkout's code (else the image's)"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the job to end"),
+    follow: bool = typer.Option(False, "--follow", help="stream the job's log until it ends"),
+) -> None:
+    """Submit ``omniforge curate run`` with CONFIG (validated here, shipped resolved)."""
+    from curation.config import CurationConfig
+
+    cfg = load_config(CurationConfig, config, set_)
+    spec = jobs.curate_spec(cfg, input, output, catalog=catalog, tracking_uri=tracking_uri)
+    job_id = jobs.submit(spec, address, package=package)
+    _finish(job_id, address, wait, follow)
+
+
+@submit_app.command("train")
+def submit_train(
+    recipe: str = typer.Argument(..., help="recipe YAML or built-in name"),
+    output: str = typer.Option(..., "--output", help="output folder on the cluster's storage"),
+    stages: str | None = typer.Option(None, "--stages", help="e.g. 1-3 (default: all)"),
+    workers: int | None = typer.Option(None, "--workers", help="Ray Train workers"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --output"),
+    set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+    address: str | None = AddressOption,
+    catalog: str | None = JobCatalogOption,
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    package: bool = typer.Option(True, help="ship this checkout's code (else the image's)"),
+    num_gpus: float | None = typer.Option(None, "--driver-gpus", help="GPUs for the driver"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the job to end"),
+    follow: bool = typer.Option(False, "--follow", help="stream the job's log until it ends"),
+) -> None:
+    """Submit ``omniforge train run`` with RECIPE (validated here, shipped resolved)."""
+    from orchestration.train_cmd import parse_stages, recipe_path
+    from training.recipe import Recipe
+
+    r = load_config(Recipe, recipe_path(recipe), set_)
+    parse_stages(stages, len(r.stages))  # fail here, not on the cluster
+    spec = jobs.train_spec(
+        r,
+        output,
+        stages=stages,
+        workers=workers,
+        resume=resume,
+        catalog=catalog,
+        tracking_uri=tracking_uri,
+    )
+    job_id = jobs.submit(spec, address, package=package, num_gpus=num_gpus)
+    _finish(job_id, address, wait, follow)
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@jobs_app.command("ls")
+def ls(address: str | None = AddressOption) -> None:
+    """The cluster's jobs, newest first."""
+    details = jobs.client(address).list_jobs()
+    details.sort(key=lambda d: d.start_time or 0, reverse=True)
+    table = Table(title=f"jobs on {jobs.resolve_address(address)}")
+    for col in ("id", "status", "kind", "name", "started (UTC)", "entrypoint"):
+        table.add_column(col)
+    for d in details:
+        meta = d.metadata or {}
+        entry = mask_urls(d.entrypoint or "")
+        table.add_row(
+            d.submission_id or d.job_id or "-",
+            str(d.status.value),
+            meta.get("omniforge.kind", "-"),
+            meta.get("omniforge.name", "-"),
+            _when(d.start_time),
+            entry if len(entry) < 80 else entry[:77] + "...",
+        )
+    console.print(table)
+
+
+@jobs_app.command("status")
+def status(
+    job_id: str = typer.Argument(..., help="submission id"),
+    address: str | None = AddressOption,
+    catalog: str | None = CatalogOption,
+) -> None:
+    """A job's state, timing, entrypoint and the catalog runs it recorded."""
+    d = jobs.client(address).get_job_info(job_id)
+    console.print(f"job {job_id}: [bold]{d.status.value}[/]")
+    if d.message:
+        console.print(f"  {mask_urls(d.message)}")
+    console.print(f"  started {_when(d.start_time)}, ended {_when(d.end_time)}")
+    console.print(f"  entrypoint: {mask_urls(d.entrypoint or '')}", markup=False)
+    for key, value in sorted((d.metadata or {}).items()):
+        console.print(f"  {key}: {value}", markup=False)
+    runs = open_catalog(catalog).list_runs(job_id=job_id)
+    for run in reversed(runs):
+        link = f", MLflow run {run.mlflow_run_id}" if run.mlflow_run_id else ""
+        console.print(f"  catalog run {run.id} ({run.kind}) {run.name}: {run.status}{link}")
+
+
+@jobs_app.command("logs")
+def logs(
+    job_id: str = typer.Argument(..., help="submission id"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
+    address: str | None = AddressOption,
+) -> None:
+    """The job's driver log (URL passwords masked)."""
+    if follow:
+        jobs.follow_logs(job_id, address, lambda text: console.out(text, end=""))
+    else:
+        console.out(mask_urls(jobs.client(address).get_job_logs(job_id)), end="")
+
+
+@jobs_app.command("cancel")
+def cancel(
+    job_id: str = typer.Argument(..., help="submission id"), address: str | None = AddressOption
+) -> None:
+    """Stop a running job (Ray sends SIGTERM; the job marks its catalog runs failed)."""
+    stopped = jobs.client(address).stop_job(job_id)
+    console.print(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")
