@@ -25,6 +25,8 @@ from orchestration import (
     config_cmd,
     curate_cmd,
     jobs_cmd,
+    mlflow_cmd,
+    plan_cmd,
     train_cmd,
 )
 from orchestration.common import console, err_console
@@ -45,6 +47,8 @@ app.add_typer(train_cmd.app, name="train")
 app.add_typer(cluster_cmd.app, name="cluster")
 app.add_typer(jobs_cmd.submit_app, name="submit")
 app.add_typer(jobs_cmd.jobs_app, name="jobs")
+app.add_typer(mlflow_cmd.app, name="mlflow")
+app.add_typer(plan_cmd.app, name="plan")
 
 USER_ERRORS = (
     ConfigError,

@@ -154,7 +154,7 @@ def run_training(
                 f"stage {chosen[0]} starts from stage {chosen[0]}'s weights: {previous} "
                 "is missing (run the earlier stages first)"
             )
-    summary: dict[str, Any] = {"output": str(out), "stages": []}
+    summary: dict[str, Any] = {"output": str(out), "inputs": refs, "stages": []}
     for index in chosen:
         stage = recipe.stages[index]
         folder = stage_dir(out, recipe, index)
@@ -187,6 +187,12 @@ def run_training(
                 prev_ckpt = state["stages"][str(index - 1)]["checkpoint"]
                 catalog.add_edge(
                     Node("checkpoint", prev_ckpt), Node("run", info["catalog_run"]), "init"
+                )
+            if tracking_uri and info.get("mlflow_run"):  # the MLflow run links back to the catalog
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri).set_tag(
+                    info["mlflow_run"], "omniforge.catalog_run", str(info["catalog_run"])
                 )
         state_file.write_text(json.dumps(state, indent=1))
         spec = StageSpec(
