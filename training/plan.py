@@ -7,6 +7,7 @@ from rich.table import Table
 from catalog.shards import ASPECT_CLASSES
 from training.data.batch import EDIT_TASKS
 from training.data.buckets import batch_size_for, bucket_for
+from training.data.hybrid import group_of
 from training.recipe import IMAGE_TASKS, Recipe
 
 
@@ -36,9 +37,18 @@ def describe(recipe: Recipe) -> list[Table]:
         tables.append(t)
         tasks = Table(
             title=f"stage {i + 1} tasks (frame area {stage.frame_area} px, "
-            f"token budget {stage.token_budget}, shift {stage.timestep_shift})"
+            f"token budget {stage.token_budget}, shift {stage.timestep_shift}"
+            + (
+                ", hybrid: a batch mixes one group's tasks of one shape, budget shared"
+                if stage.hybrid
+                else ""
+            )
+            + ")"
         )
-        for col in ("task", "weight", "data", "frames", "fps", "buckets (F x H x W : batch)"):
+        columns = ["task", "weight", "data", "frames", "fps", "buckets (F x H x W : batch)"]
+        if stage.hybrid:
+            columns.insert(1, "group")
+        for col in columns:
             tasks.add_column(col)
         for name, task in stage.tasks.items():
             frames = 1 if name in IMAGE_TASKS else task.num_frames
@@ -58,6 +68,7 @@ def describe(recipe: Recipe) -> list[Table]:
                 shapes.append(f"{shape}:{b}")
             tasks.add_row(
                 name,
+                *([group_of(name)] if stage.hybrid else []),
                 f"{task.weight:g}",
                 recipe.data[task.data].uri,
                 str(frames),

@@ -1,8 +1,10 @@
 """Training recipe (YAML, validated): a model family + size, named data, and ordered stages.
 
 Each stage names the module groups it trains (globs over the family's groups), its optimizer,
-schedule, EMA, ZeRO stage, frame area, timestep shift, condition-dropout rate and a task
-mixture (task -> weight + data + frames/fps). Data is ``catalog://NAME@VERSION`` (+ a filter on
+schedule, EMA, ZeRO stage, frame area, timestep shift, condition-dropout rate, a task
+mixture (task -> weight + data + frames/fps) and whether batches mix tasks (``hybrid``: tasks
+of one group, image or video, that share a bucket shape; see ``training/data/hybrid.py``).
+Data is ``catalog://NAME@VERSION`` (+ a filter on
 index columns) or shard paths/globs.
 """
 
@@ -26,6 +28,7 @@ TaskName = Literal[
 ]
 IMAGE_TASKS = ("t2i", "i2i_edit", "image_understanding")
 VIDEO_TASKS = ("t2v", "v2v_edit", "video_understanding")
+TASK_GROUPS = {"image": IMAGE_TASKS, "video": VIDEO_TASKS}  # hybrid batching mixes within one
 
 
 class ModelConfig(StrictModel):
@@ -111,6 +114,9 @@ class StageConfig(StrictModel):
     timestep_shift: float = Field(1.0, gt=0)
     condition_dropout: float = Field(0.1, ge=0, lt=1, description="per modality, independent")
     token_budget: int = Field(gt=0, description="latent tokens per local batch")
+    hybrid: bool = Field(
+        False, description="batches mix the tasks of one group (image | video) sharing a shape"
+    )
     tasks: dict[TaskName, TaskConfig] = Field(min_length=1)
     steps: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
@@ -127,6 +133,13 @@ class StageConfig(StrictModel):
                     )
                 if task.fps is not None:
                     warn_ineffective(f"stages.{self.name}.tasks.{name}.fps", "image task")
+        if self.hybrid and all(
+            sum(t in self.tasks for t in group) < 2 for group in TASK_GROUPS.values()
+        ):
+            warn_ineffective(
+                f"stages.{self.name}.hybrid",
+                "no image or video group has two tasks in this stage, so no batch can mix tasks",
+            )
         if self.checkpoint_every > self.steps:
             warn_ineffective(
                 f"stages.{self.name}.checkpoint_every",

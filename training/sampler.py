@@ -2,7 +2,9 @@
 
 Rank 0 draws (task, bucket) from a seeded generator weighted by the stage mixture and the
 buckets' sample counts, and broadcasts them as one int64 tensor of shape (2,) (same dtype and
-shape on every rank, as collectives require). Condition-dropout decisions come from a second
+shape on every rank, as collectives require). Under hybrid batching the drawn unit is a task
+group instead of a task (``training/data/hybrid.py`` gives the group and bucket weights; the
+broadcast is unchanged). Condition-dropout decisions come from a second
 generator that every rank advances identically, so all ranks drop the same conditions without
 a collective. Both generators are part of the checkpoint.
 """
@@ -25,7 +27,8 @@ class StepSampler:
         dropout: float,
         modalities: tuple[str, ...] = ("text", "source"),
     ):
-        """``tasks``: task -> mixture weight; ``buckets``: task -> [(bucket, samples)]."""
+        """``tasks``: task (or group) -> mixture weight; ``buckets``: task (or group) ->
+        [(bucket, samples or weight)]."""
         self.task_names = sorted(tasks)
         weights = np.array([tasks[t] for t in self.task_names], dtype=np.float64)
         self.task_p = weights / weights.sum()

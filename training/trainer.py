@@ -4,7 +4,10 @@ Runs inside a Ray Train worker (or in-process with ``num_workers=0``). Every ran
 same model (same seed), takes the trainable groups of the stage, builds its task loaders over
 its part of the data, wraps the model in a DeepSpeed engine and restores the latest checkpoint
 if there is one. Each step: receive (task, bucket) from rank 0, get the batch, forward,
-backward, check finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint.
+backward, check finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint. With
+``hybrid`` batching the broadcast names a task group and the batch mixes that group's tasks
+(``training/data/hybrid.py``). At stage end rank 0 writes the final weights and, for a family
+that can generate, samples from fixed prompts (``log_samples``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +28,20 @@ import torch
 import torch.distributed as dist
 
 from training import checkpoint as ckpt
+from training.data.batch import MixedBatch, TaskBatch
+from training.data.buckets import BucketShape
+from training.data.hybrid import HybridMixer
 from training.ema import EMA
+from training.grids import frame_rows, save_grid
 from training.recipe import Recipe, StageConfig
 from training.sampler import StepSampler
 
 GRID_BUCKETS = 3  # input grids logged per task (most common buckets first)
 EVAL_DRAWS = 4  # noise/timestep draws per held-out batch (flow-matching loss varies with t)
+# Stage-end samples: the first prompts of each generation task's held-out batch, fixed noise.
+SAMPLE_PROMPTS, SAMPLE_STEPS, SAMPLE_SEED = 4, 20, 777
+SAMPLE_GUIDANCE = 4.0  # classifier-free guidance when the stage trains condition dropout
+SAMPLE_TASKS = ("t2i", "t2v")  # text-only conditions; edits would need a source medium
 
 
 class NonFiniteError(RuntimeError):
@@ -68,6 +80,11 @@ def ensure_process_group() -> tuple[int, int]:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
         dist.init_process_group("gloo", rank=0, world_size=1)
+        # An earlier in-process stage's group was destroyed at its end; DeepSpeed still holds
+        # it as its world group: drop DeepSpeed's handle so it wraps the new group.
+        import deepspeed.comm.comm as ds_comm
+
+        ds_comm.cdb = None
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -152,12 +169,24 @@ class Trainer:
             self.model.geometry,
             self.model.tokenize,
         )
-        self.sampler = StepSampler(
-            {t: c.weight for t, c in self.stage.tasks.items()},
-            {t: list(loader.bucket_weights().items()) for t, loader in self.loaders.items()},
-            seed=self.recipe.seed * 1009 + spec.stage_index,
-            dropout=self.stage.condition_dropout,
-        )
+        weights = {t: c.weight for t, c in self.stage.tasks.items()}
+        seed = self.recipe.seed * 1009 + spec.stage_index
+        self.mixer: HybridMixer | None = None
+        if self.stage.hybrid:  # rank 0 draws a task group; the batch mixes its tasks
+            geo = self.model.geometry
+            self.mixer = HybridMixer(
+                self.loaders,
+                weights,
+                seed,
+                self.stage.token_budget,
+                geo.spatial_factor,
+                geo.temporal_factor,
+            )
+            units, buckets = self.mixer.group_weights(), self.mixer.group_buckets()
+        else:
+            units = weights
+            buckets = {t: list(lo.bucket_weights().items()) for t, lo in self.loaders.items()}
+        self.sampler = StepSampler(units, buckets, seed=seed, dropout=self.stage.condition_dropout)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model.to(self.device),
@@ -180,6 +209,8 @@ class Trainer:
             )
         self.step = trainer_state["step"]
         self.sampler.load_state_dict(trainer_state["sampler"])
+        if self.mixer is not None:
+            self.mixer.load_state_dict(trainer_state["mixer"])
         for task, state in loader_states.items():
             self.loaders[task].load_state_dict(state)
         if self.ema is not None and ema_state is not None:
@@ -203,6 +234,7 @@ class Trainer:
                 self.save_checkpoint(last)
         if self.step == self.stage.steps and self.rank == 0:
             self.export_final()
+            self.log_samples()
         self.tracker.close()
         return last
 
@@ -247,9 +279,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        task, bucket = self.sampler.next(self.device)  # same on every rank
-        batch = self.loaders[task].next_batch(bucket)
-        batch.drop = self.sampler.drops(batch.size)  # same on every rank
+        task, bucket = self.sampler.next(self.device)  # same on every rank; hybrid: a group
+        batch = self.next_batch(task, bucket)  # condition dropout: same on every rank
         t_data = time.perf_counter() - t0
 
         torch.manual_seed(step_seed(self.recipe.seed, self.spec.stage_index, self.step, self.rank))
@@ -269,7 +300,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        self.task_counts[task] += 1
+        self.task_counts.update(part.task for part in batch.parts)
 
         elapsed = time.perf_counter() - t0
         metrics = {
@@ -289,12 +320,21 @@ class Trainer:
                 "task": task,
                 "bucket": str(bucket),
                 "keys": batch.keys,
+                "parts": {part.task: part.size for part in batch.parts},
                 "loss": metrics["loss"],
                 "drop": {k: v.tolist() for k, v in batch.drop.items()},
             }
             with open(Path(self.spec.output) / f"trace-rank{self.rank}.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         return {**metrics, "step": self.step, "task": task, "keys": batch.keys}
+
+    def next_batch(self, choice: str, bucket: BucketShape) -> TaskBatch | MixedBatch:
+        """The step's batch: ``choice`` is a task, or under hybrid batching a task group."""
+        if self.mixer is not None:
+            return self.mixer.next_batch(choice, bucket, self.sampler.drops)
+        batch = self.loaders[choice].next_batch(bucket)
+        batch.drop = self.sampler.drops(batch.size)
+        return batch
 
     def _check_finite(self, what: str, value: torch.Tensor, task: str, keys: list[str]) -> None:
         """Every rank agrees before the optimizer step: one rank's NaN stops them all."""
@@ -310,20 +350,43 @@ class Trainer:
     def _log_input_grids(self, task: str, loader: Any, buckets: list) -> None:
         """A PNG grid of what the stage trains on, per bucket (first frame of each sample;
         edits show source over target), logged as MLflow artifacts under ``inputs/``."""
-        from PIL import Image
-
         folder = Path(self.spec.output) / "inputs"
-        folder.mkdir(parents=True, exist_ok=True)
         for bucket in buckets:
             batch = loader.next_batch(bucket)
             rows = [batch.pixels[:, 0]]  # (B, C, H, W)
             if batch.source_pixels is not None:
                 rows.insert(0, batch.source_pixels[:, 0])
-            frames = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (C, rH, BW)
-            rgb = ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            path = folder / f"{task}-{bucket}.png"
-            Image.fromarray(rgb).save(path)
+            path = save_grid(rows, folder / f"{task}-{bucket}.png")
             self.tracker.log_artifact(str(path), "inputs")
+
+    def log_samples(self) -> None:
+        """Stage-end samples (rank 0): for each text-to-image/video task of the stage, the
+        first ``SAMPLE_PROMPTS`` prompts of its held-out batch at that batch's shape, fixed
+        noise (``SAMPLE_SEED``), ``SAMPLE_STEPS`` Euler steps on the stage's timestep shift,
+        classifier-free guidance when the stage drops conditions. One PNG per task (columns:
+        samples; rows: up to 4 frames), under ``samples/`` in the stage folder and the MLflow
+        stage run. Uses the trained (not EMA) weights. Families that cannot generate
+        (``can_generate()`` false; none of the three built-in ones) are skipped; a failed
+        sampling run (e.g. out of memory) is a warning, since the stage's weights are final."""
+        if not getattr(self.model, "can_generate", lambda: False)():
+            return
+        guidance = SAMPLE_GUIDANCE if self.stage.condition_dropout > 0 else 1.0
+        for task in SAMPLE_TASKS:
+            batch = getattr(self, "eval_batches", {}).get(task)
+            if batch is None:
+                continue
+            frames, _, height, width = batch.pixels.shape[1:]
+            shape = BucketShape(frames, height, width)
+            generator = torch.Generator().manual_seed(self.recipe.seed + SAMPLE_SEED)
+            prompts = batch.texts[:SAMPLE_PROMPTS]
+            try:
+                pixels = self.model.sample(prompts, shape, SAMPLE_STEPS, generator, guidance)
+            except RuntimeError as e:  # e.g. out of memory: the stage itself is complete
+                warnings.warn(f"stage-end samples of {task} at {shape} failed: {e}", stacklevel=2)
+                continue
+            path = Path(self.spec.output) / "samples" / f"{task}-{shape}.png"
+            save_grid(frame_rows(pixels), path)
+            self.tracker.log_artifact(str(path), "samples")
 
     # -- checkpoints and export ----------------------------------------------------------------
 
@@ -335,7 +398,11 @@ class Trainer:
                 Path(tmp),
                 engine=self.engine,
                 rank=self.rank,
-                trainer_state={"step": self.step, "sampler": self.sampler.state_dict()},
+                trainer_state={
+                    "step": self.step,
+                    "sampler": self.sampler.state_dict(),
+                    **({"mixer": self.mixer.state_dict()} if self.mixer is not None else {}),
+                },
                 loader_states={t: loader.state_dict() for t, loader in self.loaders.items()},
                 ema_state=self.ema.state_dict() if self.ema else None,
                 recipe_yaml=dump_yaml(self.recipe),

@@ -19,7 +19,7 @@ from catalog.store import Catalog
 from curation.sample_data import generate
 from curation.sample_data.register import register_sample_corpus
 from training.models.registry import build_model
-from training.recipe import Recipe
+from training.recipe import TASK_GROUPS, Recipe
 from training.runner import run_training
 from training.trainer import NonFiniteError, Trainer
 
@@ -47,10 +47,36 @@ def trace(out: Path, stage: str, rank: int) -> list[dict]:
 
 
 SHORT = ["stages.0.steps=12", "stages.0.checkpoint_every=4"]
+HYBRID = [  # stage 1 as a hybrid stage over image and video tasks
+    "stages.0.hybrid=true",
+    "stages.0.trainable=[text_head, vision_head, adapter, dit]",
+    "stages.0.tasks.i2i_edit={weight: 0.5, data: curated}",
+    "stages.0.tasks.image_understanding={weight: 0.5, data: curated}",
+    "stages.0.tasks.t2v={weight: 1.0, data: curated, num_frames: 9, fps: 12}",
+    "stages.0.tasks.video_understanding={weight: 0.5, data: curated, num_frames: 9, fps: 12}",
+]
 
 
-def test_ranks_agree_and_resume_is_exact(catalog, tmp_path, ray_session):
-    r = recipe("omni_video_tiny", *SHORT)
+def assert_ranks_agree(rank0: list[dict], rank1: list[dict]) -> None:
+    """Same task (or group), bucket, composition and dropout; each rank its own samples."""
+    assert len(rank0) == len(rank1)
+    for r0, r1 in zip(rank0, rank1, strict=True):
+        same = ("task", "bucket", "parts", "drop")
+        assert [r0[k] for k in same] == [r1[k] for k in same], (r0, r1)
+        assert not set(r0["keys"]) & set(r1["keys"])  # each rank reads its own part
+
+
+def assert_hybrid(records: list[dict]) -> None:
+    """Every batch holds tasks of the drawn group only, and some batches mix tasks."""
+    for t in records:
+        assert t["task"] in TASK_GROUPS and set(t["parts"]) <= set(TASK_GROUPS[t["task"]]), t
+        assert sum(t["parts"].values()) == len(t["keys"])
+    assert any(len(t["parts"]) > 1 for t in records)
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["task", "hybrid"])
+def test_ranks_agree_and_resume_is_exact(hybrid, catalog, tmp_path, ray_session):
+    r = recipe("omni_video_tiny", *SHORT, *(HYBRID if hybrid else []))
     stopped = run_training(r, tmp_path / "a", stages=[0], workers=2, catalog=catalog,
                            stop_after=6, trace=True)  # fmt: skip
     assert stopped["stages"][0]["stopped_at"] == 6
@@ -60,17 +86,13 @@ def test_ranks_agree_and_resume_is_exact(catalog, tmp_path, ray_session):
     resumed, clean = trace(tmp_path / "a", "align", 0), trace(tmp_path / "b", "align", 0)
     assert [t["step"] for t in resumed] == list(range(1, 13)) == [t["step"] for t in clean]
     for x, y in zip(resumed, clean, strict=True):
-        assert (x["task"], x["bucket"], x["keys"], x["drop"]) == (
-            y["task"],
-            y["bucket"],
-            y["keys"],
-            y["drop"],
-        )
+        same = ("task", "bucket", "keys", "parts", "drop")
+        assert [x[k] for k in same] == [y[k] for k in same]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
-    other = trace(tmp_path / "b", "align", 1)
-    for r0, r1 in zip(clean, other, strict=True):
-        assert (r0["task"], r0["bucket"], r0["drop"]) == (r1["task"], r1["bucket"], r1["drop"])
-        assert not set(r0["keys"]) & set(r1["keys"])  # each rank reads its own part
+    assert_ranks_agree(clean, trace(tmp_path / "b", "align", 1))
+    assert_ranks_agree(resumed, trace(tmp_path / "a", "align", 1))
+    if hybrid:
+        assert_hybrid(clean)
     a = load_file(tmp_path / "a" / "stages" / "1-align" / "final.safetensors")
     b = load_file(tmp_path / "b" / "stages" / "1-align" / "final.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -140,6 +162,24 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
         stage_name = child.data.tags["omniforge.stage"]
         tasks = next(s.tasks for s in r.stages if s.name == stage_name)
         assert {g.split("/")[-1].split("-")[0] for g in grids} == set(tasks), grids
+        # stage-end samples of the text-to-image/video tasks (every tiny family generates)
+        samples = [a.path for a in client.list_artifacts(child.info.run_id, "samples")]
+        expected = {t for t in tasks if t in ("t2i", "t2v")}
+        assert {p.split("/")[-1].split("-")[0] for p in samples} == expected, samples
+        folder = next((tmp_path / "run" / "stages").glob(f"*-{stage_name}"))
+        assert sorted(p.name for p in (folder / "samples").glob("*.png")) == sorted(
+            p.split("/")[-1] for p in samples
+        )
+
+    for stage in r.stages:  # hybrid stages (omni_video: unified) mix tasks
+        rank0, rank1 = (
+            trace(tmp_path / "run", stage.name, 0),
+            trace(tmp_path / "run", stage.name, 1),
+        )
+        assert_ranks_agree(rank0, rank1)
+        if stage.hybrid:
+            assert_hybrid(rank0)
+    assert any(s.hybrid for s in r.stages) == (name == "omni_video_tiny")
 
     # the catalog links the data version -> stage runs -> checkpoints -> next stage
     version = catalog.get_version("sample-corpus", 1)

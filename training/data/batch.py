@@ -1,4 +1,5 @@
-"""What a training step consumes: one task's batch, all samples of one bucket shape.
+"""What a training step consumes: one task's batch, all samples of one bucket shape, or under
+hybrid batching a ``MixedBatch`` of several tasks' parts that share that shape.
 
 Pixel tensors are float32 in [-1, 1], layout (B, T, C, H, W); images have T == 1. Text is
 tokenised by the model family's tokenizer (the loader calls ``family.tokenize``).
@@ -27,10 +28,15 @@ class TaskBatch:
     # Condition dropout decided once per step from the shared generator, same on every rank:
     # modality name ("text", "source") -> (B,) bool, True = drop this condition for the sample.
     drop: dict[str, torch.Tensor] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)  # the untokenised text (prompts for samples)
 
     @property
     def size(self) -> int:
         return len(self.keys)
+
+    @property
+    def parts(self) -> list[TaskBatch]:
+        return [self]
 
     def to(self, device: torch.device | str) -> TaskBatch:
         def move(t):
@@ -44,4 +50,32 @@ class TaskBatch:
             attention_mask=move(self.attention_mask),
             source_pixels=move(self.source_pixels),
             drop={k: move(v) for k, v in self.drop.items()},
+            texts=self.texts,
         )
+
+
+@dataclass
+class MixedBatch:
+    """Hybrid batching: one step's samples of several tasks of one group (image or video),
+    every part of the same bucket shape. The model's loss is the sample-weighted mean of the
+    parts' losses: one backward, one optimizer step."""
+
+    group: str  # "image" | "video"
+    parts: list[TaskBatch]  # non-empty parts, in task order
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for p in self.parts for k in p.keys]
+
+    @property
+    def drop(self) -> dict[str, torch.Tensor]:
+        """Per-modality (B,) masks of all parts, concatenated in part order."""
+        names = sorted(set.intersection(*(set(p.drop) for p in self.parts)))
+        return {m: torch.cat([p.drop[m] for p in self.parts]) for m in names}
+
+    def to(self, device: torch.device | str) -> MixedBatch:
+        return MixedBatch(self.group, [p.to(device) for p in self.parts])

@@ -579,7 +579,8 @@ class TaskLoader:
                 )
         pixels = torch.stack([r[0] for _, r in done])
         source = torch.stack([r[1] for _, r in done]) if self.task in EDIT_TASKS else None
-        input_ids, attention_mask = self.tokenize([r[2] for _, r in done])
+        texts = [r[2] for _, r in done]
+        input_ids, attention_mask = self.tokenize(texts)
         return TaskBatch(
             task=self.task,
             keys=[raw.key for raw, _ in done],
@@ -587,6 +588,7 @@ class TaskLoader:
             input_ids=input_ids,
             attention_mask=attention_mask,
             source_pixels=source,
+            texts=texts,
         )
 
     def state_dict(self) -> dict[str, Any]:

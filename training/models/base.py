@@ -2,7 +2,10 @@
 
 A family is an ``nn.Module`` whose parameters live in named module groups (``self.groups``,
 an ``nn.ModuleDict``): stages train some groups (recipe ``trainable`` globs) and freeze the
-rest. ``forward(batch)`` returns the loss of one task batch and its parts for logging.
+rest. ``task_loss(batch)`` returns the loss of one task batch and its parts for logging;
+``forward`` takes a ``TaskBatch`` or a ``MixedBatch`` (hybrid batching: the sample-weighted
+mean of the parts' losses, so the trainer runs one backward either way). Families that can
+generate implement ``sample`` (flow-matching Euler, ``common.FamilyModel.sample``).
 Geometry: latent side = pixel side / ``spatial_factor``; video frame counts are
 ``k * temporal_factor + 1`` (causal video VAE: the first frame alone, then groups).
 """
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.data.batch import TaskBatch
+from training.data.batch import MixedBatch, TaskBatch
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,14 @@ class UnifiedModel(nn.Module):
         """Texts -> (input_ids (B, L) int64, attention_mask (B, L) int64), L <= max_text_len."""
         raise NotImplementedError
 
-    def forward(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+    def task_loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """{"loss": scalar to backprop, "loss/<part>": detached parts for logging}."""
         raise NotImplementedError
+
+    def forward(self, batch: TaskBatch | MixedBatch) -> dict[str, torch.Tensor]:
+        if isinstance(batch, MixedBatch):
+            return mixed_loss([(part, self.task_loss(part)) for part in batch.parts])
+        return self.task_loss(batch)
 
     def supported_tasks(self) -> tuple[str, ...]:
         raise NotImplementedError
@@ -61,3 +69,20 @@ class UnifiedModel(nn.Module):
         for name, group in self.groups.items():
             group.requires_grad_(name in chosen)
         return chosen
+
+
+def mixed_loss(results: list[tuple[TaskBatch, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """One loss for a mixed batch: the parts' losses averaged with their sample counts as
+    weights. Logged: ``loss/<task>`` per part, and each ``loss/<part>`` (flow, text, ...) as
+    the sample-weighted mean over the parts that have it."""
+    total = sum(part.size for part, _ in results)
+    out = {"loss": sum(part.size * r["loss"] for part, r in results) / total}
+    sums: dict[str, tuple[torch.Tensor, int]] = {}
+    for part, r in results:
+        out[f"loss/{part.task}"] = r["loss"].detach()
+        for key, value in r.items():
+            if key.startswith("loss/"):
+                acc, n = sums.get(key, (0.0, 0))
+                sums[key] = (acc + part.size * value, n + part.size)
+    out.update({key: acc / n for key, (acc, n) in sums.items()})
+    return out

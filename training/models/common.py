@@ -15,6 +15,7 @@ stand-ins are initialised from fixed seeds without touching it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.data.batch import EDIT_TASKS, TASKS, TaskBatch
+from training.data.buckets import BucketShape
 from training.models.base import UnifiedModel
 
 
@@ -146,6 +148,32 @@ def flow_pair(x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     noise = torch.randn_like(x0)
     tt = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - tt) * x0 + tt * noise, noise - x0
+
+
+# velocity(x_t (B, T', C, h, w), t (B,) float32, uncond) -> predicted velocity like x_t;
+# uncond=True: the family's null condition (what condition dropout trains)
+Velocity = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+@torch.no_grad()
+def euler_sample(
+    velocity: Velocity, noise: torch.Tensor, steps: int, shift: float = 1.0, guidance: float = 1.0
+) -> torch.Tensor:
+    """Integrate the flow from noise (t = 1) to data (t = 0) with ``steps`` Euler steps on the
+    shifted grid ``shift_timesteps(linspace(1, 0, steps + 1), shift)`` (the training shift).
+    ``guidance`` != 1: classifier-free guidance ``v_u + guidance * (v_c - v_u)``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    grid = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
+    x = noise
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        tt = torch.full((x.shape[0],), t, device=x.device)
+        v = velocity(x, tt, False)
+        if guidance != 1.0:
+            v_uncond = velocity(x, tt, True)
+            v = v_uncond + guidance * (v - v_uncond)
+        x = x + (t_next - t) * v
+    return x
 
 
 # ---------------------------------------------------------------- attention + blocks
@@ -452,6 +480,54 @@ class FamilyModel(UnifiedModel):
             if batch.task in ("t2i", "i2i_edit", "image_understanding") and t != 1:
                 raise ValueError(f"{name}: image task {batch.task} needs T == 1, got {t}")
             latent_frames(t, g.temporal_factor)
+
+    def can_generate(self) -> bool:
+        """Whether ``sample`` works: the family has a text-to-image / text-to-video path."""
+        return hasattr(self, "_text_velocity") and any(
+            t in self.supported_tasks() for t in ("t2i", "t2v")
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        shape: BucketShape | tuple[int, int, int],
+        steps: int = 20,
+        generator: torch.Generator | None = None,
+        guidance: float = 1.0,
+    ) -> torch.Tensor:
+        """Text-to-image / video samples: pixels (B, T, C, H, W) in [-1, 1], B = len(prompts),
+        (T, H, W) = ``shape`` (a BucketShape or (frames, height, width)).
+
+        Flow-matching Euler sampling (``euler_sample``) on the training timestep shift;
+        ``guidance`` != 1 is classifier-free guidance against the null condition that condition
+        dropout trains (dropped text). The only randomness is the initial noise, drawn on the
+        CPU from ``generator``: a fixed seed gives the same samples. Runs in eval mode."""
+        if not self.can_generate():
+            raise NotImplementedError(f"{self.family} has no text-to-image/video path")
+        if isinstance(shape, tuple):
+            shape = BucketShape(*shape)
+        geo, vae = self.geometry, self.groups["vae"]
+        if shape.height % geo.spatial_factor or shape.width % geo.spatial_factor:
+            raise ValueError(f"{shape}: sides must be multiples of {geo.spatial_factor}")
+        device, dtype = next(self.parameters()).device, self.dtype
+        latent_shape = (
+            len(prompts),
+            latent_frames(shape.frames, geo.temporal_factor),
+            vae.latent_channels,
+            shape.height // vae.spatial_factor,
+            shape.width // vae.spatial_factor,
+        )
+        noise = torch.randn(latent_shape, generator=generator).to(device, dtype)
+        was_training = self.training
+        self.eval()
+        try:
+            ids, mask = self.tokenize(list(prompts))
+            velocity = self._text_velocity(ids.to(device), mask.to(device))
+            latents = euler_sample(velocity, noise, steps, self.timestep_shift, guidance)
+            return vae.decode(latents).float().clamp(-1, 1)
+        finally:
+            self.train(was_training)
 
     def _drop(self, batch: TaskBatch, name: str) -> torch.Tensor:
         """(B,) bool: True where the condition `name` is dropped for the sample."""

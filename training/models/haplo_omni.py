@@ -35,6 +35,7 @@ from training.models.common import (
     TinyCausalVAE,
     TinyDecoder,
     TinyDiT,
+    Velocity,
     flow_pair,
     group_frames,
     mlp,
@@ -132,7 +133,7 @@ class HaploOmni(FamilyModel):
         )
         self.tokenizer, self.geometry, self.timestep_shift = tokenizer, geometry, timestep_shift
 
-    def forward(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+    def task_loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         batch = self.prepare(batch)
         segments = []  # (tokens (B, n, Db), key mask (B, n), bidirectional)
         g, b, pre = self.groups, batch.size, self.groups["pre_decoder"]
@@ -166,13 +167,29 @@ class HaploOmni(FamilyModel):
         x0 = g["vae"].encode(batch.pixels)  # (B, T', C, h, w)
         t = self._sample_t(b, x0.device)
         xt, velocity = flow_pair(x0, t)
-        add(g["pre_connector"](pre.timestep(t).to(x0.dtype), TIME), ones[:, None], False)
+        pred = self._velocity(segments, xt, t)
+        return self._result({"flow": F.mse_loss(pred.float(), velocity.float())})
+
+    def _velocity(self, segments, xt, t) -> torch.Tensor:
+        """The post decoder's velocity for noisy latents xt (B, T', C, h, w) at times t (B,):
+        [conditions; timestep token; noisy latents] through pre -> base -> post."""
+        g, pre = self.groups, self.groups["pre_decoder"]
+        ones = torch.ones(xt.shape[0], 1, dtype=torch.long, device=xt.device)
         noisy = g["pre_connector"](pre.latents(xt), LATENT)
-        add(noisy, ones[:, None].expand(b, noisy.shape[1]), True)
+        segments = [
+            *segments,
+            (g["pre_connector"](pre.timestep(t).to(xt.dtype), TIME), ones, False),
+            (noisy, ones.expand(-1, noisy.shape[1]), True),
+        ]
         hidden, key_mask = self._base(segments)
         context = g["post_connector"](hidden)  # (B, L, Dc)
-        pred = g["post_decoder"](xt, t, context, key_mask)
-        return self._result({"flow": F.mse_loss(pred.float(), velocity.float())})
+        return g["post_decoder"](xt, t, context, key_mask)
+
+    def _text_velocity(self, ids, mask) -> Velocity:
+        """Sampling: the velocity given the prompts, or the empty prompt (null condition)."""
+        text = self.groups["pre_decoder"].text_embed(ids)
+        keep = {False: mask.long(), True: torch.zeros_like(mask, dtype=torch.long)}
+        return lambda xt, t, uncond: self._velocity([(text, keep[uncond], False)], xt, t)
 
     def _base(self, segments) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenate segments, build the hybrid block ids, run the base decoder."""

@@ -35,6 +35,7 @@ from training.models.common import (
     TinyDiT,
     TinyVisionEncoder,
     TokenSet,
+    Velocity,
     flow_pair,
     mlp,
     next_token_loss,
@@ -110,7 +111,7 @@ class OmniVideo(FamilyModel):
             vision_weight,
         )
 
-    def forward(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+    def task_loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         batch = self.prepare(batch)
         if batch.task in UNDERSTANDING_TASKS:
             return self._understand(batch)
@@ -130,24 +131,36 @@ class OmniVideo(FamilyModel):
         logits = self.groups["text_head"](hidden[:, nv - 1 : nv - 1 + ids.shape[1]])  # predicts ids
         return self._result({"text": next_token_loss(logits, ids, mask)})
 
+    def _vision(self, ids, mask, source=None, source_keep=None) -> torch.Tensor:
+        """Vision-head tokens (B, Nq, De) from the MLLM over [source (edits); text; slots]."""
+        g, b = self.groups, ids.shape[0]
+        mllm = g["mllm"]
+        text = mllm.embed_text(ids)  # (B, L, D)
+        slots = g["vision_head"].slots.expand(b).to(text.dtype)  # (B, Nq, D)
+        seq, key_mask = [text, slots], [mask, torch.ones_like(slots[..., 0], dtype=torch.long)]
+        if source is not None:
+            seq.insert(0, source)
+            key_mask.insert(0, source_keep[:, None].expand(b, source.shape[1]).long())
+        hidden = mllm(torch.cat(seq, 1), torch.cat(key_mask, 1))
+        return g["vision_head"](hidden[:, -slots.shape[1] :])
+
+    def _velocity(self, xt, src_latents, t, context) -> torch.Tensor:
+        return self.groups["dit"](
+            torch.cat([xt, src_latents], 2), t, context, torch.ones_like(context[..., 0])
+        )
+
     def _generate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         g, b = self.groups, batch.size
-        mllm, vae = g["mllm"], g["vae"]
+        vae = g["vae"]
         drop_text, drop_source = self._drop(batch, "text"), self._drop(batch, "source")
         x0 = vae.encode(batch.pixels)  # (B, T', C, h, w)
-        seq, key_mask = [], []
+        source = None
         if batch.task in EDIT_TASKS:
-            src = self._visual_tokens(batch.source_pixels)  # (B, Ns, D)
-            seq.append(src)
-            key_mask.append((~drop_source)[:, None].expand(b, src.shape[1]).long())
+            source = self._visual_tokens(batch.source_pixels)  # (B, Ns, D)
             src_latents = vae.encode(batch.source_pixels) * (~drop_source).view(b, 1, 1, 1, 1)
         else:
             src_latents = torch.zeros_like(x0)
-        slots = g["vision_head"].slots.expand(b)  # (B, Nq, D)
-        seq += [mllm.embed_text(batch.input_ids), slots.to(x0.dtype)]
-        key_mask += [batch.attention_mask, torch.ones_like(slots[..., 0], dtype=torch.long)]
-        hidden = mllm(torch.cat(seq, 1), torch.cat(key_mask, 1))
-        vision = g["vision_head"](hidden[:, -slots.shape[1] :])  # (B, Nq, De)
+        vision = self._vision(batch.input_ids, batch.attention_mask, source, ~drop_source)
 
         with torch.no_grad():
             target = g["vision_encoder"].encode(batch.pixels).flatten(1, 2)  # (B, T'N, De)
@@ -160,11 +173,16 @@ class OmniVideo(FamilyModel):
         context = g["adapter"](vision, drop_text)  # (B, Nq, Dc)
         t = self._sample_t(b, x0.device)
         xt, velocity = flow_pair(x0, t)
-        pred = g["dit"](
-            torch.cat([xt, src_latents], 2), t, context, torch.ones_like(context[..., 0])
-        )
+        pred = self._velocity(xt, src_latents, t, context)
         flow = F.mse_loss(pred.float(), velocity.float())
         return self._result({"flow": flow, "vision": self.vision_weight * vision_loss})
+
+    def _text_velocity(self, ids, mask) -> Velocity:
+        """Sampling: the DiT's velocity for the prompts' context, or the null context."""
+        vision = self._vision(ids, mask)
+        drop = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        contexts = {u: self.groups["adapter"](vision, drop if u else ~drop) for u in (False, True)}
+        return lambda xt, t, uncond: self._velocity(xt, torch.zeros_like(xt), t, contexts[uncond])
 
 
 def build_tiny(timestep_shift: float = 1.0) -> OmniVideo:

@@ -302,6 +302,12 @@ class DiffusersVAE(Frozen):
         z = self.vae.encode(pixels.transpose(1, 2).to(self.vae.dtype)).latent_dist.mode()
         return ((z.transpose(1, 2).float() - self.mean) * self.scale).to(pixels.dtype)
 
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, T', C', h, w) -> pixels
+        z = latents.float() / self.scale + self.mean
+        x = self.vae.decode(z.transpose(1, 2).to(self.vae.dtype), return_dict=False)[0]
+        return x.transpose(1, 2).to(latents.dtype)  # (B, T, C, H, W), about [-1, 1]
+
 
 class WanDiT(nn.Module):
     """Wan 2.x transformer behind the DiT interface (flow time t in [0, 1] -> timestep 1000 t).

@@ -35,6 +35,7 @@ from training.models.common import (
     TinyDecoder,
     TinyVisionEncoder,
     TokenSet,
+    Velocity,
     flow_pair,
     mlp,
     patchify,
@@ -156,33 +157,46 @@ class Vino(FamilyModel):
     def supported_tasks(self) -> tuple[str, ...]:
         return GENERATION_TASKS
 
-    def forward(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+    def task_loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         batch = self.prepare(batch)
         g, b = self.groups, batch.size
-        vlm, vae = g["vlm"], g["vae"]
+        vae = g["vae"]
         keep_text = ~self._drop(batch, "text")
         x0 = vae.encode(batch.pixels)  # (B, T', C, h, w)
-        seq, key_mask, src_latents = [], [], None
+        source, src_latents = None, None
         if batch.task in EDIT_TASKS:
             keep_src = ~self._drop(batch, "source")
             feats = g["vision_encoder"].encode(batch.source_pixels).flatten(1, 2)  # (B, Ns, De)
-            seq.append(vlm.embed_visual(feats))
-            key_mask.append(keep_src[:, None].expand(b, feats.shape[1]).long())
+            source = (g["vlm"].embed_visual(feats), keep_src[:, None].expand(b, feats.shape[1]))
             src_latents = vae.encode(batch.source_pixels) * keep_src.view(b, 1, 1, 1, 1)
-        queries = g["learnable_queries"].expand(b).to(x0.dtype)  # (B, Nq, D)
-        seq += [vlm.embed_text(batch.input_ids), queries]
-        key_mask += [
-            batch.attention_mask * keep_text[:, None],
-            torch.ones_like(queries[..., 0], dtype=torch.long),
-        ]
-        key_mask = torch.cat(key_mask, 1)
-        context = g["connector"](vlm(torch.cat(seq, 1), key_mask))  # (B, M, Dc)
+        context, key_mask = self._context(batch.input_ids, batch.attention_mask, keep_text, source)
 
         t = self._sample_t(b, x0.device)
         xt, velocity = flow_pair(x0, t)
         x = xt if src_latents is None else torch.cat([src_latents, xt], 1)  # in-context source
         pred = g["mmdit"](x, t, context, key_mask)[:, -x0.shape[1] :]  # target frames only
         return self._result({"flow": F.mse_loss(pred.float(), velocity.float())})
+
+    def _context(self, ids, mask, keep_text, source=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MMDiT context (B, M, Dc) and its key mask (B, M) from the VLM over [source tokens
+        (edits; ``source`` = (tokens (B, Ns, D), keep (B, Ns))); text; queries]."""
+        g, b = self.groups, ids.shape[0]
+        vlm = g["vlm"]
+        text = vlm.embed_text(ids)  # (B, L, D)
+        queries = g["learnable_queries"].expand(b).to(text.dtype)  # (B, Nq, D)
+        seq = [text, queries]
+        key_mask = [mask * keep_text[:, None], torch.ones_like(queries[..., 0], dtype=torch.long)]
+        if source is not None:
+            seq.insert(0, source[0])
+            key_mask.insert(0, source[1].long())
+        key_mask = torch.cat(key_mask, 1)
+        return g["connector"](vlm(torch.cat(seq, 1), key_mask)), key_mask
+
+    def _text_velocity(self, ids, mask) -> Velocity:
+        """Sampling: the MMDiT's velocity for the prompts, or for the empty prompt (null)."""
+        keep = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+        contexts = {u: self._context(ids, mask, ~keep if u else keep) for u in (False, True)}
+        return lambda xt, t, uncond: self.groups["mmdit"](xt, t, *contexts[uncond])
 
 
 def build_tiny(timestep_shift: float = 1.0) -> Vino:
