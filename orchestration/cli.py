@@ -121,9 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+        if isinstance(e, _click_errors()):
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """Usage errors: typer >= 0.20 raises its vendored click's exceptions, older typer click's."""
+    import click
+
+    errors: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        pass
+    else:
+        errors.append(ClickException)
+    return tuple(errors)

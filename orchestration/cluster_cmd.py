@@ -23,6 +23,7 @@ from orchestration.common import console
 app = typer.Typer(help="A local Ray head for development (bound to 127.0.0.1).")
 
 NAME = "cluster"
+AGENT_PORT = 52365
 
 
 def ray_token() -> str | None:
@@ -76,6 +77,9 @@ def start_head(
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         f"--temp-dir={temp}",
+        # The job agent's HTTP port (Ray's default 52365 is taken by any other Ray on the
+        # machine, and the head then accepts no jobs): the default when free, else any.
+        f"--dashboard-agent-listen-port={_free_or_any(AGENT_PORT)}",
         "--disable-usage-stats",
     ]
     if num_cpus is not None:
@@ -83,9 +87,10 @@ def start_head(
     if num_gpus is not None:
         argv.append(f"--num-gpus={num_gpus}")
     url = f"http://127.0.0.1:{dashboard_port}"
+    auth = _ensure_token(argv[0])
     # Job drivers run `omniforge ...` from PATH: put this interpreter's scripts first.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {"PATH": path, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth}
     service = services.start(
         NAME,
         argv,
@@ -98,6 +103,30 @@ def start_head(
     )
     _wait_for_jobs_api(url, timeout)
     return service
+
+
+def _free_or_any(port: int) -> int:
+    if services.port_free(port):
+        return port
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_token(ray: str) -> str:
+    """Token authentication unless ``RAY_AUTH_MODE=disabled``; a missing token is generated
+    into Ray's default place (``~/.ray/auth_token``) the way ``ray get-auth-token`` does."""
+    import subprocess
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return "disabled"
+    if ray_token() is None:
+        subprocess.run(  # prints the token: captured, never shown
+            [ray, "get-auth-token", "--generate"], capture_output=True, check=True
+        )
+    return "token"
 
 
 def _auth_headers() -> dict[str, str]:

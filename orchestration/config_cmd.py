@@ -8,7 +8,7 @@ from typing import Literal
 
 import typer
 
-from catalog.config import ConfigWarning, dump_yaml, load_config, load_yaml
+from catalog.config import ConfigWarning, load_config, load_yaml
 from orchestration.common import console, err_console
 
 app = typer.Typer(help="Validate and print configs (curation configs and training recipes).")
@@ -57,6 +57,12 @@ def show(
     type: str = typer.Option("auto", "--type", help="auto | curation | recipe"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
 ) -> None:
-    """Print the resolved config (defaults + file + overrides) as YAML."""
+    """Print the resolved config (defaults + file + overrides) as YAML, secrets masked."""
+    import yaml
+
+    from catalog.config import to_plain
+    from catalog.secrets import masked
+
     model = model_for(file, type)
-    console.print(dump_yaml(load_config(model, file, set_)), end="", markup=False)
+    plain = masked(to_plain(load_config(model, file, set_)))
+    console.print(yaml.safe_dump(plain, sort_keys=False), end="", markup=False)

@@ -32,15 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from catalog.config import config_hash, dump_yaml
+from catalog.config import config_hash, dump_yaml, flatten
 from catalog.db import code_version
 from catalog.runs import ENV_JOB_ID
-from catalog.secrets import has_secret, mask_urls
+from catalog.secrets import has_secret, mask_urls, masked_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("catalog", "curation", "training", "orchestration")
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_RETRIES = 30
 
 
 class JobError(RuntimeError):
@@ -97,6 +98,19 @@ def refuse_secrets(**values: str | None) -> None:
             )
 
 
+def refuse_secrets_in(config: Any, what: str) -> None:
+    """A config shipped with a job must not carry a secret (it is stored in the cluster's GCS
+    and readable by its users): name the field that does."""
+    plain, shown = flatten(config), masked_params(config)
+    bad = [key for key, value in plain.items() if shown[key] != value]
+    if bad:
+        raise JobError(
+            f"{what} field(s) {', '.join(bad)} hold a secret; jobs carry no secrets: set it in "
+            "the cluster's environment (for example a URL without the password, and the "
+            "password in the variable the component reads)"
+        )
+
+
 def curate_spec(
     config: Any,
     input: str,
@@ -106,7 +120,8 @@ def curate_spec(
     tracking_uri: str | None = None,
 ) -> JobSpec:
     """``omniforge curate run`` on the cluster with the resolved curation ``config``."""
-    refuse_secrets(catalog=catalog, tracking_uri=tracking_uri)
+    refuse_secrets(catalog=catalog, tracking_uri=tracking_uri, input=input, output=output)
+    refuse_secrets_in(config, "curation config")
     args = ["curate", "run", "--config", "curate.yaml", "--input", input, "--output", output]
     args += _common(catalog, tracking_uri)
     return JobSpec(
@@ -128,7 +143,8 @@ def train_spec(
     tracking_uri: str | None = None,
 ) -> JobSpec:
     """``omniforge train run`` on the cluster with the resolved ``recipe``."""
-    refuse_secrets(catalog=catalog, tracking_uri=tracking_uri)
+    refuse_secrets(catalog=catalog, tracking_uri=tracking_uri, output=output)
+    refuse_secrets_in(recipe, "recipe")
     args = ["train", "run", "recipe.yaml", "--output", output]
     if stages:
         args += ["--stages", stages]
@@ -203,14 +219,21 @@ def submit(
     job_id = job_id or new_job_id(spec.kind)
     jobs = client(address)
     with staged(spec) as folder:
-        jobs.submit_job(
-            entrypoint=shlex.join(["omniforge", *spec.args]),
-            submission_id=job_id,
-            runtime_env=runtime_env(job_id, folder, package),
-            metadata=spec.metadata,
-            entrypoint_num_cpus=num_cpus,
-            entrypoint_num_gpus=num_gpus,
-        )
+        for attempt in range(AGENT_RETRIES + 1):
+            try:
+                jobs.submit_job(
+                    entrypoint=shlex.join(["omniforge", *spec.args]),
+                    submission_id=job_id,
+                    runtime_env=runtime_env(job_id, folder, package),
+                    metadata=spec.metadata,
+                    entrypoint_num_cpus=num_cpus,
+                    entrypoint_num_gpus=num_gpus,
+                )
+                break
+            except RuntimeError as e:  # a head that just started has no job agent yet
+                if "No available agent" not in str(e) or attempt == AGENT_RETRIES:
+                    raise
+                time.sleep(2.0)
     return job_id
 
 

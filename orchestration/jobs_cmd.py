@@ -110,8 +110,10 @@ def ls(address: str | None = AddressOption) -> None:
     details = jobs.client(address).list_jobs()
     details.sort(key=lambda d: d.start_time or 0, reverse=True)
     table = Table(title=f"jobs on {jobs.resolve_address(address)}")
-    for col in ("id", "status", "kind", "name", "started (UTC)", "entrypoint"):
+    table.add_column("id", no_wrap=True)
+    for col in ("status", "kind", "name", "started (UTC)"):
         table.add_column(col)
+    table.add_column("entrypoint", overflow="ellipsis", no_wrap=True, max_width=60)
     for d in details:
         meta = d.metadata or {}
         entry = mask_urls(d.entrypoint or "")

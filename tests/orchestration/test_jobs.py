@@ -1,0 +1,149 @@
+"""A real local Ray head (`cluster up`), jobs through the Ray Jobs API, catalog + MLflow records."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from catalog.records import Node
+from catalog.store import Catalog
+from orchestration import services
+from orchestration.cluster_cmd import start_head
+
+OMNIFORGE = str(Path(sys.executable).with_name("omniforge"))
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def outside_address() -> str | None:
+    """This machine's non-loopback address (no packet is sent), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def small_corpus(root: Path) -> Path:
+    """Four real photos and two real clips (tests/data)."""
+    root.mkdir(parents=True)
+    for name in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png", "realshort.mp4"):
+        shutil.copy(DATA / name, root / name)
+    shutil.copy(DATA / "counter.mp4", root / "counter.mp4")
+    return root
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}  # tables unwrapped
+    return subprocess.run(
+        [OMNIFORGE, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def job_id_of(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return re.search(r"submitted job (\S+)", out.stdout).group(1)
+
+
+@pytest.mark.slow
+def test_jobs_on_a_local_ray_head(tmp_path):
+    dashboard = free_port()
+    head = start_head(port=free_port(), dashboard_port=dashboard, num_cpus=2)
+    try:
+        assert head.url == f"http://127.0.0.1:{dashboard}"
+        ip = outside_address()
+        if ip is not None:  # the dashboard / Jobs API answers on loopback only
+            assert not reachable(ip, dashboard)
+        catalog_url = f"sqlite:///{tmp_path / 'catalog.db'}"
+        tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        corpus = small_corpus(tmp_path / "corpus")
+
+        # 1. curation job, waited for through the Jobs API
+        out = cli(
+            "submit", "curate", "--input", str(corpus), "--output", str(tmp_path / "curated"),
+            "--set", "name=job-curated", "--set", "select.min_short_side=128",
+            "--catalog", catalog_url, "--tracking-uri", tracking, "--wait",
+        )  # fmt: skip
+        curate_job = job_id_of(out)
+        assert "job SUCCEEDED" in out.stdout
+
+        # 2. one-stage training job on the version it committed, log followed to the end
+        out = cli(
+            "submit", "train", "omni_video_tiny", "--output", str(tmp_path / "train"),
+            "--stages", "1", "--workers", "1",
+            "--set", "data.curated.uri=catalog://job-curated@1",
+            "--set", "stages.0.steps=4", "--set", "stages.0.checkpoint_every=2",
+            "--catalog", catalog_url, "--tracking-uri", tracking, "--follow",
+        )  # fmt: skip
+        train_job = job_id_of(out)
+        assert "job SUCCEEDED" in out.stdout and "stage 1 (align): 4 steps" in out.stdout
+
+        # the catalog: each job's runs carry its id; lineage version -> stage run -> checkpoint
+        cat = Catalog(catalog_url)
+        (curation_run,) = cat.list_runs(job_id=curate_job)
+        (stage_run,) = cat.list_runs(job_id=train_job)
+        assert (curation_run.kind, curation_run.status) == ("curation", "succeeded")
+        assert (stage_run.kind, stage_run.status) == ("training_stage", "succeeded")
+        version = cat.get_version("job-curated", 1)
+        assert version.run_id == curation_run.id
+        _, down = cat.lineage(Node("version", version.id))
+        edges = {(e.parent.type, e.parent.id, e.relation, e.child.type) for e in down}
+        assert ("version", version.id, "input", "run") in edges
+        assert ("run", stage_run.id, "produced", "checkpoint") in edges
+
+        # MLflow: both runs exist and link back to the catalog
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking)
+        cur = client.get_run(curation_run.mlflow_run_id)
+        assert cur.data.tags["omniforge.catalog"] == "catalog://job-curated@1"
+        stage = client.get_run(stage_run.mlflow_run_id)
+        assert stage.data.tags["omniforge.catalog_run"] == str(stage_run.id)
+        assert "loss" in stage.data.metrics
+
+        # the jobs commands
+        out = cli("jobs", "ls")
+        assert curate_job in out.stdout and "SUCCEEDED" in out.stdout
+        out = cli("jobs", "status", train_job, "--catalog", catalog_url)
+        assert out.returncode == 0, out.stderr
+        assert "SUCCEEDED" in out.stdout and f"catalog run {stage_run.id} (training_stage)" in (
+            out.stdout
+        )
+        out = cli("jobs", "logs", curate_job)
+        assert "catalog://job-curated@1" in out.stdout
+
+        # cancelling a running job
+        from ray.job_submission import JobSubmissionClient
+
+        sleeper = JobSubmissionClient(head.url).submit_job(entrypoint="sleep 120")
+        out = cli("jobs", "cancel", sleeper)
+        assert "stop requested" in out.stdout, out.stderr
+        from orchestration.jobs import wait
+
+        assert wait(sleeper, head.url, timeout=60) == "STOPPED"
+    finally:
+        services.stop("cluster")
+    assert services.running("cluster") is None
+    assert services.port_free(dashboard)
+    assert not json.dumps(head.info).count(":pw@")  # nothing secret was recorded
