@@ -1,8 +1,9 @@
-"""``omniforge demo`` / ``make demo``: the main job on embedded defaults.
+"""``omniforge demo`` / ``make demo``: the main job on embedded defaults, as one stage plan.
 
-sample corpus -> ground-truth registration (``sample-corpus``) -> curation on a local Ray
-(``sample-curated``) -> the omni_video tiny recipe, 3 stages on Ray Train (2 workers) with
-DeepSpeed -> MLflow runs (a SQLite store in the output folder). Rerunning resumes.
+sample corpus -> ground-truth registration (``sample-corpus``) -> ``OUTPUT/plan.yaml``:
+curation on a local Ray (``sample-curated``) -> the omni_video tiny recipe, 3 stages on Ray
+Train (2 workers) with DeepSpeed -> MLflow runs (a SQLite store in the output folder).
+Rerunning resumes (the plan skips finished steps).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from catalog.config import load_config
+import yaml
+
 from catalog.records import Node
 from catalog.store import Catalog
 from orchestration.common import console
@@ -20,11 +22,26 @@ from orchestration.common import console
 DEMO_CURATION = ["name=sample-curated", "select.min_short_side=128", "partition_size=16"]
 
 
+def demo_plan(output: Path, catalog_url: str, tracking_uri: str) -> dict:
+    return {
+        "name": "demo",
+        "output": str(output),
+        "catalog": catalog_url,
+        "tracking_uri": tracking_uri,
+        "curation": {"input": str(output / "corpus"), "set": DEMO_CURATION},
+        "training": {
+            "recipe": "omni_video_tiny",
+            "workers": 2,
+            "set": ["data.curated.uri=catalog://sample-curated@latest"],
+        },
+    }
+
+
 def run_demo(output: Path, catalog_url: str | None = None, tracking_uri: str | None = None) -> None:
-    from curation.config import CurationConfig
-    from curation.pipeline import run_curation
     from curation.sample_data import generate
     from curation.sample_data.register import register_sample_corpus
+    from orchestration.plan import load_plan, run_plan
+    from orchestration.plan_cmd import print_status
 
     start = time.monotonic()
     output = output.resolve()
@@ -33,56 +50,32 @@ def run_demo(output: Path, catalog_url: str | None = None, tracking_uri: str | N
     tracking_uri = tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
     cat = Catalog(catalog_url)
 
-    console.rule("1. sample corpus")
+    console.rule("sample corpus")
     corpus = output / "corpus"
     labels = generate(corpus, seed=0)
     console.print(f"{len(labels)} labelled items in {corpus}")
     raw = register_sample_corpus(corpus, cat, name="sample-corpus")
     console.print(f"registered {raw.ref}: {raw.num_samples} items from the generator's labels")
 
-    console.rule("2. curation")
-    cfg = load_config(CurationConfig, None, DEMO_CURATION)
-    console.print(f"settings: {' '.join('--set ' + s for s in DEMO_CURATION)}")
-    result = run_curation(
-        str(corpus),
-        output / "curated",
-        cfg,
-        catalog=cat,
-        tracking_uri=tracking_uri,
-        console=console,
-    )
-    version = result.version
-    if version.run_id is not None:
-        cat.add_edge(Node("version", raw.id), Node("run", version.run_id), "input")
+    plan_file = output / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(demo_plan(output, catalog_url, tracking_uri)))
+    console.print(f"plan: {plan_file} (curate -> 3 training stages)")
+    plan, plan_output = load_plan(plan_file)
+    state = run_plan(plan, plan_output, cat, console=console)
+    for run_id in state["steps"]["curate"].get("catalog_runs", []):
+        cat.add_edge(Node("version", raw.id), Node("run", run_id), "input")
 
-    console.rule("3. training")
-    from orchestration.train_cmd import recipe_path
-    from training.recipe import Recipe
-    from training.runner import run_training
-
-    recipe = load_config(
-        Recipe, recipe_path("omni_video_tiny"), [f"data.curated.uri={version.ref}"]
-    )
-    trained = run_training(
-        recipe,
-        output / "train",
-        workers=2,
-        catalog=cat,
-        tracking_uri=tracking_uri,
-        resume=True,
-        console=console,
-    )
-    for s in trained["stages"]:
-        loss = s.get("final_loss")
-        console.print(f"  stage {s['stage']}: " + (f"final loss {loss:.4f}" if loss else "done"))
     console.rule("done")
+    print_status(plan_file, [], catalog_url)
+    version = state["steps"]["curate"]["version"].removeprefix("catalog://")
     console.print(f"finished in {time.monotonic() - start:.1f} s. Look around with:")
     for cmd in (
+        f"omniforge plan status {plan_file}",
         f"omniforge catalog ls --catalog {catalog_url}",
-        f"omniforge catalog show {version.dataset}@{version.version} --catalog {catalog_url}",
-        f"omniforge catalog lineage {version.dataset}@{version.version} --catalog {catalog_url}",
+        f"omniforge catalog show {version} --catalog {catalog_url}",
+        f"omniforge catalog lineage {version} --catalog {catalog_url}",
         "omniforge train plan omni_video_tiny",
-        f"open {result.report}",
+        f"open {output / 'curation' / 'report.html'}",
         f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  # then http://127.0.0.1:5000",
     ):
         console.print(f"  {cmd}")

@@ -27,7 +27,7 @@ def run(
 
     plan, output = load_plan(plan_file, set_)
     run_plan(plan, output, _catalog(plan, catalog), console=console)
-    _print_status(plan_file, set_, catalog)
+    print_status(plan_file, set_, catalog)
 
 
 @app.command("status")
@@ -37,10 +37,10 @@ def status(
     catalog: str | None = CatalogOption,
 ) -> None:
     """A table of the plan's steps: status, catalog run, dataset version, MLflow run."""
-    _print_status(plan_file, set_, catalog)
+    print_status(plan_file, set_, catalog)
 
 
-def _print_status(plan_file: Path, set_: list[str], catalog: str | None) -> None:
+def print_status(plan_file: Path, set_: list[str], catalog: str | None) -> None:
     from orchestration.plan import load_plan, status_rows
 
     plan, output = load_plan(plan_file, set_)

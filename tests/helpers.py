@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from catalog.schema import make_key, rows_to_table
@@ -55,3 +60,53 @@ def write_version_files(root: Path, rows: list[dict], max_samples: int = 4) -> l
             )
     write_index_part(rows_to_table(rows), root / "index", "part-0")
     return writer.finished
+
+
+# -- servers and the CLI (orchestration tests) ------------------------------------------------
+
+OMNIFORGE = str(Path(sys.executable).with_name("omniforge"))
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def outside_address() -> str | None:
+    """This machine's non-loopback address (no packet is sent), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def small_corpus(root: Path) -> Path:
+    """Four real photos (tests/data) and two synthetic clips that pass the default filters."""
+    from curation.sample_data.videos import VIDEOS, write_video
+
+    root.mkdir(parents=True)
+    for name in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png"):
+        shutil.copy(DATA / name, root / name)
+    for spec in VIDEOS[:2]:  # static_320x180, pan_slow_480x270
+        write_video(root, f"{spec.name}.mp4", spec, seed=0)
+    return root
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "250"}  # tables unwrapped
+    return subprocess.run(
+        [OMNIFORGE, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )

@@ -25,7 +25,7 @@ from catalog.config import dump_yaml
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
 from training.recipe import Recipe
-from training.trainer import StageSpec, Trainer
+from training.trainer import StageSpec, Trainer, process_group
 
 
 class RayTrainContext:
@@ -51,7 +51,8 @@ class RayTrainContext:
 
 def stage_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
-    Trainer(StageSpec(**config), RayTrainContext()).train()
+    with process_group():
+        Trainer(StageSpec(**config), RayTrainContext()).train()
 
 
 def stage_dir(output: Path, recipe: Recipe, index: int) -> Path:

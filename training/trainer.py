@@ -20,6 +20,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,12 @@ def step_seed(seed: int, stage: int, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def ensure_process_group() -> tuple[int, int]:
     """(rank, world size). Ray Train sets up torch.distributed for >= 1 worker; in-process runs
-    get a one-rank gloo group so DeepSpeed has one too."""
+    get a one-rank gloo group so DeepSpeed has one too (``process_group`` also tears it down)."""
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -80,12 +84,35 @@ def ensure_process_group() -> tuple[int, int]:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
         dist.init_process_group("gloo", rank=0, world_size=1)
-        # An earlier in-process stage's group was destroyed at its end; DeepSpeed still holds
-        # it as its world group: drop DeepSpeed's handle so it wraps the new group.
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None
     return dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def process_group():
+    """The process group of one stage. Under Ray Train workers it exists already (Ray Train
+    owns it). In-process (``num_workers=0``) the stage gets a one-rank gloo group, destroyed at
+    the end through ``deepspeed.comm`` so that DeepSpeed also drops its cached world group and
+    the next in-process stage starts clean (Ray's local mode would destroy it behind
+    DeepSpeed's back, and leaves the variables it then reads to re-initialise)."""
+    if dist.is_initialized():
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in ENV_KEYS}
+    ensure_process_group()
+    try:
+        yield
+    finally:
+        import deepspeed.comm as ds_dist
+
+        if ds_dist.is_initialized():
+            ds_dist.destroy_process_group()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def deepspeed_config(recipe: Recipe, stage: StageConfig, on_gpu: bool) -> dict[str, Any]:
@@ -199,6 +226,7 @@ class Trainer:
         self._restore()
         self.tracker = StageTracker(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
         self.task_counts: Counter[str] = Counter()
+        self._held_out: dict[str, TaskBatch] | None = None
 
     def _restore(self) -> None:
         with self.context.latest_checkpoint() as directory:
@@ -210,6 +238,11 @@ class Trainer:
         self.step = trainer_state["step"]
         self.sampler.load_state_dict(trainer_state["sampler"])
         if self.mixer is not None:
+            if "mixer" not in trainer_state:
+                raise ValueError(
+                    f"stage {self.stage.name!r}: the checkpoint in {self.spec.output} was written "
+                    "without hybrid batching; resume with the recipe it was started with"
+                )
             self.mixer.load_state_dict(trainer_state["mixer"])
         for task, state in loader_states.items():
             self.loaders[task].load_state_dict(state)
@@ -243,7 +276,25 @@ class Trainer:
         progress that the task mixture and the flow-matching noise do not blur."""
         if self.rank != 0:
             return {}
-        if not hasattr(self, "eval_batches"):
+        self.model.eval()
+        results = {}
+        with torch.no_grad():
+            for task, batch in sorted(self.held_out().items()):
+                losses = []
+                for draw in range(EVAL_DRAWS):  # fixed timesteps/noise, averaged
+                    torch.manual_seed(self.recipe.seed + 4242 + draw)
+                    losses.append(float(self.model(batch.to(self.device))["loss"]))
+                results[f"eval_loss/{task}"] = sum(losses) / len(losses)
+        self.model.train()
+        self.tracker.log(results, self.step)
+        with open(Path(self.spec.output) / f"eval-{when}.json", "w") as f:
+            json.dump(results, f)
+        return results
+
+    def held_out(self) -> dict[str, TaskBatch]:
+        """Fixed held-out batches per task (rank 0, built once, from a loader of its own): the
+        most common bucket of each task; input grids of the top buckets are logged on the way."""
+        if self._held_out is None:
             from training.data.loaders import build_task_loaders
 
             loaders = build_task_loaders(
@@ -256,26 +307,13 @@ class Trainer:
                 self.model.geometry,
                 self.model.tokenize,
             )
-            self.eval_batches = {}
+            self._held_out = {}
             for task, loader in loaders.items():
                 weights = loader.bucket_weights()
                 ranked = sorted(weights, key=lambda b: (-weights[b], str(b)))
-                self.eval_batches[task] = loader.next_batch(ranked[0])
+                self._held_out[task] = loader.next_batch(ranked[0])
                 self._log_input_grids(task, loader, ranked[:GRID_BUCKETS])
-        self.model.eval()
-        results = {}
-        with torch.no_grad():
-            for task, batch in sorted(self.eval_batches.items()):
-                losses = []
-                for draw in range(EVAL_DRAWS):  # fixed timesteps/noise, averaged
-                    torch.manual_seed(self.recipe.seed + 4242 + draw)
-                    losses.append(float(self.model(batch.to(self.device))["loss"]))
-                results[f"eval_loss/{task}"] = sum(losses) / len(losses)
-        self.model.train()
-        self.tracker.log(results, self.step)
-        with open(Path(self.spec.output) / f"eval-{when}.json", "w") as f:
-            json.dump(results, f)
-        return results
+        return self._held_out
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -338,7 +376,8 @@ class Trainer:
 
     def _check_finite(self, what: str, value: torch.Tensor, task: str, keys: list[str]) -> None:
         """Every rank agrees before the optimizer step: one rank's NaN stops them all."""
-        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0])
+        # on the step's device: NCCL reduces only CUDA tensors
+        bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
         if dist.is_initialized() and self.world_size > 1:
             dist.all_reduce(bad)
         if bad.item() > 0:
@@ -365,28 +404,52 @@ class Trainer:
         noise (``SAMPLE_SEED``), ``SAMPLE_STEPS`` Euler steps on the stage's timestep shift,
         classifier-free guidance when the stage drops conditions. One PNG per task (columns:
         samples; rows: up to 4 frames), under ``samples/`` in the stage folder and the MLflow
-        stage run. Uses the trained (not EMA) weights. Families that cannot generate
-        (``can_generate()`` false; none of the three built-in ones) are skipped; a failed
-        sampling run (e.g. out of memory) is a warning, since the stage's weights are final."""
-        if not getattr(self.model, "can_generate", lambda: False)():
+        stage run, from the EMA weights when the stage keeps an EMA (what the stage delivers),
+        one prompt at a time (the smallest memory peak). Families that cannot generate
+        (``can_generate()`` false) are skipped; running out of memory is a warning, since the
+        stage's weights are final; any other error is a bug and raised."""
+        if not self.model.can_generate():
             return
         guidance = SAMPLE_GUIDANCE if self.stage.condition_dropout > 0 else 1.0
-        for task in SAMPLE_TASKS:
-            batch = getattr(self, "eval_batches", {}).get(task)
-            if batch is None:
-                continue
-            frames, _, height, width = batch.pixels.shape[1:]
-            shape = BucketShape(frames, height, width)
-            generator = torch.Generator().manual_seed(self.recipe.seed + SAMPLE_SEED)
-            prompts = batch.texts[:SAMPLE_PROMPTS]
-            try:
-                pixels = self.model.sample(prompts, shape, SAMPLE_STEPS, generator, guidance)
-            except RuntimeError as e:  # e.g. out of memory: the stage itself is complete
-                warnings.warn(f"stage-end samples of {task} at {shape} failed: {e}", stacklevel=2)
-                continue
-            path = Path(self.spec.output) / "samples" / f"{task}-{shape}.png"
-            save_grid(frame_rows(pixels), path)
-            self.tracker.log_artifact(str(path), "samples")
+        with self._ema_weights():
+            for task in SAMPLE_TASKS:
+                batch = self.held_out().get(task)
+                if batch is None:
+                    continue
+                frames, _, height, width = batch.pixels.shape[1:]
+                shape = BucketShape(frames, height, width)
+                generator = torch.Generator().manual_seed(self.recipe.seed + SAMPLE_SEED)
+                try:
+                    pixels = torch.cat(
+                        [
+                            self.model.sample([p], shape, SAMPLE_STEPS, generator, guidance)
+                            for p in batch.texts[:SAMPLE_PROMPTS]
+                        ]
+                    )
+                except torch.OutOfMemoryError as e:  # the stage itself is complete
+                    warnings.warn(f"stage-end samples of {task} at {shape}: {e}", stacklevel=2)
+                    continue
+                path = Path(self.spec.output) / "samples" / f"{task}-{shape}.png"
+                save_grid(frame_rows(pixels), path)
+                self.tracker.log_artifact(str(path), "samples")
+
+    @contextmanager
+    def _ema_weights(self):
+        """The model holds the EMA weights inside the block (when the stage keeps an EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = dict(self.model.named_parameters())
+        saved = {name: params[name].detach().clone() for name in self.ema.shadow}
+        with torch.no_grad():
+            for name, value in self.ema.shadow.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
 
     # -- checkpoints and export ----------------------------------------------------------------
 

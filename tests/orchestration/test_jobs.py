@@ -1,64 +1,16 @@
 """A real local Ray head (`cluster up`), jobs through the Ray Jobs API, catalog + MLflow records."""
 
 import json
-import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import cli, free_port, outside_address, reachable, small_corpus
 
 from catalog.records import Node
 from catalog.store import Catalog
 from orchestration import services
 from orchestration.cluster_cmd import start_head
-
-OMNIFORGE = str(Path(sys.executable).with_name("omniforge"))
-DATA = Path(__file__).resolve().parent.parent / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def outside_address() -> str | None:
-    """This machine's non-loopback address (no packet is sent), if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))
-            ip = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if ip.startswith("127.") else ip
-
-
-def reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def small_corpus(root: Path) -> Path:
-    """Four real photos and two real clips (tests/data)."""
-    root.mkdir(parents=True)
-    for name in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png", "realshort.mp4"):
-        shutil.copy(DATA / name, root / name)
-    shutil.copy(DATA / "counter.mp4", root / "counter.mp4")
-    return root
-
-
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}  # tables unwrapped
-    return subprocess.run(
-        [OMNIFORGE, *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
 
 
 def job_id_of(out: subprocess.CompletedProcess) -> str:

@@ -228,7 +228,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_
 
 def test_non_finite_loss_stops_before_the_optimizer_step():
     trainer = Trainer.__new__(Trainer)  # only the finiteness check, no engine
-    trainer.world_size, trainer.step = 1, 3
+    trainer.world_size, trainer.step, trainer.device = 1, 3, torch.device("cpu")
     trainer.stage = type("S", (), {"name": "align"})()
     with pytest.raises(NonFiniteError, match="non-finite loss on task t2i"):
         trainer._check_finite("loss", torch.tensor(float("nan")), "t2i", ["k1"])

@@ -49,6 +49,10 @@ class UnifiedModel(nn.Module):
     def supported_tasks(self) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def can_generate(self) -> bool:
+        """Whether the model can sample images / videos from text (stage-end samples)."""
+        return False
+
     def select_groups(self, patterns: list[str]) -> list[str]:
         """Group names matching any glob; a pattern matching nothing is an error."""
         names = list(self.groups.keys())

@@ -165,15 +165,17 @@ def euler_sample(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     grid = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1), shift).tolist()
-    x = noise
+    # The state accumulates in fp32 (bf16 would lose ~1e-2 over 20 steps); the model sees its
+    # own dtype.
+    dtype, x = noise.dtype, noise.float()
     for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         tt = torch.full((x.shape[0],), t, device=x.device)
-        v = velocity(x, tt, False)
+        v = velocity(x.to(dtype), tt, False).float()
         if guidance != 1.0:
-            v_uncond = velocity(x, tt, True)
+            v_uncond = velocity(x.to(dtype), tt, True).float()
             v = v_uncond + guidance * (v - v_uncond)
         x = x + (t_next - t) * v
-    return x
+    return x.to(dtype)
 
 
 # ---------------------------------------------------------------- attention + blocks
