@@ -103,6 +103,16 @@ def run_stage(
     return trainer.fit()
 
 
+def close_orphans(catalog, folder: Path) -> None:
+    """A driver killed between creating a stage's catalog run and recording it in run.json
+    leaves that run "running" forever: mark it failed before the stage starts again."""
+    for run in catalog.list_runs(kind="training_stage", limit=10_000):
+        if run.status == "running" and run.params.get("output") == str(folder):
+            catalog.update_run(
+                run.id, status="failed", message="interrupted before it was recorded; rerun"
+            )
+
+
 def run_training(
     recipe: Recipe,
     output: str | Path,
@@ -174,6 +184,7 @@ def run_training(
                 tracking_uri, state["mlflow_parent"], recipe, index, refs
             )
         if catalog is not None and not info.get("catalog_run"):
+            close_orphans(catalog, folder)
             info["catalog_run"] = catalog.start_run(
                 "training_stage",
                 f"{recipe.name} stage {index + 1} ({stage.name})",
