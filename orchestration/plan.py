@@ -196,7 +196,9 @@ def _run_curation(plan: Plan, output: Path, catalog, info: dict, console) -> Non
         tracking_uri=plan.tracking_uri,
         console=console,
     )
+    counts = result.version.counts
     info.update(
+        result=", ".join(f"{counts.get(k, 0)} {k}" for k in ("accepted", "rejected", "error")),
         version=result.version.ref,
         catalog_runs=[result.version.run_id] if result.version.run_id else [],
         mlflow_run=result.mlflow_run_id,
@@ -221,7 +223,9 @@ def _run_stage(plan: Plan, output: Path, catalog, step: Step, state: dict, info:
         console=console,
     )
     run_state = json.loads((folder / "run.json").read_text())["stages"][str(step.stage_index)]
+    loss = summary["stages"][-1].get("final_loss")
     info.update(
+        result=f"final loss {loss:.4f}" if loss is not None else "done",
         catalog_runs=[run_state["catalog_run"]] if run_state.get("catalog_run") else [],
         mlflow_run=run_state.get("mlflow_run"),
         checkpoint=run_state.get("checkpoint"),
@@ -247,7 +251,7 @@ def pin_to_curated(recipe, state: dict[str, Any]):
 
 def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
     """One row per step: status (from plan.json, the catalog and whether the driver lives),
-    catalog run, version, MLflow run link."""
+    result (sample counts / final loss), catalog run, version, MLflow run link."""
     state = read_state(output)
     driver_alive = bool(state.get("pid")) and alive(int(state["pid"]))
     rows = []
@@ -263,6 +267,7 @@ def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
                 "step": step.id,
                 "what": step.label,
                 "status": status,
+                "result": info.get("result") or "-",
                 "catalog_run": f"{runs[-1]} ({run_status})" if runs else "-",
                 "version": info.get("version") or "-",
                 "mlflow": mlflow_link(plan.tracking_uri, info.get("mlflow_run")),

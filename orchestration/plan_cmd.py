@@ -46,11 +46,18 @@ def print_status(plan_file: Path, set_: list[str], catalog: str | None) -> None:
     plan, output = load_plan(plan_file, set_)
     rows = status_rows(plan, output, _catalog(plan, catalog))
     table = Table(title=f"plan {plan.name} ({output})")
-    for col in ("step", "what", "status", "catalog run", "dataset version", "MLflow run"):
+    cols = ("step", "what", "status", "result", "catalog run", "dataset version", "MLflow run")
+    for col in cols:
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
-            r["step"], r["what"], r["status"], r["catalog_run"], r["version"], r["mlflow"]
+            r["step"],
+            r["what"],
+            r["status"],
+            r["result"],
+            r["catalog_run"],
+            r["version"],
+            r["mlflow"],
         )
     console.print(table)
     if plan.tracking_uri and not plan.tracking_uri.startswith(("http://", "https://")):
