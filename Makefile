@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # DeepSpeed compiles a shared-memory op on first use: cache it inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install install-dev demo test lint format clean
+.PHONY: install install-dev demo test lint format clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,9 @@ format: install-dev
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
+
+# Benchmarks (bench/README.md): figures vs baselines measured in the same run, never a failure.
+#   make bench BENCH_ARGS="p2 --quick"   one case, small sizes
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -7,7 +7,8 @@ if there is one. Each step: receive (task, bucket) from rank 0, get the batch, f
 backward, check finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint. With
 ``hybrid`` batching the broadcast names a task group and the batch mixes that group's tasks
 (``training/data/hybrid.py``). At stage end rank 0 writes the final weights and, for a family
-that can generate, samples from fixed prompts (``log_samples``).
+that can generate, samples from fixed prompts (``training/artifacts.py``: held-out loss,
+input grids and samples).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import os
 import socket
 import tempfile
 import time
-import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,20 +29,13 @@ import torch
 import torch.distributed as dist
 
 from training import checkpoint as ckpt
+from training.artifacts import StageArtifacts
 from training.data.batch import MixedBatch, TaskBatch
 from training.data.buckets import BucketShape
 from training.data.hybrid import HybridMixer
 from training.ema import EMA
-from training.grids import frame_rows, save_grid
 from training.recipe import Recipe, StageConfig
 from training.sampler import StepSampler
-
-GRID_BUCKETS = 3  # input grids logged per task (most common buckets first)
-EVAL_DRAWS = 4  # noise/timestep draws per held-out batch (flow-matching loss varies with t)
-# Stage-end samples: the first prompts of each generation task's held-out batch, fixed noise.
-SAMPLE_PROMPTS, SAMPLE_STEPS, SAMPLE_SEED = 4, 20, 777
-SAMPLE_GUIDANCE = 4.0  # classifier-free guidance when the stage trains condition dropout
-SAMPLE_TASKS = ("t2i", "t2v")  # text-only conditions; edits would need a source medium
 
 
 class NonFiniteError(RuntimeError):
@@ -157,7 +150,7 @@ def lr_at(stage: StageConfig, step: int) -> float:
     return base - (base - floor) * progress
 
 
-class Trainer:
+class Trainer(StageArtifacts):
     def __init__(self, spec: StageSpec, context: Any):
         """``context``: ``report(metrics, checkpoint_dir)`` and ``latest_checkpoint()``."""
         import deepspeed
@@ -271,50 +264,6 @@ class Trainer:
         self.tracker.close()
         return last
 
-    def evaluate(self, when: str) -> dict[str, float]:
-        """Loss per task on fixed held-out batches with fixed noise (rank 0): a measure of
-        progress that the task mixture and the flow-matching noise do not blur."""
-        if self.rank != 0:
-            return {}
-        self.model.eval()
-        results = {}
-        with torch.no_grad():
-            for task, batch in sorted(self.held_out().items()):
-                losses = []
-                for draw in range(EVAL_DRAWS):  # fixed timesteps/noise, averaged
-                    torch.manual_seed(self.recipe.seed + 4242 + draw)
-                    losses.append(float(self.model(batch.to(self.device))["loss"]))
-                results[f"eval_loss/{task}"] = sum(losses) / len(losses)
-        self.model.train()
-        self.tracker.log(results, self.step)
-        with open(Path(self.spec.output) / f"eval-{when}.json", "w") as f:
-            json.dump(results, f)
-        return results
-
-    def held_out(self) -> dict[str, TaskBatch]:
-        """Fixed held-out batches per task (rank 0, built once, from a loader of its own): the
-        most common bucket of each task; input grids of the top buckets are logged on the way."""
-        if self._held_out is None:
-            from training.data.loaders import build_task_loaders
-
-            loaders = build_task_loaders(
-                self.stage,
-                self.recipe.data,
-                self.catalog,
-                0,
-                1,
-                self.recipe.seed + 1,
-                self.model.geometry,
-                self.model.tokenize,
-            )
-            self._held_out = {}
-            for task, loader in loaders.items():
-                weights = loader.bucket_weights()
-                ranked = sorted(weights, key=lambda b: (-weights[b], str(b)))
-                self._held_out[task] = loader.next_batch(ranked[0])
-                self._log_input_grids(task, loader, ranked[:GRID_BUCKETS])
-        return self._held_out
-
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         task, bucket = self.sampler.next(self.device)  # same on every rank; hybrid: a group
@@ -385,71 +334,6 @@ class Trainer:
                 f"stage {self.stage.name!r} step {self.step}: non-finite {what} on task {task} "
                 f"(samples {keys[:3]}); stopping before the optimizer step"
             )
-
-    def _log_input_grids(self, task: str, loader: Any, buckets: list) -> None:
-        """A PNG grid of what the stage trains on, per bucket (first frame of each sample;
-        edits show source over target), logged as MLflow artifacts under ``inputs/``."""
-        folder = Path(self.spec.output) / "inputs"
-        for bucket in buckets:
-            batch = loader.next_batch(bucket)
-            rows = [batch.pixels[:, 0]]  # (B, C, H, W)
-            if batch.source_pixels is not None:
-                rows.insert(0, batch.source_pixels[:, 0])
-            path = save_grid(rows, folder / f"{task}-{bucket}.png")
-            self.tracker.log_artifact(str(path), "inputs")
-
-    def log_samples(self) -> None:
-        """Stage-end samples (rank 0): for each text-to-image/video task of the stage, the
-        first ``SAMPLE_PROMPTS`` prompts of its held-out batch at that batch's shape, fixed
-        noise (``SAMPLE_SEED``), ``SAMPLE_STEPS`` Euler steps on the stage's timestep shift,
-        classifier-free guidance when the stage drops conditions. One PNG per task (columns:
-        samples; rows: up to 4 frames), under ``samples/`` in the stage folder and the MLflow
-        stage run, from the EMA weights when the stage keeps an EMA (what the stage delivers),
-        one prompt at a time (the smallest memory peak). Families that cannot generate
-        (``can_generate()`` false) are skipped; running out of memory is a warning, since the
-        stage's weights are final; any other error is a bug and raised."""
-        if not self.model.can_generate():
-            return
-        guidance = SAMPLE_GUIDANCE if self.stage.condition_dropout > 0 else 1.0
-        with self._ema_weights():
-            for task in SAMPLE_TASKS:
-                batch = self.held_out().get(task)
-                if batch is None:
-                    continue
-                frames, _, height, width = batch.pixels.shape[1:]
-                shape = BucketShape(frames, height, width)
-                generator = torch.Generator().manual_seed(self.recipe.seed + SAMPLE_SEED)
-                try:
-                    pixels = torch.cat(
-                        [
-                            self.model.sample([p], shape, SAMPLE_STEPS, generator, guidance)
-                            for p in batch.texts[:SAMPLE_PROMPTS]
-                        ]
-                    )
-                except torch.OutOfMemoryError as e:  # the stage itself is complete
-                    warnings.warn(f"stage-end samples of {task} at {shape}: {e}", stacklevel=2)
-                    continue
-                path = Path(self.spec.output) / "samples" / f"{task}-{shape}.png"
-                save_grid(frame_rows(pixels), path)
-                self.tracker.log_artifact(str(path), "samples")
-
-    @contextmanager
-    def _ema_weights(self):
-        """The model holds the EMA weights inside the block (when the stage keeps an EMA)."""
-        if self.ema is None:
-            yield
-            return
-        params = dict(self.model.named_parameters())
-        saved = {name: params[name].detach().clone() for name in self.ema.shadow}
-        with torch.no_grad():
-            for name, value in self.ema.shadow.items():
-                params[name].copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
 
     # -- checkpoints and export ----------------------------------------------------------------
 

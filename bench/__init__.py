@@ -1,0 +1,1 @@
+"""omniforge benchmarks: figures against baselines measured in the same run (see README.md)."""
