@@ -95,14 +95,15 @@ class StageResources:
 
 def plan_resources(stages: list[Stage], cluster_cpus: float, cluster_gpus: float = 0.0) -> dict:
     """Per-stage requests that fit the cluster: actor pools may hold at most half the CPUs
-    together (the rest is left to read / decode tasks), and no request exceeds the cluster."""
+    together, and while there are pools a task asks for at most the other half (else on a
+    1-CPU cluster a 1-CPU task waits forever behind a 0.5-CPU actor)."""
     actors = [s for s in stages if s.uses_model]
     pinned = sum(s.resources.cpus for s in actors)
     scale = min(1.0, (cluster_cpus / 2) / pinned) if pinned else 1.0
     plan = {}
     for s in stages:
         cpus = s.resources.cpus * (scale if s.uses_model else 1.0)
-        cpus = max(0.05, min(cpus, cluster_cpus / 2 if s.uses_model else cluster_cpus))
+        cpus = max(0.05, min(cpus, cluster_cpus / 2 if actors else cluster_cpus))
         gpus = s.resources.gpus if cluster_gpus else 0.0
         max_actors = max(1, int((cluster_cpus / 2) // cpus)) if s.uses_model else 0
         if gpus:

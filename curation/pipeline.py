@@ -211,6 +211,9 @@ def _resume_or_start_run(
     return run_id
 
 
+BLOCK_ROWS = 4
+
+
 def _run_ray(rows: list[dict], stages: list[Stage], writer: PartitionWriter, address: str | None):
     import ray
 
@@ -225,12 +228,20 @@ def _run_ray(rows: list[dict], stages: list[Stage], writer: PartitionWriter, add
     by_partition: dict[int, list[dict]] = {}
     for row in rows:
         by_partition.setdefault(row["partition"], []).append(row)
-    tables = [rows_to_arrow(part) for part in by_partition.values()]
+    # Small blocks: a map task processes whole blocks, so a partition-sized block would run
+    # each stage of a small job on one CPU. The sink regroups rows by partition.
+    block = min(s.batch_size for s in stages) if stages else BLOCK_ROWS
+    tables = [
+        rows_to_arrow(part[i : i + block])
+        for part in by_partition.values()
+        for i in range(0, len(part), block)
+    ]
     ds = ray.data.from_arrow(tables)
     for stage in stages:
         ds = apply_stage(ds, stage, plan[stage.name])
     ds = ds.map_batches(_drop_frames, batch_format="pyarrow", num_cpus=0.25)
-    ds = ds.groupby("partition").map_groups(
+    # as many shuffle partitions as write partitions (Ray's default is 200)
+    ds = ds.groupby("partition", num_partitions=len(by_partition)).map_groups(
         _write_partition, fn_args=(writer,), batch_format="pyarrow", num_cpus=0.5, max_retries=3
     )
     ds.take_all()

@@ -71,7 +71,7 @@ class MotionStage(Stage):
 
     name = "motion"
     resources = Resources(cpus=1)
-    batch_size = 16
+    batch_size = 4  # per-clip optical flow: small batches spread clips over the CPUs
     uses_model = False
 
     def __init__(self, cfg: CurationConfig):
