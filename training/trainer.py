@@ -3,8 +3,9 @@
 Runs inside a Ray Train worker (or in-process with ``num_workers=0``). Every rank builds the
 same model (same seed), takes the trainable groups of the stage, builds its task loaders over
 its part of the data, wraps the model in a DeepSpeed engine and restores the latest checkpoint
-if there is one. Each step: receive (task, bucket) from rank 0, get the batch, forward,
-backward, check finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint. With
+if there is one. Each step: take the batch read in the background during the previous step
+(its task and bucket came from rank 0), start reading the next one, forward, backward, check
+finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint. With
 ``hybrid`` batching the broadcast names a task group and the batch mixes that group's tasks
 (``training/data/hybrid.py``). At stage end rank 0 writes the final weights and, for a family
 that can generate, samples from fixed prompts (``training/artifacts.py``: held-out loss,
@@ -20,6 +21,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,6 +222,11 @@ class Trainer(StageArtifacts):
         self.tracker = StageTracker(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
         self.task_counts: Counter[str] = Counter()
         self._held_out: dict[str, TaskBatch] | None = None
+        # the next step's batch is read on this thread while the current step computes
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._pending: tuple[str, BucketShape, Future] | None = None
+        self.data_state: dict[str, Any] = {}
+        self.stop_at = self.stage.steps
 
     def _restore(self) -> None:
         with self.context.latest_checkpoint() as directory:
@@ -246,18 +253,22 @@ class Trainer(StageArtifacts):
 
     def train(self) -> dict[str, Any]:
         last: dict[str, Any] = {}
-        stop_at = self.stage.steps
+        self.stop_at = self.stage.steps
         if self.spec.stop_after is not None:
-            stop_at = min(stop_at, self.step + self.spec.stop_after)
+            self.stop_at = min(self.stop_at, self.step + self.spec.stop_after)
         if self.step == 0:
             self.evaluate("start")
-        while self.step < stop_at:
-            last = self.train_step()
-            done = self.step == self.stage.steps
-            if done:
-                last.update(self.evaluate("end"))
-            if self.step % self.stage.checkpoint_every == 0 or done or self.step == stop_at:
-                self.save_checkpoint(last)
+        try:
+            while self.step < self.stop_at:
+                last = self.train_step()
+                done = self.step == self.stage.steps
+                if done:
+                    last.update(self.evaluate("end"))
+                every = self.step % self.stage.checkpoint_every == 0
+                if every or done or self.step == self.stop_at:
+                    self.save_checkpoint(last)
+        finally:
+            self._prefetch.shutdown(wait=True, cancel_futures=True)
         if self.step == self.stage.steps and self.rank == 0:
             self.export_final()
             self.log_samples()
@@ -266,8 +277,7 @@ class Trainer(StageArtifacts):
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        task, bucket = self.sampler.next(self.device)  # same on every rank; hybrid: a group
-        batch = self.next_batch(task, bucket)  # condition dropout: same on every rank
+        task, bucket, batch = self.take_batch()  # read while the previous step computed
         t_data = time.perf_counter() - t0
 
         torch.manual_seed(step_seed(self.recipe.seed, self.spec.stage_index, self.step, self.rank))
@@ -315,6 +325,31 @@ class Trainer(StageArtifacts):
                 f.write(json.dumps(record) + "\n")
         return {**metrics, "step": self.step, "task": task, "keys": batch.keys}
 
+    def take_batch(self) -> tuple[str, BucketShape, TaskBatch | MixedBatch]:
+        """This step's (task, bucket, batch); then the next step's draw and the background read
+        of its batch, which overlaps this step's forward / backward.
+
+        The draw is a broadcast, so it stays on this thread (every rank calls collectives in
+        the same order); the read (loader positions, condition dropout, hybrid mix) runs on
+        one prefetch thread. ``data_state`` is taken between the two: it is the state right
+        after this step's batch, what a checkpoint after this step stores, so resuming from it
+        draws and reads exactly what an uninterrupted run does next."""
+        if self._pending is None:
+            self._pending = self._draw_and_read()
+        task, bucket, future = self._pending
+        batch = future.result()
+        self.data_state = {
+            "sampler": self.sampler.state_dict(),
+            **({"mixer": self.mixer.state_dict()} if self.mixer is not None else {}),
+            "loaders": {t: loader.state_dict() for t, loader in self.loaders.items()},
+        }
+        self._pending = self._draw_and_read() if self.step + 1 < self.stop_at else None
+        return task, bucket, batch
+
+    def _draw_and_read(self) -> tuple[str, BucketShape, Future]:
+        task, bucket = self.sampler.next(self.device)  # same on every rank; hybrid: a group
+        return task, bucket, self._prefetch.submit(self.next_batch, task, bucket)
+
     def next_batch(self, choice: str, bucket: BucketShape) -> TaskBatch | MixedBatch:
         """The step's batch: ``choice`` is a task, or under hybrid batching a task group."""
         if self.mixer is not None:
@@ -347,10 +382,10 @@ class Trainer(StageArtifacts):
                 rank=self.rank,
                 trainer_state={
                     "step": self.step,
-                    "sampler": self.sampler.state_dict(),
-                    **({"mixer": self.mixer.state_dict()} if self.mixer is not None else {}),
+                    "sampler": self.data_state["sampler"],
+                    **({"mixer": self.data_state["mixer"]} if self.mixer is not None else {}),
                 },
-                loader_states={t: loader.state_dict() for t, loader in self.loaders.items()},
+                loader_states=self.data_state["loaders"],
                 ema_state=self.ema.state_dict() if self.ema else None,
                 recipe_yaml=dump_yaml(self.recipe),
             )
