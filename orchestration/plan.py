@@ -261,7 +261,7 @@ def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
         if status == "running" and not driver_alive:
             status = "interrupted"
         runs = info.get("catalog_runs") or []
-        run_status = catalog.get_run(runs[-1]).status if runs else None
+        run_status = catalog.get_run(runs[-1]).status if runs and catalog else None
         rows.append(
             {
                 "step": step.id,

@@ -44,7 +44,8 @@ def print_status(plan_file: Path, set_: list[str], catalog: str | None) -> None:
     from orchestration.plan import load_plan, status_rows
 
     plan, output = load_plan(plan_file, set_)
-    rows = status_rows(plan, output, _catalog(plan, catalog))
+    started = (output / "plan.json").exists()  # before the first run there is nothing to read
+    rows = status_rows(plan, output, _catalog(plan, catalog) if started else None)
     table = Table(title=f"plan {plan.name} ({output})")
     cols = ("step", "what", "status", "result", "catalog run", "dataset version", "MLflow run")
     for col in cols:

@@ -53,6 +53,9 @@ def test_plan_paths_steps_and_refusals(tmp_path):
         ("train-2", "stage 2 (generate)"),
     ]
     assert mlflow_link("sqlite:///x.db", "abc") == "abc"
+    before = cli("plan", "status", str(tmp_path / "plan.yaml"))  # nothing has run yet
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.count(" pending ") == 3 and not (tmp_path / "out").exists()
     leaky = tmp_path / "leaky.yaml"
     leaky.write_text(PLAN.replace("sqlite:///out/catalog.db", "postgresql://me:pw@db/c"))
     with pytest.raises(ValueError, match="catalog holds a password"):
