@@ -13,7 +13,6 @@ becomes ``scheme://user:***@host``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -53,21 +52,9 @@ def has_secret(text: str) -> bool:
     return bool(URL_PASSWORD.search(text))
 
 
-def masked_params(params: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """Flattened params with secret-looking keys (and URL passwords) masked; not truncated."""
-    out = {}
-    for key, value in flatten(params).items():
-        if SECRET_KEY.search(key):
-            out[key] = MASK
-        elif isinstance(value, str):
-            out[key] = mask_urls(value)
-        else:
-            out[key] = json.loads(mask_urls(json.dumps(value, default=str)))
-    return out
-
-
 def masked(value: Any) -> Any:
-    """A nested structure (dicts, lists, strings) with the same shape, secrets masked."""
+    """A nested structure (dicts, lists, strings) with the same shape, secrets masked: the
+    value of a key naming a secret (unless empty), passwords inside URLs everywhere."""
     if isinstance(value, Mapping):
         return {
             k: MASK if SECRET_KEY.search(str(k)) and v not in (None, "") else masked(v)
@@ -78,3 +65,8 @@ def masked(value: Any) -> Any:
     if isinstance(value, str):
         return mask_urls(value)
     return value
+
+
+def masked_params(params: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """Flattened params (``a.b.c`` keys, see ``flatten``) with secrets masked; not truncated."""
+    return masked(flatten(params))

@@ -289,19 +289,6 @@ def test_flow_matching_utilities():
     assert mask.tolist() == [[True, True, False], [True, True, False], [True, True, True]]
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1 and any socket connection fails: nothing may be downloaded."""
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
 def test_production_size_refuses_missing_weights(tmp_path, offline):
     with pytest.raises(MissingPretrained) as err:
         build_model("omni_video", "7b", {"mllm": str(tmp_path / "nope")})

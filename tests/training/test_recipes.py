@@ -3,7 +3,6 @@ module groups; the production (7b) templates carry the published values the proj
 and refuse to build without local weights."""
 
 import functools
-import socket
 import warnings
 from pathlib import Path
 
@@ -122,18 +121,6 @@ def test_omni_video_zero1_and_fps():
     for i, stage in enumerate(r.stages):
         fps = {t.fps for name, t in stage.tasks.items() if name not in IMAGE_TASKS}
         assert fps == ({12} if i == 2 else {8} if i == 1 else set()), (stage.name, fps)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1 and any socket connection fails: nothing may be downloaded."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
