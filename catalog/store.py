@@ -7,6 +7,10 @@
     cat.add_shards(v.id, shards)                                   # as shards finish
     cat.commit_version(v.id, index_uri=out + "/index")             # counts from the index
 
+The commit verifies every registered shard (present, recorded size, recorded sha256) and
+refuses the version if any is missing or corrupt; ``verify_shards`` runs the same check on
+demand (``omniforge catalog verify``).
+
 A version is visible to readers (``get_version``, ``resolve``, ``latest``) only once committed.
 Concurrent writers are safe: on SQLite every transaction starts with BEGIN IMMEDIATE (one
 writer at a time, others wait up to the busy timeout); on PostgreSQL the unique constraint on
@@ -15,10 +19,13 @@ writer at a time, others wait up to the busy timeout); on PostgreSQL the unique 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import fsspec
 import pyarrow.compute as pc
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -46,7 +53,7 @@ from catalog.names import DatasetRef, check_name
 from catalog.records import Edge, Node, Resolution, RunInfo, ShardRecord, VersionInfo
 from catalog.runs import RunLedger
 from catalog.schema import STATUSES, count_by_status
-from catalog.shards import ShardInfo, relative_to_root
+from catalog.shards import ShardInfo, relative_to_root, sha256_file
 
 __all__ = [
     "ENV_HOME",
@@ -58,10 +65,55 @@ __all__ = [
     "NotFound",
     "Resolution",
     "RunInfo",
+    "ShardProblem",
     "ShardRecord",
     "VersionInfo",
     "migrate",
 ]
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """A registered shard that is not what the catalog recorded."""
+
+    uri: str
+    kind: Literal["missing", "size", "checksum", "unreadable"]
+    detail: str  # e.g. "wrong size: 4096 bytes, recorded 5120"
+
+    def __str__(self) -> str:
+        return f"{self.uri}: {self.detail}"
+
+
+def check_shard(shard: ShardRecord) -> ShardProblem | None:
+    """Exists, has the recorded size, has the recorded sha256 (local path or fsspec URI)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(shard.uri)
+        size = fs.size(path)
+        if size != shard.num_bytes:
+            return ShardProblem(
+                shard.uri, "size", f"wrong size: {size} bytes, recorded {shard.num_bytes}"
+            )
+        digest = sha256_file(shard.uri)
+    except FileNotFoundError:
+        return ShardProblem(shard.uri, "missing", "missing")
+    except (OSError, ImportError, ValueError) as e:  # unreachable store, missing fsspec extra
+        return ShardProblem(shard.uri, "unreadable", f"unreadable: {e}")
+    if digest != shard.sha256:
+        return ShardProblem(
+            shard.uri,
+            "checksum",
+            f"checksum mismatch: sha256 {digest[:12]}..., recorded {shard.sha256[:12]}...",
+        )
+    return None
+
+
+def check_shards(shards: Sequence[ShardRecord]) -> list[ShardProblem]:
+    """``check_shard`` over many shards in threads (hashlib and file reads release the GIL;
+    the default pool size also keeps an object store busy)."""
+    if not shards:
+        return []
+    with ThreadPoolExecutor() as pool:
+        return [p for p in pool.map(check_shard, shards) if p is not None]
 
 
 class Catalog(RunLedger):
@@ -207,9 +259,15 @@ class Catalog(RunLedger):
                 added += 1
             return added
 
+    def verify_shards(self, version_id: int) -> list[ShardProblem]:
+        """Every registered shard of a version that is missing, has another size than
+        recorded, or another sha256; empty when all are intact."""
+        return check_shards(self.shards(version_id))
+
     def commit_version(self, version_id: int, index_uri: str) -> VersionInfo:
         """Make a pending version visible. Counts come from the index itself; the commit is
-        refused when the index breaks the contract or disagrees with the registered shards."""
+        refused when the index breaks the contract or disagrees with the registered shards,
+        or when any registered shard is missing or differs from its recorded size or sha256."""
         problems = check_index_schema(index_uri)
         if problems:
             raise CatalogError(f"index {index_uri} breaks the sample contract: {problems}")
@@ -220,9 +278,22 @@ class Catalog(RunLedger):
             raise CatalogError(f"index {index_uri} has unknown statuses {sorted(unknown)}")
         if pc.count_distinct(table.column("key")).as_py() != table.num_rows:
             raise CatalogError(f"index {index_uri} has duplicate sample keys")
+        # hashed before the write transaction: on SQLite it would block every other writer
+        registered = self.shards(version_id)
+        bad = check_shards(registered)
+        if bad:
+            raise CatalogError(
+                f"{self.version_by_id(version_id).ref}: {len(bad)} of {len(registered)} shards "
+                "are missing or corrupt: " + "; ".join(str(p) for p in bad)
+            )
         with self.session() as s:
             v = self._pending(s, version_id)
             shards = list(v.shards)
+            if {sh.uri for sh in shards} != {sh.uri for sh in registered}:
+                raise CatalogError(
+                    f"version {v.dataset.name}@{v.version}: shards were registered while the "
+                    "commit verified them; commit again"
+                )
             if shards:
                 in_shards = sum(sh.num_samples for sh in shards)
                 if in_shards != counts["accepted"]:

@@ -1,4 +1,5 @@
-"""``omniforge catalog ...``: list datasets, show versions, lineage, resolve references."""
+"""``omniforge catalog ...``: list datasets, show versions, lineage, resolve references,
+verify shards."""
 
 from __future__ import annotations
 
@@ -158,6 +159,29 @@ def resolve(
     if keys:
         for k in res.keys:
             console.print(k)
+
+
+@app.command()
+def verify(
+    ref: str = typer.Argument(..., help="NAME@VERSION (VERSION: number or latest)"),
+    catalog: str | None = CatalogOption,
+) -> None:
+    """Check every shard of a committed version: present, recorded size, recorded sha256.
+
+    Exit status 1 when any shard is missing or corrupt (each one is listed).
+    """
+    cat = open_catalog(catalog)
+    parsed = DatasetRef.parse(ref)
+    v = cat.get_version(parsed.name, parsed.version)
+    problems = cat.verify_shards(v.id)
+    if problems:
+        console.print(f"{v.ref}: {len(problems)} of {v.num_shards} shards are missing or corrupt")
+        for p in problems:
+            console.print(f"  {p}", markup=False)
+        # SystemExit, not typer.Exit: in cli.main's non-standalone mode typer returns an
+        # Exit's code instead of raising it, and the process would exit 0
+        raise SystemExit(1)
+    console.print(f"{v.ref}: {v.num_shards} shards verified, {v.num_bytes} bytes")
 
 
 @app.command("migrate")

@@ -1,8 +1,12 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from catalog.filters import FilterError, parse_filter
+from catalog.filters import MAX_FILTER_TERMS, FilterError, parse_filter
 
 TABLE = pa.table(
     {
@@ -53,3 +57,71 @@ def test_expressions_select_expected_rows(expr, rows):
 def test_bad_expressions_name_the_problem(expr, message):
     with pytest.raises(FilterError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_filter(expr, TABLE.column_names)
+
+
+# -- limits: hostile or generated filters end in one FilterError line, never a crash ----------
+
+CRASHERS = {  # each crashed the process before the limits: segfault, RecursionError, MemoryError
+    "and_chain_9000": " and ".join(["aesthetic > 1"] * 9000),
+    "not_5000": "not " * 5000 + "aesthetic > 1",
+    "not_30000": "not " * 30000 + "aesthetic > 1",
+}
+
+APPLY = """
+import sys
+import pyarrow as pa, pyarrow.dataset as ds
+from catalog.filters import FilterError, parse_filter
+text = sys.stdin.read()
+try:
+    expr = parse_filter(text, ["aesthetic"])
+except FilterError as e:
+    print("FilterError:", e)
+else:
+    ds.dataset(pa.table({"aesthetic": [1.0, 2.0]})).to_table(filter=expr)
+    print("applied")
+"""
+
+
+@pytest.mark.parametrize("name", sorted(CRASHERS))
+def test_crashing_filters_give_one_line_filter_error(name):
+    # a subprocess: on unlimited parsing the and-chain segfaults inside pyarrow
+    out = subprocess.run(
+        [sys.executable, "-c", APPLY],
+        input=CRASHERS[name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FilterError: filter "), out.stdout[:500]
+    assert len(lines[0]) < 300
+
+
+@pytest.mark.parametrize(
+    "expr, message",
+    [
+        ("kind == 'x' or " * 2000 + "aesthetic > 1", "characters long; at most 20000"),
+        ("not " * 1500 + "aesthetic > 1", "has 1500 operators and brackets; at most 1000"),
+        ("not " * 100 + "aesthetic > 1", "nests deeper than 32 levels"),
+        ("aesthetic > " + "-" * 100 + "1", "nests deeper than 32 levels"),
+        (" or ".join(["aesthetic > 1"] * 257), "has 257 terms; at most 256"),
+        (" and ".join(["aesthetic"] * 300), "has 300 terms; at most 256"),
+        ("0 < " + " < ".join(["aesthetic"] * 300), "has 300 terms; at most 256"),
+        ('f"{' + "not " * 4000 + 'x}" == kind', "nests too deeply to parse"),
+    ],
+)
+def test_filter_limits(expr, message):
+    with pytest.raises(FilterError, match=message) as err:
+        parse_filter(expr, TABLE.column_names)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_filters_within_the_limits_work():
+    # 50 terms, as a generated filter might have: same rows as the short form
+    long = " and ".join(f"aesthetic > {i / 10}" for i in range(50)) + " and kind == 'video'"
+    assert keep(long) == keep("aesthetic > 4.9 and kind == 'video'") == [1, 2]
+    # exactly at the term limit, and a dozen levels of nesting
+    assert keep(" or ".join(["aesthetic > 5"] * MAX_FILTER_TERMS)) == [1, 2]
+    assert keep("not (" * 6 + "aesthetic > 5" + ")" * 6) == [1, 2]

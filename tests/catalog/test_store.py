@@ -1,5 +1,7 @@
 """Catalog create / commit / query / lineage on a real SQLite database."""
 
+from pathlib import Path
+
 import pytest
 from helpers import sample_rows, write_version_files
 from sqlalchemy import create_engine
@@ -162,3 +164,49 @@ def test_migrations_match_models_and_are_idempotent(catalog_url):
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def tamper(shards) -> tuple[str, str]:
+    """Delete the first shard, flip one byte of the second (same size): (deleted, changed)."""
+    deleted, changed = Path(shards[0].uri), Path(shards[1].uri)
+    deleted.unlink()
+    data = bytearray(changed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    return str(deleted), str(changed)
+
+
+def test_commit_refuses_missing_and_corrupt_shards(cat, tmp_path):
+    root = tmp_path / "v"
+    shards = write_version_files(root, sample_rows(20))
+    assert len(shards) >= 3
+    v = cat.begin_version("demo", root_uri=str(root))
+    cat.add_shards(v.id, shards)
+    deleted, changed = tamper(shards)
+    assert Path(changed).stat().st_size == shards[1].num_bytes  # only the checksum differs
+
+    with pytest.raises(CatalogError) as err:
+        cat.commit_version(v.id, str(root / "index"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"catalog://demo@1: 2 of {len(shards)} shards are missing or corrupt" in message
+    assert f"{deleted}: missing" in message
+    assert f"{changed}: checksum mismatch" in message
+    assert cat.version_by_id(v.id).status == "pending"  # nothing became visible
+    problems = cat.verify_shards(v.id)
+    assert sorted((p.uri, p.kind) for p in problems) == sorted(
+        [(deleted, "missing"), (changed, "checksum")]
+    )
+
+
+def test_verify_shards_reports_wrong_sizes_and_accepts_intact_versions(cat, committed_version):
+    v, _ = committed_version("demo")
+    assert cat.verify_shards(v.id) == []
+    shard = cat.shards(v.id)[0]
+    with open(shard.uri, "ab") as f:
+        f.write(b"\0" * 512)
+    [problem] = cat.verify_shards(v.id)
+    assert (problem.uri, problem.kind) == (shard.uri, "size")
+    assert str(problem) == (
+        f"{shard.uri}: wrong size: {shard.num_bytes + 512} bytes, recorded {shard.num_bytes}"
+    )
