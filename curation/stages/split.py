@@ -9,9 +9,13 @@ than ``split.min_clip_s`` with ``too_short``, so they stay visible in the index.
 
 Clip boundaries live on the probed frame grid: frame ``i`` starts at ``i / fps``, a clip
 ``[start, end)`` holds frames ``round(start * fps)`` to ``round(end * fps) - 1``, and
-``num_frames`` / ``duration`` describe that span.
+``num_frames`` / ``duration`` describe that span. A stride is the largest whole number of
+frames whose duration ``frames / fps`` is at most ``split.max_clip_s``, so no clip is longer
+than ``split.max_clip_s``, and no clip ends after the row's ``num_frames`` (the frame count the
+probe measured from the packets), so none extends past the real end of the video.
 
-Reason tag: ``split_failed`` (the detector could not read a video that probed fine).
+Reason tag: ``split_failed`` (the detector could not read a video that probed fine, the row
+has no frame rate / frame count, or one frame lasts longer than ``split.max_clip_s``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,20 @@ def detect_cuts(path: str, threshold: float) -> tuple[list[float], int]:
     raise RuntimeError("; ".join(errors))
 
 
+def stride_frames(max_clip_s: float, fps: float) -> int:
+    """The most frames a clip may hold: the largest ``n`` with ``n / fps <= max_clip_s``.
+
+    Evaluated in floating point exactly as clip durations are (``frames / fps``), so rounding
+    can never make a stride a hair longer than ``max_clip_s``. 0 when one frame is longer.
+    """
+    n = math.floor(max_clip_s * fps)
+    while (n + 1) / fps <= max_clip_s:
+        n += 1
+    while n > 0 and n / fps > max_clip_s:
+        n -= 1
+    return n
+
+
 def scene_bounds(cut_frames: list[int], num_frames: int, max_len: int) -> list[tuple[int, int]]:
     """[start, end) frame ranges: scenes between cuts, each cut into strides of ``max_len``."""
     edges = [0, *sorted({c for c in cut_frames if 0 < c < num_frames}), num_frames]
@@ -86,23 +104,31 @@ class SceneSplitStage(Stage):
     def process_row(self, row: Row) -> Row | list[Row]:
         if row.get("kind") != "video":
             return row
-        fps = row.get("fps")
-        num_frames = row.get("num_frames")
+        fps = float(row.get("fps") or 0.0)
+        num_frames = int(row.get("num_frames") or 0)
+        if not (fps > 0 and math.isfinite(fps)):  # checked before decoding anything
+            raise SampleError("split_failed", f"no frame rate (fps={row.get('fps')})")
+        max_len = stride_frames(self.max_clip_s, fps)
+        if max_len < 1:
+            raise SampleError(
+                "split_failed",
+                f"one frame lasts {1 / fps:.3g} s (fps={fps:.4g}) > split.max_clip_s "
+                f"({self.max_clip_s})",
+            )
         cut_times: list[float] = []
         if self.enabled:
             try:
                 cut_times, frames_read = detect_cuts(local_path(row["source_uri"]), self.threshold)
             except Exception as e:
                 raise SampleError("split_failed", str(e)) from e
-            if not num_frames:
+            if num_frames <= 0:
                 num_frames = frames_read
-        if not fps or not num_frames:
-            raise SampleError("split_failed", f"no frame rate / frame count (fps={fps})")
-        fps = float(fps)
+        if num_frames <= 0:
+            shown = row.get("num_frames")
+            raise SampleError("split_failed", f"no frame count (num_frames={shown})")
         cut_frames = [round(t * fps) for t in cut_times]
-        max_len = max(1, math.floor(self.max_clip_s * fps + 1e-6))
         clips = []
-        for f0, f1 in scene_bounds(cut_frames, int(num_frames), max_len):
+        for f0, f1 in scene_bounds(cut_frames, num_frames, max_len):
             start, end = f0 / fps, f1 / fps
             clip = dict(row)
             clip.update(
@@ -110,7 +136,7 @@ class SceneSplitStage(Stage):
                 span={"start": start, "end": end},
                 key=make_key(row["source_uri"], (start, end)),
                 num_frames=f1 - f0,
-                duration=end - start,
+                duration=(f1 - f0) / fps,
             )
             clips.append(clip)
         return clips

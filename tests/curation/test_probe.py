@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -388,3 +389,163 @@ def test_sniff_family():
     assert sniff_family(b"\0\0\0\x20ftypisom") == "video"
     assert sniff_family(b"\x1a\x45\xdf\xa3....") == "video"
     assert sniff_family(b"hello world") is None
+
+
+# ------------------------------------------------------------------ forged container timing
+# An attacker edits the numbers a container *claims* (same byte length, file still valid); the
+# probe must report what the stream really holds.
+
+REAL_TAG = b"00:00:03.000000000"  # Matroska DURATION tag of a 3-s stream, ASCII
+
+
+def _clip(path: Path, seconds: float = 3.0, fps: int = 30, container: str = "matroska") -> Path:
+    img = landscape(rng_for(0, "forged"), 64, 96, "day")
+    frames = (np.roll(img, 2 * i, 1) for i in range(round(seconds * fps)))
+    encode_video(path, frames, 96, 64, fps, container=container)
+    return path
+
+
+def _segment_duration(ms: float) -> bytes:
+    """Matroska Segment Info ``Duration`` element: ID 0x4489, 8-byte float, in 1 ms units."""
+    return b"\x44\x89\x88" + struct.pack(">d", ms)
+
+
+def _forge(path: Path, *edits: tuple[bytes, bytes]) -> Path:
+    data = path.read_bytes()
+    for old, new in edits:
+        assert len(old) == len(new) and data.count(old) == 1, old
+        data = data.replace(old, new)
+    out = path.with_name(f"forged_{path.name}")
+    out.write_bytes(data)
+    return out
+
+
+def _mp4_box(data: bytes, name: bytes) -> int:
+    assert data.count(name) == 1, name
+    return data.index(name) - 4  # the box starts with its 4-byte size
+
+
+def _forge_mp4_stts(path: Path, scale: Fraction) -> Path:
+    """Scale every sample delta of the video track's time-to-sample table (stts)."""
+    data = bytearray(path.read_bytes())
+    box = _mp4_box(data, b"stts")
+    (entries,) = struct.unpack(">I", data[box + 12 : box + 16])
+    for k in range(entries):
+        at = box + 16 + 8 * k
+        count, delta = struct.unpack(">II", data[at : at + 8])
+        data[at : at + 8] = struct.pack(">II", count, int(delta * scale))
+    out = path.with_name(f"forged_{path.name}")
+    out.write_bytes(bytes(data))
+    return out
+
+
+FORGERIES = {
+    # the reproduced case: 3 s that claim 3 h 59 min, tag only or tag + segment duration
+    "tag_4h": [(REAL_TAG, b"03:59:00.000000000")],
+    "tag_and_segment_4h": [
+        (REAL_TAG, b"03:59:00.000000000"),
+        (_segment_duration(3000.0), _segment_duration(14_340_000.0)),
+    ],
+    "segment_4h": [(_segment_duration(3000.0), _segment_duration(14_340_000.0))],
+    # a stream claimed shorter than it is (would give 300 fps and a 0.3-s clip)
+    "tag_and_segment_0.3s": [
+        (REAL_TAG, b"00:00:00.300000000"),
+        (_segment_duration(3000.0), _segment_duration(300.0)),
+    ],
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_forged_matroska_duration_is_replaced_by_the_measured_one(tmp_path, forgery):
+    forged = _forge(_clip(tmp_path / "clip.mkv"), *FORGERIES[forgery])
+    with av.open(str(forged)) as c:  # FFmpeg really reads the forged claim
+        claims = {c.duration / av.time_base, _tag_seconds(c.streams.video[0])}
+    assert claims - {3.0}, claims
+    info = probe_file(str(forged), CurationConfig().probe)
+    assert info["num_frames"] == 90
+    assert info["duration"] == pytest.approx(3.0, abs=1 / 30)
+    assert info["fps"] == pytest.approx(30.0, rel=0.01)
+    assert info["random_access"] is True
+    row = probe_one(input_row(forged))
+    assert row["status"] is None and row["duration"] == info["duration"]
+
+
+def _tag_seconds(stream) -> float:
+    h, m, s = stream.metadata["DURATION"].split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def test_forged_duration_does_not_decide_the_length_limit(tmp_path):
+    # 3 s claiming 3 h 59 min: not too long for a 60-s limit
+    forged = _forge(_clip(tmp_path / "short.mkv"), *FORGERIES["tag_and_segment_4h"])
+    row = probe_one(input_row(forged), probe={"max_duration_s": 60.0})
+    assert row["status"] is None and row["duration"] == pytest.approx(3.0, abs=1 / 30)
+    # 12 s claiming 3 s: too long for a 5-s limit, measured from the packets
+    long = _clip(tmp_path / "long.mkv", seconds=12.0, fps=10)
+    forged = _forge(
+        long,
+        (b"00:00:12.000000000", REAL_TAG),
+        (_segment_duration(12000.0), _segment_duration(3000.0)),
+    )
+    row = probe_one(input_row(forged), probe={"max_duration_s": 5.0})
+    assert row["status"] == "error" and row["reasons"][0].startswith("too_long: at least 5."), row
+    # an honest long file is still refused from its claim, checked at the claimed end
+    row = probe_one(input_row(long), probe={"max_duration_s": 5.0})
+    assert row["reasons"] == ["too_long: 12.0 s > probe.max_duration_s (5.0)"]
+    # 12 s claiming 5 h: too long, but the message gives what the packets hold
+    forged = _forge(
+        long,
+        (b"00:00:12.000000000", b"05:00:00.000000000"),
+        (_segment_duration(12000.0), _segment_duration(18_000_000.0)),
+    )
+    row = probe_one(input_row(forged), probe={"max_duration_s": 5.0})
+    assert row["reasons"] == ["too_long: 12.0 s > probe.max_duration_s (5.0)"]
+
+
+def test_forged_mp4_header_durations_are_ignored(tmp_path):
+    """mvhd / tkhd / mdhd durations 4780x too long: the sample tables still say 3 s."""
+    path = _clip(tmp_path / "clip.mp4", container="mp4")
+    data = bytearray(path.read_bytes())
+    for name, at in ((b"mvhd", 24), (b"tkhd", 28), (b"mdhd", 24)):  # version-0 boxes
+        box = _mp4_box(data, name)
+        (value,) = struct.unpack(">I", data[box + at : box + at + 4])
+        data[box + at : box + at + 4] = struct.pack(">I", value * 4780)
+    forged = tmp_path / "forged_headers.mp4"
+    forged.write_bytes(bytes(data))
+    info = probe_file(str(forged), CurationConfig().probe)
+    assert (info["num_frames"], info["fps"], info["duration"]) == (90, 30.0, 3.0)
+
+
+def _slideshow(path: Path, seconds_per_frame: float, frames: int = 20) -> Path:
+    """An honest file whose frames are ``seconds_per_frame`` apart (millisecond timestamps)."""
+    img = landscape(rng_for(0, "slideshow"), 64, 96, "day")
+    tb = Fraction(1, 1000)
+    with av.open(str(path), "w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=Fraction(1000, round(seconds_per_frame * 1000)))
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.time_base = tb
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(np.roll(img, 4 * i, 1)))
+            frame.pts, frame.time_base = round(i * seconds_per_frame * 1000), tb
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def test_implausible_fps_is_an_error_row(tmp_path):
+    # a real slideshow: one frame every 2 s
+    row = probe_one(input_row(_slideshow(tmp_path / "slides.mkv", 2.0)))
+    assert row["status"] == "error" and row["kind"] == "video"
+    (reason,) = row["reasons"]
+    assert reason == "implausible_fps: 0.5 fps (20 frames in 40.000 s) outside [1, 1000]"
+    # MP4 sample tables forged: 3 s stretched to 3 h 59 min (0.006 fps), squeezed to 6 ms
+    # (the muxer writes a 15360 Hz track clock: 512 ticks a frame)
+    mp4 = _clip(tmp_path / "clip.mp4", container="mp4")
+    stretched = probe_one(input_row(_forge_mp4_stts(mp4, Fraction(4780))))
+    assert stretched["reasons"][0].startswith("implausible_fps: 0.006276 fps"), stretched
+    squeezed = probe_one(input_row(_forge_mp4_stts(mp4, Fraction(1, 512))))
+    assert squeezed["reasons"][0].startswith("implausible_fps: 1.536e+04 fps"), squeezed
+    # the limits are inclusive and a 1-fps time-lapse is fine
+    ok = probe_one(input_row(_slideshow(tmp_path / "timelapse.mkv", 1.0, frames=4)))
+    assert ok["status"] is None, ok["reasons"]
+    assert (ok["fps"], ok["num_frames"], ok["duration"]) == (1.0, 4, 4.0)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from catalog.schema import make_key
 from curation.config import CurationConfig
 from curation.sample_data import generate, load_labels
+from curation.sample_data.render import landscape, rng_for
+from curation.sample_data.videos import encode_video
 from curation.stages.probe import ProbeStage
-from curation.stages.split import SceneSplitStage, scene_bounds
+from curation.stages.split import SceneSplitStage, scene_bounds, stride_frames
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -192,3 +196,69 @@ def test_very_short_real_clip():
     clips = split(probed(DATA / "realshort.mp4"))
     assert len(clips) == 1 and clips[0]["num_frames"] == 36
     assert clips[0]["span"]["end"] == pytest.approx(1.2, abs=0.01)
+
+
+# ------------------------------------------------------------------ forged container timing
+
+
+def _forged_matroska(tmp_path: Path) -> Path:
+    """A real 3-s, 30-fps Matroska clip whose DURATION tag and Segment duration say 3 h 59 min
+    (edited in place, same byte length: the file stays valid)."""
+    path = tmp_path / "clip.mkv"
+    img = landscape(rng_for(0, "forged"), 64, 96, "day")
+    encode_video(
+        path, (np.roll(img, 2 * i, 1) for i in range(90)), 96, 64, 30, "libx264", "matroska"
+    )
+    data = path.read_bytes()
+    for old, new in (
+        (b"00:00:03.000000000", b"03:59:00.000000000"),
+        (
+            b"\x44\x89\x88" + struct.pack(">d", 3000.0),
+            b"\x44\x89\x88" + struct.pack(">d", 14_340_000.0),
+        ),
+    ):
+        assert data.count(old) == 1
+        data = data.replace(old, new)
+    forged = tmp_path / "forged.mkv"
+    forged.write_bytes(data)
+    return forged
+
+
+def test_forged_duration_gives_clips_inside_the_real_video(tmp_path):
+    row = probed(_forged_matroska(tmp_path))
+    clips = split(row, split={"max_clip_s": 1.0, "min_clip_s": 0.5})
+    assert all(c["status"] is None for c in clips)
+    assert [c["num_frames"] for c in clips] == [30, 30, 30]
+    assert spans(clips) == [(0.0, 1.0), (1.0, 2.0), (2.0, pytest.approx(3.0))]
+    for c in clips:
+        assert c["duration"] <= 1.0 and c["span"]["end"] <= 3.0 + 1e-9
+    # default limits: the whole clip, not 90 one-frame clips of 159 s
+    (clip,) = split(row)
+    assert clip["num_frames"] == 90 and clip["span"]["end"] == pytest.approx(3.0)
+
+
+def test_a_frame_longer_than_max_clip_s_is_an_error_not_a_clip(tmp_path):
+    """The row an unchecked probe made of the forged file: 90 frames over 14340 s."""
+    row = probed(_forged_matroska(tmp_path))
+    row = {**row, "fps": 90 / 14340.0, "duration": 14340.0}
+    (out,) = split(row)
+    assert out["status"] == "error"
+    assert out["reasons"] == [
+        "split_failed: one frame lasts 159 s (fps=0.006276) > split.max_clip_s (60.0)"
+    ]
+
+
+def test_strides_never_exceed_max_clip_s(corpus):
+    root, labels = corpus
+    row = probed(root / uncut_videos(labels)[0]["path"])
+    # 1.142857 * 7 = 7.999999: an 8-frame stride would be 1.4e-7 s too long
+    row = {**row, "fps": 7.0, "num_frames": 30, "duration": 30 / 7}
+    clips = split(row, split={"enabled": False, "max_clip_s": 1.142857, "min_clip_s": 0.5})
+    assert [c["num_frames"] for c in clips] == [7, 7, 7, 7, 2]
+    assert all(c["duration"] <= 1.142857 for c in clips)
+    assert clips[-1]["span"]["end"] == pytest.approx(30 / 7)
+    for fps in (30000 / 1001, 24000 / 1001, 25.0, 7.0, 30 / 1.18, 1000.0, 1.0):
+        for max_clip_s in (0.5, 1.0, 1.001, 2.142857, 2.5, 60.0, 60.06, 97.097):
+            n = stride_frames(max_clip_s, fps)
+            assert n / fps <= max_clip_s < (n + 1) / fps, (fps, max_clip_s, n)
+    assert stride_frames(60.0, 1 / 159) == 0
