@@ -3,14 +3,16 @@
 The dashboard and the Jobs API listen on 127.0.0.1 only. Ray's own gRPC servers (GCS,
 raylet, object manager) listen on the node's address whatever is asked (Ray maps 127.0.0.1 to
 the node IP so that workers can join), so the head also turns on Ray's token
-authentication (the token in ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN[_PATH]``; Ray creates
-one when there is none). Jobs go to it with ``omniforge submit ... `` (no ``--address``
-needed: the running head is found from ``OMNIFORGE_HOME/services/cluster.json``).
+authentication (the token in ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN[_PATH]``; ``cluster up``
+creates the file, readable by its owner only, when there is none). Jobs go to it with
+``omniforge submit ... `` (no ``--address`` needed: the running head is found from
+``OMNIFORGE_HOME/services/cluster.json``).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -33,8 +35,41 @@ def ray_token() -> str | None:
     token = read_secret("RAY_AUTH_TOKEN")
     if token:
         return token
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path = token_path()
     return path.read_text().strip() if path.exists() else None
+
+
+def token_path() -> Path:
+    """The token file Ray reads: ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def write_token(path: Path) -> None:
+    """A new random token (Ray's format: 64 hex digits) in ``path``, created with mode 0600
+    (its folder 0700 when new): never readable by others, not even for an instant."""
+    import secrets
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return  # another process wrote one meanwhile: that one is used
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def secure_token_file(path: Path | None = None) -> None:
+    """Make an existing token file of ours owner-only (0600). Ray writes the file with the
+    umask's mode (usually 0644) when ``ray.init()`` or ``ray get-auth-token --generate``
+    creates it; call this after anything that may have."""
+    path = path or token_path()
+    try:
+        st = path.stat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        return  # none, or not ours to change (a mounted secret)
 
 
 def enable_client_auth() -> None:
@@ -87,7 +122,7 @@ def start_head(
     if num_gpus is not None:
         argv.append(f"--num-gpus={num_gpus}")
     url = f"http://127.0.0.1:{dashboard_port}"
-    auth = _ensure_token(argv[0])
+    auth = _ensure_token()
     # Job drivers run `omniforge ...` from PATH: put this interpreter's scripts first.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {"PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth}
@@ -115,17 +150,15 @@ def _free_or_any(port: int) -> int:
         return s.getsockname()[1]
 
 
-def _ensure_token(ray: str) -> str:
-    """Token authentication unless ``RAY_AUTH_MODE=disabled``; a missing token is generated
-    into Ray's default place (``~/.ray/auth_token``) the way ``ray get-auth-token`` does."""
-    import subprocess
-
+def _ensure_token() -> str:
+    """Token authentication unless ``RAY_AUTH_MODE=disabled``. A missing token is generated
+    into the file Ray reads (``token_path()``) with mode 0600; a token file Ray created earlier
+    with a looser mode is tightened to 0600."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return "disabled"
     if ray_token() is None:
-        subprocess.run(  # prints the token: captured, never shown
-            [ray, "get-auth-token", "--generate"], capture_output=True, check=True
-        )
+        write_token(token_path())
+    secure_token_file()
     return "token"
 
 

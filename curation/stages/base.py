@@ -6,18 +6,42 @@ plain dicts: sample-contract columns plus working columns (``frames``, ``partiti
 
 A bad sample is data, not an exception: ``process_row`` raising ``SampleError`` (or anything
 else) marks that row ``status="error"`` with a reason naming the stage, and the batch goes on.
-Rows already in error pass through untouched. Scorers add columns and never drop rows.
+Rows whose status is already final pass through every stage untouched: rows in error, and
+rows the input listing rejected without reading them (``rejected`` with a reason in
+``LISTING_REASONS``, e.g. a hidden file). This holds for stages that override
+``process_batch`` too (``Stage.__init_subclass__`` wraps it). Scorers add columns and never
+drop rows.
 Stages do not import Ray; ``curation.adapter`` turns them into Ray Data callables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 Row = dict[str, Any]
+
+# Reasons the input listing (curation/sources.py) rejects an input for without reading it:
+# such a row is final, nothing downstream probes, scores or re-selects it.
+LISTING_REASONS = frozenset({"skipped_hidden"})
+
+
+def reason_tag(reason: str) -> str:
+    """``"too_short: 1.2 < 2"`` -> ``"too_short"``."""
+    return reason.split(":", 1)[0].strip()
+
+
+def is_final(row: Row) -> bool:
+    """True for rows no stage may touch: in error, or rejected by the input listing."""
+    status = row.get("status")
+    if status == "error":
+        return True
+    return status == "rejected" and any(
+        reason_tag(r) in LISTING_REASONS for r in row.get("reasons") or []
+    )
 
 
 class SampleError(Exception):
@@ -61,6 +85,13 @@ class Stage:
     batch_size: ClassVar[int] = 8
     uses_model: ClassVar[bool] = False  # True: run in an actor pool (setup() once per actor)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``process_batch`` only ever sees rows that are not final."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("process_batch")
+        if own is not None and not getattr(own, "_skips_final", False):
+            cls.process_batch = _skipping_final(own)
+
     def setup(self) -> None:
         """Load models / engines once per worker."""
 
@@ -74,7 +105,7 @@ class Stage:
     def process_batch(self, rows: list[Row]) -> list[Row]:
         out: list[Row] = []
         for row in rows:
-            if row.get("status") == "error":
+            if is_final(row):
                 out.append(row)
                 continue
             try:
@@ -94,6 +125,26 @@ class Stage:
         gpu = f", {r.gpus:g} GPU" if r.gpus else ""
         pool = "actor pool" if self.uses_model else "tasks"
         return f"{self.name} ({pool}, {r.cpus:g} CPU{gpu}, batch {self.batch_size})"
+
+
+def _skipping_final(process_batch: Callable[[Stage, list[Row]], list[Row]]):
+    """``process_batch`` called on the rows that are not final; final rows come back unchanged
+    in their places (after the others when the stage returned more or fewer rows)."""
+
+    @functools.wraps(process_batch)
+    def wrapper(self: Stage, rows: list[Row]) -> list[Row]:
+        final = [is_final(r) for r in rows]
+        if not any(final):
+            return process_batch(self, rows)
+        work = [r for r, f in zip(rows, final, strict=True) if not f]
+        done = process_batch(self, work) if work else []
+        if len(done) != len(work):
+            return done + [r for r, f in zip(rows, final, strict=True) if f]
+        it = iter(done)
+        return [r if f else next(it) for r, f in zip(rows, final, strict=True)]
+
+    wrapper._skips_final = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def mark_error(row: Row, reason: str, detail: str = "") -> Row:
