@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import tarfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -99,15 +100,21 @@ class _TarShard:
         self.tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
         self.stream = fs.open(self.tmp, "wb")
         self.hash = hashlib.sha256()
-        import webdataset as wds  # lazy: it imports torch, which CLI start-up does not need
-
-        # mtime fixed so identical input gives byte-identical shards; members are raw bytes.
-        self.tar = wds.TarWriter(_HashingWriter(self.stream, self.hash), encoder=False, mtime=0)
+        # The stdlib writer (webdataset's TarWriter wraps the same, but importing webdataset
+        # imports torch in every curation worker). Members as webdataset writes them, sorted
+        # by extension, with fixed metadata so identical input gives byte-identical shards.
+        stream = _HashingWriter(self.stream, self.hash)
+        self.tar = tarfile.open(fileobj=stream, mode="w|")  # noqa: SIM115 - closed by close/abort
         self.num_samples = 0
         self.num_bytes = 0
 
     def add(self, key: str, members: Mapping[str, bytes]) -> None:
-        self.tar.write({"__key__": key, **members})
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(data))
         self.num_bytes += sum(512 + (len(v) + 511) // 512 * 512 for v in members.values())
         self.num_samples += 1
 

@@ -1,131 +1,263 @@
-"""The one place that turns a Stage into a Ray Data operation (stages never import Ray).
+"""The one place that turns stages into Ray actors (stages never import Ray).
 
-Batches cross Ray as Arrow tables typed by ``WORKING_SCHEMA`` (the sample contract plus the
-working columns), and stages see them as lists of row dicts. Model stages run in an actor pool
-(``setup()`` once per actor); the others run as tasks. Fractional CPU requests keep a small
-machine from deadlocking: on 2 CPUs an actor pool that holds whole CPUs starves the read tasks,
-so the per-worker requests are scaled to fit the cluster (see ``plan_resources``).
+The stage list is cut into **steps**: each run of consecutive stages without a model is fused
+into one step (one call, rows stay Python dicts, frames stay numpy arrays), and each model stage
+is a step of its own. The last step is always a fused CPU step that also writes the block
+(``curation.sink``). Two kinds of long-lived workers run them, so set-up (imports, models,
+decoders) is paid once per run, not per block or per stage:
+
+- CPU workers: one actor per CPU of the cluster (less what the model actors take), each holding
+  every CPU step;
+- model workers: an actor pool per model stage (``setup()`` loads the model once per actor),
+  asking Ray for GPUs when the cluster has them.
+
+A step call returns two objects: the rows for the next step (never fetched by the driver; the
+next actor reads them from the object store, numpy buffers zero-copy) and a small ``StepInfo``
+the driver waits on. Fractional CPU requests keep every worker schedulable on a small machine
+(``plan_workers``); they are Ray's bookkeeping, not a limit on the processes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
+from curation.sink import BlockSink, BlockWritten
+from curation.stages.base import Row, Stage
 
-from catalog.schema import SAMPLE_SCHEMA
-from curation.stages.base import Stage
-
-WORKING_SCHEMA = pa.schema(
-    list(SAMPLE_SCHEMA)
-    + [
-        pa.field("input_id", pa.string()),
-        pa.field("partition", pa.int64()),
-        pa.field("frames", pa.list_(pa.binary())),
-        pa.field("frame_times", pa.list_(pa.float64())),
-        pa.field("target_frames", pa.list_(pa.binary())),
-        pa.field("edit_change", pa.float64()),
-        pa.field("edit_aspect_diff", pa.float64()),
-        pa.field("thumb", pa.binary()),
-        pa.field("random_access", pa.bool_()),
-        pa.field("clip_embedding", pa.list_(pa.binary())),
-        pa.field("frames_decoder", pa.string()),
-    ]
-)
-_TYPES = {f.name: f.type for f in WORKING_SCHEMA}
-
-
-def rows_to_arrow(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows -> Arrow with known columns typed; unknown columns inferred (never dropped)."""
-    names: list[str] = []
-    for row in rows:
-        for k in row:
-            if k not in names:
-                names.append(k)
-    arrays, fields = [], []
-    for name in names:
-        values = [row.get(name) for row in rows]
-        typ = _TYPES.get(name)
-        if name == "reasons":
-            values = [list(v) if v is not None else [] for v in values]
-        arr = pa.array(values, type=typ) if typ is not None else pa.array(values)
-        arrays.append(arr)
-        fields.append(pa.field(name, arr.type))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-
-
-def _run(stage: Stage, batch: pa.Table) -> pa.Table:
-    rows = batch.to_pylist()
-    return rows_to_arrow(stage.process_batch(rows)) if rows else batch
-
-
-class StageActor:
-    """Ray Data callable class: ``setup()`` once per actor, then one call per batch."""
-
-    def __init__(self, stage: Stage):
-        self.stage = stage
-        stage.setup()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return _run(self.stage, batch)
-
-
-class StageTask:
-    """Ray Data function for stages without a model; ``setup()`` (cheap for them) runs once
-    per task, since each task gets its own copy of this object."""
-
-    def __init__(self, stage: Stage):
-        self.stage = stage
-        self.ready = False
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if not self.ready:
-            self.stage.setup()
-            self.ready = True
-        return _run(self.stage, batch)
+# Model actors on a CPU-only cluster: one per this many CPUs (at least one per model stage).
+CPUS_PER_MODEL_ACTOR = 4
+# Model actors together take at most this share of the cluster's CPUs in Ray's bookkeeping.
+MODEL_CPU_SHARE = 0.25
+# Ray restarts a dead actor and re-runs its in-flight call this many times before the driver
+# sees the failure (then the driver retries the block, see ``curation.engine``).
+ACTOR_RETRIES = 3
 
 
 @dataclass(frozen=True)
-class StageResources:
+class Step:
+    """Stages run by one worker call: fused CPU stages (``uses_model`` False) or one model."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    uses_model: bool
+    writes: bool = False  # the last step also writes the block
+
+    def describe(self) -> str:
+        if self.uses_model:
+            return self.stages[0].describe()
+        names = " + ".join(s.name for s in self.stages) or "-"
+        return f"{names} (fused, CPU workers)" + (" -> sink" if self.writes else "")
+
+
+def plan_steps(stages: Sequence[Stage]) -> list[Step]:
+    """Consecutive CPU stages fused into one step; a step per model stage; the last CPU step
+    (possibly holding no stage) writes the block."""
+    steps: list[Step] = []
+    group: list[Stage] = []
+    for stage in stages:
+        if stage.uses_model:
+            if group:
+                steps.append(Step("+".join(s.name for s in group), tuple(group), False))
+                group = []
+            steps.append(Step(stage.name, (stage,), True))
+        else:
+            group.append(stage)
+    steps.append(Step("+".join(s.name for s in group) or "sink", tuple(group), False, True))
+    return steps
+
+
+@dataclass
+class StepInfo:
+    """What the driver learns of one step of one block (small: never the rows themselves)."""
+
+    block: str
+    step: str
+    rows: int
+    stages: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # in, out, seconds
+    written: BlockWritten | None = None
+    worker: str = ""
+
+
+class Worker:
+    """A Ray actor holding built stages: ``setup()`` once when it starts, one call per step.
+
+    ``device`` is ``cuda`` when Ray gave the actor a GPU, else ``cpu``; stages read it in
+    ``setup()``. The CPU workers also hold the block sink.
+    """
+
+    def __init__(self, steps: list[Step], sink: BlockSink | None = None, threads: int = 1):
+        start = time.monotonic()
+        _limit_threads(threads)
+        self.steps = {s.name: s for s in steps}
+        self.sink = sink
+        self.device = "cpu"
+        self.name = f"pid {os.getpid()}"
+        self.setup_error: BaseException | None = None
+        try:
+            import ray
+
+            if ray.is_initialized() and ray.get_gpu_ids():
+                self.device = "cuda"
+            for step in steps:
+                for stage in step.stages:
+                    stage.device = self.device
+                    stage.setup()
+        except Exception as e:  # kept for ready(): the driver reports it as the cause
+            self.setup_error = e
+        self.setup_s = time.monotonic() - start
+
+    def ready(self) -> dict[str, Any]:
+        """Raises the set-up error, if any (a missing model, a bad setting)."""
+        if self.setup_error is not None:
+            raise self.setup_error
+        return {"pid": os.getpid(), "setup_s": self.setup_s, "device": self.device}
+
+    def run(self, step_name: str, block: str, rows: list[Row]) -> tuple[list[Row], StepInfo]:
+        step = self.steps[step_name]
+        info = StepInfo(block, step_name, 0, worker=self.name)
+        for stage in step.stages:
+            start = time.monotonic()
+            n_in = len(rows)
+            rows = stage.process_batch(rows) if rows else rows
+            info.stages[stage.name] = (n_in, len(rows), time.monotonic() - start)
+        info.rows = len(rows)
+        if step.writes:
+            assert self.sink is not None, "the writing step runs on a CPU worker"
+            start = time.monotonic()
+            info.written = self.sink.write(block, rows)
+            info.stages["sink"] = (len(rows), len(rows), time.monotonic() - start)
+            rows = []
+        return rows, info
+
+
+def _limit_threads(n: int) -> None:
+    """One process per CPU does the parallel work: libraries' own thread pools would only
+    oversubscribe the cores (OpenCV, and FFmpeg / onnxruntime read these at their start)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    size: int
     cpus: float
-    gpus: float
-    max_actors: int
+    gpus: float = 0.0
 
 
-def plan_resources(stages: list[Stage], cluster_cpus: float, cluster_gpus: float = 0.0) -> dict:
-    """Per-stage requests that fit the cluster: actor pools may hold at most half the CPUs
-    together, and while there are pools a task asks for at most the other half (else on a
-    1-CPU cluster a 1-CPU task waits forever behind a 0.5-CPU actor)."""
-    actors = [s for s in stages if s.uses_model]
-    pinned = sum(s.resources.cpus for s in actors)
-    scale = min(1.0, (cluster_cpus / 2) / pinned) if pinned else 1.0
-    plan = {}
-    for s in stages:
-        cpus = s.resources.cpus * (scale if s.uses_model else 1.0)
-        cpus = max(0.05, min(cpus, cluster_cpus / 2 if actors else cluster_cpus))
-        gpus = s.resources.gpus if cluster_gpus else 0.0
-        max_actors = max(1, int((cluster_cpus / 2) // cpus)) if s.uses_model else 0
-        if gpus:
-            max_actors = max(1, min(max_actors, int(cluster_gpus // gpus)))
-        plan[s.name] = StageResources(round(cpus, 3), gpus, max_actors)
-    return plan
+def plan_workers(
+    model_stages: Sequence[Stage], cluster_cpus: float, cluster_gpus: float = 0.0
+) -> tuple[PoolPlan, dict[str, PoolPlan]]:
+    """(CPU workers, model pools by stage name) that fit the cluster together.
+
+    Model stages that declare GPUs get them when the cluster has any (the GPUs are shared out
+    between such stages); the others run on CPU, one actor per ``CPUS_PER_MODEL_ACTOR`` CPUs,
+    their requests scaled so that all model actors take at most ``MODEL_CPU_SHARE`` of the
+    CPUs. The CPU workers share the rest: one per remaining CPU (rounded), at most 1 CPU each.
+    """
+    gpu_stages = [s for s in model_stages if cluster_gpus and s.resources.gpus]
+    models: dict[str, PoolPlan] = {}
+    per_cpu_stage = max(1, int(cluster_cpus // CPUS_PER_MODEL_ACTOR))
+    wanted = sum(s.resources.cpus * (1 if s in gpu_stages else per_cpu_stage) for s in model_stages)
+    scale = min(1.0, MODEL_CPU_SHARE * cluster_cpus / wanted) if wanted else 1.0
+    for s in model_stages:
+        cpus = round(max(0.05, s.resources.cpus * scale), 3)
+        if s in gpu_stages:
+            share = cluster_gpus / len(gpu_stages)
+            size = max(1, int(share // s.resources.gpus))
+            models[s.name] = PoolPlan(size, cpus, s.resources.gpus)
+        else:
+            models[s.name] = PoolPlan(per_cpu_stage, cpus)
+    taken = sum(p.size * p.cpus for p in models.values())
+    free = max(cluster_cpus - taken, 0.1)
+    size = max(1, int(free + 0.5))
+    return PoolPlan(size, round(min(1.0, free / size), 3)), models
 
 
-def apply_stage(ds, stage: Stage, res: StageResources, retries: int = 3):
-    """Append ``stage`` to the Ray dataset ``ds`` (tasks, or an actor pool for models)."""
-    import ray.data
+class Pool:
+    """Actors of one kind; calls go to the actor with the fewest calls in flight."""
 
-    common = dict(batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus)
-    if res.gpus:
-        common["num_gpus"] = res.gpus
-    if stage.uses_model:
-        return ds.map_batches(
-            StageActor,
-            fn_constructor_args=(stage,),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.max_actors),
-            max_restarts=retries,  # a killed actor is restarted ...
-            max_task_retries=retries,  # ... and its batch is retried
-            **common,
-        )
-    return ds.map_batches(StageTask(stage), max_retries=retries, **common)
+    def __init__(self, name: str, make: Callable[[], Any], size: int):
+        self.name = name
+        self.make = make
+        self.actors = [make() for _ in range(size)]
+        self.load = {id(a): 0 for a in self.actors}
+
+    def pick(self) -> Any:
+        actor = min(self.actors, key=lambda a: self.load[id(a)])
+        self.load[id(actor)] += 1
+        return actor
+
+    def release(self, actor: Any) -> None:
+        if id(actor) in self.load:
+            self.load[id(actor)] -= 1
+
+    def replace(self, actor: Any) -> None:
+        """A dead actor (Ray gave up restarting it) is replaced by a new one."""
+        if id(actor) not in self.load:
+            return
+        import ray
+
+        self.actors.remove(actor)
+        del self.load[id(actor)]
+        ray.kill(actor, no_restart=True)
+        new = self.make()
+        self.actors.append(new)
+        self.load[id(new)] = 0
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Block until every actor finished ``setup()``; a set-up error is raised here (a
+        missing model or a bad config stops the run before any block is sent)."""
+        import ray
+
+        return ray.get([a.ready.remote() for a in self.actors])
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors.clear()
+        self.load.clear()
+
+
+class CpuWorker(Worker):
+    """Runs the fused CPU steps and writes blocks (its own class: its own process title)."""
+
+
+class ModelWorker(Worker):
+    """Runs one model step."""
+
+
+def worker_factory(
+    steps: list[Step],
+    sink: BlockSink | None,
+    plan: PoolPlan,
+    name: str,
+    retries: int = ACTOR_RETRIES,
+):
+    """A function making one Ray actor for ``steps`` with ``plan``'s resources."""
+    import ray
+
+    remote = ray.remote(CpuWorker if sink is not None else ModelWorker)
+    options: dict[str, Any] = dict(
+        num_cpus=plan.cpus, max_restarts=retries, max_task_retries=retries
+    )
+    if plan.gpus:
+        options["num_gpus"] = plan.gpus
+    threads = max(1, int(plan.cpus))
+
+    def make():
+        return remote.options(**options).remote(steps, sink, threads)
+
+    make.__name__ = f"make_{name}"
+    return make

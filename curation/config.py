@@ -8,12 +8,13 @@ otherwise; ``full``: weights are required), ``true`` requires the weights, ``fal
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from catalog.config import StrictModel, warn_ineffective
+from catalog.config import ConfigWarning, StrictModel, warn_ineffective
 from catalog.names import DatasetName
 
 InputKind = Literal["auto", "image", "video", "image_edit", "video_edit"]
@@ -179,7 +180,22 @@ class CurationConfig(StrictModel):
     profile: Literal["default", "full"] = "default"
     kind: InputKind = "auto"
     models_dir: Path | None = Field(None, description="where model weights are looked up")
-    partition_size: int = Field(64, ge=1, description="inputs per resumable partition")
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="inputs per block, the unit of work that is written and committed as "
+        "soon as it is done; null: automatic (about 8 blocks per CPU worker, at most 64 inputs)",
+    )
+    allow_inputs: list[str] = Field(
+        default_factory=list,
+        description="places outside the input root that inputs may come from: local folders "
+        "(symlinks resolved; relative to the current directory) or URI prefixes such as "
+        "s3://bucket/raw/ or https://host/media/. By default a directory input reads only "
+        "inside that directory, a manifest only inside its folder and an fsspec --input only "
+        "under its prefix; anything else (absolute paths, '..', symlinks leading out, other "
+        "URLs in a manifest) becomes an error row outside_input_root",
+    )
     probe: ProbeConfig = ProbeConfig()
     split: SplitConfig = SplitConfig()
     frames: FramesConfig = FramesConfig()
@@ -191,6 +207,21 @@ class CurationConfig(StrictModel):
     edit: EditConfig = EditConfig()
     recaption: RecaptionConfig = RecaptionConfig()
     shards: ShardConfig = ShardConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "partition_size" in data:
+            data = dict(data)
+            value = data.pop("partition_size")
+            warnings.warn(
+                "setting 'partition_size' was renamed 'block_size' (inputs per committed "
+                "block); its value is used",
+                ConfigWarning,
+                stacklevel=2,
+            )
+            data.setdefault("block_size", value)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> CurationConfig:

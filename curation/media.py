@@ -1,12 +1,16 @@
-"""Helpers shared by stages: frames as compact bytes, local paths for fsspec URIs.
+"""Helpers shared by stages: frames in memory, local paths for fsspec URIs, thumbnails.
 
-Sampled frames travel between stages (and through Ray's object store) as PNG-encoded RGB
-images in the ``frames`` column (``list[bytes]``), with their times in ``frame_times``
-(seconds from the clip start). PNG is lossless, so pixel-exact cues (static overlays, text
-edges) survive; frames are bounded by ``FRAME_MAX_SIDE``.
+Sampled frames are (H, W, 3) uint8 RGB numpy arrays in the ``frames`` column
+(``list[np.ndarray]``), with their times in ``frame_times`` (seconds from the clip start);
+frames are bounded by ``FRAME_MAX_SIDE``. They are decoded once and never re-encoded: inside a
+fused CPU step they are plain Python objects, and between steps Ray ships them through its
+shared-memory object store (pickle-5 out-of-band buffers, read without a copy), so the
+pixel-exact cues (static overlays, text edges) are the decoder's own pixels.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import cv2
 import fsspec
@@ -15,26 +19,18 @@ import numpy as np
 FRAME_MAX_SIDE = 640  # sampled frames are downscaled so the longer side is at most this
 
 
-def encode_frame(rgb: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 RGB -> PNG bytes."""
-    ok, buf = cv2.imencode(
-        ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    )
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def decode_frame(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W, 3) uint8 RGB."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError("not an encoded image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def decode_frames(frames: list[bytes]) -> list[np.ndarray]:
-    return [decode_frame(f) for f in frames]
+def as_frames(values: Any) -> list[np.ndarray]:
+    """The frames of a ``frames`` / ``target_frames`` value, checked: each a non-empty
+    (H, W, 3) uint8 array. Raises ValueError naming what is wrong."""
+    out = []
+    for i, f in enumerate(values or []):
+        if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3:
+            what = f"{f.dtype} array {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
+            raise ValueError(f"frame {i} is a {what}, not an (H, W, 3) uint8 RGB array")
+        if f.shape[2] != 3 or not f.shape[0] or not f.shape[1]:
+            raise ValueError(f"frame {i} has shape {f.shape}, not (H, W, 3)")
+        out.append(f)
+    return out
 
 
 def fit_max_side(rgb: np.ndarray, max_side: int = FRAME_MAX_SIDE) -> np.ndarray:
@@ -54,9 +50,9 @@ def local_path(uri: str) -> str:
     return fsspec.open_local(f"simplecache::{uri}")
 
 
-def thumbnail(image_bytes: bytes, size: int = 160) -> bytes:
-    """A small JPEG of an encoded image (PNG/JPEG bytes), for reports."""
-    rgb = fit_max_side(decode_frame(image_bytes), size)
+def thumbnail(frame: np.ndarray, size: int = 160) -> bytes:
+    """A small JPEG of an RGB frame, for reports."""
+    rgb = fit_max_side(as_frames([frame])[0], size)
     ok, buf = cv2.imencode(
         ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80]
     )

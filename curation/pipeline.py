@@ -1,32 +1,42 @@
-"""The curation pipeline: a flat list of stages on Ray Data, a resumable sink, a catalog commit.
+"""The curation pipeline: a flat list of stages on the streaming engine, pack, catalog commit.
 
-``run_curation`` lists the inputs (stable partitions), skips partitions a previous run already
-finished, checks every model's weights before any work, prints the plan, runs the stages on
-Ray Data, writes shards + index per partition, then commits the dataset version (last), writes
-the report and logs to MLflow. ``reselect`` re-applies thresholds to an existing index
-(no model runs) and writes a new version whose parent is the old one.
+``run_curation`` lists the inputs, takes the output folder (a lock: one run at a time), skips
+the inputs a previous run committed, checks every model's weights before any work, prints the
+plan, streams blocks of inputs through the stages (each block written and committed as soon as
+it is done, ``curation.engine``), packs the blocks' segments into the final shards and index
+(``curation.pack``), commits the dataset version (last; the catalog verifies every shard),
+then writes the report and logs to MLflow. ``reselect`` re-applies thresholds to an existing
+index (no model runs) and writes a new version whose parent is the old one, through the same
+engine and sink.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-from catalog.config import config_hash, dump_yaml, flatten, load_yaml, validate
+from catalog.config import config_hash, flatten, load_yaml, validate
 from catalog.index import read_index
 from catalog.records import Node, VersionInfo
+from catalog.shards import ShardInfo
 from catalog.store import Catalog
-from curation.adapter import apply_stage, plan_resources, rows_to_arrow
+from curation.adapter import Step, plan_steps
 from curation.config import CurationConfig
-from curation.sink import PartitionWriter, finished_partitions, read_shard_manifests
+from curation.engine import CurationAborted, run_blocks
+from curation.journal import Journal
+from curation.output import claim_output, output_lock
+from curation.pack import pack_one, plan_packs, write_final_index, write_shard_list
+from curation.sink import WORK, BlockSink
 from curation.sources import list_inputs
-from curation.stages.base import Stage, check_required
+from curation.stages.base import Row, Stage, check_required
+
+PACK_THREADS = 4  # packing copies files: threads, on the driver
 
 
 @dataclass
@@ -39,6 +49,7 @@ class CurationResult:
 
 def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
     """The ordered stages of this config, and the stages left off with the reason."""
+    from curation.stages.encode import EncodeStage
     from curation.stages.frames import FrameSampleStage
     from curation.stages.motion import MotionStage
     from curation.stages.ocr import OcrStage
@@ -54,14 +65,14 @@ def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
         FrameSampleStage(cfg),  # N frames per clip, shared by every scorer below
         EditPairStage(cfg),  # edit pairs: aspect difference, source -> target change
     ]
-    for name in ("aesthetic", "watermark"):  # CLIP-embedding scorers need weights
-        stage = _model_stage(name, cfg, skipped)
-        if stage is not None:
-            stages.append(stage)
     if cfg.motion.enabled:
         stages.append(MotionStage(cfg))  # optical flow on downscaled frame pairs
     else:
         skipped["motion"] = "motion.enabled is false"
+    for name in ("aesthetic", "watermark"):  # CLIP-embedding scorers need weights
+        stage = _model_stage(name, cfg, skipped)
+        if stage is not None:
+            stages.append(stage)
     if cfg.ocr.enabled:
         stages.append(OcrStage(cfg))  # PP-OCR text detection -> text area
     else:
@@ -73,6 +84,7 @@ def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
         stages.append(RecaptionStage(cfg))  # captions for accepted samples
     else:
         skipped["recaption"] = "recaption.backend is 'none'"
+    stages.append(EncodeStage(cfg.shards))  # tar members of accepted samples (clips re-encoded)
     return stages, skipped
 
 
@@ -112,91 +124,113 @@ def run_curation(
     address: str | None = None,
     tracking_uri: str | None = None,
     console: Any = None,
+    verbose: bool = False,
 ) -> CurationResult:
     start = time.monotonic()
     out = Path(output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    stages, skipped = build_stages(cfg)
-    check_required(stages)  # before any work: name every missing weights file
-
-    inputs = list_inputs(source, cfg.kind, staging=out / "_staging")
-    for i, row in enumerate(inputs):
-        row["partition"] = i // cfg.partition_size
-    identity = run_identity(cfg, inputs)
-    _claim_output(out, identity, source, cfg)
-    finished = catalog.find_committed(cfg.name, str(out), identity)
-    if finished is not None:  # the same run finished earlier: nothing to do
-        if console is not None:
-            console.print(f"{out} already holds {finished.ref} from this config and input")
+    with output_lock(out):
+        stages, skipped = build_stages(cfg)
+        check_required(stages)  # before any work: name every missing weights file
+        inputs = list_inputs(source, cfg.kind, staging=out / "_staging", allow=cfg.allow_inputs)
+        identity = run_identity(cfg, inputs)
+        claim_output(out, identity, source, cfg)
+        finished = catalog.find_committed(cfg.name, str(out), identity)
+        if finished is not None:  # the same run finished earlier: nothing to do
+            if console is not None:
+                console.print(f"{out} already holds {finished.ref} from this config and input")
+            return _finish(out, cfg, finished, catalog, stages, skipped, len(inputs), start)
+        version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
+        run_id = _resume_or_start_run(
+            catalog,
+            version,
+            f"curate {source} -> {out}",
+            identity,
+            {"input": source, "output": str(out)},
+        )
+        version = replace(version, run_id=run_id)
+        version, run = _write_and_commit(
+            catalog, version, out, cfg, stages, skipped, inputs, address, console, verbose
+        )
         return _finish(
             out,
             cfg,
-            finished,
-            finished.run_id,
+            version,
             catalog,
             stages,
             skipped,
             len(inputs),
             start,
-            None,
+            run,
+            tracking_uri,
             console,
         )
-    version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
-    run_id = _resume_or_start_run(
-        catalog,
-        version,
-        f"curate {source} -> {out}",
-        identity,
-        {"input": source, "output": str(out)},
-    )
-
-    done = finished_partitions(str(out))
-    pending = [r for r in inputs if r["partition"] not in done]
-    num_partitions = (len(inputs) + cfg.partition_size - 1) // cfg.partition_size
-    _print_plan(console, stages, skipped, len(inputs), num_partitions, len(done))
-    version = _write_and_commit(
-        catalog, version, run_id, out, cfg, stages, pending, num_partitions, address
-    )
-    return _finish(
-        out,
-        cfg,
-        version,
-        run_id,
-        catalog,
-        stages,
-        skipped,
-        len(inputs),
-        start,
-        tracking_uri,
-        console,
-    )
 
 
 def _write_and_commit(
     catalog: Catalog,
     version: VersionInfo,
-    run_id: int,
     out: Path,
     cfg: CurationConfig,
     stages: list[Stage],
-    pending: list[dict],
-    num_partitions: int,
+    skipped: dict[str, str],
+    inputs: list[Row],
     address: str | None,
-) -> VersionInfo:
-    """Run the pending partitions, then commit the version (last); a failure marks the run."""
+    console: Any,
+    verbose: bool,
+) -> tuple[VersionInfo, dict[str, Any]]:
+    """Run the uncommitted inputs, pack, then commit the version (last); a failure marks the
+    run failed (its committed blocks stay for the rerun)."""
+    run_id = version.run_id
     try:
+        journal = Journal(str(out))
+        records = journal.records()
+        journal.collect_garbage(records)
+        done = journal.committed_inputs(records)
+        pending = [r for r in inputs if r["input_id"] not in done]
+        run: dict[str, Any] = {
+            "inputs_this_run": len(pending),
+            "inputs_skipped": len(inputs) - len(pending),
+        }
+        _print_plan(console, stages, skipped, len(inputs), len(inputs) - len(pending))
         if pending:
-            _run_ray(pending, stages, PartitionWriter(str(out), cfg, str(run_id)), address)
-        missing = set(range(num_partitions)) - finished_partitions(str(out))
+            sink = BlockSink(str(out), str(run_id), cfg.shards.max_samples, cfg.shards.max_bytes)
+            stats = run_blocks(
+                pending,
+                stages,
+                sink,
+                journal,
+                block_size=cfg.block_size,
+                num_inputs=len(inputs),
+                address=address,
+                console=console,
+                verbose=verbose,
+            )
+            run.update(blocks=stats.blocks, retries=stats.retries, startup_s=stats.startup_s)
+            run.update(failed_inputs=stats.failed_inputs, stages=stats.stages)
+        records = journal.records()
+        missing = {r["input_id"] for r in inputs} - journal.committed_inputs(records)
         if missing:
-            raise RuntimeError(f"partitions {sorted(missing)[:10]} did not finish; rerun to resume")
-        catalog.add_shards(version.id, read_shard_manifests(str(out)))
+            raise CurationAborted(f"{len(missing)} inputs were not committed; rerun to resume")
+        shards = _pack(str(out), records, cfg)
+        catalog.add_shards(version.id, shards)
         version = catalog.commit_version(version.id, str(out / "index"))
     except BaseException as e:
         catalog.update_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
         raise
     catalog.add_edge(Node("run", run_id), Node("version", version.id), "output")
-    return version
+    shutil.rmtree(out / WORK, ignore_errors=True)  # segments and block parts live on in shards/
+    return version, run
+
+
+def _pack(output: str, records: list, cfg: CurationConfig) -> list[ShardInfo]:
+    """Segments -> final shards (in threads: it is file copying), then the final index."""
+    plans = plan_packs(records, cfg.shards.max_samples, cfg.shards.max_bytes)
+    with ThreadPoolExecutor(PACK_THREADS) as pool:
+        shards = list(pool.map(lambda p: pack_one(output, p), plans))
+    mapping = {seg.path: plan.path for plan in plans for seg in plan.segments}
+    write_final_index(output, records, mapping)
+    write_shard_list(output, shards)
+    return shards
 
 
 def _resume_or_start_run(
@@ -211,82 +245,32 @@ def _resume_or_start_run(
     return run_id
 
 
-BLOCK_ROWS = 4
-
-
-def _run_ray(rows: list[dict], stages: list[Stage], writer: PartitionWriter, address: str | None):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
-    import ray.data
-
-    resources = ray.cluster_resources()
-    plan = plan_resources(stages, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-    by_partition: dict[int, list[dict]] = {}
-    for row in rows:
-        by_partition.setdefault(row["partition"], []).append(row)
-    # Small blocks: a map task processes whole blocks, so a partition-sized block would run
-    # each stage of a small job on one CPU. The sink regroups rows by partition.
-    block = min(s.batch_size for s in stages) if stages else BLOCK_ROWS
-    tables = [
-        rows_to_arrow(part[i : i + block])
-        for part in by_partition.values()
-        for i in range(0, len(part), block)
-    ]
-    ds = ray.data.from_arrow(tables)
-    for stage in stages:
-        ds = apply_stage(ds, stage, plan[stage.name])
-    ds = ds.map_batches(_drop_frames, batch_format="pyarrow", num_cpus=0.25)
-    # as many shuffle partitions as write partitions (Ray's default is 200)
-    ds = ds.groupby("partition", num_partitions=len(by_partition)).map_groups(
-        _write_partition, fn_args=(writer,), batch_format="pyarrow", num_cpus=0.5, max_retries=3
-    )
-    ds.take_all()
-
-
-def _write_partition(batch: pa.Table, writer: PartitionWriter) -> pa.Table:
-    return writer(batch)
-
-
-def _drop_frames(batch: pa.Table) -> pa.Table:
-    drop = [c for c in ("frames", "target_frames", "frame_times") if c in batch.column_names]
-    return batch.drop_columns(drop)
-
-
-def _claim_output(out: Path, identity: str, source: str, cfg: CurationConfig) -> None:
-    """One output folder holds one run: a rerun with the same identity resumes, another fails."""
-    state = out / "_state.json"
-    if state.exists():
-        previous = json.loads(state.read_text())
-        if previous.get("identity") != identity:
-            raise ValueError(
-                f"{out} holds a different curation run (input {previous.get('input')!r}, "
-                "other config or inputs); choose another --output or remove it"
-            )
-        return
-    (out / "config.yaml").write_text(dump_yaml(cfg))
-    state.write_text(json.dumps({"identity": identity, "input": source}, indent=1))
-
-
-def _print_plan(console, stages, skipped, num_inputs, num_partitions, num_done) -> None:
+def _print_plan(console, stages, skipped, num_inputs, num_done) -> None:
     if console is None:
         return
-    console.print(
-        f"[bold]curation plan[/]: {num_inputs} inputs in {num_partitions} partitions"
-        + (f" ({num_done} already finished, skipped)" if num_done else "")
-    )
-    for i, stage in enumerate(stages, 1):
-        console.print(f"  {i}. {stage.describe()}")
-    console.print("  -> sink: WebDataset shards per bucket + Parquet index per partition")
+    line = f"[bold]curation plan[/]: {num_inputs} inputs"
+    if num_done:
+        line += f" ({num_done} committed earlier, skipped)"
+    console.print(line)
+    for i, step in enumerate(plan_steps(stages), 1):
+        console.print(f"  {i}. {step.describe()}")
+    console.print("  -> pack: segments into shards per bucket; final Parquet index; catalog commit")
     for name, why in skipped.items():
         console.print(f"  [yellow]skipped[/] {name}: {why}")
 
 
 def _finish(
-    out, cfg, version, run_id, catalog, stages, skipped, num_inputs, start, tracking_uri, console
+    out: Path,
+    cfg: CurationConfig,
+    version: VersionInfo,
+    catalog: Catalog,
+    stages: list[Stage],
+    skipped: dict[str, str],
+    num_inputs: int,
+    start: float,
+    run: dict[str, Any] | None = None,
+    tracking_uri: str | None = None,
+    console: Any = None,
 ) -> CurationResult:
     from curation import report
     from curation.summary import print_summary, summarize
@@ -300,8 +284,10 @@ def _finish(
         elapsed_s=time.monotonic() - start,
         shards=shards,
         num_inputs=num_inputs,
+        run=run,
     )
     summary["catalog"] = version.ref
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     thumbs = {p.stem: p.read_bytes() for p in (out / "_thumbs").glob("*.jpg")}
     report_path = report.write_report(index, thumbs, cfg.select, summary, out / "report.html")
     mlflow_id = None
@@ -316,7 +302,8 @@ def _finish(
             extra_artifacts=[out / "config.yaml"],
             tags={"omniforge.catalog": version.ref, "omniforge.config_hash": version.config_hash},
         )
-    catalog.update_run(run_id, status="succeeded", mlflow_run_id=mlflow_id)
+    if version.run_id is not None:
+        catalog.update_run(version.run_id, status="succeeded", mlflow_run_id=mlflow_id)
     if console is not None:
         print_summary(summary, console)
         console.print(f"report: {report_path}\ncatalog: {version.ref}")
@@ -338,52 +325,51 @@ def reselect(
     address: str | None = None,
     tracking_uri: str | None = None,
     console: Any = None,
+    verbose: bool = False,
 ) -> CurationResult:
-    """Apply ``cfg.select`` to an existing index and write a new version (no model runs)."""
-    import shutil
+    """Apply ``cfg.select`` to an existing index and write a new version (no model runs).
 
+    Every index row is an input of its own (its key is its input id); accepted samples are
+    written again from their sources (``stages/encode.py``)."""
+    from curation.stages.encode import EncodeStage
     from curation.stages.select import SelectStage
 
     start = time.monotonic()
     src, out = Path(source_root).resolve(), Path(output).resolve()
     if src == out:
         raise ValueError("curate select writes a new version: --output must differ from the source")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = read_index(str(src / "index")).to_pylist()
-    identity = hashlib.sha256(f"{config_hash(cfg)}:{parent.id if parent else src}".encode())
-    identity = identity.hexdigest()
-    _claim_output(out, identity, str(src), cfg)
-    if (src / "_thumbs").is_dir():
-        shutil.copytree(src / "_thumbs", out / "_thumbs", dirs_exist_ok=True)
-    version = catalog.begin_version(
-        cfg.name, root_uri=str(out), config_hash=identity, parent_id=parent.id if parent else None
-    )
-    run_id = _resume_or_start_run(
-        catalog,
-        version,
-        f"select {src} -> {out}",
-        identity,
-        {"source": str(src), "output": str(out)},
-    )
-    if parent is not None:
-        catalog.add_edge(Node("version", parent.id), Node("run", run_id), "input")
-    stages: list[Stage] = [SelectStage(cfg)]
-    num_partitions = 1 + max((r.get("partition") or 0) for r in rows) if rows else 0
-    done = finished_partitions(str(out))
-    pending = [r for r in rows if (r.get("partition") or 0) not in done]
-    for r in pending:
-        r["partition"] = r.get("partition") or 0
-    _print_plan(
-        console,
-        stages,
-        {"models": "scores are read from the index"},
-        len(rows),
-        num_partitions,
-        len(done),
-    )
-    version = _write_and_commit(
-        catalog, version, run_id, out, cfg, stages, pending, num_partitions, address
-    )
-    return _finish(
-        out, cfg, version, run_id, catalog, stages, {}, len(rows), start, tracking_uri, console
-    )
+    with output_lock(out):
+        rows = read_index(str(src / "index")).to_pylist()
+        for r in rows:
+            r.update(input_id=r["key"], shard=None, bucket=None, run_id=None)
+        identity = hashlib.sha256(f"{config_hash(cfg)}:{parent.id if parent else src}".encode())
+        claim_output(out, identity.hexdigest(), str(src), cfg)
+        if (src / "_thumbs").is_dir():
+            shutil.copytree(src / "_thumbs", out / "_thumbs", dirs_exist_ok=True)
+        version = catalog.begin_version(
+            cfg.name,
+            root_uri=str(out),
+            config_hash=identity.hexdigest(),
+            parent_id=parent.id if parent else None,
+        )
+        run_id = _resume_or_start_run(
+            catalog,
+            version,
+            f"select {src} -> {out}",
+            identity.hexdigest(),
+            {"source": str(src), "output": str(out)},
+        )
+        version = replace(version, run_id=run_id)
+        if parent is not None:
+            catalog.add_edge(Node("version", parent.id), Node("run", version.run_id), "input")
+        stages: list[Stage] = [SelectStage(cfg), EncodeStage(cfg.shards)]
+        skipped = {"models": "scores are read from the index"}
+        version, run = _write_and_commit(
+            catalog, version, out, cfg, stages, skipped, rows, address, console, verbose
+        )
+        return _finish(
+            out, cfg, version, catalog, stages, {}, len(rows), start, run, tracking_uri, console
+        )
+
+
+__all__ = ["CurationAborted", "CurationResult", "Step", "build_stages", "reselect", "run_curation"]

@@ -1,36 +1,39 @@
-"""Sink: one input partition -> its shards + its index part, written so a rerun can resume.
+"""Sink: writes one finished block (its samples, its index rows, its thumbnails). Only writes.
 
-Layout under the output folder::
+Layout under the output folder while a run is under way (``curation.journal`` commits a block
+by writing its record after these files; ``curation.pack`` later turns segments into shards)::
 
-    shards/BUCKET/pNNNNN-MMMMMM.tar     accepted samples of partition NNNNN (WebDataset)
-    index/part-pNNNNN.parquet           every row of partition NNNNN (sample contract)
-    index/_shards/pNNNNN.json           the shards of partition NNNNN (sha256, bytes, count)
-    _thumbs/KEY.jpg                     thumbnails of rejected / error samples (report)
+    _work/shards/BUCKET/BLOCK-NNNNNN.tar   accepted samples of the block, per bucket (segments)
+    _work/index/BLOCK.parquet              every row of the block (sample contract)
+    _thumbs/KEY.jpg                        thumbnails of rejected / error samples (report)
 
-A partition is finished when its index part exists: shards are renamed into place first, then
-the shard manifest, then the index part (each via a temporary name + rename). A partition
-that is redone (its worker or the driver died) first deletes whatever shards it left, so no
-sample is ever written twice.
+Every file is written under a temporary name and renamed, so a reader never sees half a file;
+names are fixed by the block id, so a retried block overwrites its own files. Accepted rows
+arrive with their tar members in the working column ``media`` (``stages/encode.py``) and their
+``bucket``; the sink sets ``shard``. Write failures (disk full, read-only output) raise
+``OutputError`` naming the path and the errno: they stop the run, they are not sample errors.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import errno as errno_codes
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow as pa
-from PIL import Image
 
 from catalog.index import write_index_part
-from catalog.schema import conform
-from catalog.shards import ShardInfo, ShardWriter, bucket_name, sample_json
-from curation.config import CurationConfig
-from curation.encode import encode_clip
-from curation.media import local_path
-from curation.stages.base import mark_error
+from catalog.schema import rows_to_table
+from catalog.shards import ShardInfo, ShardWriter, sample_json
+from curation.stages.base import Row
 
+WORK = "_work"
+SEGMENTS = f"{WORK}/shards"
+BLOCK_INDEX = f"{WORK}/index"
+THUMBS = "_thumbs"
+
+# Working columns: they travel between stages and never reach the index.
 WORKING_ONLY = (
     "frames",
     "frame_times",
@@ -40,147 +43,122 @@ WORKING_ONLY = (
     "clip_embedding",
     "random_access",
     "frames_decoder",
+    "media",
 )
-IMAGE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# Extra (non-contract) index columns with a fixed type, so every block part types them alike.
+EXTRA_TYPES = {"edit_change": pa.float64(), "edit_aspect_diff": pa.float64()}
 
 
-def partition_name(pid: int) -> str:
-    return f"p{pid:05d}"
+class OutputError(OSError):
+    """Writing the output failed (disk full, read-only, permissions): the run cannot go on."""
+
+    def __init__(self, path: str, error: OSError):
+        code = error.errno
+        name = errno_codes.errorcode.get(code, "?") if code is not None else "?"
+        text = error.strerror or str(error)
+        super().__init__(code, text)
+        self.path = path
+        self.message = f"cannot write {path}: [{name}] {text}"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # crosses Ray's process boundary intact
+        return _rebuild_output_error, (self.path, self.errno, self.strerror)
 
 
-def finished_partitions(output: str) -> set[int]:
-    fs, root = fsspec.core.url_to_fs(output)
-    found = set()
-    for path in fs.glob(f"{root.rstrip('/')}/index/part-p*.parquet"):
-        stem = path.rsplit("/", 1)[-1][len("part-p") : -len(".parquet")]
-        if stem.isdigit():
-            found.add(int(stem))
-    return found
+def _rebuild_output_error(path: str, code: int | None, text: str | None) -> OutputError:
+    return OutputError(path, OSError(code, text))
 
 
-def read_shard_manifests(output: str) -> list[ShardInfo]:
-    fs, root = fsspec.core.url_to_fs(output)
-    shards = []
-    for path in sorted(fs.glob(f"{root.rstrip('/')}/index/_shards/p*.json")):
-        with fs.open(path, "rb") as f:
-            shards += [ShardInfo(**s) for s in json.loads(f.read())]
-    return shards
+@dataclass(frozen=True)
+class BlockWritten:
+    """What a block left on disk: its index part, its segments and its row counts."""
+
+    index_part: str  # relative to the output root
+    segments: list[ShardInfo] = field(default_factory=list)  # ShardInfo.path: relative to root
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index_part": self.index_part,
+            "segments": [s.to_dict() for s in self.segments],
+            "counts": dict(self.counts),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockWritten:
+        return cls(d["index_part"], [ShardInfo(**s) for s in d["segments"]], dict(d["counts"]))
 
 
-class PartitionWriter:
-    """Ray Data ``map_groups`` callable: all rows of one partition in, a summary row out."""
+class BlockSink:
+    """Writes one block's rows (see the module docstring). Picklable; no state between calls."""
 
-    def __init__(self, output: str, cfg: CurationConfig, run_id: str | None = None):
+    def __init__(self, output: str, run_id: str | None, max_samples: int, max_bytes: int):
         self.output = output.rstrip("/")
-        self.cfg = cfg
         self.run_id = run_id
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = sorted(batch.to_pylist(), key=lambda r: r["key"])
-        pid = int(rows[0]["partition"])
-        name = partition_name(pid)
+    def write(self, block: str, rows: list[Row]) -> BlockWritten:
+        rows = sorted(rows, key=lambda r: r["key"])
         fs, root = fsspec.core.url_to_fs(self.output)
-        self._remove_leftovers(fs, root, name)
-        self._write_thumbs(fs, root, rows)
-        writer = ShardWriter(
-            self.output,
-            prefix=name,
-            max_samples=self.cfg.shards.max_samples,
-            max_bytes=self.cfg.shards.max_bytes,
-        )
-        out_rows = []
+        where = f"{self.output}/{SEGMENTS}"
         try:
-            for row in rows:
-                row = {k: v for k, v in row.items() if k not in WORKING_ONLY}
-                row["run_id"] = self.run_id
-                if row["status"] == "accepted":
-                    row = self._write_sample(writer, row)
-                out_rows.append(row)
-            shards = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        manifest = f"{root}/index/_shards/{name}.json"
-        fs.makedirs(manifest.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(manifest + ".tmp", "wb") as f:
-            f.write(json.dumps([s.to_dict() for s in shards], indent=1).encode())
-        fs.mv(manifest + ".tmp", manifest)
-        write_index_part(index_table(out_rows), f"{self.output}/index", f"part-{name}")
-        return pa.table({"partition": [pid], "rows": [len(out_rows)], "shards": [len(shards)]})
-
-    def _write_sample(self, writer: ShardWriter, row: dict[str, Any]) -> dict[str, Any]:
-        try:
-            members, num_frames = self._members(row)
-        except Exception as e:  # an input that probed fine but will not re-encode
-            return mark_error(row, "encode_error", f"{type(e).__name__}: {e}")
-        row["bucket"] = bucket_name(row["width"], row["height"], num_frames)
-        text = row.get("recaption") or row.get("instruction") or row.get("caption") or ""
-        members = {"json": sample_json(row), "txt": text.encode("utf-8"), **members}
-        row["shard"] = writer.write(row["bucket"], row["key"], members)
-        return row
-
-    def _members(self, row: dict[str, Any]) -> tuple[dict[str, bytes], int]:
-        kind = row["kind"]
-        if kind == "image":
-            ext, data = image_bytes(row["source_uri"])
-            return {ext: data}, 1
-        if kind == "image_edit":
-            (se, sd), (te, td) = image_bytes(row["source_uri"]), image_bytes(row["target_uri"])
-            return {f"src.{se}": sd, f"tgt.{te}": td}, 1
-        span = row.get("span")
-        clip = (span["start"], span["end"]) if span else None
-        kw = dict(max_side=self.cfg.shards.video_max_side, crf=self.cfg.shards.video_crf)
-        src, n = encode_clip(
-            row["source_uri"],
-            clip,
-            display_width=row["width"],
-            display_height=row["height"],
-            rotation=row.get("rotation") or 0,
-            **kw,
-        )
-        if kind == "video":
-            return {"mp4": src}, n
-        tgt, _ = encode_clip(
-            row["target_uri"],
-            None,
-            display_width=row["target_width"],
-            display_height=row["target_height"],
-            **kw,
-        )
-        return {"src.mp4": src, "tgt.mp4": tgt}, n
+            self._thumbs(fs, root, rows)
+            writer = ShardWriter(
+                f"{self.output}/{WORK}",
+                prefix=block,
+                max_samples=self.max_samples,
+                max_bytes=self.max_bytes,
+            )
+            out = []
+            try:
+                for row in rows:
+                    media = row.get("media")
+                    row = {k: v for k, v in row.items() if k not in WORKING_ONLY}
+                    row["run_id"] = self.run_id
+                    if row.get("status") == "accepted":
+                        text = row.get("recaption") or row.get("instruction") or row.get("caption")
+                        members = {"json": sample_json(row), "txt": (text or "").encode("utf-8")}
+                        members.update(media or {})
+                        row["shard"] = f"{WORK}/" + writer.write(row["bucket"], row["key"], members)
+                    out.append(row)
+                segments = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            where = f"{self.output}/{BLOCK_INDEX}/{block}.parquet"
+            write_index_part(index_table(out), f"{self.output}/{BLOCK_INDEX}", block)
+        except OSError as e:
+            raise OutputError(getattr(e, "filename", None) or where, e) from e
+        counts: dict[str, int] = {}
+        for row in out:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        segments = [
+            ShardInfo(s.uri, f"{WORK}/{s.path}", s.bucket, s.num_samples, s.num_bytes, s.sha256)
+            for s in segments
+        ]
+        return BlockWritten(f"{BLOCK_INDEX}/{block}.parquet", segments, counts)
 
     @staticmethod
-    def _remove_leftovers(fs, root: str, name: str) -> None:
-        for pattern in (f"shards/*/{name}-*.tar", f"shards/*/.{name}-*.tar.tmp-*"):
-            for path in fs.glob(f"{root}/{pattern}"):
-                fs.rm(path)
-
-    @staticmethod
-    def _write_thumbs(fs, root: str, rows: list[dict[str, Any]]) -> None:
+    def _thumbs(fs, root: str, rows: list[Row]) -> None:
         thumbs = [(r["key"], r["thumb"]) for r in rows if r.get("thumb")]
         if thumbs:
-            fs.makedirs(f"{root}/_thumbs", exist_ok=True)
+            fs.makedirs(f"{root}/{THUMBS}", exist_ok=True)
         for key, data in thumbs:
-            with fs.open(f"{root}/_thumbs/{key}.jpg", "wb") as f:
+            with fs.open(f"{root}/{THUMBS}/{key}.jpg", "wb") as f:
                 f.write(data)
 
 
-def image_bytes(uri: str) -> tuple[str, bytes]:
-    """(extension, bytes): the original file for JPEG/PNG/WebP, else re-encoded as PNG."""
-    with open(local_path(uri), "rb") as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as im:
-        ext = IMAGE_EXT.get(im.format or "")
-        if ext:
-            return ext, data
-        out = io.BytesIO()
-        im.convert("RGBA" if "A" in im.getbands() else "RGB").save(out, format="PNG")
-        return "png", out.getvalue()
-
-
-def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Index rows: the contract columns, then extra score columns (``partition``,
-    ``edit_change``...) typed as the working schema types them."""
-    from curation.adapter import rows_to_arrow
-
-    return conform(rows_to_arrow(rows))
+def index_table(rows: list[Row]) -> pa.Table:
+    """Index rows as an Arrow table: the contract columns in schema order, then the extra
+    columns sorted by name (one column order whatever mix of kinds a block holds), with the
+    known extras typed alike in every block."""
+    rows = [{k: v for k, v in r.items() if k not in WORKING_ONLY} for r in rows]
+    table = rows_to_table(rows)
+    for name, typ in EXTRA_TYPES.items():
+        if name in table.column_names and table.schema.field(name).type != typ:
+            i = table.column_names.index(name)
+            table = table.set_column(i, pa.field(name, typ), table.column(name).cast(typ))
+    return table

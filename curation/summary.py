@@ -85,6 +85,7 @@ def summarize(
     elapsed_s: float,
     shards: Iterable[Any],
     num_inputs: int,
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The numbers of the end-of-run summary as a JSON-ready dict.
 
@@ -93,6 +94,8 @@ def summarize(
     distinct ``parent_key`` (or ``key`` for uncut inputs). ``rejected_by_reason`` and
     ``errors_by_reason`` count rows per reason tag; a row with several reasons counts under
     each (see ``reason_counting``), ``multi_reason_rejected`` says how many such rows exist.
+    ``run`` is what the engine measured (``inputs_this_run``, ``inputs_skipped``, ``blocks``,
+    ``retries``, ``startup_s``, per stage ``stages`` = name -> [rows in, rows out, seconds]).
     """
     n = index.num_rows
     status = index_column(index, "status")
@@ -169,6 +172,7 @@ def summarize(
         "samples_per_s": (n / elapsed) if elapsed > 0 else None,
         "stages_run": [str(s) for s in stages_run],
         "stages_skipped": {str(k): str(v) for k, v in stages_skipped.items()},
+        "run": dict(run or {}),
     }
 
 
@@ -247,6 +251,22 @@ def print_summary(summary: Mapping[str, Any], console: Any = None) -> None:
                 _rich_safe(name), f"{b['shards']:,}", f"{b['samples']:,}", human_bytes(b["bytes"])
             )
         console.print(buckets)
+
+    run = s.get("run") or {}
+    if run.get("stages"):
+        stages = Table(title="Stages (this run)", title_justify="left")
+        for col in ("stage", "rows in", "rows out", "worker seconds"):
+            stages.add_column(col, justify="left" if col == "stage" else "right")
+        for name, (n_in, n_out, secs) in run["stages"].items():
+            stages.add_row(_rich_safe(name), f"{int(n_in):,}", f"{int(n_out):,}", f"{secs:,.1f}")
+        console.print(stages)
+    if run:
+        console.print(
+            f"[dim]this run: {run.get('inputs_this_run', 0):,} inputs in "
+            f"{run.get('blocks', 0):,} blocks ({run.get('inputs_skipped', 0):,} committed "
+            f"earlier, skipped); {run.get('retries', 0)} block retries; workers ready in "
+            f"{duration(run.get('startup_s', 0.0))}[/]"
+        )
 
     if s.get("stages_skipped"):
         skipped = Table(title="Stages skipped", title_justify="left")

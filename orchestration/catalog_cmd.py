@@ -178,9 +178,7 @@ def verify(
         console.print(f"{v.ref}: {len(problems)} of {v.num_shards} shards are missing or corrupt")
         for p in problems:
             console.print(f"  {p}", markup=False)
-        # SystemExit, not typer.Exit: in cli.main's non-standalone mode typer returns an
-        # Exit's code instead of raising it, and the process would exit 0
-        raise SystemExit(1)
+        raise typer.Exit(1)
     console.print(f"{v.ref}: {v.num_shards} shards verified, {v.num_bytes} bytes")
 
 

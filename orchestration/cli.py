@@ -18,6 +18,9 @@ from catalog.config import ConfigError, ConfigWarning
 from catalog.filters import FilterError
 from catalog.schema import SchemaError
 from catalog.store import CatalogError
+from curation.engine import CurationAborted
+from curation.output import OutputBusy
+from curation.sink import OutputError
 from curation.stages.base import MissingWeights
 from orchestration import (
     catalog_cmd,
@@ -60,6 +63,9 @@ USER_ERRORS = (
     JobError,
     FileNotFoundError,
     ValueError,
+    CurationAborted,
+    OutputBusy,
+    OutputError,
 )
 
 
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     signal.signal(signal.SIGTERM, _terminate)  # `jobs cancel`, `kill`: clean up like Ctrl-C
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode typer returns (not raises) the code of `raise typer.Exit(n)`.
+        code = app(args=argv, standalone_mode=False)
     except USER_ERRORS as e:
         if os.environ.get("OMNIFORGE_DEBUG"):
             raise
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _click_errors() -> tuple[type[Exception], ...]:

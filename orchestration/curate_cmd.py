@@ -27,6 +27,12 @@ def run(
         None, "--models-dir", envvar="OMNIFORGE_MODELS", help="model weights directory"
     ),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    allow_input: list[str] = typer.Option(
+        [],
+        "--allow-input",
+        help="a local folder or URI prefix (s3://bucket/raw/) outside --input that inputs may "
+        "come from (repeatable; added to the config's allow_inputs)",
+    ),
     catalog: str | None = CatalogOption,
 ) -> None:
     """Curate INPUT into OUTPUT and commit a dataset version. Rerun the same command to resume."""
@@ -41,6 +47,8 @@ def run(
     if models_dir is not None:
         overrides.append(f"models_dir={models_dir}")
     cfg = load_config(CurationConfig, config, overrides)
+    if allow_input:
+        cfg = cfg.model_copy(update={"allow_inputs": [*cfg.allow_inputs, *allow_input]})
     run_curation(
         input,
         output,

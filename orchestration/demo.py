@@ -19,7 +19,7 @@ from orchestration.common import console
 
 # The synthetic corpus is small on purpose (fast on 2 CPUs): lower the size floor so the
 # other filters decide; everything else is the default profile.
-DEMO_CURATION = ["name=sample-curated", "select.min_short_side=128", "partition_size=16"]
+DEMO_CURATION = ["name=sample-curated", "select.min_short_side=128"]
 
 
 def demo_plan(output: Path, catalog_url: str, tracking_uri: str) -> dict:
@@ -54,7 +54,7 @@ def run_demo(output: Path, catalog_url: str | None = None, tracking_uri: str | N
     corpus = output / "corpus"
     labels = generate(corpus, seed=0)
     console.print(f"{len(labels)} labelled items in {corpus}")
-    raw = register_sample_corpus(corpus, cat, name="sample-corpus")
+    raw = register_sample_corpus(corpus, cat, name="sample-corpus", root=output / "registered")
     console.print(f"registered {raw.ref}: {raw.num_samples} items from the generator's labels")
 
     plan_file = output / "plan.yaml"

@@ -88,16 +88,22 @@ def label_to_row(root: Path, label: dict[str, Any]) -> dict[str, Any]:
 
 
 def register_sample_corpus(
-    corpus: Path, catalog: Catalog, name: str = "sample-corpus", max_samples: int = 64
+    corpus: Path,
+    catalog: Catalog,
+    name: str = "sample-corpus",
+    max_samples: int = 64,
+    root: Path | None = None,
 ) -> VersionInfo:
     """Index every labelled item, shard the accepted ones, commit a version of ``name``.
 
-    The version lives in ``corpus/_dataset`` (shards + index). Registering the same corpus
-    again reuses an interrupted pending version, or makes a new committed version.
+    The version lives in ``root`` (shards + index; default ``corpus/_dataset``, which a
+    curation run of the corpus lists as hidden: pass a folder outside the corpus to keep it
+    out). Registering the same corpus again reuses an interrupted pending version, or makes
+    a new committed version.
     """
     corpus = Path(corpus).resolve()
     labels = load_labels(corpus)
-    root = corpus / "_dataset"
+    root = Path(root).resolve() if root is not None else corpus / "_dataset"
     digest = hashlib.sha256((corpus / LABELS_FILE).read_bytes()).hexdigest()
     done = catalog.find_committed(name, str(root), digest)
     if done is not None:

@@ -22,7 +22,7 @@ the other's embeddings, so their order does not matter for correctness, only for
 pays for CLIP.
 
 Weights are required files (``required_files``): the open_clip checkpoint and the LAION head.
-Reason tags: ``decode_error`` (a frame does not decode), ``aesthetic_failed``.
+Reason tags: ``decode_error`` (a frame is not an RGB array), ``aesthetic_failed``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from curation.config import CurationConfig
-from curation.media import decode_frames
+from curation.media import as_frames
 from curation.models import (
     AESTHETIC_HEAD,
     EMBEDDING_COLUMN,
@@ -52,7 +52,7 @@ VIDEO_KINDS = ("video", "video_edit")
 SCORE_RANGE = (0.0, 10.0)
 
 
-def scored_frames(row: Row) -> list[bytes]:
+def scored_frames(row: Row) -> list[np.ndarray]:
     """The frames a CLIP scorer looks at: ``frames``, plus an edit pair's ``target_frames``."""
     frames = list(row.get("frames") or [])
     if row.get("kind") in EDIT_KINDS:
@@ -71,7 +71,7 @@ class FrameBatch:
     def __init__(self, rows: list[Row], stage: str, decode: bool = True):
         self.stage = stage
         self.rows = list(rows)
-        self.data: dict[int, list[bytes]] = {}
+        self.data: dict[int, list[np.ndarray]] = {}
         self.frames: dict[int, list[np.ndarray]] = {}
         self.embeddings: dict[int, np.ndarray] = {}
         for i, row in enumerate(self.rows):
@@ -88,7 +88,7 @@ class FrameBatch:
             if i in self.frames or i not in self.data:
                 continue
             try:
-                self.frames[i] = decode_frames(self.data[i])
+                self.frames[i] = as_frames(self.data[i])
             except Exception as e:
                 self.fail(i, "decode_error", f"{self.stage}: {type(e).__name__}: {e}")
 

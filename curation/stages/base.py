@@ -2,7 +2,7 @@
 
 A stage is built from its config section (cheap, picklable ``__init__``), loads its model once
 per worker in ``setup()``, and transforms a batch of rows in ``process_batch()``. Rows are
-plain dicts: sample-contract columns plus working columns (``frames``, ``partition``, ...).
+plain dicts: sample-contract columns plus working columns (``frames``, ``media``, ...).
 
 A bad sample is data, not an exception: ``process_row`` raising ``SampleError`` (or anything
 else) marks that row ``status="error"`` with a reason naming the stage, and the batch goes on.
@@ -11,7 +11,8 @@ rows the input listing rejected without reading them (``rejected`` with a reason
 ``LISTING_REASONS``, e.g. a hidden file). This holds for stages that override
 ``process_batch`` too (``Stage.__init_subclass__`` wraps it). Scorers add columns and never
 drop rows.
-Stages do not import Ray; ``curation.adapter`` turns them into Ray Data callables.
+Stages do not import Ray; ``curation.adapter`` runs them in Ray actors (``setup()`` once per
+actor, which sets ``device`` first: ``cuda`` when Ray gave the actor a GPU).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Stage:
     resources: ClassVar[Resources] = Resources()
     batch_size: ClassVar[int] = 8
     uses_model: ClassVar[bool] = False  # True: run in an actor pool (setup() once per actor)
+    device: str = "cpu"  # set by the worker before setup(): "cuda" when it holds a GPU
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass's own ``process_batch`` only ever sees rows that are not final."""

@@ -5,13 +5,13 @@ centre of each of N equal segments; fewer when the clip has fewer frames), decod
 and, when decord cannot read a file, with PyAV (a logged decoder fallback, not a silent one:
 the row's ``frames_decoder`` says which decoder produced its frames). Frames are turned to the
 display orientation (rotation metadata) and the display size (pixel aspect ratio), then
-downscaled with ``fit_max_side`` and stored as PNG bytes (``curation.media.encode_frame``).
+downscaled with ``fit_max_side`` and kept as (H, W, 3) uint8 RGB arrays (``curation.media``).
 
 Images: one frame (EXIF orientation applied; grayscale, palette, 16-bit and CMYK converted to
 RGB; transparency composited on white). Edit pairs: ``frames`` from the source and
 ``target_frames`` from the target (whole videos for video pairs).
 
-Columns: ``frames`` (list of PNG bytes), ``frame_times`` (seconds from the span start),
+Columns: ``frames`` (list of RGB arrays), ``frame_times`` (seconds from the span start),
 ``target_frames`` (edit pairs), ``frames_decoder`` (decord | pyav | pil).
 Reason tag: ``decode_error``.
 """
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from curation.config import CurationConfig
-from curation.media import FRAME_MAX_SIDE, encode_frame, fit_max_side, local_path
+from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path
 from curation.stages.base import Resources, Row, SampleError, Stage
 from curation.stages.probe import probe_file
 
@@ -266,7 +266,7 @@ def _display(row: Row, prefix: str = "") -> tuple[int, int] | None:
 
 
 class FrameSampleStage(Stage):
-    """Decode ``frames`` (+ ``target_frames`` for edit pairs) as PNG bytes."""
+    """Decode ``frames`` (+ ``target_frames`` for edit pairs) as RGB arrays."""
 
     name: ClassVar[str] = "frames"
     resources: ClassVar[Resources] = Resources(cpus=1)
@@ -278,16 +278,16 @@ class FrameSampleStage(Stage):
         self.max_side = max_side
         self.limits = cfg.probe
 
-    def _image(self, uri: str, display: tuple[int, int] | None) -> list[bytes]:
+    def _image(self, uri: str, display: tuple[int, int] | None) -> list[np.ndarray]:
         try:
             rgb = image_rgb(local_path(uri), self.max_side)
         except Exception as e:
             raise SampleError("decode_error", f"{type(e).__name__}: {e}") from e
-        return [encode_frame(to_display(rgb, display, self.max_side))]
+        return [np.ascontiguousarray(to_display(rgb, display, self.max_side))]
 
     def _video(
         self, uri: str, display, span, fps, total, rotation, random_access
-    ) -> tuple[list[bytes], list[float], str]:
+    ) -> tuple[list[np.ndarray], list[float], str]:
         path = local_path(uri)
         if not fps or (span is None and not total):
             meta = probe_file(uri, self.limits)  # a target side, or a row that skipped probe
@@ -299,7 +299,8 @@ class FrameSampleStage(Stage):
         frames, times, decoder = video_frames(
             path, self.num_frames, span, fps, total, int(rotation or 0), random_access is not False
         )
-        return [encode_frame(to_display(f, display, self.max_side)) for f in frames], times, decoder
+        frames = [np.ascontiguousarray(to_display(f, display, self.max_side)) for f in frames]
+        return frames, times, decoder
 
     def process_row(self, row: Row) -> Row:
         kind = row.get("kind")

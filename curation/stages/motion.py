@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from curation.config import CurationConfig
-from curation.media import decode_frames
+from curation.media import as_frames
 from curation.shift import dominant_shift, overlap
 
 from .base import Resources, Row, SampleError, Stage
@@ -148,7 +148,7 @@ class MotionStage(Stage):
                 "bad_frame_times",
                 f"{len(data)} frames but frame_times is {times!r:.80}",
             )
-        values = self.pair_motions(decode_frames(data), list(times))
+        values = self.pair_motions(as_frames(data), list(times))
         if values:
             out.update(
                 motion=float(np.mean(values)), motion_min=min(values), motion_max=max(values)

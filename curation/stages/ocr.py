@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from curation.config import CurationConfig
-from curation.media import FRAME_MAX_SIDE, decode_frames
+from curation.media import FRAME_MAX_SIDE, as_frames
 
 from .base import MissingWeights, RequiredFile, Resources, Row, SampleError, Stage
 
@@ -270,7 +270,7 @@ class OcrStage(Stage):
         if not data:
             raise SampleError("no_frames", "ocr needs the sampled frames (frames column)")
         area, boxes = 0.0, 0
-        for rgb in decode_frames(data):
+        for rgb in as_frames(data):
             polys = self.detect(rgb)
             area = max(area, float(union_mask(rgb.shape, polys).mean()))
             boxes = max(boxes, len(polys))

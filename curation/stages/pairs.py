@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from curation.config import CurationConfig
-from curation.media import decode_frames
+from curation.media import as_frames
 from curation.stages.base import Row, Stage
 
 
@@ -36,7 +36,7 @@ class EditPairStage(Stage):
         src, tgt = row.get("frames") or [], row.get("target_frames") or []
         if src and tgt:
             changes = []
-            for a, b in zip(decode_frames(src), decode_frames(tgt), strict=False):
+            for a, b in zip(as_frames(src), as_frames(tgt), strict=False):
                 if b.shape != a.shape:
                     b = cv2.resize(b, (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA)
                 diff = np.abs(a.astype(np.int16) - b.astype(np.int16))

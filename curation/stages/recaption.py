@@ -35,7 +35,7 @@ renamed, so concurrent workers are safe and a rerun never asks twice. A changed 
 or frame view is a miss. Failures are not cached.
 
 Failure rule: a sample whose caption cannot be obtained (request failed after retries,
-non-retryable HTTP error, empty answer, undecodable frames, no frames, edit with neither an
+non-retryable HTTP error, empty answer, malformed frames, no frames, edit with neither an
 instruction nor target frames) becomes ``status="error"`` with reason
 ``recaption_failed: <why>``; ``recaption`` stays null. It is counted with the other errors and
 a rerun asks again for it only (cached successes are not re-asked).
@@ -64,7 +64,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.media import decode_frame, fit_max_side
+from curation.media import as_frames, fit_max_side
 from curation.stages.base import RequiredFile, Resources, Row, SampleError, Stage, mark_error
 
 VIDEO_PROMPT = (
@@ -171,13 +171,13 @@ class CaptionCache:
 class Job:
     """What is asked for one sample: text and frame parts in order, and its cache digest."""
 
-    parts: list[tuple[str, Any]]  # ("text", str) | ("image", PNG bytes)
+    parts: list[tuple[str, Any]]  # ("text", str) | ("image", (H, W, 3) uint8 RGB array)
     prompt: str
     digest: str
     sample_key: str
 
 
-def _pick(frames: list[bytes], n: int) -> list[bytes]:
+def _pick(frames: list[Any], n: int) -> list[Any]:
     """Up to n frames evenly spaced over the list (first and last included)."""
     if len(frames) <= n:
         return list(frames)
@@ -514,7 +514,7 @@ class RecaptionStage(Stage):
     # --- per sample ---
 
     def make_job(self, row: Row) -> Job:
-        """Prompt, frames and cache digest of one row (frames are decoded later, in _ask)."""
+        """Prompt, frames and cache digest of one row (frames are checked and scaled in _ask)."""
         kind = row.get("kind")
         if kind not in self.prompts:
             raise SampleError("recaption_failed", f"unknown kind {kind!r}")
@@ -543,7 +543,9 @@ class RecaptionStage(Stage):
                 tgt = _pick(target, n)
                 parts.append(("text", "Target:" if n == 1 else f"Target ({len(tgt)} frames):"))
                 parts += [("image", f) for f in tgt]
-        sample_key = row.get("key") or hashlib.sha256(b"".join(frames)).hexdigest()
+        sample_key = (
+            row.get("key") or hashlib.sha256(b"".join(f.tobytes() for f in frames)).hexdigest()
+        )
         view = f"{self.view},target={int(bool(row.get('target_frames')))}"
         return Job(
             parts=parts,
@@ -553,15 +555,15 @@ class RecaptionStage(Stage):
         )
 
     def _ask(self, job: Job) -> str:
-        """Decode + downscale the frames, ask the model, store the answer; RecaptionFailed."""
+        """Check + downscale the frames, ask the model, store the answer; RecaptionFailed."""
         assert self._engine is not None and self._cache is not None
         try:
             parts = [
-                (k, fit_max_side(decode_frame(v), self.image_max_side) if k == "image" else v)
+                (k, fit_max_side(as_frames([v])[0], self.image_max_side) if k == "image" else v)
                 for k, v in job.parts
             ]
         except ValueError as e:
-            raise RecaptionFailed(f"undecodable frame: {e}") from None
+            raise RecaptionFailed(f"bad frame: {e}") from None
         text = _clean(self._engine.caption(Job(parts, job.prompt, job.digest, job.sample_key)))
         if not text:
             raise RecaptionFailed("the model answered with an empty caption")

@@ -1,20 +1,104 @@
-"""Resource planning: every stage fits next to the actor pools, on any cluster size."""
+"""The Ray boundary: steps (fusion), the worker plan on any cluster size, the worker itself."""
+
+from __future__ import annotations
+
+from typing import ClassVar
 
 import pytest
 
 from catalog.config import load_config
-from curation.adapter import plan_resources
+from curation.adapter import MODEL_CPU_SHARE, Pool, Worker, plan_steps, plan_workers
 from curation.config import CurationConfig
 from curation.pipeline import build_stages
+from curation.sink import BlockSink
+from curation.stages.base import Resources, Row, SampleError, Stage
 
 
-@pytest.mark.parametrize("cpus", [1.0, 2.0, 16.0])
-def test_a_task_always_fits_beside_one_actor_per_pool(cpus):
+class CountingStage(Stage):
+    name: ClassVar[str] = "count"
+    setups = 0
+
+    def setup(self) -> None:
+        type(self).setups += 1
+
+    def process_row(self, row: Row) -> Row:
+        if row["key"] == "bad":
+            raise SampleError("decode_error", "cannot read it")
+        return {**row, "caption": "seen"}
+
+
+class Model(Stage):
+    name: ClassVar[str] = "model"
+    uses_model: ClassVar[bool] = True
+    resources: ClassVar[Resources] = Resources(cpus=0.5, gpus=0.25)
+
+    def process_row(self, row: Row) -> Row:
+        return row
+
+
+def test_cpu_stages_are_fused_and_each_model_stage_is_a_step():
     stages, _ = build_stages(load_config(CurationConfig, None, []))
-    assert any(s.uses_model for s in stages)  # OCR runs in an actor pool by default
-    plan = plan_resources(stages, cpus)
-    pools = sum(plan[s.name].cpus for s in stages if s.uses_model)
-    assert pools <= cpus / 2 + 1e-9
-    for s in stages:
-        if not s.uses_model:  # one actor of every pool + this task fit together
-            assert pools + plan[s.name].cpus <= cpus + 1e-9, (s.name, plan)
+    steps = plan_steps(stages)
+    names = [s.name for s in steps]
+    assert names == ["probe+split+frames+pairs+motion", "ocr", "select+encode"]
+    assert [s.uses_model for s in steps] == [False, True, False]
+    assert [s.writes for s in steps] == [False, False, True]
+    assert plan_steps([Model()])[-1].stages == ()  # the sink step exists even without stages
+
+
+@pytest.mark.parametrize("cpus", [1.0, 2.0, 16.0, 64.0])
+def test_workers_fit_the_cluster(cpus):
+    stages, _ = build_stages(load_config(CurationConfig, None, []))
+    models = [s for s in stages if s.uses_model]
+    cpu, pools = plan_workers(models, cpus)
+    taken = sum(p.size * p.cpus for p in pools.values())
+    assert taken <= MODEL_CPU_SHARE * cpus + 0.05 * len(pools) + 1e-9
+    assert cpu.size * cpu.cpus + taken <= cpus + 1e-9  # everything is schedulable at once
+    assert cpu.size >= max(1, round(cpus - taken) - 1)  # and the CPUs are used
+    assert all(p.gpus == 0 for p in pools.values())
+
+
+def test_model_stages_get_the_gpus_when_there_are_some():
+    cpu, pools = plan_workers([Model()], 16.0, cluster_gpus=2.0)
+    assert pools["model"].gpus == 0.25 and pools["model"].size == 8
+    _, no_gpu = plan_workers([Model()], 16.0, cluster_gpus=0.0)
+    assert no_gpu["model"].gpus == 0
+
+
+def test_a_worker_sets_up_once_and_turns_bad_samples_into_error_rows(tmp_path):
+    CountingStage.setups = 0
+    steps = plan_steps([CountingStage()])
+    worker = Worker(steps, BlockSink(str(tmp_path), "r", 10, 2**20))
+    assert worker.ready()["device"] == "cpu" and CountingStage.setups == 1
+    rows = [
+        {"key": "ok", "kind": "image", "source_uri": "ok", "status": "rejected", "reasons": ["x"]}
+    ]
+    rows.append({"key": "bad", "kind": "image", "source_uri": "bad", "status": None})
+    out, info = worker.run(steps[0].name, "b1", rows)
+    out, info = worker.run(steps[0].name, "b2", rows)
+    assert CountingStage.setups == 1  # not per call
+    assert out == [] and info.written is not None  # the last step writes the block
+    assert info.written.counts == {"rejected": 1, "error": 1}
+    assert info.stages["count"][:2] == (2, 2) and "sink" in info.stages
+
+
+def test_a_setup_error_is_raised_by_ready():
+    class Broken(Stage):
+        name: ClassVar[str] = "broken"
+
+        def setup(self) -> None:
+            raise ValueError("bad setting broken.x")
+
+    worker = Worker(plan_steps([Broken()])[:1], None)
+    with pytest.raises(ValueError, match="bad setting broken.x"):
+        worker.ready()
+
+
+def test_the_pool_sends_calls_to_the_least_busy_actor():
+    made = iter(range(10))
+    pool = Pool("p", lambda: next(made), 3)
+    picks = [pool.pick() for _ in range(4)]
+    assert sorted(picks[:3]) == [0, 1, 2] and picks[3] in (0, 1, 2)
+    pool.release(picks[0])
+    pool.release(picks[0])
+    assert pool.pick() == picks[0]

@@ -26,7 +26,6 @@ from tiny_models import (
 )
 
 from curation.config import CurationConfig
-from curation.media import encode_frame
 from curation.models import (
     AESTHETIC_HEAD,
     EMBEDDING_COLUMN,
@@ -80,7 +79,7 @@ def row(kind: str, frames: list[np.ndarray], **extra) -> dict:
         "kind": kind,
         "status": "accepted",
         "reasons": [],
-        "frames": [encode_frame(f) for f in frames],
+        "frames": [f for f in frames],
         **extra,
     }
 
@@ -305,8 +304,8 @@ def test_stage_scores_images_videos_and_edit_targets(tmp_path, tiny_vit):
     imgs = [scene("a"), scene("b", 200, 90, "sunset"), scene("c", 90, 160, "night")]
     rows = [row("image", [im]) for im in imgs]
     rows.append(row("video", imgs, frame_times=[0.0, 1.0, 2.0]))
-    rows.append(row("image_edit", [imgs[0]], target_frames=[encode_frame(imgs[2])]))
-    rows.append(row("video_edit", imgs, target_frames=[encode_frame(im) for im in imgs[1:]]))
+    rows.append(row("image_edit", [imgs[0]], target_frames=[imgs[2]]))
+    rows.append(row("video_edit", imgs, target_frames=[im for im in imgs[1:]]))
     rows.append({**row("image", [imgs[0]]), "status": "error", "reasons": ["probe: x"]})
     rows.append(row("image", []))  # nothing to score
     rows.append({**row("image", []), "frames": [b"not a png"]})

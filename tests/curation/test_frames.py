@@ -14,7 +14,7 @@ from PIL import Image
 import curation.stages.frames as frames_mod
 from catalog.schema import make_key
 from curation.config import CurationConfig
-from curation.media import decode_frame, fit_max_side
+from curation.media import fit_max_side
 from curation.sample_data import generate, load_labels
 from curation.sample_data.videos import encode_video
 from curation.stages.frames import FrameSampleStage, frame_indices
@@ -116,7 +116,7 @@ def test_video_clips_get_uniform_frames_inside_the_span(corpus_rows):
         assert times[0] == pytest.approx(seg / 2, abs=1 / r["fps"])
         shape = fit_max_side(np.zeros((r["height"], r["width"], 3), np.uint8)).shape
         for f in r["frames"]:
-            assert decode_frame(f).shape == shape
+            assert f.shape == shape
         assert r["frames_decoder"] == "decord"
 
 
@@ -127,7 +127,7 @@ def test_frames_are_exactly_the_frames_of_the_clip(corpus):
     ref = reference_frames(root / lab["path"])
     for clip in clips:
         for f, i in zip(clip["frames"], clip_indices(clip), strict=True):
-            assert mean_diff(decode_frame(f), ref[i]) < 0.5, (clip["span"], i)
+            assert mean_diff(f, ref[i]) < 0.5, (clip["span"], i)
 
 
 def test_pyav_fallback_gives_the_same_frames(corpus, monkeypatch):
@@ -144,7 +144,7 @@ def test_pyav_fallback_gives_the_same_frames(corpus, monkeypatch):
     for a, b in zip(decord_rows, pyav_rows, strict=True):
         assert b["frames_decoder"] == "pyav" and b["frame_times"] == a["frame_times"]
         for fa, fb in zip(a["frames"], b["frames"], strict=True):
-            assert mean_diff(decode_frame(fa), decode_frame(fb)) < 0.5
+            assert mean_diff(fa, fb) < 0.5
 
 
 @pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="no AV1 encoder in PyAV")
@@ -164,7 +164,7 @@ def test_file_decord_cannot_read_falls_back_to_pyav(tmp_path):
     assert row["codec"] == "av1" and row["frames_decoder"] == "pyav"
     ref = reference_frames(path)
     for f, i in zip(row["frames"], clip_indices(row), strict=True):
-        assert mean_diff(decode_frame(f), ref[i]) < 0.5
+        assert mean_diff(f, ref[i]) < 0.5
 
 
 def test_broken_random_access_is_decoded_correctly():
@@ -176,7 +176,7 @@ def test_broken_random_access_is_decoded_correctly():
     for row in rows:
         for f, i in zip(row["frames"], clip_indices(row), strict=True):
             expected = fit_max_side(ref[i])
-            assert mean_diff(decode_frame(f), expected) < 1.0, (row["span"], i)
+            assert mean_diff(f, expected) < 1.0, (row["span"], i)
 
 
 def _rotated_video(tmp_path: Path, rotation: int, height: int, width: int) -> Path:
@@ -207,19 +207,19 @@ def test_rotation_is_applied(tmp_path, monkeypatch, rotation, decoder):
         monkeypatch.setattr(frames_mod, "_decord_frames", lambda *a: 1 / 0)
     (row,) = sampled(_rotated_video(tmp_path, rotation, 96, 64))
     assert row["frames_decoder"] == decoder and row["rotation"] == rotation
-    _check_upright(decode_frame(row["frames"][0]), 96, 64)
+    _check_upright(row["frames"][0], 96, 64)
 
 
 def test_rotated_size_decord_cannot_handle(tmp_path):
     """decord 0.6.0 raises on some rotated sizes (64x48): the PyAV fallback takes over."""
     (row,) = sampled(_rotated_video(tmp_path, 90, 64, 48))
-    _check_upright(decode_frame(row["frames"][0]), 64, 48)
+    _check_upright(row["frames"][0], 64, 48)
 
 
 def test_corpus_rotated_video_has_display_orientation(corpus_rows):
     (row,) = [r for r in corpus_rows if r["kind"] == "video" and r["rotation"] == 90]
     assert row["height"] > row["width"]
-    assert decode_frame(row["frames"][0]).shape[:2] == (row["height"], row["width"])
+    assert row["frames"][0].shape[:2] == (row["height"], row["width"])
 
 
 def test_non_square_pixels_are_resized_to_display_size(tmp_path):
@@ -233,13 +233,13 @@ def test_non_square_pixels_are_resized_to_display_size(tmp_path):
         out.mux(stream.encode(None))
     (row,) = sampled(path)
     assert (row["width"], row["height"]) == (128, 64)
-    assert all(decode_frame(f).shape == (64, 128, 3) for f in row["frames"])
+    assert all(f.shape == (64, 128, 3) for f in row["frames"])
 
 
 def test_large_real_video_is_downscaled():
     (row,) = sampled(DATA / "counter.mp4")
     assert len(row["frames"]) == N and row["frame_times"][0] == pytest.approx(0.1)
-    assert decode_frame(row["frames"][0]).shape == (360, 640, 3)  # 1920x1080 fit to 640
+    assert row["frames"][0].shape == (360, 640, 3)  # 1920x1080 fit to 640
 
 
 def test_images_give_one_rgb_frame(corpus_rows):
@@ -247,13 +247,13 @@ def test_images_give_one_rgb_frame(corpus_rows):
     assert len(images) >= 10
     for r in images:
         assert r["frame_times"] == [0.0] and len(r["frames"]) == 1
-        f = decode_frame(r["frames"][0])
+        f = r["frames"][0]
         assert f.shape == fit_max_side(np.zeros((r["height"], r["width"], 3), np.uint8)).shape
 
 
 def test_grayscale_and_alpha_images(tmp_path):
     (gray,) = sampled(DATA / "camera.png")
-    f = decode_frame(gray["frames"][0])
+    f = gray["frames"][0]
     assert (
         f.shape == (512, 512, 3)
         and (f[..., 0] == f[..., 1]).all()
@@ -264,7 +264,7 @@ def test_grayscale_and_alpha_images(tmp_path):
 
     (horse,) = sampled(DATA / "horse.png")
     rgba = np.asarray(Image.open(DATA / "horse.png").convert("RGBA"))
-    f = decode_frame(horse["frames"][0])
+    f = horse["frames"][0]
     assert f.shape == (328, 400, 3)
     alpha = rgba[..., 3:].astype(np.float64) / 255
     expected = rgba[..., :3] * alpha + 255 * (1 - alpha)  # composited on white
@@ -276,7 +276,7 @@ def test_grayscale_and_alpha_images(tmp_path):
     pal.paste(1, (0, 0, 10, 10))
     pal.save(tmp_path / "pal.png", transparency=0)
     (row,) = sampled(tmp_path / "pal.png")
-    f = decode_frame(row["frames"][0])
+    f = row["frames"][0]
     assert tuple(f[5, 5]) == (10, 200, 30) and tuple(f[5, 15]) == (255, 255, 255)
 
     for mode in ("I;16", "CMYK"):
@@ -285,7 +285,7 @@ def test_grayscale_and_alpha_images(tmp_path):
         ext = "png" if mode == "I;16" else "jpg"
         img.save(tmp_path / f"m.{ext}")
         (row,) = sampled(tmp_path / f"m.{ext}")
-        assert decode_frame(row["frames"][0]).shape == (8, 16, 3)
+        assert row["frames"][0].shape == (8, 16, 3)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -295,7 +295,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise: red on top
     img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
     (row,) = sampled(tmp_path / "phone.jpg")
-    f = decode_frame(row["frames"][0])
+    f = row["frames"][0]
     assert f.shape == (80, 40, 3) == (row["height"], row["width"], 3)
     assert f[10, 20, 0] > 180 and f[70, 20, 2] > 150
 
@@ -307,7 +307,7 @@ def test_edit_pairs_get_target_frames(corpus_rows):
         n = 1 if r["kind"] == "image_edit" else N
         assert len(r["frames"]) == len(r["target_frames"]) == n
         assert "span" not in r or r["span"] is None
-        src, tgt = decode_frame(r["frames"][0]), decode_frame(r["target_frames"][0])
+        src, tgt = r["frames"][0], r["target_frames"][0]
         assert src.shape[:2] == fit_max_side(np.zeros((r["height"], r["width"]))).shape
         assert (
             tgt.shape[:2] == fit_max_side(np.zeros((r["target_height"], r["target_width"]))).shape
@@ -316,10 +316,7 @@ def test_edit_pairs_get_target_frames(corpus_rows):
     for r in videos:  # whole videos: N frames spread over all 2 s
         assert r["frame_times"][0] == pytest.approx(r["duration"] / (2 * N), abs=1 / r["fps"])
     changed = [
-        max(
-            mean_diff(decode_frame(a), decode_frame(b))
-            for a, b in zip(r["frames"], r["target_frames"], strict=True)
-        )
+        max(mean_diff(a, b) for a, b in zip(r["frames"], r["target_frames"], strict=True))
         for r in videos
     ]
     assert max(changed) > 5 and min(changed) < 0.5  # real edits differ; the identical pair not

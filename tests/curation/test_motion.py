@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from curation.config import CurationConfig
-from curation.media import encode_frame, fit_max_side
+from curation.media import fit_max_side
 from curation.sample_data import generate
 from curation.stages.motion import MotionStage
 
@@ -29,7 +29,7 @@ def video_row(path: Path, num_frames: int = 8, kind: str = "video") -> dict:
         return {
             "kind": kind,
             "status": "accepted",
-            "frames": [encode_frame(fit_max_side(f.to_ndarray(format="rgb24"))) for f in picked],
+            "frames": [fit_max_side(f.to_ndarray(format="rgb24")) for f in picked],
             "frame_times": [float(f.pts * stream.time_base) for f in picked],
         }
 
@@ -140,5 +140,5 @@ def test_stage_declaration_and_pickling():
     s.setup()
     clone = pickle.loads(pickle.dumps(s))
     frame = np.zeros((90, 160, 3), np.uint8)
-    row = {"kind": "video", "frames": [encode_frame(frame)] * 2, "frame_times": [0.0, 1.0]}
+    row = {"kind": "video", "frames": [frame] * 2, "frame_times": [0.0, 1.0]}
     assert clone.process_row(row)["motion"] == 0.0

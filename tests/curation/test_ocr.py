@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from curation.config import CurationConfig
-from curation.media import decode_frame, encode_frame, fit_max_side
+from curation.media import fit_max_side
 from curation.sample_data import generate
 from curation.stages.base import MissingWeights, check_required
 from curation.stages.ocr import OcrStage, union_mask
@@ -29,7 +29,7 @@ def image_row(path: Path) -> dict:
     return {
         "kind": "image",
         "status": "accepted",
-        "frames": [encode_frame(fit_max_side(rgb))],
+        "frames": [fit_max_side(rgb)],
         "frame_times": [0.0],
     }
 
@@ -44,7 +44,7 @@ def video_row(path: Path, times: list[float]) -> dict:
         return {
             "kind": "video",
             "status": "accepted",
-            "frames": [encode_frame(fit_max_side(f.to_ndarray(format="rgb24"))) for f in picked],
+            "frames": [fit_max_side(f.to_ndarray(format="rgb24")) for f in picked],
             "frame_times": [float(f.pts * stream.time_base) for f in picked],
         }
 
@@ -83,7 +83,7 @@ def test_text_images_are_positive_where_the_text_is(corpus, ocr):
         assert out["ocr_area"] > 0.02, lab["id"]
         assert out["ocr_boxes"] >= len(lab["text"]), lab["id"]
 
-        frame = decode_frame(row["frames"][0])
+        frame = row["frames"][0]
         detected = union_mask(frame.shape, ocr.detect(frame))
         scale = frame.shape[1] / lab["width"]
         for box in lab["text_boxes"]:  # every labelled line is found ...
@@ -115,7 +115,7 @@ def test_clean_images_and_natural_photos_are_negative(corpus, ocr):
 def test_counter_video_is_positive_on_every_frame(ocr):
     row = video_row(DATA / "counter.mp4", [0.0, 1.0, 2.0, 2.9])
     for data in row["frames"]:
-        frame = decode_frame(data)
+        frame = data
         polys = ocr.detect(frame)
         assert len(polys) == 2  # "Frame = N" and "PTS = Ts", bottom right
         assert union_mask(frame.shape, polys).mean() > 0.02
@@ -129,7 +129,7 @@ def test_subtitles_are_found_in_their_segment(corpus, ocr):
     segments = lab["text_segments"][::2]
     row = video_row(root / lab["path"], [(s["start_s"] + s["end_s"]) / 2 for s in segments])
     for data, seg in zip(row["frames"], segments, strict=True):
-        frame = decode_frame(data)
+        frame = data
         detected = union_mask(frame.shape, ocr.detect(frame))
         assert detected.mean() > 0.01, seg["text"]
         assert detected[box_mask(frame.shape, [seg["box"]], 1.0)].mean() > 0.7, seg["text"]
@@ -155,7 +155,7 @@ def test_box_count_and_max_over_frames(ocr):
     assert len(ocr.detect(blank)) == 0
     assert len(ocr.detect(one)) == 1
     assert len(ocr.detect(three)) == 3
-    frames = [encode_frame(f) for f in (blank, three, one)]
+    frames = [f for f in (blank, three, one)]
     out = ocr.process_row({"kind": "video", "frames": frames, "frame_times": [0.0, 1.0, 2.0]})
     assert out["ocr_boxes"] == 3
     assert out["ocr_area"] == pytest.approx(union_mask(three.shape, ocr.detect(three)).mean())
@@ -239,7 +239,7 @@ def test_paddleocr_text_detection_adapter(tmp_path, monkeypatch):
     stage = OcrStage(paddle_cfg(model_dir))
     img = np.full((360, 640, 3), 90, np.uint8)
     cv2.putText(img, "HELLO THERE", (70, 80), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (255, 255, 255), 3)
-    out = stage.process_row({"kind": "image", "frames": [encode_frame(img)]})
+    out = stage.process_row({"kind": "image", "frames": [img]})
     assert calls["init"]["model_name"] == "PP-OCRv5_server_det"
     assert calls["init"]["model_dir"] == str(model_dir)
     assert calls["init"]["device"] == "cpu"

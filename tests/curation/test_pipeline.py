@@ -20,7 +20,7 @@ from curation.sample_data import generate
 # Small synthetic media: lower the size floor so the other checks are what decides.
 TEST_SETTINGS = [
     "select.min_short_side=64",
-    "partition_size=16",
+    "block_size=4",
     "name=corpus",
 ]
 
@@ -177,7 +177,7 @@ def test_select_changes_statuses_without_recomputing_scores(curated, tmp_path):
     result, index, cat, work = curated
     cfg = load_config(CurationConfig, work / "out" / "config.yaml", ["select.max_ocr_area=1.0"])
     new = reselect(work / "out", tmp_path / "v2", cfg, catalog=cat, parent=result.version)
-    assert new.summary["stages_run"] == ["select"]
+    assert new.summary["stages_run"] == ["select", "encode"]
     assert new.version.version == 2 and new.version.parent_id == result.version.id
     old_rows, new_rows = by_key(index), by_key(read_index(str(tmp_path / "v2" / "index")))
     assert set(old_rows) == set(new_rows)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from curation.config import RecaptionConfig
-from curation.media import encode_frame
 from curation.stages.base import MissingWeights, check_required
 from curation.stages.recaption import (
     IMAGE_EDIT_PROMPT,
@@ -120,7 +119,7 @@ def server():
 
 def _frames(n: int, seed: int, w: int = 64, h: int = 48) -> list[bytes]:
     rng = np.random.default_rng(seed)
-    return [encode_frame(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for _ in range(n)]
 
 
 def _row(kind: str, i: int, **extra) -> dict:
@@ -360,7 +359,7 @@ def test_rows_that_cannot_be_asked(server, tmp_path):
     )
     assert [r["status"] for r in out] == ["error", "error", "error", "accepted"]
     assert out[0]["reasons"] == ["recaption_failed: the row has no frames"]
-    assert out[1]["reasons"][0].startswith("recaption_failed: undecodable frame")
+    assert out[1]["reasons"][0].startswith("recaption_failed: bad frame")
     assert out[2]["reasons"] == [
         "recaption_failed: edit sample with neither an instruction nor target frames"
     ]

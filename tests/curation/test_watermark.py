@@ -29,7 +29,7 @@ from tiny_models import (
 )
 
 from curation.config import CurationConfig
-from curation.media import encode_frame, fit_max_side
+from curation.media import fit_max_side
 from curation.models import (
     AESTHETIC_HEAD,
     EMBEDDING_COLUMN,
@@ -93,7 +93,7 @@ def image_row(path: Path, **extra) -> dict:
         "kind": "image",
         "status": "accepted",
         "reasons": [],
-        "frames": [encode_frame(fit_max_side(rgb))],
+        "frames": [fit_max_side(rgb)],
         **extra,
     }
 
@@ -112,7 +112,7 @@ def video_row(frames: list[np.ndarray], kind: str = "video") -> dict:
         "kind": kind,
         "status": "accepted",
         "reasons": [],
-        "frames": [encode_frame(f) for f in frames],
+        "frames": [f for f in frames],
         "frame_times": [i * 0.5 for i in range(len(frames))],
     }
 
@@ -170,8 +170,8 @@ def test_video_takes_the_max_over_frames_and_edits_both_sides(corpus, trained):
         [
             video_row([clean, clean, marked, clean]),
             video_row([clean, clean]),
-            {**video_row([marked], "image_edit"), "target_frames": [encode_frame(clean)]},
-            {**video_row([clean], "image_edit"), "target_frames": [encode_frame(clean)]},
+            {**video_row([marked], "image_edit"), "target_frames": [clean]},
+            {**video_row([clean], "image_edit"), "target_frames": [clean]},
         ]
     )
     assert out[0]["watermark"] == pytest.approx(p_marked, abs=1e-5)

@@ -1,0 +1,316 @@
+"""The streaming engine: blocks of inputs flow through the steps and are committed one by one.
+
+The driver keeps at most ``max_in_flight`` blocks in the pipeline. A block goes to the least
+busy worker of each step in turn (``curation.adapter``); the rows between steps stay in Ray's
+object store (the driver only sees each step's small ``StepInfo``); the last step writes the
+block, and the driver then commits it (``curation.journal``). There is no barrier anywhere:
+a block is on disk and committed while others are still decoding, so a crash loses at most
+the blocks in flight, and a rerun skips every committed input.
+
+Faults. Ray restarts a killed actor and re-runs its call (``adapter.ACTOR_RETRIES``). When a
+block still fails, the driver runs it again from the first step (``max_attempts`` in all),
+then splits it in halves, down to single inputs; an input that fails alone every time becomes
+an error row (``worker_failed``), so one poisonous file cannot stop the run. Write failures
+(``OutputError``: disk full, read-only output) and repeated failures of every block stop the
+run at once with one message (``CurationAborted``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from curation.adapter import (
+    ACTOR_RETRIES,
+    Pool,
+    Step,
+    StepInfo,
+    plan_steps,
+    plan_workers,
+    worker_factory,
+)
+from curation.journal import BlockRecord, Journal, block_id
+from curation.progress import Progress
+from curation.sink import BlockSink, OutputError
+from curation.stages.base import Row, Stage, mark_error
+
+MAX_ATTEMPTS = 3  # runs of a block from its first step before it is split
+MAX_BLOCK = 64  # inputs per block at most when the block size is automatic
+BLOCKS_PER_WORKER = 8  # automatic block size: about this many blocks per CPU worker
+MAX_CONSECUTIVE_FAILURES = 8  # failed blocks in a row, none committed between: stop the run
+TICK_S = 1.0  # the driver wakes at least this often to refresh the progress display
+
+
+class CurationAborted(RuntimeError):
+    """The run cannot go on (the message says why, in one line); committed blocks stay."""
+
+
+@dataclass
+class Block:
+    id: str
+    rows: list[Row]
+    attempt: int = 0
+    poisoned: str | None = None  # set once the block is a lone input that failed every time
+    stages: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> list[str]:
+        return [r["input_id"] for r in self.rows]
+
+
+def make_blocks(rows: Sequence[Row], size: int) -> list[Block]:
+    """Consecutive runs of ``size`` input rows, each named by its inputs (``block_id``)."""
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = list(rows[i : i + size])
+        out.append(Block(block_id(r["input_id"] for r in chunk), chunk))
+    return out
+
+
+@dataclass
+class EngineStats:
+    blocks: int = 0
+    inputs: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    stages: dict[str, list[float]] = field(default_factory=dict)  # name -> [in, out, seconds]
+    retries: int = 0
+    failed_inputs: int = 0
+    startup_s: float = 0.0  # until every worker finished setup()
+
+    def add_stages(self, target: dict[str, list[float]], info: StepInfo) -> None:
+        for name, (n_in, n_out, secs) in info.stages.items():
+            for d in (target, self.stages):
+                cur = d.setdefault(name, [0, 0, 0.0])
+                cur[0] += n_in
+                cur[1] += n_out
+                cur[2] += secs
+
+
+@dataclass
+class _Flight:
+    block: Block
+    step: int
+    pool: Pool
+    actor: Any
+    rows: Any  # ObjectRef of this step's output rows
+
+
+class Engine:
+    def __init__(
+        self,
+        steps: list[Step],
+        pools: dict[str, Pool],
+        journal: Journal,
+        progress: Any,
+        max_in_flight: int,
+        max_attempts: int = MAX_ATTEMPTS,
+    ):
+        self.steps = steps
+        self.pools = pools  # "cpu" and one per model step name
+        self.journal = journal
+        self.progress = progress
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_attempts = max_attempts
+        self.stats = EngineStats()
+        self.waiting: dict[Any, _Flight] = {}  # info ref -> its block's step in flight
+        self._failures_in_a_row = 0
+
+    def pool_of(self, step: Step) -> Pool:
+        return self.pools[step.name] if step.uses_model else self.pools["cpu"]
+
+    def run(self, blocks: Sequence[Block]) -> EngineStats:
+        import ray
+
+        queue = deque(blocks)
+        waiting: dict[Any, _Flight] = self.waiting
+        while queue or waiting:
+            while queue and len(waiting) < self.max_in_flight:
+                block = queue.popleft()
+                self._submit(waiting, block, 0, block.rows)
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=TICK_S)
+            for ref in ready:
+                flight = waiting.pop(ref)
+                flight.pool.release(flight.actor)
+                try:
+                    info: StepInfo = ray.get(ref)
+                except Exception as e:
+                    self._failed(flight, e, queue)
+                    continue
+                self.stats.add_stages(flight.block.stages, info)
+                self.progress.step_done(info)
+                if flight.step + 1 < len(self.steps):
+                    self._submit(waiting, flight.block, flight.step + 1, flight.rows)
+                else:
+                    self._commit(flight.block, info)
+            self.progress.tick()
+        return self.stats
+
+    def _submit(self, waiting: dict, block: Block, step: int, rows: Any) -> None:
+        s = self.steps[step]
+        pool = self.pool_of(s)
+        actor = pool.pick()
+        rows_ref, info_ref = actor.run.options(num_returns=2).remote(s.name, block.id, rows)
+        waiting[info_ref] = _Flight(block, step, pool, actor, rows_ref)
+
+    def _commit(self, block: Block, info: StepInfo) -> None:
+        assert info.written is not None
+        record = BlockRecord(block.id, block.inputs, info.written, block.stages)
+        self.journal.commit(record)
+        self._failures_in_a_row = 0
+        self.stats.blocks += 1
+        self.stats.inputs += len(block.rows)
+        for status, n in info.written.counts.items():
+            self.stats.counts[status] = self.stats.counts.get(status, 0) + n
+        self.progress.block_done(record)
+
+    def drain(self) -> None:
+        """Collect what is still in flight after the run stopped early (the actors are gone
+        by then, so this is quick): Ray would log every unread error at exit otherwise."""
+        import ray
+
+        refs = [r for ref, f in self.waiting.items() for r in (ref, f.rows)]
+        self.waiting.clear()
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=0)
+
+    def _failed(self, flight: _Flight, error: Exception, queue: deque) -> None:
+        import ray
+        import ray.exceptions as rex
+
+        with contextlib.suppress(Exception):  # read the rows' error too (see drain)
+            ray.get(flight.rows, timeout=0)
+        cause = getattr(error, "cause", None) or error
+        if isinstance(cause, OutputError):
+            raise CurationAborted(str(cause)) from None
+        if isinstance(error, rex.ActorDiedError):
+            flight.pool.replace(flight.actor)  # Ray gave up restarting it
+        block = flight.block
+        detail = _describe(cause)
+        self.stats.retries += 1
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            raise CurationAborted(
+                f"{self._failures_in_a_row} blocks failed in a row, none committed between; "
+                f"the last on step {self.steps[flight.step].name}: {detail}"
+            )
+        if block.poisoned is not None:  # even its error rows do not get through
+            raise CurationAborted(f"block {block.id} cannot be written: {detail}")
+        block.attempt += 1
+        block.stages = {}
+        if block.attempt < self.max_attempts:
+            queue.appendleft(block)
+            what = f"retrying ({block.attempt + 1}/{self.max_attempts})"
+        elif len(block.rows) > 1:
+            half = len(block.rows) // 2
+            for part in (block.rows[half:], block.rows[:half]):
+                # each half gets one more try before it is split again
+                sub = Block(block_id(r["input_id"] for r in part), part, self.max_attempts - 1)
+                queue.appendleft(sub)
+            what = f"splitting it into blocks of {half} and {len(block.rows) - half} inputs"
+        else:
+            rows = [mark_error(r, "worker_failed", detail) for r in block.rows]
+            queue.appendleft(Block(block.id, rows, 0, poisoned=detail))
+            self.stats.failed_inputs += 1
+            what = "recording the input as an error row (worker_failed)"
+        self.progress.warn(
+            f"block {block.id} ({len(block.rows)} inputs) failed on step "
+            f"{self.steps[flight.step].name}: {detail}; {what}"
+        )
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the exception type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    first = next((line for line in text if line.strip()), "")
+    return f"{type(error).__name__}: {first[:300]}"
+
+
+def run_blocks(
+    rows: Sequence[Row],
+    stages: Sequence[Stage],
+    sink: BlockSink,
+    journal: Journal,
+    *,
+    block_size: int | None = None,
+    num_inputs: int | None = None,
+    address: str | None = None,
+    console: Any = None,
+    verbose: bool = False,
+    max_attempts: int = MAX_ATTEMPTS,
+    actor_retries: int = ACTOR_RETRIES,
+) -> EngineStats:
+    """Start the workers, stream ``rows`` (input rows) through ``stages`` in blocks, each
+    committed to ``journal`` once ``sink`` wrote it, stop the workers. ``num_inputs`` counts
+    the inputs committed earlier too (for the progress display)."""
+    import ray
+
+    connect_ray(address, verbose)
+    resources = ray.cluster_resources()
+    steps = plan_steps(stages)
+    cpu_plan, model_plans = plan_workers(
+        [s for s in stages if s.uses_model], resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    )
+    size = block_size or max(
+        1, min(MAX_BLOCK, math.ceil(len(rows) / (BLOCKS_PER_WORKER * cpu_plan.size)))
+    )
+    if console is not None:
+        models = "".join(
+            f", {name} x{p.size}" + (f" ({p.gpus:g} GPU each)" if p.gpus else "")
+            for name, p in model_plans.items()
+        )
+        console.print(f"workers: {cpu_plan.size} CPU{models}; blocks of {size} inputs")
+    cpu_steps = [s for s in steps if not s.uses_model]
+    make = worker_factory(cpu_steps, sink, cpu_plan, "cpu", actor_retries)
+    pools = {"cpu": Pool("cpu", make, cpu_plan.size)}
+    for step in steps:
+        if step.uses_model:
+            plan = model_plans[step.name]
+            make = worker_factory([step], None, plan, step.name, actor_retries)
+            pools[step.name] = Pool(step.name, make, plan.size)
+    engine = None
+    try:
+        t0 = time.monotonic()
+        for pool in pools.values():
+            try:
+                pool.wait_ready()
+            except Exception as e:  # a model that does not load, a bad setting: stop here
+                raise (getattr(e, "cause", None) or e) from None
+        total = num_inputs if num_inputs is not None else len(rows)
+        progress = Progress(console, total, total - len(rows))
+        in_flight = 2 * cpu_plan.size + sum(p.size for p in model_plans.values())
+        engine = Engine(steps, pools, journal, progress, in_flight, max_attempts)
+        engine.stats.startup_s = time.monotonic() - t0
+        progress.start()
+        try:
+            return engine.run(make_blocks(rows, size))
+        finally:
+            progress.stop()
+    finally:
+        for pool in pools.values():
+            pool.kill()
+        if engine is not None:
+            engine.drain()
+
+
+def connect_ray(address: str | None, verbose: bool = False) -> None:
+    """A local Ray (or the cluster at ``address``); Ray's own logs only with ``verbose``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        configure_logging=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+    )

@@ -1,0 +1,183 @@
+"""Pack: the committed blocks' segments become the final shards and the final index.
+
+Blocks write small per-bucket segments as they finish (``curation.sink``); once every input is
+committed, ``plan_packs`` groups each bucket's segments (sorted by name, so the plan depends only
+on what was committed) into shards of at most ``max_samples`` samples and ``max_bytes`` bytes,
+``pack_one`` writes one shard (a lone segment is renamed, several are concatenated member by
+member), and ``write_final_index`` rewrites the blocks' index parts into a few large Parquet
+files whose ``shard`` column names the final shards. Final layout::
+
+    shards/BUCKET/NNNNNN.tar     WebDataset shards (at most max_samples / max_bytes each)
+    index/part-NNNNN.parquet     every row (sample contract), at most ``rows_per_part`` rows each
+    index/_shards.json           the shards (uri, bucket, samples, bytes, sha256)
+
+Every step can be redone after a crash: a shard counts once its record
+``_work/packs/BUCKET/NNNNNN.json`` exists (written after the shard), its segments are removed
+only after that, and the index is rewritten whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from catalog.index import write_index_part
+from catalog.schema import SAMPLE_SCHEMA
+from catalog.shards import ShardInfo, _HashingWriter, _is_local
+from curation.journal import BlockRecord
+from curation.sink import WORK
+
+PACKS = f"{WORK}/packs"
+INDEX_ROWS_PER_PART = 1_000_000
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    path: str  # final shard, relative to the output root
+    bucket: str
+    segments: tuple[ShardInfo, ...]
+
+    @property
+    def record(self) -> str:
+        return f"{PACKS}/{self.path.removeprefix('shards/').removesuffix('.tar')}.json"
+
+
+def plan_packs(records: Iterable[BlockRecord], max_samples: int, max_bytes: int) -> list[PackPlan]:
+    by_bucket: dict[str, list[ShardInfo]] = {}
+    for r in records:
+        for s in r.written.segments:
+            by_bucket.setdefault(s.bucket, []).append(s)
+    plans = []
+    for bucket in sorted(by_bucket):
+        groups: list[list[ShardInfo]] = [[]]
+        samples = size = 0
+        for seg in sorted(by_bucket[bucket], key=lambda s: s.path):
+            full = samples + seg.num_samples > max_samples or size + seg.num_bytes > max_bytes
+            if groups[-1] and full:
+                groups.append([])
+                samples = size = 0
+            groups[-1].append(seg)
+            samples += seg.num_samples
+            size += seg.num_bytes
+        for n, group in enumerate(groups):
+            plans.append(PackPlan(f"shards/{bucket}/{n:06d}.tar", bucket, tuple(group)))
+    return plans
+
+
+def pack_one(output: str, plan: PackPlan) -> ShardInfo:
+    """Write the shard of ``plan`` (idempotent; see the module docstring)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    record = f"{root}/{plan.record}"
+    if fs.exists(record):
+        with fs.open(record, "rb") as f:
+            return ShardInfo(**json.loads(f.read()))
+    final = f"{root}/{plan.path}"
+    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+    uri = final if _is_local(fs) else fs.unstrip_protocol(final)
+    segs = plan.segments
+    if len(segs) == 1 and _is_local(fs):
+        seg = segs[0]
+        if fs.exists(f"{root}/{seg.path}"):
+            fs.mv(f"{root}/{seg.path}", final)
+        info = ShardInfo(uri, plan.path, plan.bucket, seg.num_samples, seg.num_bytes, seg.sha256)
+    else:
+        info = _concatenate(fs, root, plan, uri)
+    fs.makedirs(record.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(record + ".tmp", "wb") as f:
+        f.write(json.dumps(info.to_dict()).encode())
+    fs.mv(record + ".tmp", record)
+    for seg in segs:
+        if fs.exists(f"{root}/{seg.path}"):
+            fs.rm(f"{root}/{seg.path}")
+    return info
+
+
+def _concatenate(fs, root: str, plan: PackPlan, uri: str) -> ShardInfo:
+    final = f"{root}/{plan.path}"
+    tmp = final.rsplit("/", 1)[0] + "/." + final.rsplit("/", 1)[1] + ".tmp"
+    digest = hashlib.sha256()
+    with (
+        fs.open(tmp, "wb") as stream,
+        tarfile.open(fileobj=_HashingWriter(stream, digest), mode="w|") as out,
+    ):
+        for seg in plan.segments:
+            with (
+                fs.open(f"{root}/{seg.path}", "rb") as f,
+                tarfile.open(fileobj=f, mode="r|") as src,
+            ):
+                for member in src:
+                    out.addfile(member, src.extractfile(member) if member.isfile() else None)
+    size = fs.size(tmp)
+    fs.mv(tmp, final)
+    samples = sum(s.num_samples for s in plan.segments)
+    return ShardInfo(uri, plan.path, plan.bucket, samples, size, digest.hexdigest())
+
+
+def write_final_index(
+    output: str,
+    records: Sequence[BlockRecord],
+    shards: dict[str, str],
+    rows_per_part: int = INDEX_ROWS_PER_PART,
+) -> int:
+    """Rewrite the blocks' index parts as ``index/part-NNNNN.parquet`` with ``shard`` mapped
+    from segment to final shard (``shards``: segment path -> shard path); returns the rows."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    for old in fs.glob(f"{root}/index/part-*.parquet"):
+        fs.rm(old)
+    keys = pa.array(list(shards), pa.string())
+    values = pa.array(list(shards.values()), pa.string())
+    pending: list[pa.Table] = []
+    num_rows = parts = 0
+
+    def flush() -> None:
+        nonlocal parts, pending
+        if pending:
+            write_index_part(_canonical(pending), f"{output}/index", f"part-{parts:05d}")
+            parts += 1
+            pending = []
+
+    for r in records:
+        with fs.open(f"{root}/{r.written.index_part}", "rb") as f:
+            table = pq.read_table(f)
+        if "shard" in table.column_names:
+            col = table.column("shard")
+            mapped = pc.take(values, pc.index_in(col, value_set=keys))
+            unmapped = pc.and_(col.is_valid(), mapped.is_null())
+            if pc.any(unmapped).as_py():
+                missing = pc.filter(col, unmapped)[0].as_py()
+                raise RuntimeError(f"block {r.block} names a segment no pack holds: {missing}")
+            table = table.set_column(table.column_names.index("shard"), "shard", mapped)
+        pending.append(table)
+        num_rows += table.num_rows
+        if sum(t.num_rows for t in pending) >= rows_per_part:
+            flush()
+    flush()
+    return num_rows
+
+
+def _canonical(tables: list[pa.Table]) -> pa.Table:
+    """One table from block parts: missing extra columns become null, the contract columns
+    first in schema order, then the extras sorted by name."""
+    table = pa.concat_tables(tables, promote_options="permissive")
+    extras = sorted(n for n in table.column_names if n not in SAMPLE_SCHEMA.names)
+    order = [n for n in SAMPLE_SCHEMA.names if n in table.column_names] + extras
+    return table.select(order)
+
+
+def write_shard_list(output: str, shards: Sequence[ShardInfo]) -> None:
+    fs, root = fsspec.core.url_to_fs(output)
+    path = f"{root.rstrip('/')}/index/_shards.json"
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path + ".tmp", "wb") as f:
+        f.write(json.dumps([s.to_dict() for s in shards], indent=1).encode())
+    fs.mv(path + ".tmp", path)
