@@ -48,7 +48,8 @@ class CurationResult:
 
 
 def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
-    """The ordered stages of this config, and the stages left off with the reason."""
+    """The ordered stages of this config (each built from its own section), and the stages
+    left off with the reason."""
     from curation.stages.encode import EncodeStage
     from curation.stages.frames import FrameSampleStage
     from curation.stages.motion import MotionStage
@@ -60,51 +61,66 @@ def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
 
     skipped: dict[str, str] = {}
     stages: list[Stage] = [
-        ProbeStage(cfg),  # container, codec, size, fps, rotation; kind from content
-        SceneSplitStage(cfg),  # scenes -> clips (videos), spans in the index
-        FrameSampleStage(cfg),  # N frames per clip, shared by every scorer below
-        EditPairStage(cfg),  # edit pairs: aspect difference, source -> target change
+        ProbeStage(cfg.probe, cfg.kind),  # container, codec, size, fps; kind from content
+        SceneSplitStage(cfg.split),  # scenes -> clips (videos), spans in the index
+        FrameSampleStage(cfg.frames, cfg.probe),  # N frames per clip, for every scorer below
+        EditPairStage(),  # edit pairs: aspect difference, source -> target change
     ]
     if cfg.motion.enabled:
-        stages.append(MotionStage(cfg))  # optical flow on downscaled frame pairs
+        stages.append(MotionStage(cfg.motion))  # optical flow on downscaled frame pairs
     else:
         skipped["motion"] = "motion.enabled is false"
-    for name in ("aesthetic", "watermark"):  # CLIP-embedding scorers need weights
-        stage = _model_stage(name, cfg, skipped)
-        if stage is not None:
-            stages.append(stage)
+    stages += _clip_stages(cfg, skipped)  # aesthetic, watermark: CLIP embeddings + heads
     if cfg.ocr.enabled:
-        stages.append(OcrStage(cfg))  # PP-OCR text detection -> text area
+        stages.append(OcrStage(cfg.ocr))  # PP-OCR text detection -> text area
     else:
         skipped["ocr"] = "ocr.enabled is false"
-    stages.append(SelectStage(cfg))  # thresholds -> status + reasons
+    # thresholds -> status + reasons
+    stages.append(SelectStage(cfg.select, cfg.edit, cfg.split.min_clip_s))
     if cfg.recaption.backend != "none":
         from curation.stages.recaption import RecaptionStage
 
-        stages.append(RecaptionStage(cfg))  # captions for accepted samples
+        stages.append(RecaptionStage(cfg.recaption))  # captions for accepted samples
     else:
         skipped["recaption"] = "recaption.backend is 'none'"
     stages.append(EncodeStage(cfg.shards))  # tar members of accepted samples (clips re-encoded)
     return stages, skipped
 
 
-def _model_stage(name: str, cfg: CurationConfig, skipped: dict[str, str]) -> Stage | None:
-    enabled = getattr(cfg, name).enabled
-    if enabled is False:
-        skipped[name] = f"{name}.enabled is false"
-        return None
-    if name == "aesthetic":
-        from curation.stages.aesthetic import AestheticStage as cls
-    else:
-        from curation.stages.watermark import WatermarkStage as cls
-    stage = cls(cfg)
-    if enabled or cfg.profile == "full":
-        return stage  # required: missing weights stop the run at start-up
-    missing = [f for f in stage.required_files() if not Path(f.path).is_file()]
-    if missing:
-        skipped[name] = f"weights not found: {missing[0].path} ({missing[0].how_to_get})"
-        return None
-    return stage
+def _clip_stages(cfg: CurationConfig, skipped: dict[str, str]) -> list[Stage]:
+    """The CLIP-embedding scorers that run: one CLIP model (the aesthetic section's) for both;
+    under the default profile a stage without its weights is listed as skipped."""
+    wanted = {n: getattr(cfg, n).enabled for n in ("aesthetic", "watermark")}
+    for name, enabled in wanted.items():
+        if enabled is False:
+            skipped[name] = f"{name}.enabled is false"
+    if not any(e is not False for e in wanted.values()):
+        return []
+    from curation.stages.aesthetic import AestheticStage, clip_spec
+    from curation.stages.watermark import WatermarkStage
+
+    clip = clip_spec(cfg.aesthetic, cfg.models_dir)
+    candidates = {
+        "aesthetic": lambda: AestheticStage(cfg.aesthetic, clip, cfg.models_dir),
+        "watermark": lambda: WatermarkStage(
+            cfg.watermark, clip, cfg.models_dir, cfg.aesthetic.batch_size
+        ),
+    }
+    out: list[Stage] = []
+    for name, make in candidates.items():
+        enabled = wanted[name]
+        if enabled is False:
+            continue
+        stage = make()
+        if enabled or cfg.profile == "full":
+            out.append(stage)  # required: missing weights stop the run at start-up
+            continue
+        missing = [f for f in stage.required_files() if not Path(f.path).is_file()]
+        if missing:
+            skipped[name] = f"weights not found: {missing[0].path} ({missing[0].how_to_get})"
+        else:
+            out.append(stage)
+    return out
 
 
 def run_identity(cfg: CurationConfig, inputs: list[dict]) -> str:
@@ -362,7 +378,10 @@ def reselect(
         version = replace(version, run_id=run_id)
         if parent is not None:
             catalog.add_edge(Node("version", parent.id), Node("run", version.run_id), "input")
-        stages: list[Stage] = [SelectStage(cfg), EncodeStage(cfg.shards)]
+        stages: list[Stage] = [
+            SelectStage(cfg.select, cfg.edit, cfg.split.min_clip_s),
+            EncodeStage(cfg.shards),
+        ]
         skipped = {"models": "scores are read from the index"}
         version, run = _write_and_commit(
             catalog, version, out, cfg, stages, skipped, rows, address, console, verbose

@@ -2,7 +2,7 @@
 
 Nothing here is used by the pipeline. Tests build models, save them where a real run would find
 real weights (``<models_dir>/open_clip/<ARCH>.safetensors``, ...) and load them back through
-``curation.models``, exactly like a run with downloaded weights.
+``curation.weights`` / ``curation.clip``, exactly like a run with downloaded weights.
 
 Two architectures are registered with open_clip (``add_model_config``):
 
@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from curation.clip import import_open_clip
 from curation.media import fit_max_side
-from curation.models import import_open_clip
 from curation.sample_data.images import WATERMARK_TEXT, place_text_lines
 from curation.sample_data.render import (
     PALETTES,
@@ -116,7 +116,7 @@ def save_clip(model: nn.Module, path: Path) -> Path:
 
 def laion_head_state(input_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A LAION-format aesthetic head state dict with seeded random weights."""
-    from curation.models import AestheticHead
+    from curation.heads import AestheticHead
 
     torch.manual_seed(seed)
     return {k: v.clone() for k, v in AestheticHead(input_size).state_dict().items()}

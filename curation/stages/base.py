@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from curation.weights import MissingWeights, RequiredFile
+
 Row = dict[str, Any]
 
 # Reasons the input listing (curation/sources.py) rejects an input for without reading it:
@@ -58,10 +60,6 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
-class MissingWeights(RuntimeError):
-    """A configured model's weights are not where they were looked for (raised at start-up)."""
-
-
 @dataclass(frozen=True)
 class Resources:
     """Per-worker resources. Fractional CPUs keep actor pools from starving read tasks."""
@@ -69,15 +67,6 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
     memory_mb: int = 0
-
-
-@dataclass(frozen=True)
-class RequiredFile:
-    """A file a stage needs before it can run, and how a user obtains it."""
-
-    path: Path
-    what: str
-    how_to_get: str
 
 
 class Stage:
@@ -167,3 +156,6 @@ def check_required(stages: Iterable[Stage]) -> None:
     if missing:
         lines = [f"{name}: {f.what} not found at {f.path} ({f.how_to_get})" for name, f in missing]
         raise MissingWeights("model weights are missing:\n  - " + "\n  - ".join(lines))
+
+
+__all__ = ["MissingWeights", "RequiredFile", "Resources", "Row", "SampleError", "Stage"]

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from curation.config import CurationConfig
+from curation.config import FramesConfig, ProbeConfig
 from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path
 from curation.stages.base import Resources, Row, SampleError, Stage
 from curation.stages.probe import probe_file
@@ -273,10 +273,12 @@ class FrameSampleStage(Stage):
     batch_size: ClassVar[int] = 4
     uses_model: ClassVar[bool] = False
 
-    def __init__(self, cfg: CurationConfig, max_side: int = FRAME_MAX_SIDE):
-        self.num_frames = cfg.frames.num_frames
+    def __init__(
+        self, cfg: FramesConfig, limits: ProbeConfig | None = None, max_side: int = FRAME_MAX_SIDE
+    ):
+        self.num_frames = cfg.num_frames
         self.max_side = max_side
-        self.limits = cfg.probe
+        self.limits = limits or ProbeConfig()  # for targets / rows that skipped probe
 
     def _image(self, uri: str, display: tuple[int, int] | None) -> list[np.ndarray]:
         try:

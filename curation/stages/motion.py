@@ -38,7 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.config import CurationConfig
+from curation.config import MotionConfig
 from curation.media import as_frames
 from curation.shift import dominant_shift, overlap
 
@@ -74,9 +74,9 @@ class MotionStage(Stage):
     batch_size = 4  # per-clip optical flow: small batches spread clips over the CPUs
     uses_model = False
 
-    def __init__(self, cfg: CurationConfig):
-        self.algorithm = cfg.motion.algorithm
-        self.short_side = cfg.motion.short_side
+    def __init__(self, cfg: MotionConfig):
+        self.algorithm = cfg.algorithm
+        self.short_side = cfg.short_side
         self._dis: Any = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -8,8 +8,10 @@ edit pairs are scored on both sides (``frames`` and ``target_frames``; max over 
 Engines (``ocr.engine``):
 
 - ``rapidocr`` (default): RapidOCR 3.x running the PP-OCR det ONNX model shipped in its wheel
-  on onnxruntime (CPU, one thread per actor). ``required_files`` names that model so a broken
-  install fails at start-up instead of RapidOCR trying to download it on a worker.
+  on onnxruntime (CPU, one thread per actor; its CUDA provider on a GPU worker when the
+  ``onnxruntime-gpu`` build is installed, see ``onnx_cuda_available``). ``required_files``
+  names that model so a broken install fails at start-up instead of RapidOCR trying to
+  download it on a worker.
 - ``paddleocr``: PaddleOCR 3.x ``TextDetection`` (optional extra ``omniforge[paddle]`` plus
   ``paddlepaddle``) on the PP-OCR det inference model in ``ocr.model_dir``.
 
@@ -37,7 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.config import CurationConfig
+from curation.config import OcrConfig
 from curation.media import FRAME_MAX_SIDE, as_frames
 
 from .base import MissingWeights, RequiredFile, Resources, Row, SampleError, Stage
@@ -63,7 +65,17 @@ PADDLE_GRAPH_FILES = ("inference.json", "inference.pdmodel")
 RAPID_HOW = "it ships in the rapidocr wheel: pip install --force-reinstall 'rapidocr>=3,<4'"
 
 
-def _rapidocr_params(model_path: Path | None = None) -> dict[str, Any]:
+def onnx_cuda_available() -> bool:
+    """Whether onnxruntime here can run on CUDA (the onnxruntime-gpu build is installed)."""
+    try:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except Exception:
+        return False
+
+
+def _rapidocr_params(model_path: Path | None = None, cuda: bool = False) -> dict[str, Any]:
     params: dict[str, Any] = {
         "Global.use_det": True,
         "Global.use_cls": False,
@@ -81,6 +93,8 @@ def _rapidocr_params(model_path: Path | None = None) -> dict[str, Any]:
     }
     if model_path is not None:
         params["Det.model_path"] = str(model_path)
+    if cuda:
+        params["EngineConfig.onnxruntime.use_cuda"] = True
     return params
 
 
@@ -132,13 +146,13 @@ def paddle_model_name(model_dir: Path) -> str:
 
 
 class _RapidDetector:
-    def __init__(self) -> None:
+    def __init__(self, cuda: bool = False) -> None:
         from rapidocr import RapidOCR
 
         model = rapidocr_det_model()
         if model is not None and not model.is_file():  # else RapidOCR would try to download it
             raise MissingWeights(f"RapidOCR text-detection model not found at {model}; {RAPID_HOW}")
-        self._engine = RapidOCR(params=_rapidocr_params(model))
+        self._engine = RapidOCR(params=_rapidocr_params(model, cuda))
         self(np.zeros((64, 64, 3), np.uint8))  # load the ONNX session now, not on the 1st sample
 
     def __call__(self, bgr: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
@@ -150,7 +164,7 @@ class _RapidDetector:
 
 
 class _PaddleDetector:
-    def __init__(self, model_dir: Path | None) -> None:
+    def __init__(self, model_dir: Path | None, device: str = "cpu") -> None:
         if model_dir is None:
             raise MissingWeights(f"ocr.model_dir is not set; {PADDLE_MODEL_HINT}")
         model_name = paddle_model_name(Path(model_dir))
@@ -169,7 +183,7 @@ class _PaddleDetector:
             self._model = text_detection(
                 model_name=model_name,
                 model_dir=str(model_dir),
-                device="cpu",  # the stage reserves no GPU
+                device="gpu" if device == "cuda" else "cpu",
                 cpu_threads=1,
                 limit_side_len=FRAME_MAX_SIDE,
                 limit_type="max",
@@ -223,10 +237,13 @@ class OcrStage(Stage):
     batch_size = 8
     uses_model = True
 
-    def __init__(self, cfg: CurationConfig):
-        self.engine = cfg.ocr.engine
-        self.model_dir = cfg.ocr.model_dir
+    def __init__(self, cfg: OcrConfig):
+        self.engine = cfg.engine
+        self.model_dir = cfg.model_dir
         self._detector: Any = None
+        if self.engine == "rapidocr" and onnx_cuda_available():
+            # a GPU when the cluster has one (onnxruntime-gpu installed); CPU otherwise
+            self.resources = Resources(cpus=0.5, gpus=0.25)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -252,9 +269,9 @@ class OcrStage(Stage):
     def setup(self) -> None:
         if self._detector is None:
             if self.engine == "paddleocr":
-                self._detector = _PaddleDetector(self.model_dir)
+                self._detector = _PaddleDetector(self.model_dir, self.device)
             else:
-                self._detector = _RapidDetector()
+                self._detector = _RapidDetector(cuda=self.device == "cuda")
 
     def detect(self, rgb: np.ndarray) -> list[np.ndarray]:
         """Text polygons ((N, 2) float32, frame pixels) of one RGB frame, after filtering."""

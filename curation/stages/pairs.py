@@ -12,7 +12,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from curation.config import CurationConfig
 from curation.media import as_frames
 from curation.stages.base import Row, Stage
 
@@ -20,9 +19,6 @@ from curation.stages.base import Row, Stage
 class EditPairStage(Stage):
     name = "pairs"
     batch_size = 16
-
-    def __init__(self, cfg: CurationConfig):
-        self.cfg = cfg
 
     def process_row(self, row: Row) -> Row:
         if row.get("kind") not in ("image_edit", "video_edit"):

@@ -38,7 +38,7 @@ import av
 from PIL import Image, UnidentifiedImageError
 
 from catalog.schema import EDIT_KINDS
-from curation.config import CurationConfig, ProbeConfig
+from curation.config import ProbeConfig
 from curation.media import local_path
 from curation.stages.base import Resources, Row, SampleError, Stage
 
@@ -566,9 +566,9 @@ class ProbeStage(Stage):
     batch_size: ClassVar[int] = 8
     uses_model: ClassVar[bool] = False
 
-    def __init__(self, cfg: CurationConfig):
-        self.limits = cfg.probe
-        self.default_kind = None if cfg.kind == "auto" else cfg.kind
+    def __init__(self, cfg: ProbeConfig, kind: str = "auto"):
+        self.limits = cfg
+        self.default_kind = None if kind == "auto" else kind
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
         out = super().process_batch(rows)

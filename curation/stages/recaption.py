@@ -64,6 +64,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from curation.config import RecaptionConfig
 from curation.media import as_frames, fit_max_side
 from curation.stages.base import RequiredFile, Resources, Row, SampleError, Stage, mark_error
 
@@ -404,7 +405,7 @@ class TransformersBackend:
 class RecaptionStage(Stage):
     """Writes ``recaption`` (see the module docstring for prompts, backends, cache, failures).
 
-    ``RecaptionStage(cfg)`` with ``cfg`` the CurationConfig (or its ``recaption`` section).
+    ``RecaptionStage(cfg.recaption)``.
     Keyword arguments override the section's ``cache_dir``, ``prompts`` (kind -> template),
     ``max_frames``, ``image_max_side``, ``max_new_tokens``, ``backoff_s``, ``gpus``.
     """
@@ -416,7 +417,7 @@ class RecaptionStage(Stage):
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: RecaptionConfig,
         *,
         cache_dir: str | Path | None = None,
         prompts: dict[str, str] | None = None,
@@ -426,7 +427,6 @@ class RecaptionStage(Stage):
         backoff_s: float | None = None,
         gpus: float | None = None,
     ):
-        cfg = getattr(cfg, "recaption", cfg)  # the whole CurationConfig, or its section
         if cfg.backend == "none":
             raise ValueError("recaption.backend is 'none': the recaption stage is off")
         if cfg.backend not in ("openai", "transformers"):

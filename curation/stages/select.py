@@ -32,15 +32,18 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from curation.config import CurationConfig
+from curation.config import EditConfig, SelectConfig
 from curation.media import thumbnail
 from curation.stages.base import Row, Stage
 from curation.stages.resolution import resolution_reasons
 
 
-def reasons_for(row: Row, cfg: CurationConfig) -> list[str]:
-    """Every threshold this row fails, as ``tag: value vs limit`` strings."""
-    sel, out = cfg.select, []
+def reasons_for(
+    row: Row, sel: SelectConfig, edit: EditConfig = EditConfig(), min_clip_s: float = 0.0
+) -> list[str]:
+    """Every threshold this row fails, as ``tag: value vs limit`` strings (``min_clip_s`` is
+    the split section's, ``edit`` the edit-pair checks)."""
+    out: list[str] = []
     kind = row.get("kind")
     w, h = row.get("width"), row.get("height")
 
@@ -50,7 +53,7 @@ def reasons_for(row: Row, cfg: CurationConfig) -> list[str]:
 
     if kind == "video" and row.get("duration") is not None:
         d = row["duration"]
-        check("too_short", d, cfg.split.min_clip_s, d < cfg.split.min_clip_s, "<")
+        check("too_short", d, min_clip_s, d < min_clip_s, "<")
     out += resolution_reasons(w, h, sel)
     for col, tag, limit, is_min in [
         ("aesthetic", "low_aesthetic", sel.min_aesthetic, True),
@@ -72,8 +75,8 @@ def reasons_for(row: Row, cfg: CurationConfig) -> list[str]:
             check(
                 "pair_aspect_mismatch",
                 diff,
-                cfg.edit.max_aspect_diff,
-                diff > cfg.edit.max_aspect_diff,
+                edit.max_aspect_diff,
+                diff > edit.max_aspect_diff,
                 ">",
             )
         change = row.get("edit_change")
@@ -81,14 +84,16 @@ def reasons_for(row: Row, cfg: CurationConfig) -> list[str]:
             check(
                 "identical_pair",
                 change,
-                cfg.edit.min_target_change,
-                change < cfg.edit.min_target_change,
+                edit.min_target_change,
+                change < edit.min_target_change,
                 "<",
             )
     return out
 
 
-def select_rows(rows: list[Row], cfg: CurationConfig) -> list[Row]:
+def select_rows(
+    rows: list[Row], sel: SelectConfig, edit: EditConfig = EditConfig(), min_clip_s: float = 0.0
+) -> list[Row]:
     """Set status (accepted | rejected) and reasons; error rows are left as they are."""
     out = []
     for row in rows:
@@ -96,7 +101,7 @@ def select_rows(rows: list[Row], cfg: CurationConfig) -> list[Row]:
         if row.get("status") == "error":
             out.append(row)
             continue
-        reasons = reasons_for(row, cfg)
+        reasons = reasons_for(row, sel, edit, min_clip_s)
         row["status"] = "rejected" if reasons else "accepted"
         row["reasons"] = reasons
         out.append(row)
@@ -113,11 +118,13 @@ class SelectStage(Stage):
     name = "select"
     batch_size = 64
 
-    def __init__(self, cfg: CurationConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: SelectConfig, edit: EditConfig, min_clip_s: float):
+        self.select = cfg
+        self.edit = edit
+        self.min_clip_s = min_clip_s
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        out = select_rows(rows, self.cfg)
+        out = select_rows(rows, self.select, self.edit, self.min_clip_s)
         for row in out:  # the report shows what was left out
             if row["status"] != "accepted" and row.get("frames"):
                 with contextlib.suppress(ValueError):

@@ -25,7 +25,7 @@ import math
 from typing import ClassVar
 
 from catalog.schema import make_key
-from curation.config import CurationConfig
+from curation.config import SplitConfig
 from curation.media import local_path
 from curation.stages.base import Resources, Row, SampleError, Stage
 
@@ -96,10 +96,10 @@ class SceneSplitStage(Stage):
     batch_size: ClassVar[int] = 4
     uses_model: ClassVar[bool] = False
 
-    def __init__(self, cfg: CurationConfig):
-        self.enabled = cfg.split.enabled
-        self.threshold = cfg.split.threshold
-        self.max_clip_s = cfg.split.max_clip_s
+    def __init__(self, cfg: SplitConfig):
+        self.enabled = cfg.enabled
+        self.threshold = cfg.threshold
+        self.max_clip_s = cfg.max_clip_s
 
     def process_row(self, row: Row) -> Row | list[Row]:
         if row.get("kind") != "video":

@@ -1,9 +1,9 @@
 """watermark: watermark probability from a CLIP-embedding head, and a static-overlay cue.
 
-``watermark`` (0-1): ``WatermarkHead`` (``curation.models``) on the L2-normalised CLIP
+``watermark`` (0-1): ``WatermarkHead`` (``curation.heads``) on the L2-normalised CLIP
 embedding of each scored frame; images take their frame, video clips the **maximum** over
-their sampled frames (one frame showing a logo is enough), edit pairs their target medium
-(see ``stages/aesthetic.py``). The CLIP model is the one of the ``aesthetic`` section
+their sampled frames (one frame showing a logo is enough), edit pairs both sides
+(see ``stages/clip_head.py``). The CLIP model is the one of the ``aesthetic`` section
 (``clip_model`` / ``clip_weights``): both scorers embed the same frames the same way, so when
 the aesthetic stage ran first its ``clip_embedding`` column is reused (the key says which
 model / weights / view made it) and this stage never loads CLIP at all; rows without a
@@ -40,24 +40,20 @@ Reason tags: ``decode_error``, ``watermark_failed``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 
-from curation.config import CurationConfig
-from curation.models import (
-    ClipEmbedder,
-    ClipSpec,
-    WatermarkHead,
-    WeightsError,
-    resolve,
-    watermark_head_relative,
-)
+from curation.clip import ClipSpec
+from curation.config import WatermarkConfig
+from curation.heads import WatermarkHead, watermark_head_relative
 from curation.shift import dominant_shift, overlap, shifted
+from curation.weights import WeightsError, resolve
 
-from .aesthetic import VIDEO_KINDS, FrameBatch
-from .base import RequiredFile, Resources, Row, Stage
+from .base import SampleError
+from .clip_head import VIDEO_KINDS, ClipHeadStage, FrameBatch
 
 # Static-overlay cue (see the module docstring).
 STATIC_MAX_SIDE = 480  # frames are downscaled so the long side is at most this
@@ -127,82 +123,54 @@ def static_overlay_score(frames: list[np.ndarray]) -> float | None:
     return float(np.clip(sums.max() / (wh * ww), 0.0, 1.0))
 
 
-class WatermarkStage(Stage):
+class WatermarkStage(ClipHeadStage):
     """Watermark probability (+ static-overlay cue for videos); see the module docstring."""
 
     name: ClassVar[str] = "watermark"
-    resources: ClassVar[Resources] = Resources(cpus=0.5)
-    batch_size: ClassVar[int] = 16
-    uses_model: ClassVar[bool] = True
 
-    def __init__(self, cfg: CurationConfig):
-        clip = cfg.aesthetic  # the CLIP model is shared with the aesthetic scorer
-        self.batch_size = clip.batch_size  # type: ignore[misc]  # per-config batch size
-        self.clip = ClipSpec.resolve(clip.clip_model, clip.clip_weights, cfg.models_dir)
-        self.head_path = resolve(
-            cfg.watermark.head_weights, watermark_head_relative(clip.clip_model), cfg.models_dir
-        )
-        self.static_overlay = cfg.watermark.static_overlay
-        self.embedder = ClipEmbedder(self.clip)  # loaded only for rows without shared embeddings
-        self.head: WatermarkHead | None = None
+    def __init__(
+        self,
+        cfg: WatermarkConfig,
+        clip: ClipSpec,
+        models_dir: Path | str | None = None,
+        batch_size: int = ClipHeadStage.batch_size,
+    ):
+        head = resolve(cfg.head_weights, watermark_head_relative(clip.arch), models_dir)
+        super().__init__(clip, head, batch_size)
+        self.static_overlay = cfg.static_overlay
+        self.head_what = f"watermark head for {clip.arch}"  # type: ignore[misc]
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["head"] = None  # loaded in setup() on the worker
-        return state
-
-    def required_files(self) -> list[RequiredFile]:
-        how = (
+    def head_how(self) -> str:
+        return (
             "no public head exists in this format: fit one on CLIP embeddings of labelled "
-            "watermarked / clean frames with curation.models.fit_watermark_head(...)"
+            "watermarked / clean frames with curation.heads.fit_watermark_head(...)"
             f".save('{self.head_path}') (ClipEmbedder.embed gives the embeddings), or set "
             "watermark.head_weights"
         )
-        what = f"watermark head for {self.clip.arch}"
-        return [*self.clip.required_files(), RequiredFile(self.head_path, what, how)]
 
-    def setup(self) -> None:
-        if self.head is not None:
-            return
+    def load_head(self) -> WatermarkHead:
         head = WatermarkHead.load(self.head_path)
         if head.clip_model is not None and head.clip_model != self.clip.arch:
             raise WeightsError(
                 f"watermark head {self.head_path} was fitted on {head.clip_model} embeddings, "
                 f"the configured CLIP model is {self.clip.arch}"
             )
-        self.head = head
+        return head
 
-    def process_row(self, row: Row) -> Row:
-        return self.process_batch([row])[0]
-
-    def process_batch(self, rows: list[Row]) -> list[Row]:
-        self.setup()
-        assert self.head is not None
-        batch = FrameBatch(rows, self.name, decode=False)
-        batch.reuse(self.embedder.key)
-        batch.embed(self.embedder)
-        batch.share(self.embedder.key)
-        for i, row in enumerate(batch.rows):
-            if row.get("status") == "error":
-                continue
-            out: dict[str, Any] = {"watermark": None, "watermark_static": None}
-            emb = batch.embeddings.get(i)
-            if emb is not None:
-                probs = self.head.probability(emb)  # a size mismatch raises: config error
-                if not np.all(np.isfinite(probs)):
-                    batch.fail(
-                        i, f"{self.name}_failed", f"non-finite probabilities {probs.tolist()}"
-                    )
-                    continue
-                out["watermark"] = float(np.clip(probs.max(), 0.0, 1.0))  # max over frames
-            if self.static_overlay and row.get("kind") in VIDEO_KINDS and i in batch.data:
-                batch.decode([i])
-                if i not in batch.frames:
-                    continue  # the frames do not decode: the row is an error now
-                try:
-                    out["watermark_static"] = static_overlay_score(batch.frames[i])
-                except Exception as e:
-                    batch.fail(i, f"{self.name}_failed", f"static overlay: {type(e).__name__}: {e}")
-                    continue
-            batch.rows[i] = {**batch.rows[i], **out}
-        return batch.rows
+    def score(self, batch: FrameBatch, i: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"watermark": None, "watermark_static": None}
+        emb = batch.embeddings.get(i)
+        if emb is not None:
+            probs = self.head.probability(emb)  # a size mismatch raises: config error
+            if not np.all(np.isfinite(probs)):
+                raise SampleError(f"{self.name}_failed", f"non-finite probabilities {probs}")
+            out["watermark"] = float(np.clip(probs.max(), 0.0, 1.0))  # max over frames
+        frames = batch.frames.get(i)
+        if self.static_overlay and batch.rows[i].get("kind") in VIDEO_KINDS and frames:
+            try:
+                out["watermark_static"] = static_overlay_score(frames)
+            except Exception as e:
+                raise SampleError(
+                    f"{self.name}_failed", f"static overlay: {type(e).__name__}: {e}"
+                ) from e
+        return out

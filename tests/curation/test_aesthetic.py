@@ -1,7 +1,7 @@
 """Aesthetic scorer and the weight loading it shares with the watermark scorer.
 
 Models are tiny open_clip architectures built here (``tests/tiny_models.py``), saved where a
-real run finds real weights and loaded back through ``curation.models``.
+real run finds real weights and loaded back through ``curation.weights`` / ``curation.clip`` / ``curation.heads``.
 """
 
 from __future__ import annotations
@@ -25,22 +25,19 @@ from tiny_models import (
     save_clip,
 )
 
-from curation.config import CurationConfig
-from curation.models import (
-    AESTHETIC_HEAD,
-    EMBEDDING_COLUMN,
-    AestheticHead,
+from curation.clip import (
     ClipEmbedder,
     ClipSpec,
-    WeightsError,
     import_open_clip,
     load_clip,
-    resolve,
-    unpack_embeddings,
+    shared_embeddings,
 )
+from curation.config import CurationConfig
+from curation.heads import AESTHETIC_HEAD, AestheticHead
 from curation.sample_data.render import landscape, rng_for
 from curation.stages.aesthetic import AestheticStage
 from curation.stages.base import MissingWeights, check_required
+from curation.weights import WeightsError, resolve
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +68,10 @@ def make_models(root: Path, model, head_state: dict | None = None, suffix=".safe
 
 def config(models: Path | None, **aesthetic) -> CurationConfig:
     return CurationConfig(models_dir=models, aesthetic={"clip_model": TINY_VIT, **aesthetic})
+
+
+def aesthetic_stage(cfg: CurationConfig) -> AestheticStage:
+    return AestheticStage(cfg.aesthetic, models_dir=cfg.models_dir)
 
 
 def row(kind: str, frames: list[np.ndarray], **extra) -> dict:
@@ -128,7 +129,7 @@ def test_resolve_prefers_explicit_then_models_dir_then_env_then_user_cache(tmp_p
 
 
 def test_missing_weights_stop_the_pipeline_at_start_naming_path_and_source(tmp_path):
-    stage = AestheticStage(config(tmp_path / "models", clip_model="ViT-L-14"))
+    stage = aesthetic_stage(config(tmp_path / "models", clip_model="ViT-L-14"))
     with pytest.raises(MissingWeights) as err:
         check_required([stage])
     msg = str(err.value)
@@ -143,7 +144,7 @@ def test_missing_weights_stop_the_pipeline_at_start_naming_path_and_source(tmp_p
     )
     assert "christophschuhmann/improved-aesthetic-predictor" in msg
     # an explicit path is reported as given
-    stage = AestheticStage(config(None, clip_weights=tmp_path / "x.safetensors"))
+    stage = aesthetic_stage(config(None, clip_weights=tmp_path / "x.safetensors"))
     assert stage.required_files()[0].path == tmp_path / "x.safetensors"
     with pytest.raises(MissingWeights, match="x.safetensors"):
         load_clip(TINY_VIT, tmp_path / "x.safetensors")
@@ -293,7 +294,7 @@ def test_laion_head_rejects_other_files(tmp_path):
 
 def test_stage_scores_images_videos_and_edit_targets(tmp_path, tiny_vit):
     models = make_models(tmp_path / "models", tiny_vit)
-    stage = AestheticStage(config(models, batch_size=5))
+    stage = aesthetic_stage(config(models, batch_size=5))
     assert (stage.name, stage.uses_model, stage.resources.cpus, stage.batch_size) == (
         "aesthetic",
         True,
@@ -328,8 +329,8 @@ def test_stage_scores_images_videos_and_edit_targets(tmp_path, tiny_vit):
         "decode_error: aesthetic"
     )
 
-    # the embeddings stay in the row for the watermark stage: key, then one vector per frame
-    emb = unpack_embeddings(out[3][EMBEDDING_COLUMN], stage.embedder.key)
+    # the embeddings stay in the row for the watermark stage: one vector per frame
+    emb = shared_embeddings(out[3], stage.embedder.key)
     assert emb.shape == (3, EMBED_DIM) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert stage.embedder.key == f"{TINY_VIT}|{models / 'open_clip' / TINY_VIT}.safetensors|squash"
 
@@ -344,7 +345,7 @@ def test_scores_are_clamped_to_the_schema_range(tmp_path, tiny_vit):
         models = make_models(
             tmp_path / f"m{offset}", tiny_vit, designed_laion_head_state(EMBED_DIM, offset=offset)
         )
-        stage = AestheticStage(config(models))
+        stage = aesthetic_stage(config(models))
         assert stage.process_batch([row("image", [img])])[0]["aesthetic"] == expected
 
 
@@ -353,14 +354,14 @@ def test_head_and_clip_must_belong_together(tmp_path, tiny_vit):
     with pytest.raises(
         WeightsError, match="takes 64-d embeddings but open_clip omniforge-tiny-vit produces 32-d"
     ):
-        AestheticStage(config(models)).setup()
+        aesthetic_stage(config(models)).setup()
 
 
 def test_stage_pickles_without_its_models(tmp_path, tiny_vit):
     import pickle
 
     models = make_models(tmp_path / "models", tiny_vit)
-    stage = AestheticStage(config(models))
+    stage = aesthetic_stage(config(models))
     stage.setup()
     clone = pickle.loads(pickle.dumps(stage))
     assert clone.head is None and not clone.embedder.loaded

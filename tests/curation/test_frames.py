@@ -47,9 +47,9 @@ def input_row(source, kind=None, target=None) -> dict:
 
 
 def pipeline(rows: list[dict], cfg: CurationConfig = CFG) -> list[dict]:
-    rows = ProbeStage(cfg).process_batch(rows)
-    rows = SceneSplitStage(cfg).process_batch(rows)
-    return FrameSampleStage(cfg).process_batch(rows)
+    rows = ProbeStage(cfg.probe, cfg.kind).process_batch(rows)
+    rows = SceneSplitStage(cfg.split).process_batch(rows)
+    return FrameSampleStage(cfg.frames, cfg.probe).process_batch(rows)
 
 
 def sampled(path, **kw) -> list[dict]:
@@ -91,7 +91,7 @@ def corpus_rows(corpus):
 
 
 def test_stage_shape_and_pickles():
-    stage = FrameSampleStage(CFG)
+    stage = FrameSampleStage(CFG.frames, CFG.probe)
     assert stage.name == "frames" and not stage.uses_model and stage.resources.cpus == 1
     assert pickle.loads(pickle.dumps(stage)).num_frames == N
 
@@ -139,7 +139,9 @@ def test_pyav_fallback_gives_the_same_frames(corpus, monkeypatch):
         raise RuntimeError("decord refuses")
 
     monkeypatch.setattr(frames_mod, "_decord_frames", refuse)
-    pyav_rows = FrameSampleStage(CFG).process_batch([dict(r) for r in decord_rows])
+    pyav_rows = FrameSampleStage(CFG.frames, CFG.probe).process_batch(
+        [dict(r) for r in decord_rows]
+    )
     assert decord_rows[-1]["span"]["start"] > frames_mod.SEEK_AFTER_S  # the seeking path
     for a, b in zip(decord_rows, pyav_rows, strict=True):
         assert b["frames_decoder"] == "pyav" and b["frame_times"] == a["frame_times"]
@@ -338,6 +340,6 @@ def test_undecodable_inputs_are_decode_errors(corpus, tmp_path):
         lab for lab in labels if lab["corrupt"] == "truncated" and lab["format"] == "jpeg"
     )
     image_row = input_row(root / truncated["path"], "image")
-    out = FrameSampleStage(CFG).process_batch([video_row, image_row])
+    out = FrameSampleStage(CFG.frames, CFG.probe).process_batch([video_row, image_row])
     for row in out:
         assert row["status"] == "error" and row["reasons"][0].startswith("decode_error: "), row

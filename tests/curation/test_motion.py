@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from curation.config import CurationConfig
+from curation.config import MotionConfig
 from curation.media import fit_max_side
 from curation.sample_data import generate
 from curation.stages.motion import MotionStage
@@ -53,7 +53,7 @@ def expected_motion(label: dict) -> float:
 
 
 def stage(algorithm: str) -> MotionStage:
-    s = MotionStage(CurationConfig(motion={"algorithm": algorithm}))
+    s = MotionStage(MotionConfig(algorithm=algorithm))
     s.setup()
     return s
 
@@ -135,7 +135,7 @@ def test_mismatched_frame_times_mark_the_row(corpus):
 
 
 def test_stage_declaration_and_pickling():
-    s = MotionStage(CurationConfig())
+    s = MotionStage(MotionConfig())
     assert (s.name, s.resources.cpus, s.uses_model) == ("motion", 1, False)
     s.setup()
     clone = pickle.loads(pickle.dumps(s))

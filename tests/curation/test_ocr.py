@@ -68,7 +68,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ocr():
-    stage = OcrStage(CurationConfig())
+    stage = OcrStage(CurationConfig().ocr)
     stage.setup()
     return stage
 
@@ -168,7 +168,7 @@ def test_row_without_frames_is_an_error(ocr):
 
 
 def test_stage_declaration_pickling_and_required_files():
-    stage = OcrStage(CurationConfig())
+    stage = OcrStage(CurationConfig().ocr)
     assert (stage.name, stage.resources.cpus, stage.uses_model) == ("ocr", 0.5, True)
     (required,) = stage.required_files()  # the det model shipped in the rapidocr wheel
     assert required.path.is_file() and required.path.suffix == ".onnx"
@@ -194,7 +194,7 @@ def fake_paddle_model(model_dir: Path, name: str = "PP-OCRv5_mobile_det") -> Pat
 
 
 def test_paddleocr_without_model_dir_files_fails_at_startup(tmp_path):
-    stage = OcrStage(paddle_cfg(tmp_path / "det"))
+    stage = OcrStage(paddle_cfg(tmp_path / "det").ocr)
     assert {f.path.name for f in stage.required_files()} == {"inference.yml", "inference.pdiparams"}
     with pytest.raises(MissingWeights, match=re.escape(str(tmp_path / "det"))):
         check_required([stage])
@@ -204,7 +204,7 @@ def test_paddleocr_without_model_dir_files_fails_at_startup(tmp_path):
 
 def test_paddleocr_without_the_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "paddleocr", None)  # import paddleocr -> ImportError
-    stage = OcrStage(paddle_cfg(fake_paddle_model(tmp_path / "det")))
+    stage = OcrStage(paddle_cfg(fake_paddle_model(tmp_path / "det")).ocr)
     check_required([stage])
     with pytest.raises(RuntimeError, match=r"omniforge\[paddle\]") as err:
         stage.setup()
@@ -213,7 +213,7 @@ def test_paddleocr_without_the_package_names_the_extra(tmp_path, monkeypatch):
 
 def test_paddleocr_2x_is_refused_clearly(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "paddleocr", types.SimpleNamespace(__version__="2.7.3"))
-    stage = OcrStage(paddle_cfg(fake_paddle_model(tmp_path / "det")))
+    stage = OcrStage(paddle_cfg(fake_paddle_model(tmp_path / "det")).ocr)
     with pytest.raises(RuntimeError, match=r"paddleocr>=3"):
         stage.setup()
 
@@ -236,7 +236,7 @@ def test_paddleocr_text_detection_adapter(tmp_path, monkeypatch):
         sys.modules, "paddleocr", types.SimpleNamespace(TextDetection=TextDetection)
     )
     model_dir = fake_paddle_model(tmp_path / "det", name="PP-OCRv5_server_det")
-    stage = OcrStage(paddle_cfg(model_dir))
+    stage = OcrStage(paddle_cfg(model_dir).ocr)
     img = np.full((360, 640, 3), 90, np.uint8)
     cv2.putText(img, "HELLO THERE", (70, 80), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (255, 255, 255), 3)
     out = stage.process_row({"kind": "image", "frames": [img]})

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import small_corpus
 
 from catalog.config import load_config
 from catalog.index import read_index
@@ -196,3 +197,46 @@ def test_select_changes_statuses_without_recomputing_scores(curated, tmp_path):
     assert new.version.counts["accepted"] == result.version.counts["accepted"] + flipped
     up, _ = cat.lineage(Node("version", new.version.id))
     assert any(e.parent_label.startswith("catalog://corpus@1") for e in up)
+
+
+def test_clip_scorers_run_in_actor_pools_with_local_weights(tmp_path, monkeypatch, ray_session):
+    """profile full: aesthetic and watermark load tiny models from a local Hugging Face cache
+    in their own Ray actors; the watermark actor reuses the aesthetic actor's embeddings."""
+    import torch
+    from tiny_models import CONFIGS, TINY_VIT, build_clip, laion_head_state, save_clip
+
+    from curation.heads import AESTHETIC_HEAD, WatermarkHead, watermark_head_relative
+
+    cache, models = tmp_path / "hub", tmp_path / "models"
+    snap = cache / "models--org--tiny" / "snapshots" / "0123abcd"
+    save_clip(build_clip(TINY_VIT), snap / "open_clip_model.safetensors")
+    (snap / "open_clip_config.json").write_text(json.dumps({"model_cfg": CONFIGS[TINY_VIT]}))
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    (models / AESTHETIC_HEAD).parent.mkdir(parents=True)
+    torch.save(laion_head_state(CONFIGS[TINY_VIT]["embed_dim"]), models / AESTHETIC_HEAD)
+    WatermarkHead(CONFIGS[TINY_VIT]["embed_dim"], TINY_VIT).save(
+        models / watermark_head_relative(TINY_VIT)
+    )
+    raw = small_corpus(tmp_path / "raw")
+    cfg = load_config(
+        CurationConfig,
+        None,
+        [
+            "profile=full",
+            f"models_dir={models}",
+            f"aesthetic.clip_model={TINY_VIT}",
+            "aesthetic.clip_weights=hf-hub:org/tiny",
+            "select.min_aesthetic=null",
+            "select.max_watermark=null",
+            "ocr.enabled=false",
+            "select.max_ocr_area=null",
+        ],
+    )
+    cat = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    result = run_curation(str(raw), tmp_path / "out", cfg, catalog=cat)
+    rows = read_index(str(tmp_path / "out" / "index")).to_pylist()
+    assert rows and all(0 <= r["aesthetic"] <= 10 and 0 <= r["watermark"] <= 1 for r in rows)
+    assert {"aesthetic", "watermark"} <= set(result.summary["run"]["stages"])
+    assert "clip_embedding" not in rows[0]  # a working column, never in the index

@@ -61,7 +61,9 @@ def label_row(root: Path, label: dict) -> dict:
 @pytest.fixture(scope="module")
 def probed(corpus):
     root, labels = corpus
-    rows = ProbeStage(CurationConfig()).process_batch([label_row(root, lab) for lab in labels])
+    rows = ProbeStage(CurationConfig().probe).process_batch(
+        [label_row(root, lab) for lab in labels]
+    )
     assert len(rows) == len(labels)
     return {lab["id"]: (lab, row) for lab, row in zip(labels, rows, strict=True)}
 
@@ -88,12 +90,12 @@ def plain_video(labels) -> dict:
 
 def probe_one(row: dict, **overrides) -> dict:
     cfg = CurationConfig.model_validate(overrides) if overrides else CurationConfig()
-    (out,) = ProbeStage(cfg).process_batch([row])
+    (out,) = ProbeStage(cfg.probe, cfg.kind).process_batch([row])
     return out
 
 
 def test_stage_shape_and_pickles():
-    stage = ProbeStage(CurationConfig())
+    stage = ProbeStage(CurationConfig().probe)
     assert stage.name == "probe" and not stage.uses_model and stage.resources.cpus == 1
     assert pickle.loads(pickle.dumps(stage)).limits == stage.limits
 
@@ -243,7 +245,7 @@ def test_rows_already_in_error_pass_through(corpus):
     root, labels = corpus
     empty = root / find(labels, corrupt="empty")["path"]
     row = {**input_row(empty, "image"), "status": "error", "reasons": ["x"]}
-    assert ProbeStage(CurationConfig()).process_batch([row]) == [row]
+    assert ProbeStage(CurationConfig().probe).process_batch([row]) == [row]
 
 
 def test_missing_file(tmp_path):

@@ -9,7 +9,7 @@ CFG = load_config(CurationConfig)
 
 
 def tags(row: dict, cfg: CurationConfig = CFG) -> list[str]:
-    (out,) = select_rows([row], cfg)
+    (out,) = select_rows([row], cfg.select, cfg.edit, cfg.split.min_clip_s)
     return sorted(r.split(":")[0] for r in out["reasons"]) if out["status"] == "rejected" else []
 
 
@@ -36,7 +36,9 @@ def test_null_scores_and_null_thresholds_pass():
     assert tags(image) == []
     lenient = load_config(CurationConfig, None, ["select.min_short_side=null"])
     assert tags({"kind": "image", "width": 64, "height": 48}, lenient) == []
-    (err,) = select_rows([{"kind": "image", "status": "error", "reasons": ["decode_error"]}], CFG)
+    (err,) = select_rows(
+        [{"kind": "image", "status": "error", "reasons": ["decode_error"]}], CFG.select
+    )
     assert err["status"] == "error" and err["reasons"] == ["decode_error"]
 
 

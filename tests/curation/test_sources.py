@@ -20,6 +20,10 @@ from curation.stages.probe import ProbeStage
 from curation.stages.select import SelectStage
 
 
+def select_stage(cfg: CurationConfig) -> SelectStage:
+    return SelectStage(cfg.select, cfg.edit, cfg.split.min_clip_s)
+
+
 def png(color=(200, 10, 10), size=(32, 24)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
@@ -317,14 +321,14 @@ def test_rows_rejected_by_the_listing_pass_through_every_stage(tmp_path):
     rows = list_inputs(str(tmp_path))
     listed = next(r for r in rows if r["status"] == "rejected")
     cfg = CurationConfig()
-    for stage in (ProbeStage(cfg), Touches(), SelectStage(cfg)):
+    for stage in (ProbeStage(cfg.probe), Touches(), select_stage(cfg)):
         rows = stage.process_batch(rows)
     hidden = next(r for r in rows if r["source_uri"].endswith(".hidden.png"))
     assert hidden == listed  # untouched: not probed, not scored, not re-selected
     small = next(r for r in rows if r["source_uri"].endswith("small.png"))
     assert small["status"] == "rejected" and small["width"] == 32 and small["aesthetic"] == 9.0
     lenient = CurationConfig(select={"min_short_side": None})
-    (again,) = SelectStage(lenient).process_batch([small])  # threshold rejections: re-selected
+    (again,) = select_stage(lenient).process_batch([small])  # threshold rejections: re-selected
     assert (again["status"], again["reasons"]) == ("accepted", [])
 
 

@@ -60,14 +60,14 @@ def probed(path: Path | str, kind: str | None = None, target: Path | str | None 
         "status": None,
         "reasons": [],
     }
-    (out,) = ProbeStage(CurationConfig()).process_batch([row])
+    (out,) = ProbeStage(CurationConfig().probe).process_batch([row])
     assert out["status"] is None, out["reasons"]
     return out
 
 
 def split(row: dict, **overrides) -> list[dict]:
     cfg = CurationConfig.model_validate(overrides) if overrides else CurationConfig()
-    return SceneSplitStage(cfg).process_batch([row])
+    return SceneSplitStage(cfg.split).process_batch([row])
 
 
 def spans(clips: list[dict]) -> list[tuple[float, float]]:
@@ -75,7 +75,7 @@ def spans(clips: list[dict]) -> list[tuple[float, float]]:
 
 
 def test_stage_shape_and_pickles():
-    stage = SceneSplitStage(CurationConfig())
+    stage = SceneSplitStage(CurationConfig().split)
     assert stage.name == "split" and not stage.uses_model and stage.resources.cpus == 1
     assert pickle.loads(pickle.dumps(stage)).threshold == 27.0
 
@@ -151,7 +151,7 @@ def test_images_and_edit_pairs_pass_through(corpus):
     image = probed(root / find(labels, true_kind="image", claimed_kind="image")["path"])
     lab = find(labels, kind="video_edit", expect_pair_ok=True)
     pair = probed(root / lab["source"], "video_edit", root / lab["target"])
-    out = SceneSplitStage(CurationConfig()).process_batch([image, pair])
+    out = SceneSplitStage(CurationConfig().split).process_batch([image, pair])
     assert out == [image, pair]
     assert "span" not in out[1]
 

@@ -28,22 +28,20 @@ from tiny_models import (
     watermark_training_set,
 )
 
+from curation.clip import EMBEDDING_COLUMN, ClipEmbedder, ClipSpec
 from curation.config import CurationConfig
-from curation.media import fit_max_side
-from curation.models import (
+from curation.heads import (
     AESTHETIC_HEAD,
-    EMBEDDING_COLUMN,
-    ClipEmbedder,
-    ClipSpec,
     WatermarkHead,
-    WeightsError,
     fit_watermark_head,
     watermark_head_relative,
 )
+from curation.media import fit_max_side
 from curation.sample_data import generate
-from curation.stages.aesthetic import AestheticStage
+from curation.stages.aesthetic import AestheticStage, clip_spec
 from curation.stages.base import MissingWeights, check_required
 from curation.stages.watermark import WatermarkStage, static_overlay_score
+from curation.weights import WeightsError
 
 SELECT_MAX_WATERMARK_STATIC = CurationConfig().select.max_watermark_static
 
@@ -117,6 +115,11 @@ def video_row(frames: list[np.ndarray], kind: str = "video") -> dict:
     }
 
 
+def watermark_stage(cfg: CurationConfig) -> WatermarkStage:
+    clip = clip_spec(cfg.aesthetic, cfg.models_dir)
+    return WatermarkStage(cfg.watermark, clip, cfg.models_dir, cfg.aesthetic.batch_size)
+
+
 def wm_config(models: Path, arch: str = TINY_RN, **watermark) -> CurationConfig:
     select = {} if watermark.get("static_overlay", True) else {"max_watermark_static": None}
     return CurationConfig(
@@ -130,7 +133,7 @@ def wm_config(models: Path, arch: str = TINY_RN, **watermark) -> CurationConfig:
 def test_head_probability_separates_the_corpus_images(corpus, trained):
     root, labels = corpus
     items = [lab for lab in labels if lab["kind"] == "image" and lab["path"].startswith("images/")]
-    stage = WatermarkStage(wm_config(trained))
+    stage = watermark_stage(wm_config(trained))
     assert (stage.name, stage.uses_model, stage.resources.cpus) == ("watermark", True, 0.5)
     check_required([stage])
     out = stage.process_batch([image_row(root / lab["path"]) for lab in items])
@@ -161,7 +164,7 @@ def test_video_takes_the_max_over_frames_and_edits_both_sides(corpus, trained):
     root, _ = corpus
     clean = np.asarray(Image.open(root / "images/square_512.jpg").convert("RGB"))
     marked = np.asarray(Image.open(root / "images/classic_480x360.jpg").convert("RGB"))
-    stage = WatermarkStage(wm_config(trained, static_overlay=False))
+    stage = watermark_stage(wm_config(trained, static_overlay=False))
     p_clean, p_marked = (
         r["watermark"]
         for r in stage.process_batch([video_row([clean], "image"), video_row([marked], "image")])
@@ -208,7 +211,7 @@ def test_static_overlay_cue_flags_the_logo_video_only(corpus, trained):
     assert static_overlay_score(frames[:1]) is None
     assert static_overlay_score([frames[0]] * 4) is None
     # through the stage: video rows get both columns
-    stage = WatermarkStage(wm_config(trained))
+    stage = watermark_stage(wm_config(trained))
     out = stage.process_batch([video_row(frames)])[0]
     assert out["watermark_static"] == pytest.approx(scores[marked[0]])
     assert 0.0 <= out["watermark"] <= 1.0
@@ -229,23 +232,27 @@ def test_embeddings_from_the_aesthetic_stage_are_reused(tmp_path):
     frames = [rng.integers(0, 256, (48, 64, 3), np.uint8) for _ in range(3)]
     rows = [video_row(frames), video_row(frames[:1], "image")]
 
-    scored = AestheticStage(cfg).process_batch(rows)
+    scored = AestheticStage(cfg.aesthetic, models_dir=cfg.models_dir).process_batch(rows)
     assert all(EMBEDDING_COLUMN in r for r in scored)
-    reusing = WatermarkStage(cfg)
+    reusing = watermark_stage(cfg)
     shared = reusing.process_batch(scored)
     assert not reusing.embedder.loaded  # CLIP never ran in the watermark stage
-    alone = WatermarkStage(cfg)
+    alone = watermark_stage(cfg)
     fresh = alone.process_batch(rows)
     assert alone.embedder.loaded
     for a, b in zip(shared, fresh, strict=True):
         assert a["watermark"] == pytest.approx(b["watermark"], abs=1e-6)
-        assert a["aesthetic"] is not None and a[EMBEDDING_COLUMN] == b[EMBEDDING_COLUMN]
+        assert a["aesthetic"] is not None
+        assert a[EMBEDDING_COLUMN]["key"] == b[EMBEDDING_COLUMN]["key"]
+        np.testing.assert_allclose(
+            a[EMBEDDING_COLUMN]["emb"], b[EMBEDDING_COLUMN]["emb"], atol=1e-6
+        )
     # an embedding made by another model / weights file is not reused
     other = [
-        {**r, EMBEDDING_COLUMN: [b"ViT-B-32|/elsewhere.pt|squash", *r[EMBEDDING_COLUMN][1:]]}
+        {**r, EMBEDDING_COLUMN: {**r[EMBEDDING_COLUMN], "key": "ViT-B-32|/elsewhere.pt|squash"}}
         for r in scored
     ]
-    stage = WatermarkStage(cfg)
+    stage = watermark_stage(cfg)
     again = stage.process_batch(other)
     assert stage.embedder.loaded
     assert [r["watermark"] for r in again] == pytest.approx(
@@ -260,7 +267,7 @@ def test_embeddings_from_the_aesthetic_stage_are_reused(tmp_path):
 
 
 def test_missing_weights_are_named_at_start_up(tmp_path):
-    stage = WatermarkStage(wm_config(tmp_path / "models", "ViT-B-32"))
+    stage = watermark_stage(wm_config(tmp_path / "models", "ViT-B-32"))
     with pytest.raises(MissingWeights) as err:
         check_required([stage])
     msg = str(err.value)
@@ -272,7 +279,7 @@ def test_missing_weights_are_named_at_start_up(tmp_path):
         f"watermark head for ViT-B-32 not found at {tmp_path}/models/watermark/ViT-B-32-watermark-head.safetensors"
         in msg
     )
-    assert "curation.models.fit_watermark_head" in msg
+    assert "curation.heads.fit_watermark_head" in msg
 
 
 def test_watermark_head_format_is_checked(tmp_path):
@@ -314,7 +321,7 @@ def test_watermark_head_format_is_checked(tmp_path):
         WeightsError,
         match="fitted on omniforge-tiny-vit embeddings, the configured CLIP model is omniforge-tiny-rn",
     ):
-        WatermarkStage(wm_config(models)).setup()
+        watermark_stage(wm_config(models)).setup()
 
 
 def test_fit_watermark_head_learns_a_separable_toy_problem():

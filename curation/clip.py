@@ -1,0 +1,306 @@
+"""CLIP image embeddings for the curation scorers: which model, from which file, how frames
+become embeddings.
+
+``ClipSpec`` says which open_clip architecture embeds frames and where its weights are (the
+models dir, an explicit file, or a local Hugging Face hub cache: ``clip_weights:
+hf-hub:ORG/NAME`` reads ``open_clip_config.json`` and the weights
+(``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``) of the repository's
+``main`` snapshot under ``$HF_HUB_CACHE`` (default ``$HF_HOME/hub``, ``~/.cache/huggingface/
+hub``). Only files already in the cache are used: no Hugging Face API is called, so nothing
+can reach the network (the same as ``HF_HUB_OFFLINE=1``). The architecture then comes from
+that config; ``clip_model`` still names it (watermark head file, embedding key).
+
+Embedding view: a frame is embedded whole, **squashed** to the model's square input (open_clip
+``resize_mode="squash"``), not centre-cropped: logos and watermarks sit in corners and along
+edges that a centre crop throws away (16:9 frames lose 44 % of their width). The LAION head
+was fitted on centre crops; on the whole frame its scores shift somewhat for very wide or tall
+frames. Both scorers use the same view so the embedding is computed once: the first scorer
+leaves it in the working column ``EMBEDDING_COLUMN`` (``share_embeddings``), the other reads it
+back when its key matches (``shared_embeddings``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from curation.weights import (
+    MissingWeights,
+    RequiredFile,
+    WeightsError,
+    _hf_snapshot,
+    hf_hub_cache,
+    resolve_any,
+)
+
+CLIP_SUFFIXES = (".safetensors", ".pt", ".bin")
+HF_PREFIX = "hf-hub:"
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HF_CONFIG_FILE = "open_clip_config.json"
+VIEW = "squash"  # how a frame becomes the model's square input (see the module docstring)
+
+# Working column shared by the aesthetic and watermark stages: {"key": ClipSpec.key,
+# "emb": (N, D) float32 L2-normalised embeddings, one per scored frame}. The sink drops it
+# (``curation.sink.WORKING_ONLY``); it never reaches the index.
+EMBEDDING_COLUMN = "clip_embedding"
+
+# Where the published open_clip weights of common architectures can be fetched (a machine with
+# network access; then copy the file into the models dir under the expected name).
+_HF_HINTS = {
+    "ViT-L-14": "timm/vit_large_patch14_clip_224.openai",
+    "ViT-L-14-quickgelu": "timm/vit_large_patch14_clip_224.openai",
+    "ViT-B-32": "timm/vit_base_patch32_clip_224.openai",
+    "ViT-B-32-quickgelu": "timm/vit_base_patch32_clip_224.openai",
+    "ViT-B-16": "timm/vit_base_patch16_clip_224.openai",
+    "ViT-B-16-quickgelu": "timm/vit_base_patch16_clip_224.openai",
+}
+
+
+def clip_relatives(arch: str) -> list[str]:
+    return [f"open_clip/{arch}{suffix}" for suffix in CLIP_SUFFIXES]
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which open_clip model embeds frames, and the file its weights are read from."""
+
+    arch: str
+    weights: Path  # checkpoint file; for hf-hub: the weights file in the cached snapshot
+    hf_repo: str | None = None
+
+    @classmethod
+    def resolve(
+        cls, arch: str, clip_weights: Path | str | None, models_dir: Path | str | None
+    ) -> ClipSpec:
+        if clip_weights is not None and str(clip_weights).startswith(HF_PREFIX):
+            repo = str(clip_weights)[len(HF_PREFIX) :].strip("/")
+            if repo.count("/") != 1:
+                raise ValueError(f"clip_weights {clip_weights!r}: expected hf-hub:ORG/NAME")
+            snapshot = _hf_snapshot(repo)
+            found = [snapshot / f for f in HF_WEIGHT_FILES if (snapshot / f).is_file()]
+            return cls(arch, found[0] if found else snapshot / HF_WEIGHT_FILES[0], repo)
+        return cls(arch, resolve_any(clip_weights, clip_relatives(arch), models_dir))
+
+    @property
+    def config_file(self) -> Path | None:
+        """open_clip_config.json of an hf-hub snapshot (None for a plain checkpoint)."""
+        return self.weights.parent / HF_CONFIG_FILE if self.hf_repo else None
+
+    @property
+    def key(self) -> str:
+        """Identifies the embedding: two stages with equal keys produce equal embeddings."""
+        source = f"hf-hub:{self.hf_repo}" if self.hf_repo else str(self.weights)
+        return f"{self.arch}|{source}|{VIEW}"
+
+    def required_files(self) -> list[RequiredFile]:
+        if self.hf_repo:
+            how = (
+                f"on a machine with network access run `huggingface-cli download {self.hf_repo} "
+                f"{HF_CONFIG_FILE} {HF_WEIGHT_FILES[0]}` (or {HF_WEIGHT_FILES[1]}) and copy the "
+                f"cache to {hf_hub_cache()}; the run itself never downloads"
+            )
+            what = f"open_clip weights of hf-hub:{self.hf_repo} (local Hugging Face cache)"
+            cfg = self.config_file
+            assert cfg is not None
+            return [
+                RequiredFile(self.weights, what, how),
+                RequiredFile(cfg, f"open_clip config of hf-hub:{self.hf_repo}", how),
+            ]
+        hint = _HF_HINTS.get(self.arch)
+        fetch = (
+            f"e.g. `huggingface-cli download {hint} open_clip_pytorch_model.bin --local-dir "
+            f"DIR` on a machine with network access, then copy DIR/open_clip_pytorch_model.bin "
+            f"to {self.weights.with_suffix('.bin')}"
+            if hint
+            else f"any open_clip checkpoint of {self.arch} "
+            f"(open_clip.list_pretrained_tags_by_model('{self.arch}') lists published ones)"
+        )
+        how = (
+            f"{fetch}; or set aesthetic.clip_weights to a checkpoint file, or hf-hub:ORG/NAME "
+            "for a local Hugging Face cache"
+        )
+        if self.arch == "ViT-L-14":
+            how += (
+                "; note: the LAION aesthetic head scores OpenAI ViT-L/14 embeddings, which "
+                "need clip_model ViT-L-14-quickgelu"
+            )
+        return [RequiredFile(self.weights, f"open_clip {self.arch} weights", how)]
+
+
+def import_open_clip():
+    """open_clip, importable next to a CPU torch (see catalog.compat)."""
+    import importlib
+
+    import catalog.compat  # noqa: F401  (patches torchvision's C-op registration if needed)
+
+    # import_module, not an import statement: isort must not hoist open_clip above compat
+    return importlib.import_module("open_clip")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a torch file loaded with ``weights_only``
+    (never unpickling code). Unreadable files raise ``WeightsError`` naming the file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsError(f"{path} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes of a checkpoint's tensors without loading it whole (None: unknown)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:
+            raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # legacy (non-zip) torch file or unreadable: open_clip's loader reports it
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return None
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k.removeprefix("module."): s for k, s in shapes.items()}
+
+
+def load_clip(
+    arch: str, weights: Path | str | ClipSpec, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any]:
+    """open_clip model ``arch`` with the weights of a local file, and its preprocessing
+    (PIL image -> tensor, whole frame squashed to the input size).
+
+    Fails with ``MissingWeights`` when the file is absent and ``WeightsError`` when it cannot be
+    read or does not match ``arch``: open_clip loads strictly (missing / unexpected keys and
+    shape mismatches raise) except that it silently interpolates position embeddings of a
+    checkpoint made for another input size; that case is refused here as well.
+    """
+    spec = weights if isinstance(weights, ClipSpec) else ClipSpec(arch, Path(weights))
+    for req in spec.required_files():
+        if not Path(req.path).is_file():
+            raise MissingWeights(f"{req.what} not found at {req.path} ({req.how_to_get})")
+    open_clip = import_open_clip()
+    if spec.hf_repo:
+        name, pretrained = f"local-dir:{spec.weights.parent}", None
+    else:
+        if arch not in open_clip.list_models():
+            raise ValueError(
+                f"unknown open_clip architecture {arch!r} (open_clip.list_models() lists them)"
+            )
+        name, pretrained = arch, str(spec.weights)
+    shapes = _tensor_shapes(spec.weights)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=pretrained,
+            device=device,
+            image_resize_mode=VIEW,
+            require_pretrained=True,
+        )
+    except Exception as e:
+        raise WeightsError(
+            f"cannot load {spec.weights} as open_clip {arch}: {type(e).__name__}: {e}"
+        ) from e
+    if shapes:
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        bad = [f"{k} {shapes[k]} != {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
+        if bad:
+            raise WeightsError(
+                f"{spec.weights} does not match open_clip {arch} (checkpoint made for another "
+                f"configuration, e.g. input size): {'; '.join(bad[:5])}"
+            )
+    model.eval().requires_grad_(False)
+    return model, preprocess
+
+
+class ClipEmbedder:
+    """The image tower of a CLIP model: RGB frames -> L2-normalised embeddings, batched.
+
+    Built cheaply (picklable); ``load()`` reads the weights. Only the image tower is kept.
+    """
+
+    def __init__(self, spec: ClipSpec, device: str | None = None, max_batch: int = 32):
+        self.spec = spec
+        self.device = device
+        self.max_batch = max_batch
+        self.visual: nn.Module | None = None
+        self.preprocess: Any = None
+        self.dim: int | None = None
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def loaded(self) -> bool:
+        return self.visual is not None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(visual=None, preprocess=None, dim=None)  # ship the spec, not the model
+        return state
+
+    def load(self) -> ClipEmbedder:
+        if self.visual is None:
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model, self.preprocess = load_clip(self.spec.arch, self.spec, device)
+            self.visual = model.visual
+            self.device = device
+            self.dim = int(getattr(model.visual, "output_dim", 0)) or None
+        return self
+
+    def embed(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, D) float32, one L2-normalised embedding per (H, W, 3) uint8 RGB frame."""
+        from PIL import Image
+
+        self.load()
+        assert self.visual is not None
+        out = []
+        for start in range(0, len(frames), self.max_batch):
+            chunk = frames[start : start + self.max_batch]
+            x = torch.stack([self.preprocess(Image.fromarray(f)) for f in chunk])
+            with torch.inference_mode():
+                emb = self.visual(x.to(self.device))
+            out.append(nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim or 0), np.float32)
+        emb = np.concatenate(out).astype(np.float32)
+        self.dim = emb.shape[1]
+        return emb
+
+
+def share_embeddings(row: dict[str, Any], key: str, emb: np.ndarray) -> dict[str, Any]:
+    """``row`` with its frames' embeddings left for the other CLIP scorer."""
+    return {**row, EMBEDDING_COLUMN: {"key": key, "emb": emb}}
+
+
+def shared_embeddings(row: dict[str, Any], key: str) -> np.ndarray | None:
+    """The (N, D) embeddings another scorer left in ``row`` with ``key``; None when there are
+    none or they were made by another model / view."""
+    value = row.get(EMBEDDING_COLUMN)
+    if not isinstance(value, dict) or value.get("key") != key:
+        return None
+    return value.get("emb")
