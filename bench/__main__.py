@@ -40,6 +40,7 @@ from bench.harness import (
 # case name -> module; the order `make bench` runs them in
 CASES = {
     "p1": "bench.p1_curation",
+    "p1-resume": "bench.p1_resume",
     "p1-peer": "bench.p1_peer",
     "p2": "bench.p2_shards",
     "p3": "bench.p3_training",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,61 @@ def masked(value: Any) -> Any:
 def masked_params(params: Mapping[str, Any] | Any) -> dict[str, Any]:
     """Flattened params (``a.b.c`` keys, see ``flatten``) with secrets masked; not truncated."""
     return masked(flatten(params))
+
+
+# -- the Ray auth token ------------------------------------------------------------------
+
+
+def ray_token() -> str | None:
+    """The Ray auth token a client would send, from Ray's usual places (never printed)."""
+    token = read_secret("RAY_AUTH_TOKEN")
+    if token:
+        return token
+    path = token_path()
+    return path.read_text().strip() if path.exists() else None
+
+
+def token_path() -> Path:
+    """The token file Ray reads: ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def write_token(path: Path) -> None:
+    """A new random token (Ray's format: 64 hex digits) in ``path``, created with mode 0600
+    (its folder 0700 when new): never readable by others, not even for an instant."""
+    import secrets
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return  # another process wrote one meanwhile: that one is used
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def secure_token_file(path: Path | None = None) -> None:
+    """Make an existing token file of ours owner-only (0600). Ray writes the file with the
+    umask's mode (usually 0644) when ``ray.init()`` or ``ray get-auth-token --generate``
+    creates it; call this after anything that may have."""
+    path = path or token_path()
+    try:
+        st = path.stat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        return  # none, or not ours to change (a mounted secret)
+
+
+def ensure_ray_token() -> str:
+    """Token authentication unless ``RAY_AUTH_MODE=disabled``. A missing token is generated
+    into the file Ray reads (``token_path()``) with mode 0600; a token file Ray created earlier
+    with a looser mode is tightened to 0600. Call it before every ``ray.init`` that may start a
+    local Ray (which would otherwise write the file with the umask's mode, usually 0644)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return "disabled"
+    if ray_token() is None:
+        write_token(token_path())
+    secure_token_file()
+    return "token"

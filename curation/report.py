@@ -336,25 +336,28 @@ def _histograms(index: pa.Table, thresholds: Mapping[str, Any]) -> list[str]:
         edges, log = _bin_edges(
             v, [t for _, t in lines], integer=_is_integer(index, name), log_ok=name in LOG_SCALE
         )
-        fig = Figure(figsize=(5.6, 3.2), dpi=90, layout="constrained")
+        # Fixed margins and one filled step artist per status (``stairs``), not a layout
+        # engine and a patch per bar: ~10x cheaper to draw, the same picture.
+        fig = Figure(figsize=(5.6, 3.2), dpi=90)
+        fig.subplots_adjust(left=0.12, right=0.98, bottom=0.17, top=0.9)
         ax = fig.add_subplot()
-        data, labels, colors = [], [], []
+        bottom = np.zeros(len(edges) - 1)
         for st in STATUSES:
             sel = values[finite & masks[st]]
             if len(sel):
-                data.append(np.clip(sel, edges[0], edges[-1]))
-                labels.append(f"{st} ({len(sel):,})")
-                colors.append(STATUS_COLORS[st])
-        if data:
-            ax.hist(data, bins=edges, stacked=True, label=labels, color=colors, alpha=0.8)
-        ax.hist(
-            np.clip(v, edges[0], edges[-1]),
-            bins=edges,
-            histtype="step",
-            color="#222",
-            linewidth=1.0,
-            label=f"all ({len(v):,})",
-        )
+                counts, _ = np.histogram(np.clip(sel, edges[0], edges[-1]), bins=edges)
+                ax.stairs(
+                    bottom + counts,
+                    edges,
+                    baseline=bottom.copy(),
+                    fill=True,
+                    color=STATUS_COLORS[st],
+                    alpha=0.8,
+                    label=f"{st} ({len(sel):,})",
+                )
+                bottom = bottom + counts
+        counts, _ = np.histogram(np.clip(v, edges[0], edges[-1]), bins=edges)
+        ax.stairs(counts, edges, color="#222", linewidth=1.0, label=f"all ({len(v):,})")
         for (key, t), style in zip(lines, ("--", ":"), strict=False):
             ax.axvline(t, color="#1565c0", linestyle=style, linewidth=1.6, label=f"{key} = {t:g}")
         if log:

@@ -34,6 +34,7 @@ def run(
         "come from (repeatable; added to the config's allow_inputs)",
     ),
     catalog: str | None = CatalogOption,
+    verbose: bool = typer.Option(False, "--verbose", help="also show Ray's own logs"),
 ) -> None:
     """Curate INPUT into OUTPUT and commit a dataset version. Rerun the same command to resume."""
     from curation.config import CurationConfig
@@ -57,6 +58,7 @@ def run(
         address=address,
         tracking_uri=tracking_uri,
         console=console,
+        verbose=verbose,
     )
 
 
@@ -69,6 +71,7 @@ def select(
     address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
     catalog: str | None = CatalogOption,
+    verbose: bool = typer.Option(False, "--verbose", help="also show Ray's own logs"),
 ) -> None:
     """Re-apply thresholds to an existing index without recomputing scores (a new version)."""
     from curation.config import CurationConfig
@@ -93,4 +96,5 @@ def select(
         address=address,
         tracking_uri=tracking_uri,
         console=console,
+        verbose=verbose,
     )

@@ -47,6 +47,9 @@ def submit_curate(
     input: str = typer.Option(..., "--input", help="corpus URI as the cluster sees it"),
     output: str = typer.Option(..., "--output", help="output folder/URI on the cluster"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+    allow_input: list[str] = typer.Option(
+        [], "--allow-input", help="a folder or URI prefix outside --input inputs may come from"
+    ),
     address: str | None = AddressOption,
     catalog: str | None = JobCatalogOption,
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
@@ -58,6 +61,8 @@ def submit_curate(
     from curation.config import CurationConfig
 
     cfg = load_config(CurationConfig, config, set_)
+    if allow_input:
+        cfg = cfg.model_copy(update={"allow_inputs": [*cfg.allow_inputs, *allow_input]})
     spec = jobs.curate_spec(cfg, input, output, catalog=catalog, tracking_uri=tracking_uri)
     job_id = jobs.submit(spec, address, package=package)
     _finish(job_id, address, wait, follow)

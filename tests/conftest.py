@@ -52,7 +52,10 @@ def ray_session():
     """One local Ray for the whole session (starting Ray costs seconds); stopped at the end."""
     import ray
 
+    from catalog.secrets import ensure_ray_token
+
     if not ray.is_initialized():
+        ensure_ray_token()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
