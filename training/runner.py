@@ -9,12 +9,25 @@ Output layout::
 
 A stage boundary builds a new engine (the trainable set changes) from the previous stage's
 final weights. Rerunning with ``--resume`` skips finished stages and resumes the first
-unfinished one from its latest checkpoint (Ray Train restores it by run name + storage path).
+unfinished one from the newest valid checkpoint Ray Train kept for it (Ray Train restores its
+list by run name + storage path). A damaged or incomplete checkpoint (``checkpoint.verify``) is
+skipped for the one before it: the driver says so on the console and in the stage's catalog
+run message before the stage starts, rank 0 in the worker log and as the MLflow tag
+``omniforge.resume`` (also after a worker restart within a run). When none is usable the stage
+stops with one message naming each and why, without Ray Train's retries.
+
+Workers stop with the driver: every worker on the driver's node watches the driver process
+(``trainer.DriverWatch``) and exits when it is gone, checking again before each checkpoint,
+so a killed driver leaves no worker training and no checkpoint beyond ``num_to_keep``. (With
+``ray.init()`` started by the driver, its raylet and GCS die with it but the workers notice
+only seconds later; on a cluster Ray ends a dead driver's actors itself.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -24,12 +37,20 @@ from typing import Any
 from catalog.config import dump_yaml
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
+from catalog.secrets import ensure_ray_token
+from training import checkpoint as ckpt
 from training.recipe import Recipe
-from training.trainer import StageSpec, Trainer, process_group
+from training.trainer import HOLD_ENV, StageSpec, Trainer, process_group
+
+log = logging.getLogger(__name__)
 
 
 class RayTrainContext:
-    """What a Trainer needs from Ray Train: report metrics + checkpoint, latest checkpoint."""
+    """What a Trainer needs from Ray Train: report metrics + checkpoint, the checkpoint to
+    resume from, and (for the test hold) which checkpoints Ray Train has registered."""
+
+    def __init__(self) -> None:
+        self.resume_note = ""  # which checkpoints were skipped and why (empty: none)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -37,15 +58,65 @@ class RayTrainContext:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    @contextmanager
-    def latest_checkpoint(self):
+    def registered_checkpoints(self, timeout_s: float | None = None) -> list:
+        """Ray Train's kept checkpoints, oldest first, once it has registered every checkpoint
+        this worker reported (it registers a report when its controller next polls)."""
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        mode = ray.train.CheckpointConsistencyMode.COMMITTED
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=mode, timeout_s=timeout_s
+        )
+        return [r.checkpoint for r in reported]
+
+    @contextmanager
+    def latest_checkpoint(self):
+        """The newest valid checkpoint Ray Train kept (None: start the stage fresh).
+
+        Rank 0 verifies the candidates, newest first, and broadcasts its choice, so every rank
+        loads the same one; a damaged one is skipped with a warning in the worker log. None
+        usable: ``CheckpointError``."""
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        latest = ray.train.get_checkpoint()
+        if latest is None:
             yield None
             return
-        with checkpoint.as_directory() as directory:
+        candidates = [latest] + [
+            c for c in reversed(self.registered_checkpoints(timeout_s=60)) if c.path != latest.path
+        ]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        choice: list[Any] = [None, ""]
+        if rank == 0:
+            skipped: list[tuple[Path, str]] = []
+            for index, candidate in enumerate(candidates):
+                with candidate.as_directory() as directory:
+                    chosen, skips = ckpt.choose([Path(directory)])
+                skipped += [(Path(candidate.path), why) for _, why in skips]
+                if chosen is not None:
+                    choice = [index, ckpt.skip_note(Path(candidate.path), skipped)]
+                    break
+            else:
+                choice = [None, ckpt.skip_note(None, skipped)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = None
+            if torch.cuda.is_available():  # NCCL moves objects through the rank's GPU
+                device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+            dist.broadcast_object_list(choice, src=0, device=device)
+        index, note = choice
+        if index is None:
+            experiment = Path(latest.path).parent
+            raise ckpt.CheckpointError(
+                f"no usable checkpoint to resume from in {experiment}: {note}; "
+                f"remove {experiment} to start the stage over"
+            )
+        if index > 0:
+            self.resume_note = note
+            if rank == 0:
+                log.warning("resume: %s", note)
+        with candidates[index].as_directory() as directory:
             yield directory
 
 
@@ -103,6 +174,84 @@ def run_stage(
     return trainer.fit()
 
 
+def driver_identity() -> dict[str, Any] | None:
+    """This process as the workers' ``DriverWatch`` recognises it (None under Ray Client,
+    where the driver runs on another machine than the node Ray reports)."""
+    import socket
+
+    import psutil
+    import ray
+
+    if ray.util.client.ray.is_connected():
+        return None
+    return {
+        "pid": os.getpid(),
+        "create_time": psutil.Process().create_time(),
+        "host": socket.gethostname(),
+        "boot_time": psutil.boot_time(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+
+
+def hold_request() -> dict[str, Any] | None:
+    """``OMNIFORGE_TEST_HOLD=STEP:DIR`` (tests only; see ``trainer.Trainer.hold``)."""
+    value = os.environ.get(HOLD_ENV)
+    if not value:
+        return None
+    step, sep, folder = value.partition(":")
+    if not sep or not step.isdigit() or not folder:
+        raise ValueError(f"{HOLD_ENV}={value!r}: expected STEP:DIR")
+    return {"step": int(step), "dir": folder}
+
+
+def resume_point(experiment: Path, stage_label: str) -> tuple[Path | None, str] | None:
+    """What a resumed stage will start from: (newest valid checkpoint Ray Train kept, note on
+    the ones skipped), or None when Ray Train kept nothing (a fresh start).
+
+    Reads Ray Train's run state (``checkpoint_manager_snapshot.json``: the kept checkpoints in
+    the order they were registered) and verifies them newest first, as the workers will. A
+    kept directory that was deleted is recreated empty (Ray Train refuses to restore a run
+    state naming a missing one) and skipped like any damaged checkpoint. None usable:
+    ``CheckpointError``."""
+    snapshot = experiment / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return None
+    try:
+        state = json.loads(snapshot.read_text())
+        names = [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
+        latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(
+            f"{stage_label}: Ray Train's run state {snapshot} is unreadable ({e}); "
+            f"remove {experiment} to start the stage over"
+        ) from e
+    order = [latest] if latest else []
+    order += [n for n in reversed(names) if n != latest]
+    if not order:
+        return None
+    candidates = [experiment / name for name in order]
+    for path in candidates:
+        if not path.exists():
+            path.mkdir(parents=True)
+    chosen, skipped = ckpt.choose(candidates)
+    note = ckpt.skip_note(chosen, skipped) if skipped else ""
+    if chosen is None:
+        raise ckpt.CheckpointError(
+            f"{stage_label}: no usable checkpoint to resume from in {experiment}: {note}; "
+            f"remove {experiment} to start the stage over"
+        )
+    return chosen, note
+
+
+def checkpoint_failure(error: BaseException) -> ckpt.CheckpointError | None:
+    """The ``CheckpointError`` a worker failed with inside Ray Train's error, if that is why
+    (Ray Train hands the driver each rank's own exception)."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        if isinstance(failure, ckpt.CheckpointError):
+            return failure
+    return None
+
+
 def close_orphans(catalog, folder: Path) -> None:
     """A driver killed between creating a stage's catalog run and recording it in run.json
     leaves that run "running" forever: mark it failed before the stage starts again."""
@@ -151,10 +300,13 @@ def run_training(
     state_file.write_text(json.dumps(state, indent=1))
 
     if not ray.is_initialized():
+        if address is None:
+            ensure_ray_token()  # a local Ray would write its token file with the umask's mode
         ray.init(
             address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
         )
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    driver, hold = driver_identity(), hold_request()
     num_workers = recipe.workers if workers is None else workers
     chosen = list(range(len(recipe.stages))) if stages is None else stages
     previous = None
@@ -216,7 +368,7 @@ def run_training(
             tracking_uri=tracking_uri,
             mlflow_run_id=info.get("mlflow_run"),
             stop_after=stop_after,
-            extra={"trace": trace},
+            extra={"trace": trace, "driver": driver, "hold": hold},
         )
         if console:
             console.print(
@@ -224,15 +376,29 @@ def run_training(
                 f"{max(num_workers, 1)} worker(s), trains {', '.join(stage.trainable)}"
             )
         start = time.monotonic()
+        run_name = f"{recipe.name}-{index + 1}-{stage.name}"
+        label = f"stage {index + 1} ({stage.name})"
         try:
-            result = run_stage(
-                spec, num_workers, f"{recipe.name}-{index + 1}-{stage.name}", out / "ray", use_gpu
-            )
-        except BaseException:
+            point = resume_point(out / "ray" / run_name, label)
+            if point is not None and point[1]:
+                if console:
+                    console.print(f"{label}: {point[1]}", highlight=False)
+                log.warning("%s: %s", label, point[1])
+                if catalog is not None and info.get("catalog_run"):
+                    catalog.update_run(info["catalog_run"], message=point[1])
+            try:
+                result = run_stage(spec, num_workers, run_name, out / "ray", use_gpu)
+            except Exception as e:
+                failure = checkpoint_failure(e)
+                if failure is None:
+                    raise
+                raise ckpt.CheckpointError(f"{label}: {failure}") from e
+        except BaseException as e:
             if tracking_uri and info.get("mlflow_run"):
                 tracking.finish(tracking_uri, info["mlflow_run"], "FAILED")
             if catalog is not None and info.get("catalog_run"):
-                catalog.update_run(info["catalog_run"], status="failed")
+                message = {"message": str(e)} if isinstance(e, ckpt.CheckpointError) else {}
+                catalog.update_run(info["catalog_run"], status="failed", **message)
             raise
         metrics = dict(result.metrics or {})
         final = folder / "final.safetensors"

@@ -3,13 +3,19 @@
 The driver creates the runs (so a stage run exists even if every worker dies) and hands the
 stage run id to the workers; rank 0 logs metrics to it in batches through ``MlflowClient``.
 Experiments, params and secret masking go through ``catalog.tracking`` (shared with curation).
+
+Each step appears once in a stage run's metric history, also when the stage resumes (from a
+checkpoint older than the last logged step, after a worker restart, a kill or ``--resume``):
+the tracker starts by reading the newest step the run holds and drops metrics at or before
+it (resume is exact, so those steps were logged with the same values). A batch sent to MLflow
+holds whole steps, so a step is never half logged.
 """
 
 from __future__ import annotations
 
 import time
 
-from catalog.tracking import MLFLOW_BATCH_METRICS, chunks, experiment_id, log_params
+from catalog.tracking import MLFLOW_BATCH_METRICS, experiment_id, log_params
 
 
 def start_parent(tracking_uri: str, recipe, experiment: str = "training") -> str:
@@ -86,13 +92,15 @@ class StageTracker:
         self.buffer: list = []
         self.flush_every = flush_every
         self.client = None
+        self.logged_through = -1  # the newest step the run holds: later ones are logged
         if self.enabled:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
+            self.logged_through = last_logged_step(self.client, run_id)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
+        if not self.enabled or step <= self.logged_through:
             return
         from mlflow.entities import Metric
 
@@ -105,11 +113,40 @@ class StageTracker:
         if self.enabled:
             self.client.log_artifact(self.run_id, path, artifact_path)
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)
+
     def flush(self) -> None:
         if self.enabled and self.buffer:
-            for chunk in chunks(self.buffer, MLFLOW_BATCH_METRICS):
+            for chunk in whole_steps(self.buffer, MLFLOW_BATCH_METRICS):
                 self.client.log_batch(self.run_id, metrics=chunk)
             self.buffer = []
 
     def close(self) -> None:
         self.flush()
+
+
+def last_logged_step(client, run_id: str) -> int:
+    """The newest step of any metric in the run (-1: none): MLflow keeps each metric's latest
+    value with its step, so this is one query however long the history is."""
+    run = client.get_run(run_id)
+    steps = [m.step for m in run.data.to_proto().metrics]
+    return max(steps, default=-1)
+
+
+def whole_steps(metrics: list, limit: int) -> list[list]:
+    """``metrics`` in batches of at most ``limit`` that never split a step (a step with more
+    than ``limit`` metrics alone is split): each batch is one atomic ``log_batch``."""
+    by_step: dict[int, list] = {}
+    for m in metrics:
+        by_step.setdefault(m.step, []).append(m)
+    batches: list[list] = [[]]
+    for group in by_step.values():
+        if batches[-1] and len(batches[-1]) + len(group) > limit:
+            batches.append([])
+        while len(group) > limit:
+            batches[-1:] = [group[:limit], []]
+            group = group[limit:]
+        batches[-1].extend(group)
+    return [b for b in batches if b]

@@ -10,15 +10,24 @@ finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint. With
 (``training/data/hybrid.py``). At stage end rank 0 writes the final weights and, for a family
 that can generate, samples from fixed prompts (``training/artifacts.py``: held-out loss,
 input grids and samples).
+
+Under Ray Train every worker runs a ``DriverWatch``: when the driver process that started the
+run is gone (SIGKILL, a crash) the worker exits instead of training on, and it checks once
+more before writing each checkpoint. A test-only hold (``OMNIFORGE_TEST_HOLD``, off unless set;
+``Trainer.hold``) stops every rank at a given step until a file appears, so fault tests act on
+recorded events instead of timing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
+import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,9 +48,82 @@ from training.ema import EMA
 from training.recipe import Recipe, StageConfig
 from training.sampler import StepSampler
 
+log = logging.getLogger(__name__)
+
+HOLD_ENV = "OMNIFORGE_TEST_HOLD"
+
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class DriverWatch:
+    """Ends this worker process when the driver that started the run is gone.
+
+    ``driver`` is the driver's identity (``runner.driver_identity``: pid, its start time, host,
+    boot time, Ray node). It is watched only from the driver's own node (same Ray node, host and
+    boot); a start time that differs means the pid was reused. A zombie counts as gone. A
+    daemon thread checks every ``interval`` seconds, and ``check()`` is called before every
+    checkpoint, so no checkpoint is written once the driver is gone. Workers on other nodes
+    rely on Ray, which ends a dead driver's actors on a cluster.
+    """
+
+    def __init__(self, driver: dict[str, Any] | None, interval: float = 0.5):
+        self.pid: int | None = None
+        self.interval = interval
+        if driver and driver.get("pid") != os.getpid() and self._same_machine(driver):
+            self.pid, self.create_time = int(driver["pid"]), float(driver["create_time"])
+
+    @staticmethod
+    def _same_machine(driver: dict[str, Any]) -> bool:
+        import psutil
+        import ray
+
+        try:
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:  # not in a Ray worker
+            return False
+        return (
+            node == driver.get("node_id")
+            and socket.gethostname() == driver.get("host")
+            and abs(psutil.boot_time() - float(driver.get("boot_time", 0))) < 2
+        )
+
+    def driver_alive(self) -> bool:
+        import psutil
+
+        if self.pid is None:
+            return True
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > 0.01:
+                return False  # the pid now names another process
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.Error:  # cannot tell (permissions): keep going
+            return True
+
+    def check(self) -> None:
+        if not self.driver_alive():
+            message = (
+                f"omniforge: the driver process {self.pid} is gone; stopping training worker "
+                f"{os.getpid()} (no further steps or checkpoints)"
+            )
+            log.error(message)
+            print(message, file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def start(self) -> DriverWatch:
+        if self.pid is not None:
+
+            def watch() -> None:
+                while True:
+                    self.check()
+                    time.sleep(self.interval)
+
+            threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+        return self
 
 
 @dataclass
@@ -162,6 +244,7 @@ class Trainer(StageArtifacts):
         from training.tracking import StageTracker
 
         self.spec, self.context = spec, context
+        self.watch = DriverWatch(spec.extra.get("driver")).start()
         self.recipe = Recipe.model_validate(spec.recipe)
         self.stage = self.recipe.stages[spec.stage_index]
         self.rank, self.world_size = ensure_process_group()
@@ -218,9 +301,13 @@ class Trainer(StageArtifacts):
         self.engine.checkpoint_engine = ckpt.safe_checkpoint_engine()
         self.ema = EMA(self.model, self.stage.ema.decay) if self.stage.ema else None
         self.step = 0
-        self._restore()
-        self.tracker = StageTracker(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
         self.task_counts: Counter[str] = Counter()
+        self._restore()
+        # logs only steps MLflow does not hold yet: a resumed stage repeats none
+        self.tracker = StageTracker(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
+        note = getattr(context, "resume_note", "")
+        if note:
+            self.tracker.set_tag("omniforge.resume", note)
         self._held_out: dict[str, TaskBatch] | None = None
         # the next step's batch is read on this thread while the current step computes
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
@@ -236,6 +323,7 @@ class Trainer(StageArtifacts):
                 Path(directory), engine=self.engine, rank=self.rank
             )
         self.step = trainer_state["step"]
+        self.task_counts = Counter(trainer_state.get("task_counts", {}))
         self.sampler.load_state_dict(trainer_state["sampler"])
         if self.mixer is not None:
             if "mixer" not in trainer_state:
@@ -267,6 +355,7 @@ class Trainer(StageArtifacts):
                 every = self.step % self.stage.checkpoint_every == 0
                 if every or done or self.step == self.stop_at:
                     self.save_checkpoint(last)
+                self.hold()
         finally:
             self._prefetch.shutdown(wait=True, cancel_futures=True)
         if self.step == self.stage.steps and self.rank == 0:
@@ -375,13 +464,16 @@ class Trainer(StageArtifacts):
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         from catalog.config import dump_yaml
 
+        self.watch.check()  # never a checkpoint after the driver is gone
         with tempfile.TemporaryDirectory(prefix="omniforge-ckpt-") as tmp:
             ckpt.save(
                 Path(tmp),
                 engine=self.engine,
                 rank=self.rank,
+                world_size=self.world_size,
                 trainer_state={
                     "step": self.step,
+                    "task_counts": dict(self.task_counts),
                     "sampler": self.data_state["sampler"],
                     **({"mixer": self.data_state["mixer"]} if self.mixer is not None else {}),
                 },
@@ -391,6 +483,38 @@ class Trainer(StageArtifacts):
             )
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             self.context.report({**report, "step": self.step}, tmp)
+
+    def hold(self) -> None:
+        """Test hook, off unless ``OMNIFORGE_TEST_HOLD=STEP:DIR`` was set for the driver.
+
+        After step STEP (and its checkpoint, if it takes one) every rank stops; rank 0 first
+        waits until Ray Train has registered every checkpoint it reported. Each rank then
+        writes ``DIR/held-rank{R}.json`` (step, pid, world size; rank 0 also the registered
+        checkpoint directories) and waits until ``DIR/release`` exists. Once released, a run
+        (or a restarted worker) does not hold again."""
+        hold = self.spec.extra.get("hold")
+        if not hold or self.step != hold["step"]:
+            return
+        folder = Path(hold["dir"])
+        if (folder / "release").exists():
+            return
+        record: dict[str, Any] = {
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "pid": os.getpid(),
+        }
+        if self.rank == 0 and hasattr(self.context, "registered_checkpoints"):
+            record["registered"] = [
+                Path(c.path).name for c in self.context.registered_checkpoints()
+            ]
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".held-rank{self.rank}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(folder / f"held-rank{self.rank}.json")
+        while not (folder / "release").exists():
+            self.watch.check()
+            time.sleep(0.05)
 
     def export_final(self) -> None:
         out = Path(self.spec.output)

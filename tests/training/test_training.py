@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +23,7 @@ from catalog.records import Node
 from catalog.store import Catalog
 from curation.sample_data import generate
 from curation.sample_data.register import register_sample_corpus
+from training.checkpoint import CheckpointError
 from training.models.registry import build_model
 from training.recipe import TASK_GROUPS, Recipe
 from training.runner import run_training
@@ -189,41 +195,200 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
     assert sum(e.relation == "init" for e in down) >= len(r.stages) - 1
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_session):
-    r = recipe("omni_video_tiny", "stages.0.steps=40", "stages.0.checkpoint_every=8")
-    out = tmp_path / "run"
-    storage = out / "ray"
-    killed: list[int] = []
+class Lines:
+    """A console that keeps what the runner prints."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def print(self, text: str = "", **kwargs) -> None:
+        self.lines.append(str(text))
+
+
+def test_resume_skips_a_damaged_checkpoint_and_logs_each_step_once(catalog, tmp_path,
+                                                                   ray_session):  # fmt: skip
+    from mlflow.tracking import MlflowClient
+
+    r = recipe("omni_video_tiny", *SHORT)  # 12 steps, a checkpoint every 4
+    out, tracking = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_training(r, out, stages=[0], workers=2, catalog=catalog, stop_after=8, trace=True,
+                 tracking_uri=tracking)  # fmt: skip
+    (experiment,) = (out / "ray").iterdir()
+    kept = sorted((c for c in experiment.glob("checkpoint_*") if c.is_dir()),
+                  key=lambda c: json.loads((c / "trainer.json").read_text())["step"])  # fmt: skip
+    assert [json.loads((c / "trainer.json").read_text())["step"] for c in kept] == [4, 8]
+    model = kept[1] / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    size = model.stat().st_size
+    with open(model, "r+b") as f:  # the newest checkpoint's model states, truncated
+        f.truncate(size // 2)
+
+    # every kept checkpoint damaged: one message naming each, before Ray Train starts
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "ray" / experiment.name / kept[0].name / "trainer.json").unlink()
+    with pytest.raises(CheckpointError) as error:
+        run_training(r, broken, stages=[0], workers=2, catalog=catalog, resume=True)
+    message = str(error.value)
+    assert isinstance(error.value, ValueError) and "\n" not in message  # the CLI's one line
+    assert message.startswith("stage 1 (align): no usable checkpoint to resume from in ")
+    assert f"skipped checkpoint {kept[1].name} (step 8): deepspeed/state/" in message
+    assert f"skipped checkpoint {kept[0].name} (step 4): trainer.json is missing" in message
+    state = json.loads((broken / "run.json").read_text())
+    failed = catalog.get_run(state["stages"]["0"]["catalog_run"])
+    assert failed.status == "failed" and failed.message == message
+
+    console = Lines()
+    run_training(r, out, stages=[0], workers=2, catalog=catalog, resume=True, trace=True,
+                 tracking_uri=tracking, console=console)  # fmt: skip
+    note = (
+        f"skipped checkpoint {kept[1].name} (step 8): deepspeed/state/mp_rank_00_model_states.pt "
+        f"is {size // 2} bytes, {size} when written; resuming from {kept[0].name} (step 4)"
+    )
+    assert f"stage 1 (align): {note}" in console.lines
+    records = trace(out, "align", 0)
+    assert [t["step"] for t in records] == list(range(1, 9)) + list(range(5, 13))
+    for first, again in zip(records[4:8], records[8:12], strict=True):  # exact from step 4
+        same = ("task", "bucket", "keys", "parts", "drop")
+        assert [first[k] for k in same] == [again[k] for k in same]
+        assert first["loss"] == pytest.approx(again["loss"], rel=1e-5, abs=1e-6)
+    state = json.loads((out / "run.json").read_text())
+    run = catalog.get_run(state["stages"]["0"]["catalog_run"])
+    assert (run.status, run.message) == ("succeeded", note)
+
+    # MLflow: every step once although steps 5-8 ran twice; task counts carry over the resume
+    client = MlflowClient(tracking)
+    run_id = state["stages"]["0"]["mlflow_run"]
+    for key in ("loss", "lr", "grad_norm", "tasks/t2i"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 13))
+    assert [m.value for m in client.get_metric_history(run_id, "tasks/t2i")] == list(range(1, 13))
+    assert client.get_run(run_id).data.tags["omniforge.resume"] == note
+
+
+def held(folder: Path, world_size: int = 2, proc=None, log: Path | None = None) -> list[dict]:
+    """Wait until every rank is held (``OMNIFORGE_TEST_HOLD``): the ranks' records."""
+    deadline = time.monotonic() + 540  # a failure bound only: the hold is the event
+    files = [folder / f"held-rank{r}.json" for r in range(world_size)]
+    while not all(f.exists() for f in files):
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            pytest.fail(f"the ranks were never held at the requested step ({folder})\n{tail}")
+        time.sleep(0.05)
+    return [json.loads(f.read_text()) for f in files]
+
+
+def ended(procs: list[psutil.Process], bound_s: float = 300) -> list[psutil.Process]:
+    """Wait until every process has exited (a zombie has: nothing may reap an orphan); the ones
+    still running after ``bound_s`` (a failure bound only)."""
+
+    def running(proc: psutil.Process) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + bound_s
+    while any(running(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in procs if running(p)]
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_session,
+                                                         monkeypatch):  # fmt: skip
+    # every rank holds after step 10, once Ray Train has registered the step-8 checkpoint:
+    # rank 0 is killed there, so the restart point is known (8) and steps are left (11-16)
+    r = recipe("omni_video_tiny", "stages.0.steps=16", "stages.0.checkpoint_every=8")
+    out, hold = tmp_path / "run", tmp_path / "hold"
+    monkeypatch.setenv("OMNIFORGE_TEST_HOLD", f"10:{hold}")
+    killed: list[dict] = []
 
     def killer() -> None:
-        # Ray Train registers a reported checkpoint when its controller next polls the workers
-        # (every ~2 s): kill a worker well after the first checkpoint reached storage.
-        deadline, seen = time.monotonic() + 300, None
-        while not killed and time.monotonic() < deadline:
-            if seen is None and list(storage.glob("*/checkpoint_*/trainer.json")):
-                seen = time.monotonic()
-            if seen is not None and time.monotonic() - seen > 6:
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    title = " ".join(proc.info["cmdline"] or [])
-                    if title.startswith("ray::") and "TrainWorker" in title:
-                        proc.send_signal(signal.SIGKILL)
-                        killed.append(proc.pid)
-                        break
-            time.sleep(0.1)
+        try:
+            records = held(hold)
+            psutil.Process(records[0]["pid"]).send_signal(signal.SIGKILL)
+            killed.append(records[0])
+        finally:  # whatever happened, the run goes on (and the assertions below tell)
+            (hold / "release").touch()
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     run_training(r, out, stages=[0], workers=2, catalog=catalog, trace=True)
     thread.join()
     assert killed, "no training worker was killed"
-    steps = [t["step"] for t in trace(out, "align", 0)]
-    assert steps[-1] == 40 and len(steps) > 40  # some steps ran twice after the restart
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    assert steps[restart] > 1 and (steps[restart] - 1) % 8 == 0  # right after a checkpoint
-    clean = run_training(r, tmp_path / "clean", stages=[0], workers=2, catalog=catalog)
-    a = load_file(out / "stages" / "1-align" / "final.safetensors")
-    b = load_file(Path(clean["stages"][0]["weights"]))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the restart changed nothing
+    assert len(killed[0]["registered"]) == 1, killed  # the step-8 checkpoint, registered
+    records = trace(out, "align", 0)
+    steps = [t["step"] for t in records]
+    # steps 9 and 10 ran twice: rank 0 died after 10 and the run restarted from checkpoint 8
+    assert steps == list(range(1, 11)) + list(range(9, 17)), steps
+    for first, again in zip(records[8:10], records[10:12], strict=True):  # the same batches
+        same = ("task", "bucket", "keys", "parts", "drop")
+        assert [first[k] for k in same] == [again[k] for k in same]
+        assert first["loss"] == pytest.approx(again["loss"], rel=1e-5, abs=1e-6)
+    assert (out / "stages" / "1-align" / "final.safetensors").exists()
+
+
+def test_workers_stop_when_the_driver_is_killed(catalog, tmp_path):
+    """SIGKILL ``omniforge train run`` (the driver only) while its workers are held after a
+    registered checkpoint, then let them go: they end, and write no checkpoint after it."""
+    out, hold = tmp_path / "run", tmp_path / "hold"
+    cmd = [str(Path(sys.executable).with_name("omniforge")), "train", "run", "omni_video_tiny",
+           "--output", str(out), "--stages", "1", "--workers", "2",
+           "--catalog", str(catalog.url), *[f"--set={s}" for s in DATA],
+           "--set=stages.0.steps=40", "--set=stages.0.checkpoint_every=4"]  # fmt: skip
+    env = {**os.environ, "OMNIFORGE_TEST_HOLD": f"8:{hold}", "RAY_ADDRESS": "local"}
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)  # fmt: skip
+    workers: list[psutil.Process] = []
+    try:
+        records = held(hold, proc=driver, log=tmp_path / "driver.log")
+        workers = [psutil.Process(r["pid"]) for r in records]
+        experiment = next((out / "ray").iterdir())
+        kept = sorted(p.name for p in experiment.glob("checkpoint_*") if p.is_dir())
+        assert kept == sorted(records[0]["registered"]) and len(kept) == 2  # num_to_keep
+
+        driver.send_signal(signal.SIGKILL)  # the driver only; its workers are held
+        driver.wait()
+        (hold / "release").touch()
+        alive = ended(workers)
+        assert not alive, f"workers {[p.pid for p in alive]} outlived the driver"
+        after = sorted(p.name for p in experiment.glob("checkpoint_*") if p.is_dir())
+        assert after == kept, "a worker wrote checkpoints after the driver was killed"
+    finally:
+        for proc in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the local Ray the driver started
+        driver.wait()
+
+
+def test_stage_tracker_logs_each_step_once_across_resumes(tmp_path):
+    """A tracker resumed from an older step than MLflow holds logs only the newer steps; a
+    batch never splits a step (each log_batch is atomic, so a kill leaves whole steps)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import StageTracker, whole_steps
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    first = StageTracker(uri, run_id, flush_every=1)
+    for step in range(0, 9):  # steps 1-8 (0: the eval at the start), flushed
+        first.log({"loss": float(step), "lr": 0.1}, step)
+    first.close()
+    again = StageTracker(uri, run_id)  # resumed from the checkpoint of step 4
+    assert again.logged_through == 8
+    for step in range(5, 13):
+        again.log({"loss": float(step), "lr": 0.1}, step)
+    again.close()
+    for key in ("loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(13))
+
+    metrics = [Metric(f"m{i}", 1.0, 0, step) for step in range(4) for i in range(3)]
+    assert [[m.step for m in b] for b in whole_steps(metrics, 7)] == [[0, 0, 0, 1, 1, 1],
+                                                                      [2, 2, 2, 3, 3, 3]]  # fmt: skip
+    assert [len(b) for b in whole_steps(metrics[:3] * 3, 4)] == [4, 4, 1]
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step():

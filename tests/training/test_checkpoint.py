@@ -1,0 +1,183 @@
+"""Checkpoint verification: manifests, damaged and incomplete checkpoints, older checkpoints.
+
+Synthetic checkpoint directories (no Ray, no DeepSpeed engine): the files a checkpoint holds,
+written the way ranks write them (each rank's share with its manifest last), then damaged.
+The end-to-end paths (a resumed run skipping a damaged checkpoint, MLflow, the catalog) are in
+``test_training.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from training import checkpoint as ckpt
+from training.runner import checkpoint_failure, resume_point
+
+MODEL = "deepspeed/state/mp_rank_00_model_states.pt"
+
+
+def share(directory: Path, rank: int, world_size: int, step: int, manifest: bool = True) -> None:
+    """What rank ``rank`` writes into a checkpoint (as ``checkpoint.save`` lays it out)."""
+    state = directory / "deepspeed" / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "w": torch.arange(64.0) * rank},
+               state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")  # fmt: skip
+    (directory / f"loaders-rank{rank}.json").write_text(json.dumps({"t2i": {"pos": step}}))
+    if rank == 0:
+        torch.save({"module": {"w": torch.ones(256) * step}}, state / "mp_rank_00_model_states.pt")
+        (directory / "deepspeed" / "latest").write_text("state")
+        trainer = {"step": step, "sampler": {}}
+        if manifest:
+            trainer.update(format=ckpt.FORMAT, world_size=world_size)
+        (directory / "trainer.json").write_text(json.dumps(trainer))
+        save_file({"w": torch.zeros(8)}, directory / "ema.safetensors")
+
+
+def checkpoint(directory: Path, step: int, world_size: int = 2, manifest: bool = True) -> Path:
+    """A whole checkpoint: every rank's share copied into one directory, as Ray Train does."""
+    for rank in range(world_size):
+        own = directory.parent / f".rank{rank}-{directory.name}"
+        share(own, rank, world_size, step, manifest)
+        if manifest:
+            ckpt.write_manifest(own, rank, world_size, step)
+        for path in own.rglob("*"):
+            if path.is_file():
+                target = directory / path.relative_to(own)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+    return directory
+
+
+def test_a_complete_checkpoint_verifies(tmp_path):
+    good = checkpoint(tmp_path / "checkpoint_a", step=8)
+    assert ckpt.verify(good) is None
+    manifest = json.loads((good / "manifest-rank0.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["step"] == 8
+    assert MODEL in manifest["files"] and "trainer.json" in manifest["files"]
+    assert ckpt.describe(good) == "checkpoint_a (step 8)"
+
+
+def test_damaged_and_incomplete_checkpoints_say_why(tmp_path):
+    def damaged(name: str, harm) -> str | None:
+        c = checkpoint(tmp_path / name, step=8)
+        harm(c)
+        return ckpt.verify(c)
+
+    size = (checkpoint(tmp_path / "probe", step=8) / MODEL).stat().st_size
+
+    def truncate(c: Path) -> None:
+        data = (c / MODEL).read_bytes()
+        (c / MODEL).write_bytes(data[: len(data) // 2])
+
+    def flip(c: Path) -> None:
+        data = bytearray((c / MODEL).read_bytes())
+        data[-20] ^= 0xFF
+        (c / MODEL).write_bytes(bytes(data))
+
+    assert damaged("truncated", truncate) == f"{MODEL} is {size // 2} bytes, {size} when written"
+    assert damaged("flipped", flip) == f"{MODEL} does not match its checksum"
+    assert damaged("no-file", lambda c: (c / "loaders-rank1.json").unlink()) == (
+        "loaders-rank1.json is missing"
+    )
+    assert damaged("no-rank1", lambda c: (c / "manifest-rank1.json").unlink()) == (
+        "incomplete: manifest-rank1.json is missing (written by fewer than 2 ranks)"
+    )
+    assert damaged("no-rank0", lambda c: (c / "manifest-rank0.json").unlink()) == (
+        "incomplete: manifest-rank0.json is missing"
+    )
+    assert damaged("bad-manifest", lambda c: (c / "manifest-rank1.json").write_text("{")) == (
+        "incomplete: manifest-rank1.json is unreadable (Expecting property name enclosed in "
+        "double quotes: line 1 column 2 (char 1))"
+    )
+    assert ckpt.verify(tmp_path / "nowhere") == "the directory is missing"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ckpt.verify(empty) == "incomplete: trainer.json and manifest-rank0.json are missing"
+
+
+def test_checkpoints_from_before_manifests_are_accepted_if_they_load(tmp_path):
+    old = checkpoint(tmp_path / "old", step=4, manifest=False)
+    assert not list(old.glob("manifest-rank*.json"))
+    assert ckpt.verify(old) is None
+    assert ckpt.describe(old) == "old (step 4)"
+
+    broken = checkpoint(tmp_path / "old-truncated", step=4, manifest=False)
+    data = (broken / MODEL).read_bytes()
+    (broken / MODEL).write_bytes(data[:100])
+    assert ckpt.verify(broken).startswith(f"{MODEL} does not load (")
+    partial = checkpoint(tmp_path / "old-partial", step=4, manifest=False)
+    (partial / "loaders-rank1.json").unlink()
+    assert ckpt.verify(partial) == "loaders-rank1.json does not load (FileNotFoundError)"
+
+
+def test_choose_takes_the_newest_valid_checkpoint_and_names_the_skipped(tmp_path):
+    older = checkpoint(tmp_path / "checkpoint_1", step=4)
+    newer = checkpoint(tmp_path / "checkpoint_2", step=8)
+    (newer / MODEL).write_bytes(b"")
+    chosen, skipped = ckpt.choose([newer, older])
+    assert chosen == older
+    assert ckpt.skip_note(chosen, skipped) == (
+        f"skipped checkpoint checkpoint_2 (step 8): {MODEL} is 0 bytes, "
+        f"{(older / MODEL).stat().st_size} when written; resuming from checkpoint_1 (step 4)"
+    )
+    assert ckpt.choose([newer]) == (None, [(newer, skipped[0][1])])
+
+
+def snapshot(experiment: Path, names: list[str]) -> None:
+    """Ray Train's run state: the kept checkpoints in registration order, the last the latest."""
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    (experiment / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"checkpoint_results": results, "latest_checkpoint_result": results[-1]})
+    )
+
+
+def test_the_driver_reports_the_resume_point_before_the_stage_starts(tmp_path):
+    experiment = tmp_path / "ray" / "run-1-align"
+    experiment.mkdir(parents=True)
+    assert resume_point(experiment, "stage 1 (align)") is None  # nothing kept: a fresh start
+    older = checkpoint(experiment / "checkpoint_1", step=4)
+    checkpoint(experiment / "checkpoint_2", step=8)
+    snapshot(experiment, ["checkpoint_1", "checkpoint_2"])
+    assert resume_point(experiment, "stage 1 (align)") == (experiment / "checkpoint_2", "")
+
+    (experiment / "checkpoint_2" / MODEL).write_bytes(b"x")
+    chosen, note = resume_point(experiment, "stage 1 (align)")
+    assert chosen == older and note.startswith("skipped checkpoint checkpoint_2 (step 8): ")
+    assert note.endswith("; resuming from checkpoint_1 (step 4)")
+
+    # a kept checkpoint that was deleted is skipped too (recreated empty: Ray Train's run
+    # state must find every directory it names)
+    __import__("shutil").rmtree(experiment / "checkpoint_2")
+    chosen, note = resume_point(experiment, "stage 1 (align)")
+    assert chosen == older and (experiment / "checkpoint_2").is_dir()
+    assert note.startswith("skipped checkpoint checkpoint_2: incomplete: trainer.json and ")
+
+    (older / "trainer.json").unlink()
+    with pytest.raises(ckpt.CheckpointError) as error:
+        resume_point(experiment, "stage 1 (align)")
+    message = str(error.value)
+    assert "\n" not in message and isinstance(error.value, ValueError)  # the CLI's one line
+    assert message.startswith(
+        f"stage 1 (align): no usable checkpoint to resume from in {experiment}: skipped "
+        "checkpoint checkpoint_2: incomplete"
+    )
+    assert message.endswith(f"; remove {experiment} to start the stage over")
+
+    (experiment / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_res')
+    with pytest.raises(ckpt.CheckpointError, match="Ray Train's run state .* is unreadable"):
+        resume_point(experiment, "stage 1 (align)")
+
+
+def test_a_worker_that_finds_no_usable_checkpoint_fails_the_stage_with_its_message():
+    from ray.train import WorkerGroupError
+
+    cause = ckpt.CheckpointError("no usable checkpoint to resume from in X: ...")
+    error = WorkerGroupError("rank 0 failed", {0: cause, 1: RuntimeError("gloo: peer gone")})
+    assert checkpoint_failure(error) is cause
+    assert checkpoint_failure(WorkerGroupError("x", {0: RuntimeError("oom")})) is None
+    assert checkpoint_failure(RuntimeError("not from Ray Train")) is None
