@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -54,6 +56,9 @@ def code_version() -> str:
         return "unknown"
 
 
+WAL_ATTEMPTS = 100  # about a minute of retries at most
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         db_path = url.split(":///", 1)[-1]
@@ -65,9 +70,9 @@ def make_engine(url: str) -> Engine:
         def _connect(dbapi_conn, _record):  # pragma: no cover - exercised through every test
             dbapi_conn.isolation_level = None  # SQLAlchemy's BEGIN below, not pysqlite's
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
+            _use_wal(cur)
+            cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -76,6 +81,24 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _use_wal(cur) -> None:
+    """Switch a SQLite file to WAL (persistent: done once by whoever opens it first).
+
+    Changing the journal mode needs an exclusive lock and SQLite answers "database is
+    locked" at once, without its busy handler, while another connection holds a lock (two
+    processes opening a new catalog together): read the mode first, and retry the switch."""
+    for attempt in range(WAL_ATTEMPTS):
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == WAL_ATTEMPTS - 1:
+                raise
+            time.sleep(min(1.0, 0.05 * (attempt + 1)))  # back off; the other opener finishes
 
 
 def migrate(engine: Engine) -> str:

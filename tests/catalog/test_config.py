@@ -55,7 +55,8 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
         in problems
     )
     assert any(
-        p.startswith("bogus: unknown key; allowed keys here: aesthetic, edit") for p in problems
+        p.startswith("bogus: unknown key; allowed keys here: aesthetic, allow_inputs, block_size")
+        for p in problems
     )
 
 
