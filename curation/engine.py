@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -314,7 +315,7 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    if address is None:
+    if address is None and not os.environ.get("RAY_ADDRESS"):
         ensure_ray_token()  # a local Ray would write its token file with the umask's mode
     ray.init(
         address=address,

@@ -300,7 +300,7 @@ def run_training(
     state_file.write_text(json.dumps(state, indent=1))
 
     if not ray.is_initialized():
-        if address is None:
+        if address is None and not os.environ.get("RAY_ADDRESS"):
             ensure_ray_token()  # a local Ray would write its token file with the umask's mode
         ray.init(
             address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
