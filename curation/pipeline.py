@@ -288,8 +288,9 @@ def _finish(
     tracking_uri: str | None = None,
     console: Any = None,
 ) -> CurationResult:
-    from curation import report
+    from curation.report import write_report
     from curation.summary import print_summary, summarize
+    from curation.tracking import log_to_mlflow
 
     index = read_index(str(out / "index"))
     shards = catalog.shards(version.id)
@@ -305,10 +306,10 @@ def _finish(
     summary["catalog"] = version.ref
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     thumbs = {p.stem: p.read_bytes() for p in (out / "_thumbs").glob("*.jpg")}
-    report_path = report.write_report(index, thumbs, cfg.select, summary, out / "report.html")
+    report_path = write_report(index, thumbs, cfg.select, summary, out / "report.html")
     mlflow_id = None
     if tracking_uri:
-        mlflow_id = report.log_to_mlflow(
+        mlflow_id = log_to_mlflow(
             tracking_uri,
             "curation",
             f"curate {cfg.name}@{version.version}",

@@ -1,9 +1,8 @@
-"""End-of-run curation report: one self-contained HTML page and the MLflow run.
+"""End-of-run curation report: one self-contained HTML page.
 
-- ``write_report`` writes ONE self-contained ``report.html``: counts, per-score histograms
-  with the ``select`` thresholds, and a thumbnail section per rejection / error reason.
-- ``log_to_mlflow`` records params (secrets masked), metrics, tags and the report as one
-  MLflow run, through the shared helpers in ``catalog.tracking``.
+``write_report`` writes ONE self-contained ``report.html``: counts, per-score histograms with
+the ``select`` thresholds (``curation.histograms``), and a thumbnail section per rejection /
+error reason. The MLflow run is ``curation.tracking``'s.
 
 The numbers come from ``curation.summary.summarize``, which also defines how reasons are
 grouped and counted. Everything over
@@ -16,12 +15,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io
-import json
-import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,47 +26,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.schema import SAMPLE_SCHEMA, SCORE_COLUMNS, STATUSES
-from catalog.secrets import MASK, SECRET_KEY, mask_urls, masked_params
-from catalog.tracking import (
-    MLFLOW_BATCH_METRICS,
-    MLFLOW_BATCH_PARAMS,
-    MLFLOW_TAG_LIMIT,
-    chunks,
-    experiment_id,
-    log_params,
-    mlflow_key,
-    truncate,
-)
+from catalog.schema import STATUSES
+from curation.histograms import Histogram, histograms
 from curation.summary import (
     REASON_NOTE,
-    UNSPECIFIED_REASON,
     duration,
     human_bytes,
     index_column,
     pct,
     reason_pairs,
 )
-
-# score column -> the select thresholds drawn on its histogram ("short_side" and "aspect" are
-# derived from width / height, the way select applies min_short_side and the aspect limits).
-THRESHOLDS: dict[str, tuple[str, ...]] = {
-    "short_side": ("min_short_side",),
-    "aspect": ("min_aspect", "max_aspect"),
-    "aesthetic": ("min_aesthetic",),
-    "watermark": ("max_watermark",),
-    "watermark_static": ("max_watermark_static",),
-    "motion": ("min_motion", "max_motion"),
-    "ocr_area": ("max_ocr_area",),
-}
-# unbounded, heavy-tailed scores: log x axis when their values span over two decades
-LOG_SCALE = {"motion", "motion_min", "motion_max"}
-DERIVED_DOC = {
-    "short_side": "min(width, height) in pixels (derived)",
-    "aspect": "width / height (derived)",
-}
-STATUS_COLORS = {"accepted": "#2e7d32", "rejected": "#ef6c00", "error": "#c62828"}
-
 
 # --------------------------------------------------------------------------------------------
 # HTML report
@@ -110,7 +75,7 @@ def write_report(
     parts.append(_html_stages(summary))
     parts.append(_html_thresholds(thresholds))
     parts.append("<h2>Score distributions</h2>")
-    figures = _histograms(index, thresholds)
+    figures = [_html_histogram(h) for h in histograms(index, thresholds)]
     if figures:
         parts.append('<div class="hists">' + "".join(figures) + "</div>")
     else:
@@ -277,146 +242,13 @@ def _fmt_threshold(value: Any) -> str:
     return str(value)
 
 
-# ---- histograms
-
-
-def _score_columns(index: pa.Table) -> list[tuple[str, np.ndarray, str]]:
-    """(name, float64 values with NaN for null, doc) for every score with a non-null value."""
-    out = []
-    names = set(index.column_names)
-    if {"width", "height"} <= names:
-        w = _as_float(index.column("width"))
-        h = _as_float(index.column("height"))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            short = np.fmin(w, h)
-            short[np.isnan(w) | np.isnan(h)] = np.nan
-            aspect = np.where(h > 0, w / h, np.nan)
-        for name, values in (("short_side", short), ("aspect", aspect)):
-            if np.isfinite(values).any():
-                out.append((name, values, DERIVED_DOC[name]))
-    extra = [
-        f.name
-        for f in index.schema
-        if f.name not in SAMPLE_SCHEMA.names and pa.types.is_floating(f.type)
-    ]
-    for name in [c for c in SCORE_COLUMNS if c in names] + extra:
-        col = index.column(name)
-        if col.null_count == len(col):
-            continue
-        values = _as_float(col)
-        if not np.isfinite(values).any():
-            continue
-        doc = ""
-        if name in SAMPLE_SCHEMA.names:
-            doc = (SAMPLE_SCHEMA.field(name).metadata or {}).get(b"doc", b"").decode()
-        out.append((name, values, doc))
-    return out
-
-
-def _histograms(index: pa.Table, thresholds: Mapping[str, Any]) -> list[str]:
-    columns = _score_columns(index)
-    if not columns:
-        return []
-    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas for PNG
-
-    status = index_column(index, "status")
-    masks = {
-        st: np.asarray(pc.fill_null(pc.equal(status, st), False).to_numpy(zero_copy_only=False))
-        for st in STATUSES
-    }
-    out = []
-    for name, values, doc in columns:
-        finite = np.isfinite(values)
-        lines = [
-            (k, float(thresholds[k]))
-            for k in THRESHOLDS.get(name, ())
-            if thresholds.get(k) is not None
-        ]
-        v = values[finite]
-        edges, log = _bin_edges(
-            v, [t for _, t in lines], integer=_is_integer(index, name), log_ok=name in LOG_SCALE
-        )
-        # Fixed margins and one filled step artist per status (``stairs``), not a layout
-        # engine and a patch per bar: ~10x cheaper to draw, the same picture.
-        fig = Figure(figsize=(5.6, 3.2), dpi=90)
-        fig.subplots_adjust(left=0.12, right=0.98, bottom=0.17, top=0.9)
-        ax = fig.add_subplot()
-        bottom = np.zeros(len(edges) - 1)
-        for st in STATUSES:
-            sel = values[finite & masks[st]]
-            if len(sel):
-                counts, _ = np.histogram(np.clip(sel, edges[0], edges[-1]), bins=edges)
-                ax.stairs(
-                    bottom + counts,
-                    edges,
-                    baseline=bottom.copy(),
-                    fill=True,
-                    color=STATUS_COLORS[st],
-                    alpha=0.8,
-                    label=f"{st} ({len(sel):,})",
-                )
-                bottom = bottom + counts
-        counts, _ = np.histogram(np.clip(v, edges[0], edges[-1]), bins=edges)
-        ax.stairs(counts, edges, color="#222", linewidth=1.0, label=f"all ({len(v):,})")
-        for (key, t), style in zip(lines, ("--", ":"), strict=False):
-            ax.axvline(t, color="#1565c0", linestyle=style, linewidth=1.6, label=f"{key} = {t:g}")
-        if log:
-            ax.set_xscale("log")
-        ax.set_title(name, fontsize=11)
-        ax.set_xlabel(
-            name + (" (log scale; smaller values in the first bin)" if log else ""), fontsize=9
-        )
-        ax.set_ylabel("rows", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7, loc="best")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        png = base64.b64encode(buf.getvalue()).decode("ascii")
-        nulls = int(len(values) - finite.sum())
-        stats = (
-            f"{len(v):,} values, {nulls:,} null; min {v.min():.4g}, median "
-            f"{np.median(v):.4g}, max {v.max():.4g}"
-        )
-        thr = ", ".join(f"{k} = {t:g}" for k, t in lines) or "no threshold"
-        out.append(
-            f'<figure class="hist" id="score-{_slug(name)}">'
-            f'<img alt="{_esc(name)} histogram" src="data:image/png;base64,{png}">'
-            f"<p><b>{_esc(name)}</b> {_esc(doc)}</p><p>{_esc(stats)}</p>"
-            f"<p>thresholds: {_esc(thr)}</p></figure>"
-        )
-    return out
-
-
-def _bin_edges(
-    values: np.ndarray, marks: list[float], integer: bool, log_ok: bool = False
-) -> tuple[np.ndarray, bool]:
-    """Bin edges covering the values and the threshold marks; log bins (when ``log_ok``) for
-    ranges over two decades, values at or below the first edge then fall in the first bin."""
-    lo = float(min([values.min(), *marks]))
-    hi = float(max([values.max(), *marks]))
-    positive = values[values > 0]
-    pos_marks = [m for m in marks if m > 0]
-    spread = hi / min([positive.min(), *pos_marks]) if len(positive) else 0.0
-    if log_ok and not integer and lo >= 0 and spread >= 100:
-        low = min([float(np.percentile(positive, 0.5)), *pos_marks]) * 0.8
-        return np.geomspace(low, hi * 1.05, 51), True
-    if integer and hi - lo <= 60:
-        return np.arange(lo - 0.5, hi + 1.5, 1.0), False
-    if hi == lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = (hi - lo) * 0.02
-    return np.linspace(lo - pad, hi + pad, 51), False
-
-
-def _is_integer(index: pa.Table, name: str) -> bool:
-    if name == "short_side":
-        return True
-    return name in index.column_names and pa.types.is_integer(index.schema.field(name).type)
-
-
-def _as_float(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    arr = pc.cast(col, pa.float64())
-    return np.asarray(pc.fill_null(arr, math.nan).to_numpy(zero_copy_only=False), dtype=float)
+def _html_histogram(h: Histogram) -> str:
+    return (
+        f'<figure class="hist" id="score-{_slug(h.name)}">'
+        f'<img alt="{_esc(h.name)} histogram" src="data:image/png;base64,{h.png}">'
+        f"<p><b>{_esc(h.name)}</b> {_esc(h.doc)}</p><p>{_esc(h.stats)}</p>"
+        f"<p>thresholds: {_esc(h.thresholds)}</p></figure>"
+    )
 
 
 # ---- reason sections
@@ -555,123 +387,6 @@ def _image_mime(data: bytes) -> str:
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return "image/gif"
     return "image/jpeg"
-
-
-# --------------------------------------------------------------------------------------------
-# MLflow
-
-
-def log_to_mlflow(
-    tracking_uri: str,
-    experiment: str,
-    run_name: str,
-    params: Mapping[str, Any] | Any,
-    summary: Mapping[str, Any],
-    report_path: Path,
-    extra_artifacts: Sequence[Path] = (),
-    tags: Mapping[str, Any] | None = None,
-    *,
-    artifact_location: str | None = None,
-) -> str:
-    """Log one finished MLflow run and return its run id.
-
-    Params are flattened (``a.b.c``), stringified, cut to 500 characters (keys to 250);
-    any param or tag whose key contains key / secret / password / token is logged as ``***``
-    and passwords in URLs (``scheme://user:pw@host``) are masked (``catalog.tracking``).
-    Metrics are the summary counts (``inputs``, ``samples``, ``accepted``, ``rejected``,
-    ``errors``, ``rejected.<reason>``, ``error.<reason>``, ``shards``, ``bytes``,
-    ``elapsed_s``...). Artifacts: the report, ``summary.json``, ``params.json`` (masked, not
-    truncated) and ``extra_artifacts`` (files, or directories logged under their name).
-
-    Uses an explicit ``MlflowClient``: the process-wide tracking URI and active run are left
-    alone. A new experiment on a ``sqlite:///`` store keeps its artifacts next to the database
-    (``mlartifacts/``) unless ``artifact_location`` says otherwise.
-    """
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment, tracking_uri, artifact_location)
-    run = client.create_run(exp_id, run_name=run_name)
-    run_id = run.info.run_id
-    try:
-        now = _now_ms()
-        metrics = [Metric(k, v, now, 0) for k, v in mlflow_metrics(summary).items()]
-        run_tags = mlflow_tags(summary, tags)
-        for chunk in chunks(metrics, MLFLOW_BATCH_METRICS):
-            client.log_batch(run_id, metrics=chunk)
-        log_params(client, run_id, params)
-        for chunk in chunks([RunTag(k, v) for k, v in run_tags.items()], MLFLOW_BATCH_PARAMS):
-            client.log_batch(run_id, tags=chunk)
-        client.log_artifact(run_id, str(report_path))
-        client.log_dict(run_id, _json_ready(summary), "summary.json")
-        client.log_dict(run_id, masked_params(params), "params.json")
-        for extra in extra_artifacts:
-            extra = Path(extra)
-            if extra.is_dir():
-                client.log_artifacts(run_id, str(extra), artifact_path=extra.name)
-            else:
-                client.log_artifact(run_id, str(extra))
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
-
-
-def mlflow_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """Summary counts as MLflow metrics (reason tags sanitised to valid metric names)."""
-    metrics: dict[str, float] = {}
-    for key in (
-        "inputs",
-        "samples",
-        "clips",
-        "accepted",
-        "rejected",
-        "errors",
-        "shards",
-        "bytes",
-        "elapsed_s",
-        "samples_per_s",
-        "multi_reason_rejected",
-    ):
-        value = summary.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics[key] = float(value)
-    for prefix, key in (("rejected", "rejected_by_reason"), ("error", "errors_by_reason")):
-        for tag, count in (summary.get(key) or {}).items():
-            name = mlflow_key(f"{prefix}.{_metric_safe(tag)}", {})
-            metrics[name] = metrics.get(name, 0.0) + float(count)
-    return metrics
-
-
-def mlflow_tags(summary: Mapping[str, Any], tags: Mapping[str, Any] | None) -> dict[str, str]:
-    """Run tags: job kind, stages run / skipped and ``tags`` (None dropped, secrets masked)."""
-    out: dict[str, str] = {"omniforge.job": "curation"}
-    if summary.get("stages_run"):
-        out["stages_run"] = ", ".join(summary["stages_run"])
-    for stage, why in (summary.get("stages_skipped") or {}).items():
-        out[f"stage_skipped.{_metric_safe(stage)}"] = str(why)
-    for key, value in (tags or {}).items():
-        if value is None:
-            continue
-        key = str(key)
-        if SECRET_KEY.search(key) and not key.startswith("mlflow."):
-            value = MASK
-        out[key] = mask_urls(str(value))
-    return {mlflow_key(k, {}): truncate(v, MLFLOW_TAG_LIMIT) for k, v in out.items()}
-
-
-def _metric_safe(text: str) -> str:
-    return re.sub(r"[^\w\-]", "_", str(text)) or UNSPECIFIED_REASON
-
-
-def _json_ready(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _now_ms() -> int:
-    return int(datetime.now(timezone.utc).timestamp() * 1000)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+from curation.captioners import CaptionCache, backoff_delay, parse_retry_after
 from curation.config import RecaptionConfig
 from curation.stages.base import MissingWeights, check_required
 from curation.stages.recaption import (
@@ -21,10 +22,7 @@ from curation.stages.recaption import (
     IMAGE_PROMPT,
     VIDEO_EDIT_PROMPT,
     VIDEO_PROMPT,
-    CaptionCache,
     RecaptionStage,
-    backoff_delay,
-    parse_retry_after,
 )
 
 # --- test double: an OpenAI-compatible chat-completions server ------------------------------

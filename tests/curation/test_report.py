@@ -20,8 +20,9 @@ from catalog.records import ShardRecord
 from catalog.schema import conform, make_key, rows_to_table
 from catalog.tracking import MLFLOW_KEY_LIMIT, MLFLOW_PARAM_LIMIT, mlflow_params
 from curation.config import SelectConfig
-from curation.report import log_to_mlflow, mlflow_metrics, write_report
+from curation.report import write_report
 from curation.summary import print_summary, reason_tag, summarize
+from curation.tracking import log_to_mlflow, mlflow_metrics
 
 HOSTILE_URI = '/data/raw/<script>alert("x")</script> & "quotes" \ufffd\ufffd.mp4'
 HOSTILE_REASON = "bad_file: <img src=x onerror=alert(1)>"
