@@ -22,12 +22,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from curation.sink import BlockSink, BlockWritten
 from curation.stages.base import Row, Stage
 
+# What the frames stage adds and only the scorers read (dropped after the last of them).
+FRAME_COLUMNS = ("frames", "target_frames", "frame_times", "clip_embedding")
 # Model actors on a CPU-only cluster: one per this many CPUs (at least one per model stage).
 CPUS_PER_MODEL_ACTOR = 4
 # Model actors together take at most this share of the cluster's CPUs in Ray's bookkeeping.
@@ -45,6 +47,7 @@ class Step:
     stages: tuple[Stage, ...]
     uses_model: bool
     writes: bool = False  # the last step also writes the block
+    drops_frames: bool = False  # the last step that reads the frames: it drops them
 
     def describe(self) -> str:
         if self.uses_model:
@@ -55,7 +58,8 @@ class Step:
 
 def plan_steps(stages: Sequence[Stage]) -> list[Step]:
     """Consecutive CPU stages fused into one step; a step per model stage; the last CPU step
-    (possibly holding no stage) writes the block."""
+    (possibly holding no stage) writes the block. The step holding the last stage that reads
+    the frames drops them, so the largest column never travels further than it is used."""
     steps: list[Step] = []
     group: list[Stage] = []
     for stage in stages:
@@ -67,6 +71,11 @@ def plan_steps(stages: Sequence[Stage]) -> list[Step]:
         else:
             group.append(stage)
     steps.append(Step("+".join(s.name for s in group) or "sink", tuple(group), False, True))
+    last = max(
+        (i for i, st in enumerate(steps) if any(s.reads_frames for s in st.stages)), default=None
+    )
+    if last is not None:
+        steps[last] = replace(steps[last], drops_frames=True)
     return steps
 
 
@@ -117,6 +126,8 @@ class Worker:
         return {"pid": os.getpid(), "setup_s": self.setup_s, "device": self.device}
 
     def run(self, step_name: str, block: str, rows: list[Row]) -> tuple[list[Row], StepInfo]:
+        if self.setup_error is not None:  # also after Ray restarted this actor
+            raise self.setup_error
         step = self.steps[step_name]
         info = StepInfo(block, step_name, 0, worker=self.name)
         for stage in step.stages:
@@ -125,6 +136,8 @@ class Worker:
             rows = stage.process_batch(rows) if rows else rows
             info.stages[stage.name] = (n_in, len(rows), time.monotonic() - start)
         info.rows = len(rows)
+        if step.drops_frames:
+            rows = [{k: v for k, v in r.items() if k not in FRAME_COLUMNS} for r in rows]
         if step.writes:
             assert self.sink is not None, "the writing step runs on a CPU worker"
             start = time.monotonic()
@@ -214,12 +227,21 @@ class Pool:
         self.actors.append(new)
         self.load[id(new)] = 0
 
-    def wait_ready(self) -> list[dict[str, Any]]:
+    def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Block until every actor finished ``setup()``; a set-up error is raised here (a
-        missing model or a bad config stops the run before any block is sent)."""
+        missing model or a bad config stops the run before any block is sent), and actors the
+        cluster cannot place or start within ``timeout_s`` stop it with a message."""
         import ray
 
-        return ray.get([a.ready.remote() for a in self.actors])
+        refs = [a.ready.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if len(ready) < len(refs):
+            raise RuntimeError(
+                f"{len(refs) - len(ready)} of {len(refs)} {self.name} workers did not start "
+                f"within {timeout_s:.0f} s: the cluster may lack the resources they ask for "
+                "(see `ray status`), or their set-up hangs"
+            )
+        return ray.get(refs)
 
     def kill(self) -> None:
         import ray

@@ -1,14 +1,8 @@
 """CLIP image embeddings for the curation scorers: which model, from which file, how frames
 become embeddings.
 
-``ClipSpec`` says which open_clip architecture embeds frames and where its weights are (the
-models dir, an explicit file, or a local Hugging Face hub cache: ``clip_weights:
-hf-hub:ORG/NAME`` reads ``open_clip_config.json`` and the weights
-(``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``) of the repository's
-``main`` snapshot under ``$HF_HUB_CACHE`` (default ``$HF_HOME/hub``, ``~/.cache/huggingface/
-hub``). Only files already in the cache are used: no Hugging Face API is called, so nothing
-can reach the network (the same as ``HF_HUB_OFFLINE=1``). The architecture then comes from
-that config; ``clip_model`` still names it (watermark head file, embedding key).
+``curation.weights.ClipSpec`` says which open_clip architecture embeds frames and where its
+weights are; this module loads them (``load_clip``) and embeds frames (``ClipEmbedder``).
 
 Embedding view: a frame is embedded whole, **squashed** to the model's square input (open_clip
 ``resize_mode="squash"``), not centre-cropped: logos and watermarks sit in corners and along
@@ -22,115 +16,21 @@ back when its key matches (``shared_embeddings``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from curation.weights import (
-    MissingWeights,
-    RequiredFile,
-    WeightsError,
-    _hf_snapshot,
-    hf_hub_cache,
-    resolve_any,
-)
+if TYPE_CHECKING:  # torch is imported where a model is read or run: not by the driver
+    import torch
+    from torch import nn
 
-CLIP_SUFFIXES = (".safetensors", ".pt", ".bin")
-HF_PREFIX = "hf-hub:"
-HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-HF_CONFIG_FILE = "open_clip_config.json"
-VIEW = "squash"  # how a frame becomes the model's square input (see the module docstring)
+from curation.weights import VIEW, ClipSpec, MissingWeights, WeightsError
 
 # Working column shared by the aesthetic and watermark stages: {"key": ClipSpec.key,
 # "emb": (N, D) float32 L2-normalised embeddings, one per scored frame}. The sink drops it
 # (``curation.sink.WORKING_ONLY``); it never reaches the index.
 EMBEDDING_COLUMN = "clip_embedding"
-
-# Where the published open_clip weights of common architectures can be fetched (a machine with
-# network access; then copy the file into the models dir under the expected name).
-_HF_HINTS = {
-    "ViT-L-14": "timm/vit_large_patch14_clip_224.openai",
-    "ViT-L-14-quickgelu": "timm/vit_large_patch14_clip_224.openai",
-    "ViT-B-32": "timm/vit_base_patch32_clip_224.openai",
-    "ViT-B-32-quickgelu": "timm/vit_base_patch32_clip_224.openai",
-    "ViT-B-16": "timm/vit_base_patch16_clip_224.openai",
-    "ViT-B-16-quickgelu": "timm/vit_base_patch16_clip_224.openai",
-}
-
-
-def clip_relatives(arch: str) -> list[str]:
-    return [f"open_clip/{arch}{suffix}" for suffix in CLIP_SUFFIXES]
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """Which open_clip model embeds frames, and the file its weights are read from."""
-
-    arch: str
-    weights: Path  # checkpoint file; for hf-hub: the weights file in the cached snapshot
-    hf_repo: str | None = None
-
-    @classmethod
-    def resolve(
-        cls, arch: str, clip_weights: Path | str | None, models_dir: Path | str | None
-    ) -> ClipSpec:
-        if clip_weights is not None and str(clip_weights).startswith(HF_PREFIX):
-            repo = str(clip_weights)[len(HF_PREFIX) :].strip("/")
-            if repo.count("/") != 1:
-                raise ValueError(f"clip_weights {clip_weights!r}: expected hf-hub:ORG/NAME")
-            snapshot = _hf_snapshot(repo)
-            found = [snapshot / f for f in HF_WEIGHT_FILES if (snapshot / f).is_file()]
-            return cls(arch, found[0] if found else snapshot / HF_WEIGHT_FILES[0], repo)
-        return cls(arch, resolve_any(clip_weights, clip_relatives(arch), models_dir))
-
-    @property
-    def config_file(self) -> Path | None:
-        """open_clip_config.json of an hf-hub snapshot (None for a plain checkpoint)."""
-        return self.weights.parent / HF_CONFIG_FILE if self.hf_repo else None
-
-    @property
-    def key(self) -> str:
-        """Identifies the embedding: two stages with equal keys produce equal embeddings."""
-        source = f"hf-hub:{self.hf_repo}" if self.hf_repo else str(self.weights)
-        return f"{self.arch}|{source}|{VIEW}"
-
-    def required_files(self) -> list[RequiredFile]:
-        if self.hf_repo:
-            how = (
-                f"on a machine with network access run `huggingface-cli download {self.hf_repo} "
-                f"{HF_CONFIG_FILE} {HF_WEIGHT_FILES[0]}` (or {HF_WEIGHT_FILES[1]}) and copy the "
-                f"cache to {hf_hub_cache()}; the run itself never downloads"
-            )
-            what = f"open_clip weights of hf-hub:{self.hf_repo} (local Hugging Face cache)"
-            cfg = self.config_file
-            assert cfg is not None
-            return [
-                RequiredFile(self.weights, what, how),
-                RequiredFile(cfg, f"open_clip config of hf-hub:{self.hf_repo}", how),
-            ]
-        hint = _HF_HINTS.get(self.arch)
-        fetch = (
-            f"e.g. `huggingface-cli download {hint} open_clip_pytorch_model.bin --local-dir "
-            f"DIR` on a machine with network access, then copy DIR/open_clip_pytorch_model.bin "
-            f"to {self.weights.with_suffix('.bin')}"
-            if hint
-            else f"any open_clip checkpoint of {self.arch} "
-            f"(open_clip.list_pretrained_tags_by_model('{self.arch}') lists published ones)"
-        )
-        how = (
-            f"{fetch}; or set aesthetic.clip_weights to a checkpoint file, or hf-hub:ORG/NAME "
-            "for a local Hugging Face cache"
-        )
-        if self.arch == "ViT-L-14":
-            how += (
-                "; note: the LAION aesthetic head scores OpenAI ViT-L/14 embeddings, which "
-                "need clip_model ViT-L-14-quickgelu"
-            )
-        return [RequiredFile(self.weights, f"open_clip {self.arch} weights", how)]
 
 
 def import_open_clip():
@@ -146,6 +46,8 @@ def import_open_clip():
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a torch file loaded with ``weights_only``
     (never unpickling code). Unreadable files raise ``WeightsError`` naming the file."""
+    import torch
+
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -175,6 +77,8 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         except Exception as e:
             raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -265,6 +169,8 @@ class ClipEmbedder:
 
     def load(self) -> ClipEmbedder:
         if self.visual is None:
+            import torch
+
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, self.preprocess = load_clip(self.spec.arch, self.spec, device)
             self.visual = model.visual
@@ -274,7 +180,9 @@ class ClipEmbedder:
 
     def embed(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         """(N, D) float32, one L2-normalised embedding per (H, W, 3) uint8 RGB frame."""
+        import torch
         from PIL import Image
+        from torch import nn
 
         self.load()
         assert self.visual is not None

@@ -14,11 +14,13 @@ per-operator tasks and streaming executor cost more than the work (P1 in bench/ 
 and NeMo Curator's Xenna streaming executor uses too.
 
 Faults. Ray restarts a killed actor and re-runs its call (``adapter.ACTOR_RETRIES``). When a
-block still fails, the driver runs it again from the first step (``max_attempts`` in all),
-then splits it in halves, down to single inputs; an input that fails alone every time becomes
-an error row (``worker_failed``), so one poisonous file cannot stop the run. Write failures
-(``OutputError``: disk full, read-only output) and repeated failures of every block stop the
-run at once with one message (``CurationAborted``).
+block still fails because a worker died (a system failure), the driver runs it again from the
+first step (``max_attempts`` in all), then splits it in halves, down to single inputs; an
+exception raised by stage code fails the same way every time, so such a block is split at
+once. An input that fails alone becomes an error row (``worker_failed``) that goes straight to
+the sink, so one poisonous file cannot stop the run. Write failures (``OutputError``: disk
+full, read-only output) and failures of every block for a long stretch stop the run at once
+with one message (``CurationAborted``).
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ from curation.adapter import (
 from curation.journal import BlockRecord, Journal, block_id
 from curation.progress import Progress
 from curation.sink import BlockSink, OutputError
-from curation.stages.base import Row, Stage, mark_error
+from curation.stages.base import Row, Stage, claimed_kind, mark_error
 
 MAX_ATTEMPTS = 3  # runs of a block from its first step before it is split
 MAX_BLOCK = 64  # inputs per block at most when the block size is automatic
 BLOCKS_PER_WORKER = 8  # automatic block size: about this many blocks per CPU worker
-MAX_CONSECUTIVE_FAILURES = 8  # failed blocks in a row, none committed between: stop the run
+# failed blocks in a row, none committed between, beyond those in flight when a worker died
+# (they all fail together): stop the run
+MAX_CONSECUTIVE_FAILURES = 8
+READY_TIMEOUT_S = 900.0  # workers that cannot start (no resources, a hanging set-up)
 TICK_S = 1.0  # the driver wakes at least this often to refresh the progress display
 
 
@@ -66,6 +71,7 @@ class Block:
     attempt: int = 0
     poisoned: str | None = None  # set once the block is a lone input that failed every time
     stages: dict[str, list[float]] = field(default_factory=dict)
+    start: int = 0  # first step (error rows of a poisoned input go straight to the sink)
 
     @property
     def inputs(self) -> list[str]:
@@ -91,13 +97,13 @@ class EngineStats:
     failed_inputs: int = 0
     startup_s: float = 0.0  # until every worker finished setup()
 
-    def add_stages(self, target: dict[str, list[float]], info: StepInfo) -> None:
-        for name, (n_in, n_out, secs) in info.stages.items():
-            for d in (target, self.stages):
-                cur = d.setdefault(name, [0, 0, 0.0])
-                cur[0] += n_in
-                cur[1] += n_out
-                cur[2] += secs
+    @staticmethod
+    def add_stages(target: dict[str, list[float]], stages: dict[str, Any]) -> None:
+        for name, (n_in, n_out, secs) in stages.items():
+            cur = target.setdefault(name, [0, 0, 0.0])
+            cur[0] += n_in
+            cur[1] += n_out
+            cur[2] += secs
 
 
 @dataclass
@@ -140,7 +146,7 @@ class Engine:
         while queue or waiting:
             while queue and len(waiting) < self.max_in_flight:
                 block = queue.popleft()
-                self._submit(waiting, block, 0, block.rows)
+                self._submit(waiting, block, block.start, block.rows)
             ready, _ = ray.wait(list(waiting), num_returns=1, timeout=TICK_S)
             for ref in ready:
                 flight = waiting.pop(ref)
@@ -150,7 +156,7 @@ class Engine:
                 except Exception as e:
                     self._failed(flight, e, queue)
                     continue
-                self.stats.add_stages(flight.block.stages, info)
+                self.stats.add_stages(flight.block.stages, info.stages)
                 self.progress.step_done(info)
                 if flight.step + 1 < len(self.steps):
                     self._submit(waiting, flight.block, flight.step + 1, flight.rows)
@@ -171,6 +177,7 @@ class Engine:
         record = BlockRecord(block.id, block.inputs, info.written, block.stages)
         self.journal.commit(record)
         self._failures_in_a_row = 0
+        self.stats.add_stages(self.stats.stages, block.stages)  # retried attempts not counted
         self.stats.blocks += 1
         self.stats.inputs += len(block.rows)
         for status, n in info.written.counts.items():
@@ -179,16 +186,20 @@ class Engine:
 
     def drain(self) -> None:
         """Collect what is still in flight after the run stopped early (the actors are gone
-        by then, so this is quick): Ray would log every unread error at exit otherwise."""
+        by then, so this is quick): Ray would log every unread error at exit otherwise. The
+        rows are read only where the step failed (then they hold the error, not data)."""
         import ray
 
-        refs = [r for ref, f in self.waiting.items() for r in (ref, f.rows)]
+        flights = list(self.waiting.items())
         self.waiting.clear()
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=30)
-        for ref in refs:
-            with contextlib.suppress(Exception):
+        if flights:
+            ray.wait([ref for ref, _ in flights], num_returns=len(flights), timeout=30)
+        for ref, flight in flights:
+            try:
                 ray.get(ref, timeout=0)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    ray.get(flight.rows, timeout=0)
 
     def _failed(self, flight: _Flight, error: Exception, queue: deque) -> None:
         import ray
@@ -205,16 +216,22 @@ class Engine:
         detail = _describe(cause)
         self.stats.retries += 1
         self._failures_in_a_row += 1
-        if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+        if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES + self.max_in_flight:
             raise CurationAborted(
                 f"{self._failures_in_a_row} blocks failed in a row, none committed between; "
                 f"the last on step {self.steps[flight.step].name}: {detail}"
             )
-        if block.poisoned is not None:  # even its error rows do not get through
-            raise CurationAborted(f"block {block.id} cannot be written: {detail}")
         block.attempt += 1
         block.stages = {}
-        if block.attempt < self.max_attempts:
+        if not _system_failure(error):
+            # stage code raised: the same input fails the same way again, so split at once
+            block.attempt = max(block.attempt, self.max_attempts)
+        if block.poisoned is not None:  # its error rows alone, straight to the sink
+            if block.attempt >= self.max_attempts:
+                raise CurationAborted(f"block {block.id} cannot be written: {detail}")
+            queue.appendleft(block)
+            what = f"retrying its error rows ({block.attempt + 1}/{self.max_attempts})"
+        elif block.attempt < self.max_attempts:
             queue.appendleft(block)
             what = f"retrying ({block.attempt + 1}/{self.max_attempts})"
         elif len(block.rows) > 1:
@@ -225,14 +242,35 @@ class Engine:
                 queue.appendleft(sub)
             what = f"splitting it into blocks of {half} and {len(block.rows) - half} inputs"
         else:
-            rows = [mark_error(r, "worker_failed", detail) for r in block.rows]
-            queue.appendleft(Block(block.id, rows, 0, poisoned=detail))
+            # the contract needs a kind on every row; an input that never probed has none
+            rows = [
+                mark_error({**r, "kind": r.get("kind") or claimed_kind(r)}, "worker_failed", detail)
+                for r in block.rows
+            ]
+            last = len(self.steps) - 1
+            queue.appendleft(Block(block.id, rows, 0, poisoned=detail, start=last))
             self.stats.failed_inputs += 1
             what = "recording the input as an error row (worker_failed)"
         self.progress.warn(
             f"block {block.id} ({len(block.rows)} inputs) failed on step "
             f"{self.steps[flight.step].name}: {detail}; {what}"
         )
+
+
+def _system_failure(error: BaseException) -> bool:
+    """A worker or its objects were lost (killed, out of memory, node gone): worth running the
+    same block again. Anything else is an exception raised by stage code."""
+    import ray.exceptions as rex
+
+    lost = (
+        rex.RayActorError,
+        rex.WorkerCrashedError,
+        rex.ObjectLostError,
+        rex.OutOfMemoryError,
+        rex.NodeDiedError,
+        rex.RaySystemError,
+    )
+    return isinstance(error, lost) and not isinstance(error, rex.RayTaskError)
 
 
 def _describe(error: BaseException) -> str:
@@ -277,19 +315,20 @@ def run_blocks(
         )
         console.print(f"workers: {cpu_plan.size} CPU{models}; blocks of {size} inputs")
     cpu_steps = [s for s in steps if not s.uses_model]
-    make = worker_factory(cpu_steps, sink, cpu_plan, "cpu", actor_retries)
-    pools = {"cpu": Pool("cpu", make, cpu_plan.size)}
-    for step in steps:
-        if step.uses_model:
-            plan = model_plans[step.name]
-            make = worker_factory([step], None, plan, step.name, actor_retries)
-            pools[step.name] = Pool(step.name, make, plan.size)
+    pools: dict[str, Pool] = {}
     engine = None
     try:
         t0 = time.monotonic()
+        make = worker_factory(cpu_steps, sink, cpu_plan, "cpu", actor_retries)
+        pools["cpu"] = Pool("cpu", make, cpu_plan.size)
+        for step in steps:
+            if step.uses_model:
+                plan = model_plans[step.name]
+                make = worker_factory([step], None, plan, step.name, actor_retries)
+                pools[step.name] = Pool(step.name, make, plan.size)
         for pool in pools.values():
             try:
-                pool.wait_ready()
+                pool.wait_ready(READY_TIMEOUT_S)
             except Exception as e:  # a model that does not load, a bad setting: stop here
                 raise (getattr(e, "cause", None) or e) from None
         total = num_inputs if num_inputs is not None else len(rows)

@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from curation.clip import read_state_dict
-from curation.weights import MissingWeights, WeightsError
+from curation.weights import AESTHETIC_HEAD, MissingWeights, WeightsError, watermark_head_relative
 
-AESTHETIC_HEAD = "aesthetic/sac+logos+ava1-l14-linearMSE.pth"
 WATERMARK_HEAD_FORMAT = "omniforge-watermark-head/1"
-
-
-def watermark_head_relative(arch: str) -> str:
-    return f"watermark/{arch}-watermark-head.safetensors"
+__all__ = ["AESTHETIC_HEAD", "AestheticHead", "WatermarkHead", "watermark_head_relative"]
 
 
 def _check_keys(path: Path, state: dict[str, torch.Tensor], expected: set[str], what: str):

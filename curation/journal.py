@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
-from curation.sink import BLOCK_INDEX, SEGMENTS, WORK, BlockWritten
+from curation.sink import BLOCK_INDEX, SEGMENTS, WORK, BlockWritten, write_atomic, writing
+
+logger = logging.getLogger(__name__)
 
 BLOCKS = f"{WORK}/blocks"
 
@@ -58,24 +61,31 @@ class Journal:
         self.output = str(output).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.output)
         self.root = self.root.rstrip("/")
+        self.unreadable: list[str] = []  # records that did not read back (see records)
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
     def records(self) -> list[BlockRecord]:
-        """Every committed block, sorted by block id."""
+        """Every committed block, sorted by block id. A record that does not read back (a
+        machine that lost power under it) is not committed: it is named in ``unreadable``
+        and ``collect_garbage`` removes it, so its inputs are done again."""
         out = []
+        self.unreadable = []
         for p in sorted(self.fs.glob(self.path(f"{BLOCKS}/b*.json"))):
-            with self.fs.open(p, "rb") as f:
-                out.append(BlockRecord.from_dict(json.loads(f.read())))
+            try:
+                with self.fs.open(p, "rb") as f:
+                    out.append(BlockRecord.from_dict(json.loads(f.read())))
+            except (ValueError, KeyError, TypeError) as e:
+                logger.warning("block record %s does not read back (%s): redoing its inputs", p, e)
+                self.unreadable.append(p)
         return out
 
     def commit(self, record: BlockRecord) -> None:
         final = self.path(f"{BLOCKS}/{record.block}.json")
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(final + ".tmp", "wb") as f:
-            f.write(json.dumps(record.to_dict(), indent=1).encode())
-        self.fs.mv(final + ".tmp", final)
+        with writing(final):
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        write_atomic(self.fs, final, json.dumps(record.to_dict(), indent=1).encode())
 
     @staticmethod
     def committed_inputs(records: Iterable[BlockRecord]) -> set[str]:
@@ -88,13 +98,16 @@ class Journal:
             keep.add(self.path(r.written.index_part))
             keep.update(self.path(s.path) for s in r.written.segments)
         removed = []
+        for p in self.unreadable:
+            self.fs.rm(p)
+            removed.append(p)
         for folder in (SEGMENTS, BLOCK_INDEX, BLOCKS):
             if not self.fs.exists(self.path(folder)):
                 continue
             for p in sorted(self.fs.find(self.path(folder))):
                 name = p.rsplit("/", 1)[-1]
                 record = folder == BLOCKS and name.startswith("b") and name.endswith(".json")
-                if p in keep or record:
+                if p in keep or (record and p not in removed):
                     continue
                 self.fs.rm(p)
                 removed.append(p)

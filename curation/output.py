@@ -20,7 +20,7 @@ from pathlib import Path
 
 from catalog.config import dump_yaml
 from curation.config import CurationConfig
-from curation.sink import OutputError
+from curation.sink import OutputError, writing
 
 LOCK = ".lock"
 STATE = "_state.json"
@@ -56,6 +56,11 @@ def output_lock(out: Path) -> Iterator[None]:
 
 def claim_output(out: Path, identity: str, source: str, cfg: CurationConfig) -> None:
     """One output folder holds one run: a rerun with the same identity resumes, another fails."""
+    with writing(str(out)):
+        _claim(out, identity, source, cfg)
+
+
+def _claim(out: Path, identity: str, source: str, cfg: CurationConfig) -> None:
     state = out / STATE
     if state.exists():
         previous = json.loads(state.read_text())

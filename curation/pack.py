@@ -103,7 +103,9 @@ def pack_one(output: str, plan: PackPlan) -> ShardInfo:
 
 def _concatenate(fs, root: str, plan: PackPlan, uri: str) -> ShardInfo:
     final = f"{root}/{plan.path}"
-    tmp = final.rsplit("/", 1)[0] + "/." + final.rsplit("/", 1)[1] + ".tmp"
+    # written under _work (removed with it), renamed into shards/ when whole
+    tmp = f"{root}/{plan.record.removesuffix('.json')}.tar.tmp"
+    fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
     digest = hashlib.sha256()
     with (
         fs.open(tmp, "wb") as stream,

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import fsspec
+from rich.markup import escape
 
 from catalog.config import config_hash, flatten, load_yaml, validate
 from catalog.index import read_index
@@ -32,9 +36,9 @@ from curation.engine import CurationAborted, run_blocks
 from curation.journal import Journal
 from curation.output import claim_output, output_lock
 from curation.pack import pack_one, plan_packs, write_final_index, write_shard_list
-from curation.sink import WORK, BlockSink
+from curation.sink import WORK, BlockSink, write_atomic, writing
 from curation.sources import list_inputs
-from curation.stages.base import Row, Stage, check_required
+from curation.stages.base import Resources, Row, Stage, check_required
 
 PACK_THREADS = 4  # packing copies files: threads, on the driver
 
@@ -107,6 +111,7 @@ def _clip_stages(cfg: CurationConfig, skipped: dict[str, str]) -> list[Stage]:
         ),
     }
     out: list[Stage] = []
+    both = all(e is not False for e in wanted.values())
     for name, make in candidates.items():
         enabled = wanted[name]
         if enabled is False:
@@ -120,7 +125,22 @@ def _clip_stages(cfg: CurationConfig, skipped: dict[str, str]) -> list[Stage]:
             skipped[name] = f"weights not found: {missing[0].path} ({missing[0].how_to_get})"
         else:
             out.append(stage)
+    if len(out) == 2 and both:
+        # the watermark stage reads the aesthetic stage's embeddings: it never runs CLIP, so
+        # it asks for no GPU
+        out[1].resources = Resources(cpus=out[1].resources.cpus)  # type: ignore[misc]
     return out
+
+
+def local_output(output: str | Path) -> Path:
+    """The output folder: local (or a mounted share). Object-store URIs are refused here
+    rather than turned into a local folder named ``s3:``."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(output)):
+        raise ValueError(
+            f"--output {output}: curation writes to a local folder (or a mounted share); "
+            "object-store outputs are not supported yet"
+        )
+    return Path(output).resolve()
 
 
 def run_identity(cfg: CurationConfig, inputs: list[dict]) -> str:
@@ -143,7 +163,7 @@ def run_curation(
     verbose: bool = False,
 ) -> CurationResult:
     start = time.monotonic()
-    out = Path(output).resolve()
+    out = local_output(output)
     with output_lock(out):
         stages, skipped = build_stages(cfg)
         check_required(stages)  # before any work: name every missing weights file
@@ -153,7 +173,9 @@ def run_curation(
         finished = catalog.find_committed(cfg.name, str(out), identity)
         if finished is not None:  # the same run finished earlier: nothing to do
             if console is not None:
-                console.print(f"{out} already holds {finished.ref} from this config and input")
+                console.print(
+                    f"{out} already holds {finished.ref} from this config and input", markup=False
+                )
             return _finish(out, cfg, finished, catalog, stages, skipped, len(inputs), start)
         version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
         run_id = _resume_or_start_run(
@@ -227,7 +249,8 @@ def _write_and_commit(
         missing = {r["input_id"] for r in inputs} - journal.committed_inputs(records)
         if missing:
             raise CurationAborted(f"{len(missing)} inputs were not committed; rerun to resume")
-        shards = _pack(str(out), records, cfg)
+        with writing(str(out)):  # a full disk here is one line too
+            shards = _pack(str(out), records, cfg)
         catalog.add_shards(version.id, shards)
         version = catalog.commit_version(version.id, str(out / "index"))
     except BaseException as e:
@@ -269,10 +292,10 @@ def _print_plan(console, stages, skipped, num_inputs, num_done) -> None:
         line += f" ({num_done} committed earlier, skipped)"
     console.print(line)
     for i, step in enumerate(plan_steps(stages), 1):
-        console.print(f"  {i}. {step.describe()}")
+        console.print(f"  {i}. {escape(step.describe())}")
     console.print("  -> pack: segments into shards per bucket; final Parquet index; catalog commit")
     for name, why in skipped.items():
-        console.print(f"  [yellow]skipped[/] {name}: {why}")
+        console.print(f"  [yellow]skipped[/] {escape(name)}: {escape(why)}")
 
 
 def _finish(
@@ -304,9 +327,11 @@ def _finish(
         run=run,
     )
     summary["catalog"] = version.ref
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    fs = fsspec.filesystem("file")
+    write_atomic(fs, str(out / "summary.json"), json.dumps(summary, indent=1, default=str).encode())
     thumbs = {p.stem: p.read_bytes() for p in (out / "_thumbs").glob("*.jpg")}
-    report_path = write_report(index, thumbs, cfg.select, summary, out / "report.html")
+    with writing(str(out / "report.html")):
+        report_path = write_report(index, thumbs, cfg.select, summary, out / "report.html")
     mlflow_id = None
     if tracking_uri:
         mlflow_id = log_to_mlflow(
@@ -352,7 +377,7 @@ def reselect(
     from curation.stages.select import SelectStage
 
     start = time.monotonic()
-    src, out = Path(source_root).resolve(), Path(output).resolve()
+    src, out = Path(source_root).resolve(), local_output(output)
     if src == out:
         raise ValueError("curate select writes a new version: --output must differ from the source")
     with output_lock(out):

@@ -75,7 +75,11 @@ class Progress:
     def warn(self, message: str) -> None:
         self.warnings += 1
         if self.console is not None:
-            self.console.print(f"[yellow]warning[/]: {message}", highlight=False)
+            from rich.text import Text
+
+            self.console.print(
+                Text.assemble(("warning", "yellow"), f": {message}"), highlight=False
+            )
 
     def tick(self) -> None:
         if self.console is None:

@@ -16,7 +16,11 @@ arrive with their tar members in the working column ``media`` (``stages/encode.p
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +73,30 @@ class OutputError(OSError):
 
 def _rebuild_output_error(path: str, code: int | None, text: str | None) -> OutputError:
     return OutputError(path, OSError(code, text))
+
+
+@contextmanager
+def writing(where: str) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing under ``where`` into ``OutputError``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(str(getattr(e, "filename", None) or where), e) from None
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary name and a rename (readers never see half a
+    file); flushed to disk first when local, so a rename never outlives its contents."""
+    tmp = path + f".tmp-{os.getpid()}"
+    with writing(path):
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # not a local file
+                os.fsync(getattr(f, "f", f).fileno())
+        fs.mv(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -143,12 +171,14 @@ class BlockSink:
 
     @staticmethod
     def _thumbs(fs, root: str, rows: list[Row]) -> None:
-        thumbs = [(r["key"], r["thumb"]) for r in rows if r.get("thumb")]
+        """Thumbnails of the rows the report shows (not accepted)."""
+        thumbs = [
+            (r["key"], r["thumb"]) for r in rows if r.get("thumb") and r["status"] != "accepted"
+        ]
         if thumbs:
             fs.makedirs(f"{root}/{THUMBS}", exist_ok=True)
         for key, data in thumbs:
-            with fs.open(f"{root}/{THUMBS}/{key}.jpg", "wb") as f:
-                f.write(data)
+            write_atomic(fs, f"{root}/{THUMBS}/{key}.jpg", data)
 
 
 def index_table(rows: list[Row]) -> pa.Table:

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from catalog.config import ConfigError, ConfigWarning
 from catalog.filters import FilterError
@@ -22,6 +23,7 @@ from curation.engine import CurationAborted
 from curation.output import OutputBusy
 from curation.sink import OutputError
 from curation.stages.base import MissingWeights
+from curation.weights import WeightsError
 from orchestration import (
     catalog_cmd,
     cluster_cmd,
@@ -59,6 +61,7 @@ USER_ERRORS = (
     FilterError,
     SchemaError,
     MissingWeights,
+    WeightsError,
     ServiceError,
     JobError,
     FileNotFoundError,
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         if os.environ.get("OMNIFORGE_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # the message as text: brackets in it ([ENOSPC], a file name) are not markup
+        err_console.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")

@@ -25,7 +25,8 @@ def input_rows(n: int, poison: set[int] = frozenset()) -> list[Row]:
                 "key": key,
                 "input_id": key,
                 "source_uri": f"/data/{name}.png",
-                "kind": "image",
+                # an input that never reached probe has no kind (kind=auto): as in a real run
+                "kind": None if i in poison else "image",
                 "status": None,
                 "reasons": [],
             }
@@ -102,3 +103,15 @@ class NoWeightsStage(Stage):
 
     def process_row(self, row: Row) -> Any:  # pragma: no cover - never reached
         return row
+
+
+class BatchBugStage(Stage):
+    """CPU: a bug that breaks the whole batch whenever a 'poison' input is in it (raised
+    outside the per-row handling, as a library error in a batched call would be)."""
+
+    name: ClassVar[str] = "batchbug"
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        if any("poison" in r["source_uri"] for r in rows):
+            raise RuntimeError("batched decode failed")
+        return rows

@@ -26,10 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from curation.clip import ClipSpec
 from curation.config import AestheticConfig
-from curation.heads import AESTHETIC_HEAD, AestheticHead
-from curation.weights import WeightsError, resolve
+from curation.weights import AESTHETIC_HEAD, ClipSpec, WeightsError, resolve
 
 from .base import SampleError
 from .clip_head import ClipHeadStage, FrameBatch
@@ -65,7 +63,9 @@ class AestheticStage(ClipHeadStage):
             f"weights) to {self.head_path}, or set aesthetic.head_weights"
         )
 
-    def load_head(self) -> AestheticHead:
+    def load_head(self) -> Any:
+        from curation.heads import AestheticHead  # torch: on the worker, not the driver
+
         head = AestheticHead.load(self.head_path)
         self.embedder.load()
         dim = self.embedder.dim

@@ -18,6 +18,7 @@ actor, which sets ``device`` first: ``cuda`` when Ray gave the actor a GPU).
 from __future__ import annotations
 
 import functools
+import mimetypes
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,9 @@ class Stage:
     batch_size: ClassVar[int] = 8
     uses_model: ClassVar[bool] = False  # True: run in an actor pool (setup() once per actor)
     device: str = "cpu"  # set by the worker before setup(): "cuda" when it holds a GPU
+    # True for the stages that read the sampled frames: after the last of them the frames are
+    # dropped (curation.adapter), so they do not travel to the sink's step
+    reads_frames: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A subclass's own ``process_batch`` only ever sees rows that are not final."""
@@ -136,6 +140,14 @@ def _skipping_final(process_batch: Callable[[Stage, list[Row]], list[Row]]):
 
     wrapper._skips_final = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def claimed_kind(row: Row) -> str:
+    """The kind a row's file name suggests (used only for rows whose content never probed:
+    the sample contract needs a kind on every row)."""
+    mime, _ = mimetypes.guess_type(str(row.get("source_uri") or ""))
+    base = "video" if mime and mime.startswith("video/") else "image"
+    return f"{base}_edit" if row.get("target_uri") else base
 
 
 def mark_error(row: Row, reason: str, detail: str = "") -> Row:

@@ -106,6 +106,7 @@ class ClipHeadStage(Stage):
     resources: ClassVar[Resources] = Resources(cpus=0.5, gpus=0.25)  # GPUs only when present
     batch_size: ClassVar[int] = 16
     uses_model: ClassVar[bool] = True
+    reads_frames: ClassVar[bool] = True
     head_what: ClassVar[str] = "head"
 
     def __init__(self, clip: ClipSpec, head_path: Path, batch_size: int):

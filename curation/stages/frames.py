@@ -12,7 +12,8 @@ RGB; transparency composited on white). Edit pairs: ``frames`` from the source a
 ``target_frames`` from the target (whole videos for video pairs).
 
 Columns: ``frames`` (list of RGB arrays), ``frame_times`` (seconds from the span start),
-``target_frames`` (edit pairs), ``frames_decoder`` (decord | pyav | pil).
+``target_frames`` (edit pairs), ``frames_decoder`` (decord | pyav | pil), ``thumb`` (a small
+JPEG of the first frame for the report; the sink keeps it for rows that do not end accepted).
 Reason tag: ``decode_error``.
 """
 
@@ -31,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from curation.config import FramesConfig, ProbeConfig
-from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path
+from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path, thumbnail
 from curation.stages.base import Resources, Row, SampleError, Stage
 from curation.stages.probe import probe_file
 
@@ -269,6 +270,7 @@ class FrameSampleStage(Stage):
     """Decode ``frames`` (+ ``target_frames`` for edit pairs) as RGB arrays."""
 
     name: ClassVar[str] = "frames"
+    reads_frames: ClassVar[bool] = True  # it makes them: they exist at least until after it
     resources: ClassVar[Resources] = Resources(cpus=1)
     batch_size: ClassVar[int] = 4
     uses_model: ClassVar[bool] = False
@@ -305,6 +307,12 @@ class FrameSampleStage(Stage):
         return frames, times, decoder
 
     def process_row(self, row: Row) -> Row:
+        out = self._frames(row)
+        # the report's thumbnail (kept by the sink for rows that end rejected or in error)
+        out["thumb"] = thumbnail(out["frames"][0])
+        return out
+
+    def _frames(self, row: Row) -> Row:
         kind = row.get("kind")
         out = dict(row)
         if kind in ("image", "image_edit"):

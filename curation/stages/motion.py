@@ -70,6 +70,7 @@ class MotionStage(Stage):
     """Optical-flow motion score of video clips (see the module docstring for the unit)."""
 
     name = "motion"
+    reads_frames = True
     resources = Resources(cpus=1)
     batch_size = 4  # per-clip optical flow: small batches spread clips over the CPUs
     uses_model = False

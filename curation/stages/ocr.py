@@ -233,6 +233,7 @@ class OcrStage(Stage):
     """Text area (union of detected text boxes / frame area) and text box count."""
 
     name = "ocr"
+    reads_frames = True
     resources = Resources(cpus=0.5)
     batch_size = 8
     uses_model = True

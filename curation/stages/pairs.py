@@ -18,6 +18,7 @@ from curation.stages.base import Row, Stage
 
 class EditPairStage(Stage):
     name = "pairs"
+    reads_frames = True
     batch_size = 16
 
     def process_row(self, row: Row) -> Row:

@@ -28,7 +28,6 @@ Reason tags: ``empty_file``, ``not_found``, ``not_media``, ``decode_error``,
 from __future__ import annotations
 
 import logging
-import mimetypes
 import os
 import warnings
 from fractions import Fraction
@@ -40,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from catalog.schema import EDIT_KINDS
 from curation.config import ProbeConfig
 from curation.media import local_path
-from curation.stages.base import Resources, Row, SampleError, Stage
+from curation.stages.base import Resources, Row, SampleError, Stage, claimed_kind
 
 Image.init()
 # Still-image formats recognised by Pillow. Formats without a magic number (TGA, SPIDER...)
@@ -549,13 +548,6 @@ def probe_file(uri: str, limits: ProbeConfig, what: str = "") -> dict[str, Any]:
                 raise SampleError("decode_error", f"{what}{name} image does not decode")
             return _probe_pipe_image(container, what, limits)
         return _probe_video(path, container, head, limits, what)
-
-
-def claimed_kind(row: Row) -> str:
-    """The kind a row's file name suggests (used only for rows whose content never probed)."""
-    mime, _ = mimetypes.guess_type(str(row.get("source_uri") or ""))
-    base = "video" if mime and mime.startswith("video/") else "image"
-    return f"{base}_edit" if row.get("target_uri") else base
 
 
 class ProbeStage(Stage):

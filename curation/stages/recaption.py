@@ -131,6 +131,7 @@ class RecaptionStage(Stage):
     """
 
     name = "recaption"
+    reads_frames = True
     resources = Resources(cpus=0.5)
     batch_size = 16
     uses_model = True

@@ -29,11 +29,9 @@ Defaults (``SelectConfig``) and where they come from:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from curation.config import EditConfig, SelectConfig
-from curation.media import thumbnail
 from curation.stages.base import Row, Stage
 from curation.stages.resolution import resolution_reasons
 
@@ -124,9 +122,4 @@ class SelectStage(Stage):
         self.min_clip_s = min_clip_s
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
-        out = select_rows(rows, self.select, self.edit, self.min_clip_s)
-        for row in out:  # the report shows what was left out
-            if row["status"] != "accepted" and row.get("frames"):
-                with contextlib.suppress(ValueError):
-                    row["thumb"] = thumbnail(row["frames"][0])
-        return out
+        return select_rows(rows, self.select, self.edit, self.min_clip_s)

@@ -46,11 +46,9 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from curation.clip import ClipSpec
 from curation.config import WatermarkConfig
-from curation.heads import WatermarkHead, watermark_head_relative
 from curation.shift import dominant_shift, overlap, shifted
-from curation.weights import WeightsError, resolve
+from curation.weights import ClipSpec, WeightsError, resolve, watermark_head_relative
 
 from .base import SampleError
 from .clip_head import VIDEO_KINDS, ClipHeadStage, FrameBatch
@@ -148,7 +146,9 @@ class WatermarkStage(ClipHeadStage):
             "watermark.head_weights"
         )
 
-    def load_head(self) -> WatermarkHead:
+    def load_head(self) -> Any:
+        from curation.heads import WatermarkHead  # torch: on the worker, not the driver
+
         head = WatermarkHead.load(self.head_path)
         if head.clip_model is not None and head.clip_model != self.clip.arch:
             raise WeightsError(

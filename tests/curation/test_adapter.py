@@ -102,3 +102,45 @@ def test_the_pool_sends_calls_to_the_least_busy_actor():
     pool.release(picks[0])
     pool.release(picks[0])
     assert pool.pick() == picks[0]
+
+
+def test_frames_are_dropped_after_the_last_stage_that_reads_them(tmp_path):
+    stages, _ = build_stages(load_config(CurationConfig, None, []))
+    steps = plan_steps(stages)
+    assert [s.drops_frames for s in steps] == [False, True, False]  # after OCR, not to the sink
+    assert plan_steps([CountingStage()])[0].drops_frames is False  # nothing reads frames
+
+    class Reads(Stage):
+        name: ClassVar[str] = "reads"
+        reads_frames: ClassVar[bool] = True
+
+        def process_row(self, row: Row) -> Row:
+            assert row["frames"]
+            return row
+
+    steps = plan_steps([Reads(), Model(), CountingStage()])
+    assert [s.drops_frames for s in steps] == [True, False, False]
+    worker = Worker(steps[:1], None)
+    row = {"key": "a", "kind": "image", "source_uri": "a", "status": None, "reasons": []}
+    row.update(frames=[b"x"], frame_times=[0.0], clip_embedding={"key": "k"}, thumb=b"j")
+    (out,), _ = worker.run(steps[0].name, "b", [row])
+    assert not {"frames", "frame_times", "clip_embedding"} & set(out)
+    assert out["thumb"] == b"j"  # the report's thumbnail goes on
+
+
+def test_a_worker_whose_setup_failed_refuses_every_call():
+    """After Ray restarts an actor, a set-up that fails again must not turn rows into errors."""
+
+    class Broken(Stage):
+        name: ClassVar[str] = "broken"
+
+        def setup(self) -> None:
+            raise ValueError("CUDA out of memory in setup")
+
+        def process_row(self, row: Row) -> Row:
+            return row
+
+    steps = plan_steps([Broken()])[:1]
+    worker = Worker(steps, None)
+    with pytest.raises(ValueError, match="CUDA out of memory"):
+        worker.run(steps[0].name, "b", [{"key": "a"}])

@@ -115,3 +115,18 @@ def test_a_stage_that_cannot_set_up_stops_the_run_before_any_block(tmp_path):
     with pytest.raises(MissingWeights, match="model not found at /nowhere/model.bin"):
         run(tmp_path, input_rows(3), [TagStage(), NoWeightsStage(), AcceptStage()])
     assert Journal(str(tmp_path)).records() == []
+
+
+def test_an_exception_in_stage_code_splits_the_block_at_once(tmp_path):
+    """Stage code fails the same way every time: no whole-block retries, straight to halves."""
+    from engine_stages import BatchBugStage
+
+    rows = input_rows(4, poison={1})
+    stats, journal = run(tmp_path, rows, [BatchBugStage(), AcceptStage()], block_size=4)
+    written = committed_rows(tmp_path, journal)
+    assert set(written) == {r["key"] for r in rows}
+    bad = written["k001"]
+    assert bad["status"] == "error" and bad["kind"] == "image"  # kind from the file name
+    assert bad["reasons"] == ["worker_failed: RuntimeError: batched decode failed"]
+    # 4 -> 2 + 2 -> the half with the poison -> 1 + 1: three failures, none retried whole
+    assert stats.retries == 3 and stats.failed_inputs == 1

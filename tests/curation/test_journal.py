@@ -47,3 +47,17 @@ def test_files_no_record_names_are_removed(tmp_path):
     assert (tmp_path / kept.written.index_part).exists()
     assert (tmp_path / kept.written.segments[0].path).exists()
     assert [r.block for r in journal.records()] == ["b1"]
+
+
+def test_a_record_that_does_not_read_back_is_not_committed(tmp_path):
+    journal = Journal(str(tmp_path))
+    good = record(tmp_path, "b1", ["i1"])
+    journal.commit(good)
+    damaged = record(tmp_path, "b2", ["i2"])
+    (tmp_path / "_work/blocks/b2.json").write_text('{"block": "b2", "inp')  # power lost
+    records = journal.records()
+    assert [r.block for r in records] == ["b1"] and journal.unreadable
+    removed = {p.rsplit("/", 1)[-1] for p in journal.collect_garbage(records)}
+    assert {"b2.json", "b2.parquet", "b2-000000.tar"} <= removed  # its inputs are redone
+    assert not (tmp_path / damaged.written.index_part).exists()
+    assert Journal.committed_inputs(Journal(str(tmp_path)).records()) == {"i1"}
