@@ -227,21 +227,9 @@ class Pool:
         self.actors.append(new)
         self.load[id(new)] = 0
 
-    def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Block until every actor finished ``setup()``; a set-up error is raised here (a
-        missing model or a bad config stops the run before any block is sent), and actors the
-        cluster cannot place or start within ``timeout_s`` stop it with a message."""
-        import ray
-
-        refs = [a.ready.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if len(ready) < len(refs):
-            raise RuntimeError(
-                f"{len(refs) - len(ready)} of {len(refs)} {self.name} workers did not start "
-                f"within {timeout_s:.0f} s: the cluster may lack the resources they ask for "
-                "(see `ray status`), or their set-up hangs"
-            )
-        return ray.get(refs)
+    def ready(self) -> list[Any]:
+        """A ``ready()`` call on every actor (raises the actor's set-up error when read)."""
+        return [a.ready.remote() for a in self.actors]
 
     def kill(self) -> None:
         import ray

@@ -52,7 +52,7 @@ from curation.stages.base import Row, Stage, claimed_kind, mark_error
 
 MAX_ATTEMPTS = 3  # runs of a block from its first step before it is split
 MAX_BLOCK = 64  # inputs per block at most when the block size is automatic
-BLOCKS_PER_WORKER = 8  # automatic block size: about this many blocks per CPU worker
+BLOCKS_PER_WORKER = 16  # automatic block size: about this many blocks per CPU worker
 # failed blocks in a row, none committed between, beyond those in flight when a worker died
 # (they all fail together): stop the run
 MAX_CONSECUTIVE_FAILURES = 8
@@ -133,6 +133,8 @@ class Engine:
         self.max_attempts = max_attempts
         self.stats = EngineStats()
         self.waiting: dict[Any, _Flight] = {}  # info ref -> its block's step in flight
+        self.starting: dict[Any, str] = {}  # ready() ref of each worker -> its pool's name
+        self.started_at = time.monotonic()
         self._failures_in_a_row = 0
 
     def pool_of(self, step: Step) -> Pool:
@@ -147,8 +149,12 @@ class Engine:
             while queue and len(waiting) < self.max_in_flight:
                 block = queue.popleft()
                 self._submit(waiting, block, block.start, block.rows)
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=TICK_S)
+            self._check_started()
+            ready, _ = ray.wait(list(self.starting) + list(waiting), num_returns=1, timeout=TICK_S)
             for ref in ready:
+                if ref in self.starting:
+                    continue  # _check_started reads it next round
+
                 flight = waiting.pop(ref)
                 flight.pool.release(flight.actor)
                 try:
@@ -184,6 +190,31 @@ class Engine:
             self.stats.counts[status] = self.stats.counts.get(status, 0) + n
         self.progress.block_done(record)
 
+    def _check_started(self) -> None:
+        """Workers start while the first blocks are already sent to them (Ray queues the calls):
+        a set-up error (a model that does not load, a bad setting) stops the run with its own
+        exception; workers the cluster cannot start within ``READY_TIMEOUT_S`` stop it too."""
+        import ray
+
+        if not self.starting:
+            return
+        done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        for ref in done:
+            self.starting.pop(ref)
+            try:
+                ray.get(ref)
+            except Exception as e:
+                raise (getattr(e, "cause", None) or e) from None
+        if not self.starting:
+            self.stats.startup_s = time.monotonic() - self.started_at
+        elif time.monotonic() - self.started_at > READY_TIMEOUT_S:
+            pools = sorted(set(self.starting.values()))
+            raise CurationAborted(
+                f"{len(self.starting)} workers ({', '.join(pools)}) did not start within "
+                f"{READY_TIMEOUT_S:.0f} s: the cluster may lack the resources they ask for "
+                "(see `ray status`), or their set-up hangs"
+            )
+
     def drain(self) -> None:
         """Collect what is still in flight after the run stopped early (the actors are gone
         by then, so this is quick): Ray would log every unread error at exit otherwise. The
@@ -207,6 +238,7 @@ class Engine:
 
         with contextlib.suppress(Exception):  # read the rows' error too (see drain)
             ray.get(flight.rows, timeout=0)
+        self._check_started()  # a worker that cannot set up fails every block: say why
         cause = getattr(error, "cause", None) or error
         if isinstance(cause, OutputError):
             raise CurationAborted(str(cause)) from None
@@ -326,16 +358,12 @@ def run_blocks(
                 plan = model_plans[step.name]
                 make = worker_factory([step], None, plan, step.name, actor_retries)
                 pools[step.name] = Pool(step.name, make, plan.size)
-        for pool in pools.values():
-            try:
-                pool.wait_ready(READY_TIMEOUT_S)
-            except Exception as e:  # a model that does not load, a bad setting: stop here
-                raise (getattr(e, "cause", None) or e) from None
         total = num_inputs if num_inputs is not None else len(rows)
         progress = Progress(console, total, total - len(rows))
         in_flight = 2 * cpu_plan.size + sum(p.size for p in model_plans.values())
         engine = Engine(steps, pools, journal, progress, in_flight, max_attempts)
-        engine.stats.startup_s = time.monotonic() - t0
+        engine.started_at = t0
+        engine.starting = {ref: name for name, pool in pools.items() for ref in pool.ready()}
         progress.start()
         try:
             return engine.run(make_blocks(rows, size))
