@@ -118,7 +118,7 @@ class Progress:
             + (f", {self.skipped} from earlier runs" if self.skipped else "")
             + f" | {c['accepted']} accepted, {c['rejected']} rejected, {c['error']} error"
             + f" | {rate:.2f} samples/s | elapsed {_clock(time.monotonic() - self.start_t)}"
-            + (f", ETA {_clock(eta)}" if eta is not None else "")
+            + (f", ETA {_clock(eta)}" if eta is not None and done < self.total else "")
         )
 
     def _render(self) -> Any:
