@@ -195,6 +195,7 @@ class Engine:
         a set-up error (a model that does not load, a bad setting) stops the run with its own
         exception; workers the cluster cannot start within ``READY_TIMEOUT_S`` stop it too."""
         import ray
+        import ray.exceptions as rex
 
         if not self.starting:
             return
@@ -203,8 +204,10 @@ class Engine:
             self.starting.pop(ref)
             try:
                 ray.get(ref)
-            except Exception as e:
+            except rex.RayTaskError as e:  # set-up raised: its own exception, one message
                 raise (getattr(e, "cause", None) or e) from None
+            except rex.RayError:
+                pass  # the worker died (killed, a poisonous input): its blocks are retried
         if not self.starting:
             self.stats.startup_s = time.monotonic() - self.started_at
         elif time.monotonic() - self.started_at > READY_TIMEOUT_S:

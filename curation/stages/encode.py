@@ -7,8 +7,9 @@
   frame-accurate span ``[start, end)``, deterministic bytes;
 - edit pairs: ``src.EXT`` and ``tgt.EXT`` the same way (a video target whole).
 
-Sets the working column ``media`` (member extension -> bytes) and ``bucket`` (pixel-area class x
-aspect class x frame count of what was encoded, ``catalog.shards.bucket_name``). Rows that are
+Sets the working column ``media`` (member extension -> bytes) and ``bucket``
+(``catalog.shards.bucket_name``: pixel-area and aspect class of the sample's display size, as
+the index records it, x the frame count of the encoded clip). Rows that are
 not accepted pass through untouched. Reason tag: ``encode_error`` (an input that probed and
 scored fine but does not re-encode).
 """
