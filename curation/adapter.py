@@ -88,7 +88,6 @@ class StepInfo:
     rows: int
     stages: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # in, out, seconds
     written: BlockWritten | None = None
-    worker: str = ""
 
 
 class Worker:
@@ -104,7 +103,6 @@ class Worker:
         self.steps = {s.name: s for s in steps}
         self.sink = sink
         self.device = "cpu"
-        self.name = f"pid {os.getpid()}"
         self.setup_error: BaseException | None = None
         try:
             import ray
@@ -129,7 +127,7 @@ class Worker:
         if self.setup_error is not None:  # also after Ray restarted this actor
             raise self.setup_error
         step = self.steps[step_name]
-        info = StepInfo(block, step_name, 0, worker=self.name)
+        info = StepInfo(block, step_name, 0)
         for stage in step.stages:
             start = time.monotonic()
             n_in = len(rows)

@@ -90,8 +90,6 @@ def make_blocks(rows: Sequence[Row], size: int) -> list[Block]:
 @dataclass
 class EngineStats:
     blocks: int = 0
-    inputs: int = 0
-    counts: dict[str, int] = field(default_factory=dict)
     stages: dict[str, list[float]] = field(default_factory=dict)  # name -> [in, out, seconds]
     retries: int = 0
     failed_inputs: int = 0
@@ -185,9 +183,6 @@ class Engine:
         self._failures_in_a_row = 0
         self.stats.add_stages(self.stats.stages, block.stages)  # retried attempts not counted
         self.stats.blocks += 1
-        self.stats.inputs += len(block.rows)
-        for status, n in info.written.counts.items():
-            self.stats.counts[status] = self.stats.counts.get(status, 0) + n
         self.progress.block_done(record)
 
     def _check_started(self) -> None:

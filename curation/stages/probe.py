@@ -237,6 +237,18 @@ def _count_packets(
     return n, float(last - first), last_has_duration
 
 
+def _seek(container: av.container.InputContainer, index: int, at_s: Fraction | float):
+    """(stream ``index``, its time base, its start in seconds) with the container sought to the
+    keyframe at or before ``at_s`` seconds after the start; None when it has no time base."""
+    stream = container.streams[index]
+    tb = stream.time_base
+    if tb is None:
+        return None
+    t0 = stream.start_time * tb if stream.start_time is not None else 0
+    container.seek(int((t0 + at_s) / tb), stream=stream, backward=True)
+    return stream, tb, t0
+
+
 def _tail_end(path: str, index: int, at_s: float) -> tuple[float, bool] | None:
     """Where stream ``index`` really ends (seconds after its start, and whether the last packet
     carried its own duration), found by seeking to ``at_s`` and demuxing from the keyframe
@@ -244,12 +256,10 @@ def _tail_end(path: str, index: int, at_s: float) -> tuple[float, bool] | None:
     one that is shorter. None when the file cannot seek or has no timestamps."""
     try:
         with av.open(path) as container:
-            stream = container.streams[index]
-            tb = stream.time_base
-            if tb is None:
+            sought = _seek(container, index, Fraction(at_s))
+            if sought is None:
                 return None
-            t0 = stream.start_time * tb if stream.start_time is not None else 0
-            container.seek(int((t0 + Fraction(at_s)) / tb), stream=stream, backward=True)
+            stream, tb, t0 = sought
             end, has_duration = None, False
             for packet in container.demux(stream):
                 if packet.size == 0 or packet.pts is None:
@@ -415,12 +425,10 @@ def random_access_ok(path: str, index: int, duration: float | None, check_frames
         return True
     try:
         with av.open(path) as container:
-            stream = container.streams[index]
-            tb = stream.time_base
-            if tb is None:
+            sought = _seek(container, index, duration / 2)
+            if sought is None:
                 return True
-            t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-            container.seek(int((t0 + duration / 2) / tb), stream=stream, backward=True)
+            stream = sought[0]
             for k, frame in enumerate(container.decode(stream)):
                 if frame.is_corrupt:
                     return False
