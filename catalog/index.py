@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from catalog.filters import parse_filter
 from catalog.schema import assert_valid, conform, validate_table
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 
 def write_index_part(table: pa.Table, index_dir: str | Path, name: str) -> str:
@@ -38,6 +40,8 @@ def write_index_part(table: pa.Table, index_dir: str | Path, name: str) -> str:
 
 def open_index(uri: str | Path) -> ds.Dataset:
     """A pyarrow dataset over a version's index (directory of Parquet files, or one file)."""
+    import pyarrow.dataset as ds  # here: it imports pandas, which stage workers never need
+
     fs, root = fsspec.core.url_to_fs(str(uri))
     if not fs.exists(root):
         raise FileNotFoundError(f"sample index not found: {uri}")
@@ -59,6 +63,8 @@ def query_index(
     columns: Sequence[str] | None = None,
 ) -> pa.Table:
     """Rows of the index matching ``filter`` (a string expression or a pyarrow expression)."""
+    from catalog.filters import parse_filter
+
     dataset = open_index(uri)
     expr = parse_filter(filter, dataset.schema.names) if isinstance(filter, str) else filter
     return dataset.to_table(columns=list(columns) if columns else None, filter=expr)

@@ -66,7 +66,8 @@ def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
     skipped: dict[str, str] = {}
     stages: list[Stage] = [
         ProbeStage(cfg.probe, cfg.kind),  # container, codec, size, fps; kind from content
-        SceneSplitStage(cfg.split),  # scenes -> clips (videos), spans in the index
+        # scenes -> clips (videos), spans in the index; samples their frames in the same pass
+        SceneSplitStage(cfg.split, cfg.frames),
         FrameSampleStage(cfg.frames, cfg.probe),  # N frames per clip, for every scorer below
         EditPairStage(),  # edit pairs: aspect difference, source -> target change
     ]

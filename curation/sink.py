@@ -45,7 +45,6 @@ WORKING_ONLY = (
     "thumb",
     "input_id",
     "clip_embedding",
-    "random_access",
     "frames_decoder",
     "media",
 )

@@ -11,6 +11,9 @@ Images: one frame (EXIF orientation applied; grayscale, palette, 16-bit and CMYK
 RGB; transparency composited on white). Edit pairs: ``frames`` from the source and
 ``target_frames`` from the target (whole videos for video pairs).
 
+Video clips that scene split already sampled in its decoding pass (``curation.scan``) arrive
+with their frames; only the thumbnail is made for them.
+
 Columns: ``frames`` (list of RGB arrays), ``frame_times`` (seconds from the span start),
 ``target_frames`` (edit pairs), ``frames_decoder`` (decord | pyav | pil), ``thumb`` (a small
 JPEG of the first frame for the report; the sink keeps it for rows that do not end accepted).
@@ -34,7 +37,7 @@ from PIL import Image, ImageOps
 from curation.config import FramesConfig, ProbeConfig
 from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path, thumbnail
 from curation.stages.base import Resources, Row, SampleError, Stage
-from curation.stages.probe import probe_file
+from curation.stages.probe import probe_file, random_access_ok
 
 logger = logging.getLogger(__name__)
 
@@ -211,14 +214,15 @@ def video_frames(
     fps: float,
     total: int | None,
     rotation: int = 0,
-    random_access: bool = True,
+    random_access: bool | None = None,
 ) -> tuple[list[np.ndarray], list[float], str]:
     """Uniform frames of ``span`` (the whole video of ``total`` frames when None).
 
     Returns (RGB frames in display orientation, times in seconds from the span start, decoder).
     decord first; PyAV when decord cannot open or read the file. Files whose random access is
-    broken (``random_access`` False, see ``probe.random_access_ok``) are decoded sequentially
-    with PyAV: decord would seek and return broken pictures without an error.
+    broken (``random_access`` False, see ``probe.random_access_ok``; checked here when None)
+    are decoded sequentially with PyAV: decord would seek and return broken pictures without
+    an error.
     """
     fps = float(fps)
     if span is None:
@@ -234,6 +238,8 @@ def video_frames(
     wanted = frame_indices(first, last, n)
     if not wanted:
         raise SampleError("decode_error", f"no frame in span {span} ({total} frames)")
+    if random_access is None:
+        random_access = random_access_ok(path, (total or last) / fps)
     if not random_access:
         try:
             return _pyav_frames(path, wanted, fps), _times(wanted, fps, start_s), "pyav"
@@ -290,18 +296,17 @@ class FrameSampleStage(Stage):
         return [np.ascontiguousarray(to_display(rgb, display, self.max_side))]
 
     def _video(
-        self, uri: str, display, span, fps, total, rotation, random_access
+        self, uri: str, display, span, fps, total, rotation
     ) -> tuple[list[np.ndarray], list[float], str]:
         path = local_path(uri)
         if not fps or (span is None and not total):
             meta = probe_file(uri, self.limits)  # a target side, or a row that skipped probe
             fps, total, rotation = meta["fps"], meta["num_frames"], meta["rotation"]
-            random_access = meta["random_access"]
             display = display or (meta["width"], meta["height"])
         if not fps:
             raise SampleError("decode_error", f"unknown frame rate of {uri}")
         frames, times, decoder = video_frames(
-            path, self.num_frames, span, fps, total, int(rotation or 0), random_access is not False
+            path, self.num_frames, span, fps, total, int(rotation or 0)
         )
         frames = [np.ascontiguousarray(to_display(f, display, self.max_side)) for f in frames]
         return frames, times, decoder
@@ -315,6 +320,8 @@ class FrameSampleStage(Stage):
     def _frames(self, row: Row) -> Row:
         kind = row.get("kind")
         out = dict(row)
+        if kind == "video" and row.get("frames") is not None:
+            return out  # sampled by scene split's decoding pass
         if kind in ("image", "image_edit"):
             out.update(frames=self._image(row["source_uri"], _display(row)), frame_times=[0.0])
             out["frames_decoder"] = "pil"
@@ -333,12 +340,11 @@ class FrameSampleStage(Stage):
             row.get("fps"),
             total,
             row.get("rotation"),
-            row.get("random_access"),
         )
         out.update(frames=frames, frame_times=times, frames_decoder=decoder)
         if kind == "video_edit":
             out["target_frames"], _, _ = self._video(
-                _target(row), _display(row, "target_"), None, None, None, 0, None
+                _target(row), _display(row, "target_"), None, None, None, 0
             )
         return out
 

@@ -11,9 +11,8 @@ become ``decode_error`` rows here instead of failing later. Edit pairs are probe
 
 Columns set: ``kind`` (detected), ``container``, ``codec``, ``width``/``height`` (display),
 ``rotation``, ``sample_aspect_ratio``, ``has_audio``, ``fps`` (average), ``num_frames``,
-``duration``; ``target_width``/``target_height``/``target_num_frames`` for edit pairs; and the
-working column ``random_access`` (videos: whether decoding after a seek is sound, used by frame
-sampling). Rows that fail before their kind is known get the kind their file name claims.
+``duration``; ``target_width``/``target_height``/``target_num_frames`` for edit pairs. Rows
+that fail before their kind is known get the kind their file name claims.
 
 Video timing is measured, not taken from what the container claims (a Matroska ``DURATION``
 tag or Segment duration is plain text/bytes anyone can edit): ``num_frames``, ``duration`` and
@@ -412,20 +411,23 @@ def _timing(
     return int(num_frames), float(fps), float(duration)
 
 
-def random_access_ok(path: str, index: int, duration: float | None, check_frames: int = 3) -> bool:
-    """Whether a decoder that starts at a keyframe mid-file gives sound frames.
+def random_access_ok(path: str, duration: float | None, check_frames: int = 3) -> bool:
+    """Whether a decoder that starts at a keyframe mid-file gives sound frames (video stream 0).
 
     Checked on a fresh decoder that seeks to the middle: FFmpeg flags the frames corrupt when
     they depend on what it never saw. Real cases: open GOPs, and old x264 4:4:4 streams whose
     decoding needs the encoder-version SEI of the first frame (FFmpeg applies a workaround only
     after seeing it). decord returns broken pictures for such files without any error, so frame
-    sampling decodes them with PyAV from the start instead.
+    sampling decodes them with PyAV from the start instead. Asked by frame sampling, only for
+    the videos it has to seek in.
     """
     if not duration:
         return True
     try:
         with av.open(path) as container:
-            sought = _seek(container, index, duration / 2)
+            if not container.streams.video:
+                return True
+            sought = _seek(container, container.streams.video[0].index, duration / 2)
             if sought is None:
                 return True
             stream = sought[0]
@@ -484,7 +486,6 @@ def _probe_video(
     if rotation in (90, 270):
         display_w, display_h = display_h, display_w
 
-    random_access = random_access_ok(path, stream.index, duration)
     return {
         "kind": "video",
         "container": _container_name(container, head),
@@ -497,7 +498,6 @@ def _probe_video(
         "fps": fps,
         "num_frames": num_frames,
         "duration": duration,
-        "random_access": random_access,
     }
 
 

@@ -1,11 +1,17 @@
 """Scene split: one clip row per scene of each video (PySceneDetect's content detector).
 
 Only ``kind == "video"`` rows are split; images and edit pairs pass through unchanged (an edit
-pair is one sample whatever its length). Cuts come from ``ContentDetector`` at
-``split.threshold`` on frames downscaled to about ``DETECT_WIDTH`` pixels wide; scenes longer
+pair is one sample whatever its length). Cuts come from PySceneDetect's content detector at
+``split.threshold`` on frames scaled to ``DETECT_WIDTH`` pixels wide; scenes longer
 than ``split.max_clip_s`` are cut into consecutive strides of that length (the last one is the
 remainder). Every scene becomes a clip, short ones included: ``select`` rejects clips shorter
 than ``split.min_clip_s`` with ``too_short``, so they stay visible in the index.
+
+Each video is decoded once (``curation.scan``): the pass that looks for cuts also samples the
+frames of every clip (``frames``, ``frame_times``, ``frames_decoder`` = ``pyav``) when the
+stage is built with the frame settings, so the frame stage has nothing left to decode for
+them. A video PyAV cannot decode from the start goes through PySceneDetect's own video
+backends instead (OpenCV, then PyAV), and its clips are sampled by the frame stage.
 
 Clip boundaries live on the probed frame grid: frame ``i`` starts at ``i / fps``, a clip
 ``[start, end)`` holds frames ``round(start * fps)`` to ``round(end * fps) - 1``, and
@@ -25,11 +31,11 @@ import math
 from typing import ClassVar
 
 from catalog.schema import make_key
-from curation.config import SplitConfig
-from curation.media import local_path
+from curation.config import FramesConfig, SplitConfig
+from curation.media import FRAME_MAX_SIDE, local_path
+from curation.scan import DETECT_WIDTH, Sampling, scan_video
 from curation.stages.base import Resources, Row, SampleError, Stage
 
-DETECT_WIDTH = 256  # detection works on frames about this wide (PySceneDetect's own default)
 BACKENDS = ("opencv", "pyav")  # OpenCV is faster; PyAV reads what OpenCV's FFmpeg cannot
 
 logger = logging.getLogger(__name__)
@@ -78,9 +84,12 @@ def stride_frames(max_clip_s: float, fps: float) -> int:
     return n
 
 
-def scene_bounds(cut_frames: list[int], num_frames: int, max_len: int) -> list[tuple[int, int]]:
-    """[start, end) frame ranges: scenes between cuts, each cut into strides of ``max_len``."""
-    edges = [0, *sorted({c for c in cut_frames if 0 < c < num_frames}), num_frames]
+def scene_bounds(
+    cut_frames: list[int], num_frames: int, max_len: int, start: int = 0
+) -> list[tuple[int, int]]:
+    """[start, end) frame ranges from ``start`` to ``num_frames``: scenes between cuts, each cut
+    into strides of ``max_len``."""
+    edges = [start, *sorted({c for c in cut_frames if start < c < num_frames}), num_frames]
     bounds = []
     for a, b in zip(edges, edges[1:], strict=False):
         for s in range(a, b, max_len):
@@ -96,10 +105,34 @@ class SceneSplitStage(Stage):
     batch_size: ClassVar[int] = 4
     uses_model: ClassVar[bool] = False
 
-    def __init__(self, cfg: SplitConfig):
+    def __init__(
+        self, cfg: SplitConfig, frames: FramesConfig | None = None, max_side: int = FRAME_MAX_SIDE
+    ):
         self.enabled = cfg.enabled
         self.threshold = cfg.threshold
         self.max_clip_s = cfg.max_clip_s
+        # with the frame settings, the scan samples every clip's frames too
+        self.num_frames = frames.num_frames if frames is not None else None
+        self.max_side = max_side
+
+    def _detect(self, row: Row, fps: float, total: int, max_len: int):
+        """(cut frame numbers, frames read, samples by clip bounds) of one video."""
+        path = local_path(row["source_uri"])
+        sampling = None
+        if self.num_frames is not None and row.get("width") and row.get("height"):
+            display = (int(row["width"]), int(row["height"]))
+            rotation = int(row.get("rotation") or 0)
+            sampling = Sampling(self.num_frames, self.max_side, display, rotation)
+        try:
+            scan = scan_video(path, fps, total or None, self.threshold, max_len, sampling)
+            return scan.cuts, scan.frames_read, scan.samples
+        except Exception as e:  # PyAV cannot read it from the start: PySceneDetect's backends
+            logger.info("one-pass scan of %s failed (%s): detecting with PySceneDetect", path, e)
+        try:
+            cut_times, frames_read = detect_cuts(path, self.threshold)
+        except Exception as e:
+            raise SampleError("split_failed", str(e)) from e
+        return [round(t * fps) for t in cut_times], frames_read, {}
 
     def process_row(self, row: Row) -> Row | list[Row]:
         if row.get("kind") != "video":
@@ -115,18 +148,15 @@ class SceneSplitStage(Stage):
                 f"one frame lasts {1 / fps:.3g} s (fps={fps:.4g}) > split.max_clip_s "
                 f"({self.max_clip_s})",
             )
-        cut_times: list[float] = []
+        cut_frames: list[int] = []
+        samples: dict = {}
         if self.enabled:
-            try:
-                cut_times, frames_read = detect_cuts(local_path(row["source_uri"]), self.threshold)
-            except Exception as e:
-                raise SampleError("split_failed", str(e)) from e
+            cut_frames, frames_read, samples = self._detect(row, fps, num_frames, max_len)
             if num_frames <= 0:
                 num_frames = frames_read
         if num_frames <= 0:
             shown = row.get("num_frames")
             raise SampleError("split_failed", f"no frame count (num_frames={shown})")
-        cut_frames = [round(t * fps) for t in cut_times]
         clips = []
         for f0, f1 in scene_bounds(cut_frames, num_frames, max_len):
             start, end = f0 / fps, f1 / fps
@@ -138,5 +168,9 @@ class SceneSplitStage(Stage):
                 num_frames=f1 - f0,
                 duration=(f1 - f0) / fps,
             )
+            if (f0, f1) in samples:
+                frames, indices = samples[f0, f1]
+                times = [max(0.0, i / fps - start) for i in indices]
+                clip.update(frames=frames, frame_times=times, frames_decoder="pyav")
             clips.append(clip)
         return clips

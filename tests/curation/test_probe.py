@@ -17,7 +17,7 @@ from curation.config import CurationConfig
 from curation.sample_data import generate, load_labels
 from curation.sample_data.render import landscape, rng_for
 from curation.sample_data.videos import encode_video
-from curation.stages.probe import ProbeStage, probe_file, sniff_family
+from curation.stages.probe import ProbeStage, probe_file, random_access_ok, sniff_family
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # label "corrupt" field -> reason tag
@@ -116,7 +116,7 @@ def test_valid_media_match_their_labels(probed):
             assert row["num_frames"] == lab["num_frames"], lab["id"]
             # within one frame period (Matroska stores millisecond timestamps)
             assert row["duration"] == pytest.approx(lab["duration"], abs=1 / lab["fps"])
-            assert row["random_access"] is True
+            assert random_access_ok(row["source_uri"], row["duration"]) is True
         else:
             assert row["container"] == lab["format"] and row["codec"] == lab["format"]
             assert (row["num_frames"], row["duration"], row["fps"]) == (1, 0.0, None)
@@ -346,7 +346,6 @@ def test_real_videos():
         "fps": 10.0,
         "num_frames": 30,
         "duration": 3.0,
-        "random_access": True,
     }
     fades = probe_file(str(DATA / "fades.mp4"), limits)
     assert (fades["codec"], fades["width"], fades["height"]) == ("mpeg4", 480, 320)
@@ -359,9 +358,10 @@ def test_real_videos():
 
 def test_broken_random_access_is_flagged():
     """Old x264 4:4:4 footage decodes only from its first frame (needs the x264 version SEI)."""
-    info = probe_file(str(DATA / "cockatoo_9s.mp4"), CurationConfig().probe)
+    path = str(DATA / "cockatoo_9s.mp4")
+    info = probe_file(path, CurationConfig().probe)
     assert (info["width"], info["height"], info["num_frames"], info["fps"]) == (1280, 720, 180, 20)
-    assert info["random_access"] is False
+    assert random_access_ok(path, info["duration"]) is False
 
 
 def test_real_images():
@@ -467,7 +467,7 @@ def test_forged_matroska_duration_is_replaced_by_the_measured_one(tmp_path, forg
     assert info["num_frames"] == 90
     assert info["duration"] == pytest.approx(3.0, abs=1 / 30)
     assert info["fps"] == pytest.approx(30.0, rel=0.01)
-    assert info["random_access"] is True
+    assert random_access_ok(str(forged), info["duration"]) is True
     row = probe_one(input_row(forged))
     assert row["status"] is None and row["duration"] == info["duration"]
 
