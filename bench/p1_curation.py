@@ -56,7 +56,7 @@ MEMORY_GOAL_MB = 2048
 
 
 def config(extra: list[str] = ()):
-    from catalog.config import load_config
+    from core.config import load_config
     from curation.config import CurationConfig
 
     return load_config(CurationConfig, None, [*SETTINGS, *extra])

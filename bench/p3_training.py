@@ -41,7 +41,7 @@ class LocalContext:
 
 def build(ctx: Context):
     from bench.p2_shards import make_shards
-    from catalog.config import load_config
+    from core.config import load_config
     from training import tracking
     from training.recipe import Recipe
     from training.trainer import StageSpec, Trainer

@@ -25,7 +25,7 @@ class NotFound(CatalogError):
 def default_url() -> str:
     """``OMNIFORGE_CATALOG_URL`` (or the secret file named by ``OMNIFORGE_CATALOG_URL_FILE``:
     the URL may hold a database password), else a SQLite file under ``OMNIFORGE_HOME``."""
-    from catalog.secrets import read_secret
+    from core.secrets import read_secret
 
     url = read_secret(ENV_URL)
     if url:

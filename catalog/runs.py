@@ -24,7 +24,7 @@ from catalog.models import (
     utcnow,
 )
 from catalog.records import Edge, Node, RunInfo
-from catalog.secrets import masked
+from core.secrets import masked
 
 ENV_JOB_ID = "OMNIFORGE_JOB_ID"  # set by ``omniforge submit`` in the job's runtime_env
 

@@ -256,7 +256,7 @@ class TransformersBackend:
     """A local VLM directory through transformers' Auto classes; greedy generation."""
 
     def __init__(self, model_dir: Path, max_new_tokens: int):
-        import catalog.compat  # noqa: F401  (before transformers: torchvision C ops)
+        import core.compat  # noqa: F401  (before transformers: torchvision C ops)
 
         # isort: split
         import torch

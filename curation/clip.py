@@ -34,10 +34,10 @@ EMBEDDING_COLUMN = "clip_embedding"
 
 
 def import_open_clip():
-    """open_clip, importable next to a CPU torch (see catalog.compat)."""
+    """open_clip, importable next to a CPU torch (see core.compat)."""
     import importlib
 
-    import catalog.compat  # noqa: F401  (patches torchvision's C-op registration if needed)
+    import core.compat  # noqa: F401  (patches torchvision's C-op registration if needed)
 
     # import_module, not an import statement: isort must not hoist open_clip above compat
     return importlib.import_module("open_clip")

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from catalog.config import ConfigWarning, StrictModel, warn_ineffective
 from catalog.names import DatasetName
+from core.config import ConfigWarning, StrictModel, warn_ineffective
 
 InputKind = Literal["auto", "image", "video", "image_edit", "video_edit"]
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from catalog.secrets import ensure_ray_token
+from core.secrets import ensure_ray_token
 from curation.adapter import (
     ACTOR_RETRIES,
     Pool,

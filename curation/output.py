@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from catalog.config import dump_yaml
+from core.config import dump_yaml
 from curation.config import CurationConfig
 from curation.sink import OutputError, writing
 

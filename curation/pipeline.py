@@ -25,11 +25,11 @@ from typing import Any
 import fsspec
 from rich.markup import escape
 
-from catalog.config import config_hash, flatten, load_yaml, validate
 from catalog.index import read_index
 from catalog.records import Node, VersionInfo
 from catalog.shards import ShardInfo
 from catalog.store import Catalog
+from core.config import config_hash, flatten, load_yaml, validate
 from curation.adapter import Step, plan_steps
 from curation.config import CurationConfig
 from curation.engine import CurationAborted, run_blocks

@@ -1,27 +1,17 @@
-"""The curation run in MLflow: params (secrets masked), the summary counts as metrics, tags,
-the report and the summary as artifacts, through the shared helpers in ``catalog.tracking``.
+"""What curation logs to MLflow: params (secrets masked), the summary counts as metrics, tags,
+the report and the summary as artifacts. Every MLflow call goes through ``core.tracking``.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from catalog.secrets import MASK, SECRET_KEY, mask_urls, masked_params
-from catalog.tracking import (
-    MLFLOW_BATCH_METRICS,
-    MLFLOW_BATCH_PARAMS,
-    MLFLOW_TAG_LIMIT,
-    chunks,
-    experiment_id,
-    log_params,
-    mlflow_key,
-    truncate,
-)
+from core import tracking
+from core.secrets import MASK, SECRET_KEY, mask_urls, masked_params
+from core.tracking import MLFLOW_TAG_LIMIT, mlflow_key, truncate
 from curation.summary import UNSPECIFIED_REASON
 
 
@@ -41,45 +31,33 @@ def log_to_mlflow(
 
     Params are flattened (``a.b.c``), stringified, cut to 500 characters (keys to 250);
     any param or tag whose key contains key / secret / password / token is logged as ``***``
-    and passwords in URLs (``scheme://user:pw@host``) are masked (``catalog.tracking``).
+    and passwords in URLs (``scheme://user:pw@host``) are masked (``core.tracking``).
     Metrics are the summary counts (``inputs``, ``samples``, ``accepted``, ``rejected``,
     ``errors``, ``rejected.<reason>``, ``error.<reason>``, ``shards``, ``bytes``,
     ``elapsed_s``...). Artifacts: the report, ``summary.json``, ``params.json`` (masked, not
     truncated) and ``extra_artifacts`` (files, or directories logged under their name).
 
-    Uses an explicit ``MlflowClient``: the process-wide tracking URI and active run are left
-    alone. A new experiment on a ``sqlite:///`` store keeps its artifacts next to the database
+    A new experiment on a ``sqlite:///`` store keeps its artifacts next to the database
     (``mlartifacts/``) unless ``artifact_location`` says otherwise.
     """
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp_id = experiment_id(client, experiment, tracking_uri, artifact_location)
-    run = client.create_run(exp_id, run_name=run_name)
-    run_id = run.info.run_id
+    run_id = tracking.start_run(
+        tracking_uri,
+        experiment,
+        run_name,
+        params=params,
+        tags=mlflow_tags(summary, tags),
+        artifact_location=artifact_location,
+    )
     try:
-        now = _now_ms()
-        metrics = [Metric(k, v, now, 0) for k, v in mlflow_metrics(summary).items()]
-        run_tags = mlflow_tags(summary, tags)
-        for chunk in chunks(metrics, MLFLOW_BATCH_METRICS):
-            client.log_batch(run_id, metrics=chunk)
-        log_params(client, run_id, params)
-        for chunk in chunks([RunTag(k, v) for k, v in run_tags.items()], MLFLOW_BATCH_PARAMS):
-            client.log_batch(run_id, tags=chunk)
-        client.log_artifact(run_id, str(report_path))
-        client.log_dict(run_id, _json_ready(summary), "summary.json")
-        client.log_dict(run_id, masked_params(params), "params.json")
-        for extra in extra_artifacts:
-            extra = Path(extra)
-            if extra.is_dir():
-                client.log_artifacts(run_id, str(extra), artifact_path=extra.name)
-            else:
-                client.log_artifact(run_id, str(extra))
+        tracking.log_metrics(tracking_uri, run_id, mlflow_metrics(summary))
+        tracking.log_artifacts(tracking_uri, run_id, [report_path])
+        tracking.log_dict(tracking_uri, run_id, summary, "summary.json")
+        tracking.log_dict(tracking_uri, run_id, masked_params(params), "params.json")
+        tracking.log_artifacts(tracking_uri, run_id, extra_artifacts)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    tracking.finish_run(tracking_uri, run_id)
     return run_id
 
 
@@ -128,11 +106,3 @@ def mlflow_tags(summary: Mapping[str, Any], tags: Mapping[str, Any] | None) -> d
 
 def _metric_safe(text: str) -> str:
     return re.sub(r"[^\w\-]", "_", str(text)) or UNSPECIFIED_REASON
-
-
-def _json_ready(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _now_ms() -> int:
-    return int(datetime.now(timezone.utc).timestamp() * 1000)

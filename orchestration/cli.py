@@ -15,10 +15,10 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from catalog.config import ConfigError, ConfigWarning
 from catalog.filters import FilterError
 from catalog.schema import SchemaError
 from catalog.store import CatalogError
+from core.config import ConfigError, ConfigWarning
 from curation.engine import CurationAborted
 from curation.output import OutputBusy
 from curation.sink import OutputError

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import typer
 
-from catalog.secrets import ensure_ray_token as _ensure_token
-from catalog.secrets import ray_token
+from core.secrets import ensure_ray_token as _ensure_token
+from core.secrets import ray_token
 from orchestration import services
 from orchestration.common import console
 

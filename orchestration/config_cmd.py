@@ -8,7 +8,7 @@ from typing import Literal
 
 import typer
 
-from catalog.config import ConfigWarning, load_config, load_yaml
+from core.config import ConfigWarning, load_config, load_yaml
 from orchestration.common import console, err_console
 
 app = typer.Typer(help="Validate and print configs (curation configs and training recipes).")
@@ -60,8 +60,8 @@ def show(
     """Print the resolved config (defaults + file + overrides) as YAML, secrets masked."""
     import yaml
 
-    from catalog.config import to_plain
-    from catalog.secrets import masked
+    from core.config import to_plain
+    from core.secrets import masked
 
     model = model_for(file, type)
     plain = masked(to_plain(load_config(model, file, set_)))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from catalog.config import load_config, to_plain
 from catalog.names import DatasetRef, is_catalog_uri
+from core.config import load_config, to_plain
 from orchestration.common import CatalogOption, console, open_catalog
 
 app = typer.Typer(help="Curation: raw image/video/edit corpora -> curated, bucketed shards.")

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from catalog.config import config_hash, dump_yaml, flatten
 from catalog.db import code_version
 from catalog.runs import ENV_JOB_ID
-from catalog.secrets import has_secret, mask_urls, masked_params
+from core.config import config_hash, dump_yaml, flatten
+from core.secrets import has_secret, mask_urls, masked_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("catalog", "curation", "training", "orchestration")

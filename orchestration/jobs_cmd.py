@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from catalog.config import load_config
-from catalog.secrets import mask_urls
+from core.config import load_config
+from core.secrets import mask_urls
 from orchestration import jobs
 from orchestration.common import CatalogOption, console, open_catalog
 

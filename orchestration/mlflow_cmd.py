@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from catalog.secrets import mask_urls, read_secret
+from core.secrets import mask_urls, read_secret
 from orchestration import services
 from orchestration.common import console
 

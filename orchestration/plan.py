@@ -34,10 +34,11 @@ from typing import Any
 
 from pydantic import Field
 
-from catalog.config import StrictModel, load_config
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
-from catalog.secrets import has_secret
+from core.config import StrictModel, load_config
+from core.secrets import has_secret
+from core.tracking import run_link
 from orchestration.services import alive
 
 STATE = "plan.json"
@@ -270,25 +271,10 @@ def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
                 "result": info.get("result") or "-",
                 "catalog_run": f"{runs[-1]} ({run_status})" if runs else "-",
                 "version": info.get("version") or "-",
-                "mlflow": mlflow_link(plan.tracking_uri, info.get("mlflow_run")),
+                "mlflow": run_link(plan.tracking_uri, info.get("mlflow_run")),
             }
         )
     return rows
-
-
-def mlflow_link(tracking_uri: str | None, run_id: str | None) -> str:
-    """A UI link for http(s) servers, else the run id."""
-    if not run_id:
-        return "-"
-    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
-        try:
-            from mlflow.tracking import MlflowClient
-
-            exp = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-            return f"{tracking_uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
-        except Exception:  # server down: the id is still useful
-            return run_id
-    return run_id
 
 
 def _say(console, text: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from catalog.config import load_config
+from core.config import load_config
 from orchestration.common import CatalogOption, console, open_catalog
 
 app = typer.Typer(help="Training: multi-stage recipes on Ray Train + DeepSpeed, tracked in MLflow.")

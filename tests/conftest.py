@@ -52,7 +52,7 @@ def ray_session():
     """One local Ray for the whole session (starting Ray costs seconds); stopped at the end."""
     import ray
 
-    from catalog.secrets import ensure_ray_token
+    from core.secrets import ensure_ray_token
 
     if not ray.is_initialized():
         ensure_ray_token()

@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from catalog.config import StrictModel, warn_ineffective
 from catalog.names import DatasetRef, is_catalog_uri
+from core.config import StrictModel, warn_ineffective
 
 Family = Literal["omni_video", "haplo_omni", "vino"]
 TaskName = Literal[

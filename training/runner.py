@@ -34,10 +34,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from catalog.config import dump_yaml
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
-from catalog.secrets import ensure_ray_token
+from core.config import dump_yaml
+from core.secrets import ensure_ray_token
+from core.tracking import log_artifacts, set_tags
 from training import checkpoint as ckpt
 from training.recipe import Recipe
 from training.trainer import HOLD_ENV, StageSpec, Trainer, process_group
@@ -353,10 +354,8 @@ def run_training(
                     Node("checkpoint", prev_ckpt), Node("run", info["catalog_run"]), "init"
                 )
             if tracking_uri and info.get("mlflow_run"):  # the MLflow run links back to the catalog
-                from mlflow.tracking import MlflowClient
-
-                MlflowClient(tracking_uri).set_tag(
-                    info["mlflow_run"], "omniforge.catalog_run", str(info["catalog_run"])
+                set_tags(
+                    tracking_uri, info["mlflow_run"], {"omniforge.catalog_run": info["catalog_run"]}
                 )
         state_file.write_text(json.dumps(state, indent=1))
         spec = StageSpec(
@@ -411,9 +410,7 @@ def run_training(
             )
             catalog.update_run(info["catalog_run"], status="succeeded")
         if tracking_uri and info.get("mlflow_run"):
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(tracking_uri).log_artifact(info["mlflow_run"], str(out / "recipe.yaml"))
+            log_artifacts(tracking_uri, info["mlflow_run"], [out / "recipe.yaml"])
             tracking.finish(tracking_uri, info["mlflow_run"])
         done = {
             "stage": stage.name,

@@ -239,9 +239,9 @@ class Trainer(StageArtifacts):
         """``context``: ``report(metrics, checkpoint_dir)`` and ``latest_checkpoint()``."""
         import deepspeed
 
+        from core.tracking import MetricLogger
         from training.data.loaders import build_task_loaders
         from training.models.registry import build_model
-        from training.tracking import StageTracker
 
         self.spec, self.context = spec, context
         self.watch = DriverWatch(spec.extra.get("driver")).start()
@@ -304,7 +304,7 @@ class Trainer(StageArtifacts):
         self.task_counts: Counter[str] = Counter()
         self._restore()
         # logs only steps MLflow does not hold yet: a resumed stage repeats none
-        self.tracker = StageTracker(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
+        self.tracker = MetricLogger(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
         note = getattr(context, "resume_note", "")
         if note:
             self.tracker.set_tag("omniforge.resume", note)
@@ -462,7 +462,7 @@ class Trainer(StageArtifacts):
     # -- checkpoints and export ----------------------------------------------------------------
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        from catalog.config import dump_yaml
+        from core.config import dump_yaml
 
         self.watch.check()  # never a checkpoint after the driver is gone
         with tempfile.TemporaryDirectory(prefix="omniforge-ckpt-") as tmp:

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import pytest
 
-from catalog.config import load_config
+from core.config import load_config
 from curation.adapter import MODEL_CPU_SHARE, Pool, Worker, plan_steps, plan_workers
 from curation.config import CurationConfig
 from curation.pipeline import build_stages

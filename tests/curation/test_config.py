@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 
-from catalog.config import ConfigError, ConfigWarning, load_config
+from core.config import ConfigError, ConfigWarning, load_config
 from curation.config import CurationConfig
 
 

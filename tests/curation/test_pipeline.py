@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from helpers import small_corpus
 
-from catalog.config import load_config
 from catalog.index import read_index
 from catalog.records import Node
 from catalog.schema import make_key, validate_table
 from catalog.shards import iter_shard, sha256_file
 from catalog.store import Catalog
+from core.config import load_config
 from curation.config import CurationConfig
 from curation.pipeline import reselect, run_curation
 from curation.sample_data import generate

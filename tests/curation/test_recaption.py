@@ -400,7 +400,7 @@ CHAT_TEMPLATE = (
 @pytest.fixture(scope="module")
 def tiny_vlm_dir(tmp_path_factory):
     """A 2-layer Qwen2-VL with random weights and a byte-level tokenizer, built offline."""
-    import catalog.compat  # noqa: F401
+    import core.compat  # noqa: F401
 
     # isort: split
     import torch

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from catalog.records import ShardRecord
 from catalog.schema import conform, make_key, rows_to_table
-from catalog.tracking import MLFLOW_KEY_LIMIT, MLFLOW_PARAM_LIMIT, mlflow_params
+from core.tracking import MLFLOW_KEY_LIMIT, MLFLOW_PARAM_LIMIT, mlflow_params
 from curation.config import SelectConfig
 from curation.report import write_report
 from curation.summary import print_summary, reason_tag, summarize

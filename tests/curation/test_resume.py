@@ -20,10 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from catalog.config import load_config
 from catalog.index import read_index
 from catalog.shards import iter_shard
 from catalog.store import Catalog
+from core.config import load_config
 from curation.config import CurationConfig
 from curation.journal import Journal
 from curation.pipeline import run_curation

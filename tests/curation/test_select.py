@@ -1,6 +1,6 @@
 """select and resolution: every failing threshold becomes a reason; nulls pass; errors stay."""
 
-from catalog.config import load_config
+from core.config import load_config
 from curation.config import CurationConfig
 from curation.stages.resolution import resolution_reasons
 from curation.stages.select import select_rows

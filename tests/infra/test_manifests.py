@@ -199,7 +199,7 @@ def cli_problems(argv: list[str]) -> list[str]:
 def omniforge_semantics(path: list[str], params: dict[str, Any], line: str) -> list[str]:
     """What the command itself would refuse after parsing: configs, recipes, stage ranges. Files
     named by path must be in the repository; a setting that has no effect counts as a problem."""
-    from catalog.config import ConfigError, ConfigWarning, load_config
+    from core.config import ConfigError, ConfigWarning, load_config
 
     config = params.get("config")
     if config is not None and not (REPO / config).is_file():

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from helpers import OMNIFORGE, free_port, outside_address, reachable
 
-from catalog.tracking import log_params
+from core.tracking import log_params
 from orchestration import services
 from orchestration.mlflow_cmd import start_server
 

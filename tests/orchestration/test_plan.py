@@ -12,7 +12,8 @@ from helpers import OMNIFORGE, cli, small_corpus
 
 from catalog.records import Node
 from catalog.store import Catalog
-from orchestration.plan import load_plan, mlflow_link, read_state, steps
+from core.tracking import run_link
+from orchestration.plan import load_plan, read_state, steps
 
 PLAN = """
 name: small-programme
@@ -52,7 +53,7 @@ def test_plan_paths_steps_and_refusals(tmp_path):
         ("train-1", "stage 1 (align)"),
         ("train-2", "stage 2 (generate)"),
     ]
-    assert mlflow_link("sqlite:///x.db", "abc") == "abc"
+    assert run_link("sqlite:///x.db", "abc") == "abc"
     before = cli("plan", "status", str(tmp_path / "plan.yaml"))  # nothing has run yet
     assert before.returncode == 0, before.stderr
     assert before.stdout.count(" pending ") == 3 and not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from catalog.db import default_url
-from catalog.secrets import MASK, masked, read_secret
+from core.secrets import MASK, masked, read_secret
 from orchestration import jobs
 
 OMNIFORGE = str(Path(sys.executable).with_name("omniforge"))
@@ -79,7 +79,7 @@ def test_config_show_masks_secrets():
 
 
 def test_jobs_refuse_to_carry_secrets():
-    from catalog.config import load_config
+    from core.config import load_config
     from curation.config import CurationConfig
 
     cfg = load_config(CurationConfig, None, [])

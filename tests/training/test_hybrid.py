@@ -209,7 +209,7 @@ def test_resume_is_exact(shards):
 
 
 def test_a_stage_with_hybrid_but_nothing_to_mix_warns():
-    from catalog.config import ConfigWarning
+    from core.config import ConfigWarning
     from training.recipe import StageConfig
 
     stage = {"name": "s", "trainable": ["dit"], "optimizer": {"lr": 1e-3}, "frame_area": 4096,

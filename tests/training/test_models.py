@@ -1,6 +1,6 @@
 """Model families: tiny sizes train on CPU; production sizes load local checkpoints or refuse."""
 
-import catalog.compat  # noqa: F401  (before transformers / diffusers)
+import core.compat  # noqa: F401  (before transformers / diffusers)
 
 # isort: split
 import math

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from catalog.config import ConfigError, ConfigWarning, validate
+from core.config import ConfigError, ConfigWarning, validate
 from training.recipe import Recipe
 
 BASE = {

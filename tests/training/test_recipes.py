@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from catalog.config import ConfigWarning, load_config
 from catalog.filters import parse_filter
 from catalog.names import is_catalog_uri
 from catalog.schema import COLUMNS
 from catalog.shards import ASPECT_CLASSES
+from core.config import ConfigWarning, load_config
 from training.data.batch import EDIT_TASKS
 from training.data.buckets import bucket_for, tokens
 from training.models.registry import MissingPretrained, build_model

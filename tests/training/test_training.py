@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from catalog.config import load_config
 from catalog.records import Node
 from catalog.store import Catalog
+from core.config import load_config
 from curation.sample_data import generate
 from curation.sample_data.register import register_sample_corpus
 from training.checkpoint import CheckpointError
@@ -360,35 +360,6 @@ def test_workers_stop_when_the_driver_is_killed(catalog, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # the local Ray the driver started
         driver.wait()
-
-
-def test_stage_tracker_logs_each_step_once_across_resumes(tmp_path):
-    """A tracker resumed from an older step than MLflow holds logs only the newer steps; a
-    batch never splits a step (each log_batch is atomic, so a kill leaves whole steps)."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    from training.tracking import StageTracker, whole_steps
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("t")).info.run_id
-    first = StageTracker(uri, run_id, flush_every=1)
-    for step in range(0, 9):  # steps 1-8 (0: the eval at the start), flushed
-        first.log({"loss": float(step), "lr": 0.1}, step)
-    first.close()
-    again = StageTracker(uri, run_id)  # resumed from the checkpoint of step 4
-    assert again.logged_through == 8
-    for step in range(5, 13):
-        again.log({"loss": float(step), "lr": 0.1}, step)
-    again.close()
-    for key in ("loss", "lr"):
-        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(13))
-
-    metrics = [Metric(f"m{i}", 1.0, 0, step) for step in range(4) for i in range(3)]
-    assert [[m.step for m in b] for b in whole_steps(metrics, 7)] == [[0, 0, 0, 1, 1, 1],
-                                                                      [2, 2, 2, 3, 3, 3]]  # fmt: skip
-    assert [len(b) for b in whole_steps(metrics[:3] * 3, 4)] == [4, 4, 1]
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step():

@@ -192,7 +192,7 @@ class HFTokenizer:
 def load_causal_lm(root: Path, dtype: torch.dtype, hidden_layer: int = -1):
     """-> (token embedding, HFDecoder, LM head, HFTokenizer). The embedding and head leave the
     body so they can sit in other groups; a tied head is untied (copied)."""
-    import catalog.compat  # noqa: F401  (torchvision with CPU torch)
+    import core.compat  # noqa: F401  (torchvision with CPU torch)
 
     # isort: split
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -251,7 +251,7 @@ class HFVisionEncoder(nn.Module):
 
 
 def load_siglip(root: Path, dtype, temporal_factor: int, grid: int, trainable=False):
-    import catalog.compat  # noqa: F401
+    import core.compat  # noqa: F401
 
     # isort: split
     from transformers import SiglipVisionModel
@@ -392,7 +392,7 @@ def load_diffusers(cls_name: str, root: Path, dtype):
     model is built from its config and its safetensors are loaded strictly."""
     import importlib.util
 
-    import catalog.compat  # noqa: F401
+    import core.compat  # noqa: F401
 
     # isort: split
     import diffusers

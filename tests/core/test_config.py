@@ -2,7 +2,7 @@
 
 import pytest
 
-from catalog.config import (
+from core.config import (
     ConfigError,
     apply_overrides,
     config_hash,

@@ -4,7 +4,7 @@ import sys
 
 def test_open_clip_and_transformers_import_after_compat():
     code = (
-        "import catalog.compat as c; import open_clip, transformers, torchvision; "
+        "import core.compat as c; import open_clip, transformers, torchvision; "
         "m = open_clip.create_model('ViT-B-32', pretrained=None); "
         "print(c.STATUS, torchvision.extension._has_ops(), type(m).__name__)"
     )
@@ -17,7 +17,7 @@ def test_open_clip_and_transformers_import_after_compat():
 
 
 def test_compat_is_a_no_op_once_torchvision_is_imported():
-    code = "import catalog.compat as c, torchvision; print(c.ensure_torchvision_importable())"
+    code = "import core.compat as c, torchvision; print(c.ensure_torchvision_importable())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "already imported"

@@ -1,4 +1,4 @@
-"""Shared MLflow helpers (catalog.tracking) and the training runs built on them."""
+"""Shared MLflow helpers (core.tracking) and the training runs built on them."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from catalog.config import validate
-from catalog.secrets import mask_urls, masked_params
-from catalog.tracking import (
+from core.config import validate
+from core.secrets import mask_urls, masked_params
+from core.tracking import (
     MLFLOW_BATCH_PARAMS,
     default_artifact_location,
     experiment_id,
@@ -47,7 +47,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def test_importing_catalog_tracking_does_not_import_mlflow():
-    code = "import sys, catalog.tracking; sys.exit('mlflow' in sys.modules)"
+    code = "import sys, core.tracking; sys.exit('mlflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -106,6 +106,7 @@ def test_log_params_logs_in_batches():
 def test_training_runs_keep_artifacts_next_to_a_sqlite_store(tmp_path, workdir):
     from mlflow.tracking import MlflowClient
 
+    from core.tracking import MetricLogger
     from training import tracking
     from training.recipe import Recipe
 
@@ -115,7 +116,7 @@ def test_training_runs_keep_artifacts_next_to_a_sqlite_store(tmp_path, workdir):
     stage_id = tracking.start_stage(uri, parent_id, recipe, 0, ["catalog://demo@1"])
     note = tmp_path / "note.txt"
     note.write_text("hello\n")
-    tracker = tracking.StageTracker(uri, stage_id)
+    tracker = MetricLogger(uri, stage_id)
     tracker.log({"loss": 1.0}, step=0)
     tracker.log_artifact(str(note))
     tracker.close()
@@ -134,3 +135,32 @@ def test_training_runs_keep_artifacts_next_to_a_sqlite_store(tmp_path, workdir):
     assert stage.data.params["stage.name"] == "align"
     assert stage.data.tags["mlflow.parentRunId"] == parent_id
     assert client.get_metric_history(stage_id, "loss")[0].value == 1.0
+
+
+def test_metric_logger_logs_each_step_once_across_resumes(tmp_path):
+    """A logger resumed from an older step than MLflow holds logs only the newer steps; a
+    batch never splits a step (each log_batch is atomic, so a kill leaves whole steps)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import MetricLogger, whole_steps
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("t")).info.run_id
+    first = MetricLogger(uri, run_id, flush_every=1)
+    for step in range(0, 9):  # steps 1-8 (0: the eval at the start), flushed
+        first.log({"loss": float(step), "lr": 0.1}, step)
+    first.close()
+    again = MetricLogger(uri, run_id)  # resumed from the checkpoint of step 4
+    assert again.logged_through == 8
+    for step in range(5, 13):
+        again.log({"loss": float(step), "lr": 0.1}, step)
+    again.close()
+    for key in ("loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(13))
+
+    metrics = [Metric(f"m{i}", 1.0, 0, step) for step in range(4) for i in range(3)]
+    assert [[m.step for m in b] for b in whole_steps(metrics, 7)] == [[0, 0, 0, 1, 1, 1],
+                                                                      [2, 2, 2, 3, 3, 3]]  # fmt: skip
+    assert [len(b) for b in whole_steps(metrics[:3] * 3, 4)] == [4, 4, 1]

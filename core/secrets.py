@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from catalog.config import flatten
+from core.config import flatten
 
 # The last segment of a flattened key names a secret: password, secret, token, *_key (api_key,
 # access_key, secret_key...). Not token_budget or api_key_env (the name of a variable).

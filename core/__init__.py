@@ -1,0 +1,10 @@
+"""The bottom layer: plumbing every package uses and nothing of omniforge's own below it.
+
+- ``config``: typed YAML configs (pydantic models, ``--set`` overrides, config hashes)
+- ``secrets``: secret values from the environment or files, masking in logs and params
+- ``compat``: the torchvision guard that lets ``open_clip`` / ``transformers`` import next to
+  a CPU torch
+- ``tracking``: every MLflow call (runs, params, metrics, artifacts, links)
+
+Imports flow one way: orchestration -> (curation, training) -> catalog -> core.
+"""
