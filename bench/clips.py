@@ -52,7 +52,7 @@ def clip_set(work: Path, quick: bool) -> tuple[Path, list[dict[str, Any]]]:
 
 def describe(path: Path) -> dict[str, Any]:
     from curation.config import ProbeConfig
-    from curation.stages.probe import probe_file
+    from curation.probing import probe_file
 
     meta = probe_file(str(path), ProbeConfig())
     return {

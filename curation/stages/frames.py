@@ -36,8 +36,8 @@ from PIL import Image, ImageOps
 
 from curation.config import FramesConfig, ProbeConfig
 from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path, thumbnail
+from curation.probing import probe_file, random_access_ok
 from curation.stages.base import Resources, Row, SampleError, Stage
-from curation.stages.probe import probe_file, random_access_ok
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def video_frames(
 
     Returns (RGB frames in display orientation, times in seconds from the span start, decoder).
     decord first; PyAV when decord cannot open or read the file. Files whose random access is
-    broken (``random_access`` False, see ``probe.random_access_ok``; checked here when None)
+    broken (``random_access`` False, see ``probing.random_access_ok``; checked here when None)
     are decoded sequentially with PyAV: decord would seek and return broken pictures without
     an error.
     """

@@ -14,10 +14,11 @@ from PIL import Image
 
 from catalog.schema import make_key
 from curation.config import CurationConfig
+from curation.probing import probe_file, random_access_ok, sniff_family
 from curation.sample_data import generate, load_labels
 from curation.sample_data.render import landscape, rng_for
 from curation.sample_data.videos import encode_video
-from curation.stages.probe import ProbeStage, probe_file, random_access_ok, sniff_family
+from curation.stages.probe import ProbeStage
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 # label "corrupt" field -> reason tag
