@@ -28,7 +28,7 @@ from curation.weights import MissingWeights, RequiredFile
 
 Row = dict[str, Any]
 
-# Reasons the input listing (curation/sources.py) rejects an input for without reading it:
+# Reasons the input listing (curation/sources/listing.py) rejects an input for without reading it:
 # such a row is final, nothing downstream probes, scores or re-selects it.
 LISTING_REASONS = frozenset({"skipped_hidden"})
 
