@@ -7,25 +7,25 @@
     cat.add_shards(v.id, shards)                                   # as shards finish
     cat.commit_version(v.id, index_uri=out + "/index")             # counts from the index
 
-The commit verifies every registered shard (present, recorded size, recorded sha256) and
-refuses the version if any is missing or corrupt; ``verify_shards`` runs the same check on
-demand (``omniforge catalog verify``).
+The commit verifies every registered shard (present, recorded size, recorded sha256:
+``catalog.verify``) and refuses the version if any is missing or corrupt; ``verify_shards``
+runs the same check on demand (``omniforge catalog verify``).
 
 A version is visible to readers (``get_version``, ``resolve``, ``latest``) only once committed.
 Concurrent writers are safe: on SQLite every transaction starts with BEGIN IMMEDIATE (one
 writer at a time, others wait up to the busy timeout); on PostgreSQL the unique constraint on
 (dataset, version) plus a retry settles races.
+
+One concept: the datasets and their versions, from allocation to commit and resolution; the
+runs and lineage edges of the same catalog are ``catalog.runs`` (``RunLedger``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import fsspec
 import pyarrow.compute as pc
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -53,7 +53,8 @@ from catalog.names import DatasetRef, check_name
 from catalog.records import Edge, Node, Resolution, RunInfo, ShardRecord, VersionInfo
 from catalog.runs import RunLedger
 from catalog.schema import STATUSES, count_by_status
-from catalog.shards import ShardInfo, relative_to_root, sha256_file
+from catalog.shards import ShardInfo, relative_to_root
+from catalog.verify import ShardProblem, check_shards
 
 __all__ = [
     "ENV_HOME",
@@ -70,50 +71,6 @@ __all__ = [
     "VersionInfo",
     "migrate",
 ]
-
-
-@dataclass(frozen=True)
-class ShardProblem:
-    """A registered shard that is not what the catalog recorded."""
-
-    uri: str
-    kind: Literal["missing", "size", "checksum", "unreadable"]
-    detail: str  # e.g. "wrong size: 4096 bytes, recorded 5120"
-
-    def __str__(self) -> str:
-        return f"{self.uri}: {self.detail}"
-
-
-def check_shard(shard: ShardRecord) -> ShardProblem | None:
-    """Exists, has the recorded size, has the recorded sha256 (local path or fsspec URI)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(shard.uri)
-        size = fs.size(path)
-        if size != shard.num_bytes:
-            return ShardProblem(
-                shard.uri, "size", f"wrong size: {size} bytes, recorded {shard.num_bytes}"
-            )
-        digest = sha256_file(shard.uri)
-    except FileNotFoundError:
-        return ShardProblem(shard.uri, "missing", "missing")
-    except (OSError, ImportError, ValueError) as e:  # unreachable store, missing fsspec extra
-        return ShardProblem(shard.uri, "unreadable", f"unreadable: {e}")
-    if digest != shard.sha256:
-        return ShardProblem(
-            shard.uri,
-            "checksum",
-            f"checksum mismatch: sha256 {digest[:12]}..., recorded {shard.sha256[:12]}...",
-        )
-    return None
-
-
-def check_shards(shards: Sequence[ShardRecord]) -> list[ShardProblem]:
-    """``check_shard`` over many shards in threads (hashlib and file reads release the GIL;
-    the default pool size also keeps an object store busy)."""
-    if not shards:
-        return []
-    with ThreadPoolExecutor() as pool:
-        return [p for p in pool.map(check_shard, shards) if p is not None]
 
 
 class Catalog(RunLedger):
@@ -202,14 +159,7 @@ class Catalog(RunLedger):
                 with self.session() as s:
                     ds = self._dataset(s, name, create=True)
                     if reuse_pending and root_uri is not None:
-                        existing = s.scalar(
-                            select(DatasetVersion).where(
-                                DatasetVersion.dataset_id == ds.id,
-                                DatasetVersion.status == "pending",
-                                DatasetVersion.root_uri == root_uri,
-                                DatasetVersion.config_hash == config_hash,
-                            )
-                        )
+                        existing = self._written(s, ds.id, "pending", root_uri, config_hash)
                         if existing is not None:
                             return self._version_info(s, existing)
                     top = s.scalar(
@@ -353,22 +303,12 @@ class Catalog(RunLedger):
             ds = s.scalar(select(Dataset).where(Dataset.name == name))
             if ds is None:
                 return None
-            v = s.scalar(
-                select(DatasetVersion).where(
-                    DatasetVersion.dataset_id == ds.id,
-                    DatasetVersion.status == "committed",
-                    DatasetVersion.root_uri == root_uri,
-                    DatasetVersion.config_hash == config_hash,
-                )
-            )
+            v = self._written(s, ds.id, "committed", root_uri, config_hash)
             return self._version_info(s, v) if v is not None else None
 
     def version_by_id(self, version_id: int) -> VersionInfo:
         with self.session() as s:
-            v = s.get(DatasetVersion, version_id)
-            if v is None:
-                raise NotFound(f"no dataset version with id {version_id}")
-            return self._version_info(s, v)
+            return self._version_info(s, self._version_row(s, version_id))
 
     def list_versions(self, name: str, include_pending: bool = False) -> list[VersionInfo]:
         with self.session() as s:
@@ -417,10 +357,29 @@ class Catalog(RunLedger):
             buckets=buckets,
         )
 
-    def _pending(self, s: Session, version_id: int) -> DatasetVersion:
+    @staticmethod
+    def _version_row(s: Session, version_id: int) -> DatasetVersion:
         v = s.get(DatasetVersion, version_id)
         if v is None:
             raise NotFound(f"no dataset version with id {version_id}")
+        return v
+
+    @staticmethod
+    def _written(
+        s: Session, dataset_id: int, status: str, root_uri: str, config_hash: str | None
+    ) -> DatasetVersion | None:
+        """The version of a dataset in ``status`` written to ``root_uri`` with ``config_hash``."""
+        return s.scalar(
+            select(DatasetVersion).where(
+                DatasetVersion.dataset_id == dataset_id,
+                DatasetVersion.status == status,
+                DatasetVersion.root_uri == root_uri,
+                DatasetVersion.config_hash == config_hash,
+            )
+        )
+
+    def _pending(self, s: Session, version_id: int) -> DatasetVersion:
+        v = self._version_row(s, version_id)
         if v.status != "pending":
             raise CatalogError(
                 f"version {v.dataset.name}@{v.version} is {v.status}; only pending versions change"
