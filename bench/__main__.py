@@ -22,20 +22,10 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.harness import (
-    REPO,
-    RESULTS,
-    WORK,
-    Context,
-    Row,
-    TreeMemory,
-    machine_info,
-    machine_line,
-    print_row,
-    rows_to_json,
-    self_max_rss_mb,
-    write_results,
-)
+from bench.harness import REPO, RESULTS, WORK, Context, Row, rows_to_json
+from bench.machine import machine_info, machine_line
+from bench.memory import TreeMemory, process_tree, self_max_rss_mb
+from bench.tables import print_row, write_results
 
 # case name -> module; the order `make bench` runs them in
 CASES = {
@@ -146,9 +136,7 @@ def run_case(name: str, args: argparse.Namespace, log_dir: Path) -> dict:
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    from bench.harness import _tree
-
-    for pid in reversed(_tree(proc.pid)):
+    for pid in reversed(process_tree(proc.pid)):
         with contextlib.suppress(OSError):
             os.kill(pid, 9)
     proc.wait()

@@ -1,26 +1,21 @@
-"""The common harness: timing (warm-up + repeats + median), result rows, machine description,
-peak memory of a case's process tree, and the JSON / markdown writers.
+"""The common harness: result rows, timing (warm-up + repeats + median) and the ``Context`` a
+case gets (sizes, repeat counts, folders).
 
 A figure is the median of ``repeats`` timed runs after ``warmup`` untimed ones; ours and its
 baseline are measured in the same process, on the same inputs, one after the other. A row holds
 one figure, its baseline and the goal; whether the goal is met is printed, never enforced.
+The machine description is ``bench.machine``, the peak memory of a case's process tree
+``bench.memory``, the printed table and the JSON / markdown files ``bench.tables``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +69,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def rows_to_json(rows: list[Row]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -169,317 +168,3 @@ class Context:
             setup=setup,
             label=label,
         )
-
-
-# -- machine ------------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_total_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, OS, versions, load, date: printed with every result file."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "ram_gib": _mem_total_gib(),
-        "gpu": _gpu(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {
-            d: _version(d)
-            for d in ("torch", "ray", "deepspeed", "pyarrow", "pandas", "av", "decord", "numpy")
-        },
-        "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "commit": _git_commit(),
-    }
-
-
-def _gpu() -> str | None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - a description, not a requirement
-        pass
-    return None
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    v = m.get("versions", {})
-    return (
-        f"{m['cpu']}, {m['usable_cores']} of {m['cores']} cores, {m['ram_gib']} GiB RAM, "
-        f"GPU {m.get('gpu') or 'none'}; Python {m['python']}, torch {v.get('torch')}, "
-        f"ray {v.get('ray')}, deepspeed {v.get('deepspeed')}, pyarrow {v.get('pyarrow')}; "
-        f"commit {m.get('commit')}; load at start {_fmt_load(m.get('load_avg_at_start'))}"
-    )
-
-
-def _fmt_load(load: list[float] | None) -> str:
-    return "/".join(f"{x:.2f}" for x in load) if load else "?"
-
-
-# -- memory -------------------------------------------------------------------------------------
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _tree(pid: int) -> list[int]:
-    children = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _pss_kib(pid: int) -> int:
-    """Proportional set size (shared pages split between their users), else RSS."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-    except (OSError, ValueError):
-        return 0
-
-
-class TreeMemory(threading.Thread):
-    """Samples the summed PSS of a process and all its descendants (Ray workers, Pool
-    children, the Data-Juicer subprocess) every ``interval`` seconds; ``peak_mb`` is the max.
-
-    PSS splits shared pages (Ray's object store, forked copy-on-write memory) between the
-    processes that map them, so the sum does not count them twice. A sampler misses spikes
-    shorter than its interval; the case process's own ``ru_maxrss`` is reported beside it.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.25):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_kib = 0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        if not os.path.isdir("/proc"):
-            return
-        while not self._halt.is_set():
-            total = sum(_pss_kib(p) for p in _tree(self.pid))
-            self.peak_kib = max(self.peak_kib, total)
-            self._halt.wait(self.interval)
-
-    def stop(self) -> float:
-        self._halt.set()
-        self.join(timeout=5)
-        return round(self.peak_kib / 1024, 1)
-
-
-def self_max_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-# -- output -------------------------------------------------------------------------------------
-
-
-def fmt_num(x: float | None, unit: str = "") -> str:
-    if x is None:
-        return "-"
-    if unit == "%":
-        return f"{x * 100:.2f} %"
-    if abs(x) >= 1000:
-        s = f"{x:,.0f}"
-    elif abs(x) >= 100:
-        s = f"{x:.1f}"
-    elif abs(x) >= 1:
-        s = f"{x:.2f}"
-    else:
-        s = f"{x:.3g}"
-    return f"{s} {unit}".strip()
-
-
-def fmt_goal(row: Row) -> str:
-    if not row.goal:
-        return "-"
-    op, number = row.goal.split()
-    op = {">=": "≥", "<=": "≤"}[op]
-    if row.goal_on == "ratio":
-        return f"{op} {float(number):g}x"
-    if row.unit == "%":
-        return f"{op} {float(number) * 100:g} %"
-    return f"{op} {float(number):g} {row.unit}".strip()
-
-
-def fmt_met(row: Row) -> str:
-    if row.error:
-        return "ERROR"
-    if row.met is None:
-        return "-"
-    return "yes" if row.met else "NO"
-
-
-COLUMNS = (
-    "case",
-    "metric",
-    "ours",
-    "baseline",
-    "baseline value",
-    "ratio",
-    "goal",
-    "met",
-    "peak MB",
-)
-
-
-def row_cells(row: Row, peak_mb: float | None) -> list[str]:
-    if row.error:
-        return [
-            row.case,
-            row.metric,
-            "no figure",
-            row.baseline or "-",
-            fmt_num(row.baseline_value, row.unit),
-            "-",
-            fmt_goal(row),
-            "ERROR",
-            fmt_num(peak_mb),
-        ]
-    return [
-        row.case,
-        row.metric,
-        fmt_num(row.value, row.unit),
-        row.baseline or "-",
-        fmt_num(row.baseline_value, row.unit),
-        "-" if row.ratio is None else f"{row.ratio:.2f}x",
-        fmt_goal(row),
-        fmt_met(row),
-        fmt_num(peak_mb),
-    ]
-
-
-def print_row(row: Row, peak_mb: float | None = None) -> None:
-    cells = row_cells(row, peak_mb)
-    print(
-        f"{cells[0]:<8} {cells[1]:<44} {cells[2]:>16}  vs {cells[3]:<34} {cells[4]:>14}  "
-        f"ratio {cells[5]:>7}  goal {cells[6]:<9} met {cells[7]}",
-        flush=True,
-    )
-    if row.error:
-        print(f"         error: {row.error}", flush=True)
-    elif row.note:
-        print(f"         ({row.note})", flush=True)
-
-
-def write_results(out_dir: Path, payload: dict[str, Any], stem: str = "latest") -> list[Path]:
-    """``STEM.json`` (everything) and ``STEM.md`` (the table + notes) under ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js = out_dir / f"{stem}.json"
-    js.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    md = out_dir / f"{stem}.md"
-    md.write_text(markdown(payload))
-    return [js, md]
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    lines = [
-        f"# omniforge benchmarks ({'quick' if payload.get('quick') else 'full'} run)",
-        "",
-        f"- date: {m['date']}",
-        f"- machine: {machine_line(m)}",
-        f"- command: `{payload.get('command')}`; {payload.get('repeats')} timed repeat(s) "
-        f"after {payload.get('warmup')} warm-up, median shown; total {payload['elapsed_s']:.0f} s",
-        "- ratio: ours relative to the baseline measured in the same run (throughput: ours / "
-        "baseline; overhead: ours / baseline time); goals are printed, never enforced",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    notes = []
-    for name, case in payload["cases"].items():
-        for r in case["rows"]:
-            row = Row(**r)
-            cells = row_cells(row, case.get("peak_mb"))
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-            if row.error:
-                notes.append(f"- **{name} / {row.metric}**: no figure: {row.error}")
-            elif row.note:
-                notes.append(f"- {name} / {row.metric}: {row.note}")
-    lines += ["", "Notes:", "", *notes, ""]
-    lines.append(
-        "Peak MB: summed PSS of the case's process tree (Ray workers, Pool children, "
-        "subprocesses), sampled every 0.25 s; see `peak_mb` / `self_max_rss_mb` in the JSON."
-    )
-    return "\n".join(lines) + "\n"
-
-
-def rows_to_json(rows: list[Row]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]

@@ -252,7 +252,8 @@ def ours_child(
     import json
     import threading
 
-    from bench.harness import WORK, TreeMemory
+    from bench.harness import WORK
+    from bench.memory import TreeMemory
 
     small, _ = clip_set(WORK, quick)
     sets = {"small": small, "large": large_set(small, 2 if quick else COPIES)}
@@ -307,10 +308,10 @@ def _exit_with_tree() -> None:
     """Exit now, killing what this process started (Ray's raylet, GCS and agents)."""
     import signal
 
-    from bench.harness import _tree
+    from bench.memory import process_tree
 
     me = os.getpid()
-    for pid in reversed(_tree(me)):
+    for pid in reversed(process_tree(me)):
         if pid != me:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
