@@ -5,12 +5,14 @@ fast pans, hard cuts, subtitles, a watermark, 9:16, 1 s, Matroska, MPEG-4 Part 2
 metadata; seed 0) plus three real clips of ``tests/data`` (1080p, 480x320 and 320x240
 H.264): 14 clips, about 56 s of video. Sized so that P1 fits the 20-minute budget of
 ``make bench`` on 2 CPUs. Quick set: four synthetic videos of seed 0. Generated once into
-``bench/work/`` (same seed, same bytes) and reused.
+``bench/work/`` (same seed, same bytes) and reused. The large set (P1, P1-resume): the clip
+set ``COPIES`` times under other names, hard links, so the page cache is shared.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from bench.harness import REPO, log
 # 20-minute budget of `make bench` on 2 CPUs.
 REAL_CLIPS = ("counter.mp4", "fades.mp4", "realshort.mp4")
 QUICK_SPECS = ("pan_slow_480x270", "cuts_480x270", "subtitles_480x270", "static_320x180")
+COPIES = 8  # the large set: the clip set this many times
 
 
 def clip_set(work: Path, quick: bool) -> tuple[Path, list[dict[str, Any]]]:
@@ -72,3 +75,19 @@ def totals(clips: list[dict[str, Any]]) -> dict[str, float]:
         "frames": sum(c["frames"] for c in clips),
         "megapixels": round(sum(c["frames"] * c["width"] * c["height"] for c in clips) / 1e6, 1),
     }
+
+
+def large_set(inputs: Path, copies: int = COPIES) -> Path:
+    """``copies`` hard-linked copies of the clip set under other names (made once)."""
+    root = inputs.parent.parent / f"{inputs.parent.name}-x{copies}" / "inputs"
+    if root.exists():
+        return root
+    tmp = root.with_name("inputs.tmp")
+    for i in range(copies):
+        for p in sorted(inputs.rglob("*")):
+            if p.is_file():
+                dst = tmp / f"copy{i}" / p.relative_to(inputs)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(p, dst)
+    tmp.rename(root)
+    return root

@@ -133,7 +133,7 @@ def run_dj(venv: Path, clips: list[dict], tmp: Path) -> tuple[float, float, int,
 
 
 def run(ctx: Context) -> list[Row]:
-    from bench.p1_curation import time_ours
+    from bench.p1_ours import time_ours
 
     _, clips = clip_set(ctx.work, ctx.quick)
     size = totals(clips)

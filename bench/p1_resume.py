@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.clips import clip_set
+from bench.clips import COPIES, clip_set, large_set
 from bench.harness import Context, Row, log, ratio
-from bench.p1_curation import COPIES, SETTINGS, large_set
+from bench.p1_ours import SETTINGS
 
 
 def committed(out: Path) -> int:

@@ -1,0 +1,86 @@
+"""P1's baselines: what a data engineer writes instead of ours. (a) ``multiprocessing.Pool(N)``
+whose workers build and set up the same stages and run the same ``process_batch`` functions,
+sink and pack (``pool_full``); (b) a decode of every frame of every input (``decode_only``),
+the limit for cheap filters. What is measured and why: ``bench.p1_curation``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+_STAGES: list = []
+
+
+def _pool_init(cfg_data: dict) -> None:
+    from curation.config import CurationConfig
+    from curation.pipeline import build_stages
+
+    stages, _ = build_stages(CurationConfig.model_validate(cfg_data))
+    for s in stages:
+        s.setup()
+    _STAGES[:] = stages
+
+
+def _pool_one(args: tuple) -> Any:
+    from curation.journal import BlockRecord, block_id
+    from curation.sink import BlockSink
+
+    out, max_samples, max_bytes, row = args
+    rows = [row]
+    for stage in _STAGES:
+        rows = stage.process_batch(rows)
+    block = block_id([row["input_id"]])
+    written = BlockSink(out, "pool", max_samples, max_bytes).write(block, rows)
+    return BlockRecord(block, [row["input_id"]], written)
+
+
+def pool_full(inputs: Path, out: Path, cfg, workers: int) -> int:
+    """Start a Pool, run every input through the stages and the sink, pack; its full time."""
+    from curation.pack import pack_one, plan_packs, write_final_index
+    from curation.sources import list_inputs
+
+    pool = make_pool(workers, cfg)
+    try:
+        rows = list_inputs(str(inputs), cfg.kind, staging=out / "_staging")
+        shards = cfg.shards
+        jobs = [(str(out), shards.max_samples, shards.max_bytes, r) for r in rows]
+        records = sorted(pool.imap_unordered(_pool_one, jobs, chunksize=1), key=lambda r: r.block)
+    finally:
+        pool.terminate()
+        pool.join()
+    plans = plan_packs(records, shards.max_samples, shards.max_bytes)
+    for plan in plans:
+        pack_one(str(out), plan)
+    mapping = {seg.path: plan.path for plan in plans for seg in plan.segments}
+    return write_final_index(str(out), records, mapping)
+
+
+def make_pool(workers: int, cfg):
+    """A Pool whose workers have built and set up every stage (spawn: forking a process that
+    has torch threads or Ray is unsafe)."""
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(workers, initializer=_pool_init, initargs=(cfg.model_dump(mode="json"),))
+    pool.map(_noop, range(workers * 4), chunksize=1)  # wait until every worker is set up
+    return pool
+
+
+def _noop(_: Any) -> None:
+    return None
+
+
+def _decode_all(path: str) -> int:
+    import av
+
+    n = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            frame.to_ndarray(format="rgb24")
+            n += 1
+    return n
+
+
+def decode_only(paths: list[str], pool) -> int:
+    return sum(pool.map(_decode_all, paths, chunksize=1))
