@@ -45,21 +45,19 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _git(*args: str) -> str:
+    """What ``git ARGS`` prints in the repository, stripped."""
+    run = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10
+    )
+    return run.stdout.strip()
+
+
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or None
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        return commit + ("+dirty" if dirty else "") or None
     except (OSError, subprocess.SubprocessError):
         return None
 

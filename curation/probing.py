@@ -140,19 +140,7 @@ def _probe_image(path: str, img: Image.Image, limits: ProbeConfig, what: str) ->
     if swapped:
         width, height = height, width
     name = _PIL_NAMES.get(fmt, fmt.lower())
-    return {
-        "kind": "image",
-        "container": name,
-        "codec": name,
-        "width": int(width),
-        "height": int(height),
-        "rotation": rotation,
-        "sample_aspect_ratio": 1.0,
-        "has_audio": False,
-        "fps": None,
-        "num_frames": 1,
-        "duration": 0.0,
-    }
+    return _still_image(name, name, int(width), int(height), rotation)
 
 
 def _probe_pipe_image(container: av.container.InputContainer, what: str, limits) -> dict:
@@ -165,13 +153,19 @@ def _probe_pipe_image(container: av.container.InputContainer, what: str, limits)
     if frame is None:
         raise SampleError("decode_error", f"{what}{fmt} image has no decodable picture")
     _check_pixels(frame.width, frame.height, limits, what)
+    codec = container.streams.video[0].codec_context.name
+    return _still_image(fmt, codec, frame.width, frame.height, 0)
+
+
+def _still_image(container: str, codec: str, width: int, height: int, rotation: int) -> dict:
+    """The probe columns of a still image: one frame, no timing, square pixels."""
     return {
         "kind": "image",
-        "container": fmt,
-        "codec": container.streams.video[0].codec_context.name,
-        "width": frame.width,
-        "height": frame.height,
-        "rotation": 0,
+        "container": container,
+        "codec": codec,
+        "width": width,
+        "height": height,
+        "rotation": rotation,
         "sample_aspect_ratio": 1.0,
         "has_audio": False,
         "fps": None,
