@@ -9,16 +9,11 @@ import pytest
 import torch
 
 from training.data.batch import EDIT_TASKS, TASKS, UNDERSTANDING_TASKS, MixedBatch, TaskBatch
-from training.models.common import (
-    ByteTokenizer,
-    TinyCausalVAE,
-    attention_mask,
-    euler_sample,
-    flow_pair,
-    sample_timesteps,
-    shift_timesteps,
-)
+from training.models.blocks import attention_mask
+from training.models.flow import euler_sample, flow_pair, sample_timesteps, shift_timesteps
 from training.models.registry import FAMILIES, MissingPretrained, build_model, register
+from training.models.text import ByteTokenizer
+from training.models.tiny import TinyCausalVAE
 
 FAMS = ("omni_video", "haplo_omni", "vino")
 GROUPS = {

@@ -34,15 +34,10 @@ from torch import nn
 
 from training.models import haplo_omni, omni_video, vino
 from training.models.base import Geometry, UnifiedModel
-from training.models.common import (
-    Frozen,
-    MultimodalLM,
-    attention_mask,
-    checkpoint_ready,
-    group_frames,
-    latent_frames,
-    pad_sequences,
-)
+from training.models.blocks import Frozen, MultimodalLM, attention_mask
+from training.models.checkpointing import checkpoint_ready
+from training.models.geometry import group_frames, latent_frames
+from training.models.text import pad_sequences
 
 MAX_TEXT_LEN = 512  # production captions / instructions, in backbone tokens
 
