@@ -11,7 +11,8 @@ import torch
 from training.data.batch import EDIT_TASKS, TASKS, UNDERSTANDING_TASKS, MixedBatch, TaskBatch
 from training.models.blocks import attention_mask
 from training.models.flow import euler_sample, flow_pair, sample_timesteps, shift_timesteps
-from training.models.registry import FAMILIES, MissingPretrained, build_model, register
+from training.models.pretrained import MissingPretrained
+from training.models.registry import FAMILIES, build_model, register
 from training.models.text import ByteTokenizer
 from training.models.tiny import TinyCausalVAE
 

@@ -15,7 +15,8 @@ from catalog.shards import ASPECT_CLASSES
 from core.config import ConfigWarning, load_config
 from training.data.batch import EDIT_TASKS
 from training.data.buckets import bucket_for, tokens
-from training.models.registry import MissingPretrained, build_model
+from training.models.pretrained import MissingPretrained
+from training.models.registry import build_model
 from training.recipe import IMAGE_TASKS, Recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
@@ -23,7 +24,7 @@ ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 PRODUCTION = ["haplo_omni_7b", "omni_video_7b", "vino_7b"]
 # ConfigWarnings a recipe is allowed to raise (substrings of the message); none so far.
 EXPECTED_WARNINGS: dict[str, list[str]] = {}
-# pretrained keys of the 7b size (training/models/registry.py)
+# pretrained keys of the 7b size (training/models/production.py)
 PRETRAINED_KEYS = {
     "omni_video": {"mllm", "vision_encoder", "dit", "vae"},
     "haplo_omni": {"pre_decoder", "base_decoder", "post_decoder", "vae"},
