@@ -13,9 +13,9 @@ from catalog.names import is_catalog_uri
 from catalog.schema import COLUMNS
 from catalog.shards import ASPECT_CLASSES
 from core.config import ConfigWarning, load_config
+from core.weights import MissingWeights
 from training.data.batch import EDIT_TASKS
 from training.data.buckets import bucket_for, tokens
-from training.models.pretrained import MissingPretrained
 from training.models.registry import build_model
 from training.recipe import IMAGE_TASKS, Recipe
 
@@ -131,7 +131,7 @@ def test_production_template_refuses_to_build_without_weights(name, offline):
     if present:
         pytest.skip(f"placeholder weight dirs exist on this machine: {present}")
     m = r.model
-    with pytest.raises(MissingPretrained) as err:
+    with pytest.raises(MissingWeights) as err:
         build_model(m.family, m.size, m.pretrained, r.stages[0].timestep_shift)
     message = str(err.value)
     for group, path in m.pretrained.items():

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.weights import MissingWeights
 from training.models.blocks import Frozen
 from training.models.checkpointing import checkpoint_ready
 from training.models.geometry import latent_frames
-from training.models.pretrained import MissingPretrained
 
 
 class DiffusersVAE(Frozen):
@@ -147,7 +147,7 @@ def load_diffusers(cls_name: str, root: Path, dtype):
     model = cls.from_config(cls.load_config(root, local_files_only=True))
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise MissingPretrained(f"{root}: no *.safetensors weights (needed without accelerate)")
+        raise MissingWeights(f"{root}: no *.safetensors weights (needed without accelerate)")
     state = {}
     for f in files:
         state.update(load_file(f))

@@ -1,11 +1,16 @@
 """The production (pretrained) sizes of the families: which checkpoints, put together how.
 
-Size ``"7b"`` wraps pretrained backbones loaded from LOCAL directories (``pretrained``: module
-group -> dir; ``local_files_only``: nothing is ever downloaded). Dimensions come from the
-checkpoints' configs, so any compatible checkpoint works. A missing entry, directory or weights
-file raises ``MissingPretrained`` naming the group, the path and the download command; a
-production size never falls back to random backbone weights. The glue that the papers train
-from scratch (vision head, adapter, projector, connectors, queries) starts fresh.
+Size ``"7b"`` wraps pretrained backbones from local checkpoint folders, found and checked by the
+local-weights policy of ``core.weights`` before anything loads: a ``model.pretrained`` entry
+(module group -> folder, or ``hf-hub:ORG/NAME`` for the local Hugging Face cache) wins; an unset
+entry is looked up as ``<root>/<NAME>`` (the checkpoint's repository name, e.g.
+``Qwen2.5-7B-Instruct``) under the model roots ``$OMNIFORGE_MODELS``,
+``~/.cache/omniforge/models``. Loading is ``local_files_only``: nothing is ever downloaded. A
+missing folder, config.json, weights file or shard raises ``MissingWeights`` naming the group,
+the path and the download command; a production size never falls back to random backbone
+weights. Dimensions come from the checkpoints' configs, so any compatible checkpoint works. The
+glue that the papers train from scratch (vision head, adapter, projector, connectors, queries)
+starts fresh.
 
 Production size "7b" (``pretrained`` key: class; checkpoint named in the error messages):
 - omni_video: mllm (+ text_head): AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct;
@@ -22,14 +27,16 @@ the model folder itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from core.weights import CHECKPOINT, LocalWeights, model_roots, require_all, resolve_weights
 from training.models import haplo_omni, omni_video, vino
 from training.models.base import Geometry
 from training.models.blocks import MultimodalLM
 from training.models.hf_diffusers import DiffusersVAE, HunyuanMMDiT, WanDiT, load_diffusers
 from training.models.hf_transformers import load_causal_lm, load_siglip
-from training.models.pretrained import locate_all
 
 MAX_TEXT_LEN = 512  # production captions / instructions, in backbone tokens
 QWEN = "Qwen/Qwen2.5-7B-Instruct"
@@ -39,6 +46,46 @@ WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 HUNYUAN = "hunyuanvideo-community/HunyuanVideo"
 GRID = 8  # vision-encoder features pooled to 8 x 8 tokens per latent frame
 NUM_TOKENS = 64  # Omni-Video vision tokens / VINO learnable queries
+
+
+def locate_all(pretrained: dict[str, str], where: str, specs: list[tuple]) -> dict[str, Path]:
+    """The checked checkpoint folder of each (group, repo, subfolder, fallback) spec, before
+    anything loads; every problem is reported in one ``MissingWeights``. ``where``: "family
+    size". Keys of ``pretrained`` outside ``specs`` are errors."""
+    allowed = [spec[0] for spec in specs]
+    unknown = sorted(set(pretrained) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown model.pretrained keys {unknown}; allowed: {', '.join(allowed)}"
+        )
+    weights = [pretrained_weights(pretrained, where, *spec) for spec in specs]
+    return dict(zip(allowed, require_all(weights), strict=True))
+
+
+def pretrained_weights(
+    pretrained: dict[str, str],
+    where: str,
+    group: str,
+    repo: str,
+    subfolder: str | None = None,
+    fallback: str | None = None,
+) -> LocalWeights:
+    """Where ``group``'s checkpoint is: its ``model.pretrained`` entry (or ``fallback``'s), else
+    ``<root>/<repo name>`` under the model roots. A diffusers repo folder stands for its
+    ``subfolder`` (``transformer/``, ``vae/``) when it has one."""
+    explicit = pretrained.get(group) or (pretrained.get(fallback) if fallback else None)
+    base = resolve_weights(explicit, repo.split("/")[-1], kind=CHECKPOINT)
+    root = base / subfolder if subfolder and (base / subfolder).is_dir() else base
+    folder = f" (with its {subfolder}/ folder)" if subfolder else ""
+    how = f"fetch {repo}{folder}: `hf download {repo} --local-dir {base}`"
+    if not explicit:
+        also = f" (or model.pretrained.{fallback})" if fallback else ""
+        roots = ", ".join(map(str, model_roots()))
+        how = (
+            f"model.pretrained.{group}{also} is not set, so it was looked up under {roots}; "
+            f"{how}, or set model.pretrained.{group} to a local folder holding it"
+        )
+    return LocalWeights(root, f"{where}: {group}", how, CHECKPOINT)
 
 
 def _geometry(vae: DiffusersVAE, patch: int) -> Geometry:
