@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # torch is imported where a model is read or run: not by the 
     import torch
     from torch import nn
 
-from curation.weights import VIEW, ClipSpec, MissingWeights, WeightsError
+from core.weights import WeightsError, require_all
+from curation.weights import VIEW, ClipSpec
 
 # Working column shared by the aesthetic and watermark stages: {"key": ClipSpec.key,
 # "emb": (N, D) float32 L2-normalised embeddings, one per scored frame}. The sink drops it
@@ -103,9 +104,7 @@ def load_clip(
     checkpoint made for another input size; that case is refused here as well.
     """
     spec = weights if isinstance(weights, ClipSpec) else ClipSpec(arch, Path(weights))
-    for req in spec.required_files():
-        if not Path(req.path).is_file():
-            raise MissingWeights(f"{req.what} not found at {req.path} ({req.how_to_get})")
+    require_all(spec.required_files())
     open_clip = import_open_clip()
     if spec.hf_repo:
         name, pretrained = f"local-dir:{spec.weights.parent}", None

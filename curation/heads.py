@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.weights import LocalWeights, WeightsError
 from curation.clip import read_state_dict
-from curation.weights import AESTHETIC_HEAD, MissingWeights, WeightsError, watermark_head_relative
+from curation.weights import AESTHETIC_HEAD, watermark_head_relative
 
 WATERMARK_HEAD_FORMAT = "omniforge-watermark-head/1"
 __all__ = ["AESTHETIC_HEAD", "AestheticHead", "WatermarkHead", "watermark_head_relative"]
@@ -55,9 +56,7 @@ class AestheticHead(nn.Module):
 
     @classmethod
     def load(cls, path: Path | str) -> AestheticHead:
-        path = Path(path)
-        if not path.is_file():
-            raise MissingWeights(f"aesthetic head not found at {path}")
+        path = LocalWeights(Path(path), "aesthetic head").require()
         state = read_state_dict(path)
         _check_keys(path, state, set(cls.KEYS), "LAION aesthetic head (layers.{0,2,4,6,7})")
         w0 = state["layers.0.weight"]
@@ -121,9 +120,7 @@ class WatermarkHead(nn.Module):
 
     @classmethod
     def load(cls, path: Path | str) -> WatermarkHead:
-        path = Path(path)
-        if not path.is_file():
-            raise MissingWeights(f"watermark head not found at {path}")
+        path = LocalWeights(Path(path), "watermark head").require()
         if path.suffix != ".safetensors":
             raise WeightsError(f"{path}: a watermark head is a .safetensors file")
         state = read_state_dict(path)

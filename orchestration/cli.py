@@ -19,11 +19,10 @@ from catalog.filters import FilterError
 from catalog.schema import SchemaError
 from catalog.store import CatalogError
 from core.config import ConfigError, ConfigWarning
+from core.weights import MissingWeights, WeightsError
 from curation.engine import CurationAborted
 from curation.output import OutputBusy
 from curation.sink import OutputError
-from curation.stages.base import MissingWeights
-from curation.weights import WeightsError
 from orchestration import (
     catalog_cmd,
     cluster_cmd,

@@ -26,8 +26,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from core.weights import WeightsError, resolve_weights
 from curation.config import AestheticConfig
-from curation.weights import AESTHETIC_HEAD, ClipSpec, WeightsError, resolve
+from curation.weights import AESTHETIC_HEAD, ClipSpec
 
 from .base import SampleError
 from .clip_head import ClipHeadStage, FrameBatch
@@ -52,7 +53,7 @@ class AestheticStage(ClipHeadStage):
         clip: ClipSpec | None = None,
         models_dir: Path | str | None = None,
     ):
-        head = resolve(cfg.head_weights, AESTHETIC_HEAD, models_dir)
+        head = resolve_weights(cfg.head_weights, AESTHETIC_HEAD, models_dir)
         super().__init__(clip or clip_spec(cfg, models_dir), head, cfg.batch_size)
 
     def head_how(self) -> str:

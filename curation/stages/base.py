@@ -20,11 +20,10 @@ from __future__ import annotations
 import functools
 import mimetypes
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from curation.weights import MissingWeights, RequiredFile
+from core.weights import LocalWeights, MissingWeights, require_all
 
 Row = dict[str, Any]
 
@@ -90,8 +89,8 @@ class Stage:
     def setup(self) -> None:
         """Load models / engines once per worker."""
 
-    def required_files(self) -> list[RequiredFile]:
-        """Files that must exist before the pipeline starts (checked on the driver)."""
+    def required_files(self) -> list[LocalWeights]:
+        """Weights that must be on disk before the pipeline starts (checked on the driver)."""
         return []
 
     def process_row(self, row: Row) -> Row | list[Row]:
@@ -162,12 +161,7 @@ def mark_error(row: Row, reason: str, detail: str = "") -> Row:
 
 def check_required(stages: Iterable[Stage]) -> None:
     """Raise MissingWeights listing every missing file (with how to get it) before any work."""
-    missing = [
-        (s.name, f) for s in stages for f in s.required_files() if not Path(f.path).is_file()
-    ]
-    if missing:
-        lines = [f"{name}: {f.what} not found at {f.path} ({f.how_to_get})" for name, f in missing]
-        raise MissingWeights("model weights are missing:\n  - " + "\n  - ".join(lines))
+    require_all(replace(f, what=f"{s.name}: {f.what}") for s in stages for f in s.required_files())
 
 
-__all__ = ["MissingWeights", "RequiredFile", "Resources", "Row", "SampleError", "Stage"]
+__all__ = ["LocalWeights", "MissingWeights", "Resources", "Row", "SampleError", "Stage"]

@@ -22,7 +22,7 @@ import numpy as np
 from curation.clip import ClipEmbedder, ClipSpec, share_embeddings, shared_embeddings
 from curation.media import as_frames
 
-from .base import RequiredFile, Resources, Row, SampleError, Stage, mark_error
+from .base import LocalWeights, Resources, Row, SampleError, Stage, mark_error
 
 EDIT_KINDS = ("image_edit", "video_edit")
 VIDEO_KINDS = ("video", "video_edit")
@@ -131,8 +131,8 @@ class ClipHeadStage(Stage):
         """The score columns of live row ``i`` (SampleError: this row only fails)."""
         raise NotImplementedError
 
-    def required_files(self) -> list[RequiredFile]:
-        head = RequiredFile(self.head_path, self.head_what, self.head_how())
+    def required_files(self) -> list[LocalWeights]:
+        head = LocalWeights(self.head_path, self.head_what, self.head_how())
         return [*self.clip.required_files(), head]
 
     def setup(self) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 from curation.config import OcrConfig
 from curation.media import FRAME_MAX_SIDE, as_frames
 
-from .base import MissingWeights, RequiredFile, Resources, Row, SampleError, Stage
+from .base import LocalWeights, MissingWeights, Resources, Row, SampleError, Stage
 
 OCR_COLUMNS = ("ocr_area", "ocr_boxes")
 
@@ -251,21 +251,21 @@ class OcrStage(Stage):
         state["_detector"] = None  # engines are rebuilt by setup() in each actor
         return state
 
-    def required_files(self) -> list[RequiredFile]:
+    def required_files(self) -> list[LocalWeights]:
         if self.engine == "paddleocr":
             root = Path(self.model_dir) if self.model_dir is not None else Path("<ocr.model_dir>")
             return [
-                RequiredFile(
+                LocalWeights(
                     root / "inference.yml", "PaddleOCR det model config", PADDLE_MODEL_HINT
                 ),
-                RequiredFile(
+                LocalWeights(
                     root / "inference.pdiparams", "PaddleOCR det weights", PADDLE_MODEL_HINT
                 ),
             ]
         path = rapidocr_det_model()
         if path is None:
             return []
-        return [RequiredFile(path, "RapidOCR text-detection model", RAPID_HOW)]
+        return [LocalWeights(path, "RapidOCR text-detection model", RAPID_HOW)]
 
     def setup(self) -> None:
         if self._detector is None:

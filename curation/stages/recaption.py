@@ -45,7 +45,7 @@ from curation.captioners import (
 )
 from curation.config import RecaptionConfig
 from curation.media import as_frames, fit_max_side
-from curation.stages.base import RequiredFile, Resources, Row, SampleError, Stage, mark_error
+from curation.stages.base import LocalWeights, Resources, Row, SampleError, Stage, mark_error
 
 VIDEO_PROMPT = (
     "You write captions for a text-to-video training set. The images are frames of one video "
@@ -193,12 +193,12 @@ class RecaptionStage(Stage):
         state.update(_engine=None, _pool=None, _cache=None)
         return state
 
-    def required_files(self) -> list[RequiredFile]:
+    def required_files(self) -> list[LocalWeights]:
         if self.backend != "transformers":
             return []
         model_dir = Path(self.cfg.model_dir)
         return [
-            RequiredFile(
+            LocalWeights(
                 model_dir / "config.json",
                 "recaption VLM (a transformers model directory)",
                 f"on a machine with network: `hf download {MODEL_HINT} --local-dir {model_dir}` "

@@ -46,9 +46,10 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
+from core.weights import WeightsError, resolve_weights
 from curation.config import WatermarkConfig
 from curation.shift import dominant_shift, overlap, shifted
-from curation.weights import ClipSpec, WeightsError, resolve, watermark_head_relative
+from curation.weights import ClipSpec, watermark_head_relative
 
 from .base import SampleError
 from .clip_head import VIDEO_KINDS, ClipHeadStage, FrameBatch
@@ -133,7 +134,7 @@ class WatermarkStage(ClipHeadStage):
         models_dir: Path | str | None = None,
         batch_size: int = ClipHeadStage.batch_size,
     ):
-        head = resolve(cfg.head_weights, watermark_head_relative(clip.arch), models_dir)
+        head = resolve_weights(cfg.head_weights, watermark_head_relative(clip.arch), models_dir)
         super().__init__(clip, head, batch_size)
         self.static_overlay = cfg.static_overlay
         self.head_what = f"watermark head for {clip.arch}"  # type: ignore[misc]

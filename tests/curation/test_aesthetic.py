@@ -25,6 +25,7 @@ from tiny_models import (
     save_clip,
 )
 
+from core.weights import WeightsError, resolve_weights
 from curation.clip import (
     ClipEmbedder,
     ClipSpec,
@@ -37,7 +38,6 @@ from curation.heads import AESTHETIC_HEAD, AestheticHead
 from curation.sample_data.render import landscape, rng_for
 from curation.stages.aesthetic import AestheticStage
 from curation.stages.base import MissingWeights, check_required
-from curation.weights import WeightsError, resolve
 
 
 @pytest.fixture(autouse=True)
@@ -106,19 +106,19 @@ def test_resolve_prefers_explicit_then_models_dir_then_env_then_user_cache(tmp_p
     monkeypatch.setenv("OMNIFORGE_MODELS", str(env))
     user = home / ".cache/omniforge/models" / rel
     # nothing exists: the primary expected path is reported
-    assert resolve(None, rel, cfg_dir) == cfg_dir / rel
-    assert resolve(None, rel, None) == env / rel
+    assert resolve_weights(None, rel, cfg_dir) == cfg_dir / rel
+    assert resolve_weights(None, rel, None) == env / rel
     monkeypatch.delenv("OMNIFORGE_MODELS")
-    assert resolve(None, rel, None) == user
+    assert resolve_weights(None, rel, None) == user
     monkeypatch.setenv("OMNIFORGE_MODELS", str(env))
     for path in (user, env / rel):
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x")
-        assert resolve(None, rel, cfg_dir) == path  # first root that has it
+        assert resolve_weights(None, rel, cfg_dir) == path  # first root that has it
     (cfg_dir / rel).parent.mkdir(parents=True)
     (cfg_dir / rel).write_bytes(b"x")
-    assert resolve(None, rel, cfg_dir) == cfg_dir / rel
-    assert resolve(tmp_path / "mine.pth", rel, cfg_dir) == tmp_path / "mine.pth"
+    assert resolve_weights(None, rel, cfg_dir) == cfg_dir / rel
+    assert resolve_weights(tmp_path / "mine.pth", rel, cfg_dir) == tmp_path / "mine.pth"
     # CLIP checkpoints: .safetensors, .pt or .bin
     (env / "open_clip").mkdir()
     (env / "open_clip" / "ViT-B-32.bin").write_bytes(b"x")

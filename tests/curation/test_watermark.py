@@ -28,6 +28,7 @@ from tiny_models import (
     watermark_training_set,
 )
 
+from core.weights import WeightsError
 from curation.clip import EMBEDDING_COLUMN, ClipEmbedder, ClipSpec
 from curation.config import CurationConfig
 from curation.heads import (
@@ -41,7 +42,6 @@ from curation.sample_data import generate
 from curation.stages.aesthetic import AestheticStage, clip_spec
 from curation.stages.base import MissingWeights, check_required
 from curation.stages.watermark import WatermarkStage, static_overlay_score
-from curation.weights import WeightsError
 
 SELECT_MAX_WATERMARK_STATIC = CurationConfig().select.max_watermark_static
 

@@ -8,17 +8,13 @@ import math
 import pytest
 import torch
 
+from core.weights import MissingWeights
 from training.data.batch import EDIT_TASKS, TASKS, UNDERSTANDING_TASKS, MixedBatch, TaskBatch
-from training.models.common import (
-    ByteTokenizer,
-    TinyCausalVAE,
-    attention_mask,
-    euler_sample,
-    flow_pair,
-    sample_timesteps,
-    shift_timesteps,
-)
-from training.models.registry import FAMILIES, MissingPretrained, build_model, register
+from training.models.blocks import attention_mask
+from training.models.flow import euler_sample, flow_pair, sample_timesteps, shift_timesteps
+from training.models.registry import FAMILIES, build_model, register
+from training.models.text import ByteTokenizer
+from training.models.tiny import TinyCausalVAE
 
 FAMS = ("omni_video", "haplo_omni", "vino")
 GROUPS = {
@@ -289,18 +285,23 @@ def test_flow_matching_utilities():
     assert mask.tolist() == [[True, True, False], [True, True, False], [True, True, True]]
 
 
-def test_production_size_refuses_missing_weights(tmp_path, offline):
-    with pytest.raises(MissingPretrained) as err:
+def test_production_size_refuses_missing_weights(tmp_path, offline, monkeypatch):
+    roots = tmp_path / "models"
+    monkeypatch.setenv("OMNIFORGE_MODELS", str(roots))
+    with pytest.raises(MissingWeights) as err:
         build_model("omni_video", "7b", {"mllm": str(tmp_path / "nope")})
     msg = str(err.value)
     assert f"mllm directory {tmp_path / 'nope'} does not exist" in msg
     assert "hf download Qwen/Qwen2.5-7B-Instruct --local-dir" in msg
-    assert "model.pretrained.vision_encoder is not set" in msg  # every problem at once
+    # every problem at once; an unset entry names where it was looked up
+    expected = roots / "siglip2-so400m-patch14-384"
+    assert f"vision_encoder directory {expected} does not exist" in msg
+    assert "model.pretrained.vision_encoder is not set" in msg
     assert "model.pretrained.vae (or model.pretrained.dit) is not set" in msg
     empty = tmp_path / "empty"
     (empty / "transformer").mkdir(parents=True)
     (empty / "transformer" / "config.json").write_text("{}")
-    with pytest.raises(MissingPretrained, match="post_decoder: no weights .* in .*transformer"):
+    with pytest.raises(MissingWeights, match="post_decoder: no weights .* in .*transformer"):
         build_model("haplo_omni", "7b", {"post_decoder": str(empty)})
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -308,11 +309,34 @@ def test_production_size_refuses_missing_weights(tmp_path, offline):
     (sharded / "model.safetensors.index.json").write_text(
         '{"weight_map": {"a": "model-00001-of-00002.safetensors"}}'
     )
-    with pytest.raises(MissingPretrained, match="lists missing weight files .*incomplete download"):
+    with pytest.raises(MissingWeights, match="lists missing weight files .*incomplete download"):
         build_model("vino", "7b", {"vlm": str(sharded)})
-    with pytest.raises(MissingPretrained, match="vino size '7b': model.pretrained.vlm is not set"):
+    with pytest.raises(MissingWeights, match="vino size '7b': vlm directory .* does not exist"):
         build_model("vino", "7b")
-    assert issubclass(MissingPretrained, FileNotFoundError)
+    with pytest.raises(ValueError, match=r"unknown model.pretrained keys \['dti'\]"):
+        build_model("omni_video", "7b", {"dti": str(empty)})
+    assert issubclass(MissingWeights, FileNotFoundError)
+
+
+def test_unset_pretrained_entries_are_found_under_the_model_roots(tmp_path, monkeypatch):
+    """The shared local-weights policy (core.weights): an explicit entry wins, else
+    <root>/<repo name>; a diffusers repo folder stands for its transformer/ or vae/ folder."""
+    from training.models.production import WAN, locate_all
+
+    def fake_checkpoint(folder):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+        return folder
+
+    roots = tmp_path / "models"
+    monkeypatch.setenv("OMNIFORGE_MODELS", str(roots))
+    wan = roots / "Wan2.1-T2V-1.3B-Diffusers"
+    dit, vae = fake_checkpoint(wan / "transformer"), fake_checkpoint(wan / "vae")
+    mine = fake_checkpoint(tmp_path / "my-vae")
+    specs = [("dit", WAN, "transformer", None), ("vae", WAN, "vae", "dit")]
+    assert locate_all({}, "test", specs) == {"dit": dit, "vae": vae}
+    assert locate_all({"vae": str(mine)}, "test", specs) == {"dit": dit, "vae": mine}
 
 
 @pytest.fixture(scope="module")

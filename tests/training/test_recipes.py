@@ -13,9 +13,10 @@ from catalog.names import is_catalog_uri
 from catalog.schema import COLUMNS
 from catalog.shards import ASPECT_CLASSES
 from core.config import ConfigWarning, load_config
+from core.weights import MissingWeights
 from training.data.batch import EDIT_TASKS
 from training.data.buckets import bucket_for, tokens
-from training.models.registry import MissingPretrained, build_model
+from training.models.registry import build_model
 from training.recipe import IMAGE_TASKS, Recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
@@ -23,7 +24,7 @@ ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 PRODUCTION = ["haplo_omni_7b", "omni_video_7b", "vino_7b"]
 # ConfigWarnings a recipe is allowed to raise (substrings of the message); none so far.
 EXPECTED_WARNINGS: dict[str, list[str]] = {}
-# pretrained keys of the 7b size (training/models/registry.py)
+# pretrained keys of the 7b size (training/models/production.py)
 PRETRAINED_KEYS = {
     "omni_video": {"mllm", "vision_encoder", "dit", "vae"},
     "haplo_omni": {"pre_decoder", "base_decoder", "post_decoder", "vae"},
@@ -130,7 +131,7 @@ def test_production_template_refuses_to_build_without_weights(name, offline):
     if present:
         pytest.skip(f"placeholder weight dirs exist on this machine: {present}")
     m = r.model
-    with pytest.raises(MissingPretrained) as err:
+    with pytest.raises(MissingWeights) as err:
         build_model(m.family, m.size, m.pretrained, r.stages[0].timestep_shift)
     message = str(err.value)
     for group, path in m.pretrained.items():

@@ -8,6 +8,16 @@ mean of the parts' losses, so the trainer runs one backward either way). Familie
 generate implement ``sample`` (flow-matching Euler, ``common.FamilyModel.sample``).
 Geometry: latent side = pixel side / ``spatial_factor``; video frame counts are
 ``k * temporal_factor + 1`` (causal video VAE: the first frame alone, then groups).
+
+Backbone interfaces: tiny sizes build every backbone from scratch (``tiny``); production sizes
+(``production``) wrap pretrained ones behind the same small interfaces:
+- a *decoder* maps ``(embeds (B, L, D), key_mask (B, L), block_ids (B, L) | None)`` to hidden
+  states ``(B, L, D)``; ``block_ids`` gives the attention pattern (``blocks.attention_mask``);
+- a *vision encoder* maps pixels ``(B, T, C, H, W)`` to frozen features ``(B, T', N, De)``;
+- a *VAE* maps pixels to latents ``(B, T', C_lat, H/8, W/8)``, ``T' = 1 + (T - 1) / tf``;
+- a *DiT* maps ``(x (B, T', C_in, h, w), t (B,), context (B, N, Dc), context_mask (B, N))`` to
+  a velocity ``(B, T', C_out, h, w)``.
+Every random choice in ``forward`` uses torch's global RNG (the trainer seeds it).
 """
 
 from __future__ import annotations

@@ -28,22 +28,12 @@ from torch import nn
 
 from training.data.batch import EDIT_TASKS, UNDERSTANDING_TASKS, TaskBatch
 from training.models.base import Geometry
-from training.models.common import (
-    Block,
-    ByteTokenizer,
-    FamilyModel,
-    TinyCausalVAE,
-    TinyDecoder,
-    TinyDiT,
-    Velocity,
-    flow_pair,
-    group_frames,
-    mlp,
-    next_token_loss,
-    patchify,
-    pos_embed_3d,
-    sinusoid,
-)
+from training.models.blocks import Block, mlp
+from training.models.common import FamilyModel
+from training.models.flow import Velocity, flow_pair
+from training.models.geometry import group_frames, patchify, pos_embed_3d, sinusoid
+from training.models.text import ByteTokenizer, next_token_loss
+from training.models.tiny import TinyCausalVAE, TinyDecoder, TinyDiT
 
 VISUAL, LATENT, TIME = 0, 1, 2  # modality index of the pre-connector's scales
 

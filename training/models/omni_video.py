@@ -26,21 +26,12 @@ from torch import nn
 
 from training.data.batch import EDIT_TASKS, UNDERSTANDING_TASKS, TaskBatch
 from training.models.base import Geometry
-from training.models.common import (
-    ByteTokenizer,
-    FamilyModel,
-    MultimodalLM,
-    TinyCausalVAE,
-    TinyDecoder,
-    TinyDiT,
-    TinyVisionEncoder,
-    TokenSet,
-    Velocity,
-    flow_pair,
-    mlp,
-    next_token_loss,
-    pool_tokens,
-)
+from training.models.blocks import MultimodalLM, TokenSet, mlp
+from training.models.common import FamilyModel
+from training.models.flow import Velocity, flow_pair
+from training.models.geometry import pool_tokens
+from training.models.text import ByteTokenizer, next_token_loss
+from training.models.tiny import TinyCausalVAE, TinyDecoder, TinyDiT, TinyVisionEncoder
 
 
 class VisionHead(nn.Module):

@@ -27,22 +27,12 @@ from torch.utils.checkpoint import checkpoint
 
 from training.data.batch import EDIT_TASKS, GENERATION_TASKS, TaskBatch
 from training.models.base import Geometry
-from training.models.common import (
-    ByteTokenizer,
-    FamilyModel,
-    MultimodalLM,
-    TinyCausalVAE,
-    TinyDecoder,
-    TinyVisionEncoder,
-    TokenSet,
-    Velocity,
-    flow_pair,
-    mlp,
-    patchify,
-    pos_embed_3d,
-    sinusoid,
-    unpatchify,
-)
+from training.models.blocks import MultimodalLM, TokenSet, mlp
+from training.models.common import FamilyModel
+from training.models.flow import Velocity, flow_pair
+from training.models.geometry import patchify, pos_embed_3d, sinusoid, unpatchify
+from training.models.text import ByteTokenizer
+from training.models.tiny import TinyCausalVAE, TinyDecoder, TinyVisionEncoder
 
 
 class _Stream(nn.Module):
