@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from training.data.batch import EDIT_TASKS, TASKS, UNDERSTANDING_TASKS, MixedBatch, TaskBatch
+from training.data.batch import MixedBatch, TaskBatch
 from training.models.common import (
     ByteTokenizer,
     TinyCausalVAE,
@@ -19,6 +19,7 @@ from training.models.common import (
     shift_timesteps,
 )
 from training.models.registry import FAMILIES, MissingPretrained, build_model, register
+from training.tasks import EDIT_TASKS, TASKS, UNDERSTANDING_TASKS
 
 FAMS = ("omni_video", "haplo_omni", "vino")
 GROUPS = {

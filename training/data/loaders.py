@@ -18,7 +18,7 @@ has one deterministic stream per rank:
   by a generator seeded with (seed, epoch, task, bucket) (the same on every rank); samples
   inside a shard keep their written order.
 
-Usable = the sample's kind fits the task (``TASK_KINDS``; the kind comes from ``KEY.json``, or
+Usable = the sample's kind is the task's (``training.tasks``; the kind comes from ``KEY.json``, or
 from the member names when that is unreadable) and, when ``keys`` is given (a catalog filter),
 its key is allowed. Shard buckets of the other modality (frame class ``f1`` for video tasks,
 ``f>1`` for image tasks) are dropped by name, unread. Usable counts per shard come from
@@ -64,33 +64,26 @@ import fsspec
 import numpy as np
 import torch
 
+from catalog.schema import EDIT_KINDS
 from catalog.shards import relative_to_root
-from training.data.batch import EDIT_TASKS, TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.data.buckets import (
     BucketShape,
     batch_size_for,
     frames_for,
     shape_for_shard_bucket,
 )
+from training.tasks import TASKS, task_spec
 
 __all__ = [
     "DataSource",
     "SampleDecodeWarning",
-    "TASK_KINDS",
     "TaskLoader",
     "build_task_loaders",
     "resolve_data",
     "scan_shard",
 ]
 
-TASK_KINDS: dict[str, tuple[str, ...]] = {
-    "t2i": ("image",),
-    "image_understanding": ("image",),
-    "t2v": ("video",),
-    "video_understanding": ("video",),
-    "i2i_edit": ("image_edit",),
-    "v2v_edit": ("video_edit",),
-}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")
 STATE_FORMAT = 1
@@ -452,18 +445,18 @@ class TaskLoader:
         counts: Mapping[str, int] | str | None = None,
         decode_threads: int = 2,
     ):
-        if task not in TASK_KINDS:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        spec = task_spec(task)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.task = task
-        self.kinds = TASK_KINDS[task]
+        self.kind = spec.kind
+        self.media = spec.num_media
         self.tokenize = tokenize
         self.spatial_factor = int(geometry.spatial_factor)
         self.temporal_factor = int(geometry.temporal_factor)
         self.frame_area = int(frame_area)
         self.token_budget = int(token_budget)
-        self.is_video = self.kinds[0] in ("video", "video_edit")
+        self.is_video = spec.group == "video"
         self.num_frames = frames_for(num_frames if self.is_video else 1, self.temporal_factor)
         self.fps = fps
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
@@ -504,7 +497,7 @@ class TaskLoader:
 
     def _scan(self, uri: str) -> int:
         found = scan_shard(uri, self.keys)
-        return sum(found.get(k, 0) for k in self.kinds)
+        return found.get(self.kind, 0)
 
     def _add_stream(self, shape: BucketShape, shards: list[_Shard]) -> None:
         ws, r = self.world_size, self.rank
@@ -545,9 +538,8 @@ class TaskLoader:
         return self._stream(shape).mode
 
     def batch_size(self, shape: BucketShape) -> int:
-        media = 2 if self.task in EDIT_TASKS else 1
         return batch_size_for(
-            shape, self.token_budget, self.spatial_factor, self.temporal_factor, media
+            shape, self.token_budget, self.spatial_factor, self.temporal_factor, self.media
         )
 
     def next_batch(self, shape: BucketShape, size: int | None = None) -> TaskBatch:
@@ -578,7 +570,7 @@ class TaskLoader:
                     "row failed to decode (a whole epoch); the data is unusable"
                 )
         pixels = torch.stack([r[0] for _, r in done])
-        source = torch.stack([r[1] for _, r in done]) if self.task in EDIT_TASKS else None
+        source = torch.stack([r[1] for _, r in done]) if self.media == 2 else None
         texts = [r[2] for _, r in done]
         input_ids, attention_mask = self.tokenize(texts)
         return TaskBatch(
@@ -673,7 +665,7 @@ class TaskLoader:
         return stream._order[1]
 
     def _usable(self, key: str, kind: str | None) -> bool:
-        return kind in self.kinds and (self.keys is None or key in self.keys)
+        return kind == self.kind and (self.keys is None or key in self.keys)
 
     def _next_raw(self, stream: _Stream) -> _Raw:
         """Advance the cursor to the next sample this rank takes; read its members."""
@@ -737,7 +729,7 @@ class TaskLoader:
             raise OSError(raw.error)
         members = raw.members
         kind = raw.meta.get("kind") or _kind_from_members(members)
-        if kind in ("image_edit", "video_edit"):
+        if kind in EDIT_KINDS:
             src = self._medium(members, "src.", raw, shape)
             tgt = self._medium(members, "tgt.", raw, shape)
         else:
@@ -780,8 +772,8 @@ class DataSource:
     keys: frozenset[str] | None = None  # allowed keys (catalog filter), None = all
 
     def counts_for(self, task: str) -> dict[str, int]:
-        kinds = TASK_KINDS[task]
-        return {u: sum(c.get(k, 0) for k in kinds) for u, c in self.kind_counts.items()}
+        kind = task_spec(task).kind
+        return {u: c.get(kind, 0) for u, c in self.kind_counts.items()}
 
 
 def _glob_shards(uri: str) -> list[str]:

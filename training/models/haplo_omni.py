@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data.batch import EDIT_TASKS, UNDERSTANDING_TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.models.base import Geometry
 from training.models.common import (
     Block,
@@ -44,6 +44,7 @@ from training.models.common import (
     pos_embed_3d,
     sinusoid,
 )
+from training.tasks import EDIT_TASKS, UNDERSTANDING_TASKS
 
 VISUAL, LATENT, TIME = 0, 1, 2  # modality index of the pre-connector's scales
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data.batch import EDIT_TASKS, UNDERSTANDING_TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.models.base import Geometry
 from training.models.common import (
     ByteTokenizer,
@@ -41,6 +41,7 @@ from training.models.common import (
     next_token_loss,
     pool_tokens,
 )
+from training.tasks import EDIT_TASKS, UNDERSTANDING_TASKS
 
 
 class VisionHead(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.data.batch import EDIT_TASKS, GENERATION_TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.models.base import Geometry
 from training.models.common import (
     ByteTokenizer,
@@ -43,6 +43,7 @@ from training.models.common import (
     sinusoid,
     unpatchify,
 )
+from training.tasks import EDIT_TASKS, GENERATION_TASKS
 
 
 class _Stream(nn.Module):
