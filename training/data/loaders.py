@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from catalog.schema import EDIT_KINDS
-from catalog.shards import relative_to_root
+from catalog.shards import ShardReader, ShardReadError, relative_to_root
 from training.data.batch import TaskBatch
 from training.data.buckets import (
     BucketShape,
@@ -97,93 +97,15 @@ class SampleDecodeWarning(RuntimeWarning):
 
 # -- reading shards ---------------------------------------------------------------------------
 
-# WebDataset's rule: the key is the member path up to the first dot of its base name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+def _warn_unreadable(error: ShardReadError) -> None:
+    warnings.warn(str(error), SampleDecodeWarning, stacklevel=2)
 
 
-class _ShardReader:
-    """Sequential sample groups of one tar; member data is read only on request (seekable).
-
-    An unreadable shard (missing, truncated, not a tar) does not raise: a
-    ``SampleDecodeWarning`` names it and the shard ends there (a partly read sample is
-    dropped)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self._file: Any = None
-        self._tar: tarfile.TarFile | None = None
-        self._pending: tarfile.TarInfo | None = None
-        self.ordinal = 0  # sample groups consumed so far
-        self.failed: str | None = None
-        try:
-            self._file = fsspec.open(uri, "rb").open()
-            self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - kept open
-        except (OSError, EOFError, tarfile.TarError) as e:
-            self._fail(e)
-
-    def _fail(self, e: BaseException) -> None:
-        self.failed = f"{type(e).__name__}: {e}"
-        warnings.warn(
-            f"shard {self.uri} is unreadable after {self.ordinal} samples: {self.failed}",
-            SampleDecodeWarning,
-            stacklevel=4,
-        )
-        self.close()
-
-    def next_group(self) -> tuple[str, dict[str, tarfile.TarInfo]] | None:
-        if self._tar is None:
-            return None
-        key: str | None = None
-        members: dict[str, tarfile.TarInfo] = {}
-        try:
-            while True:
-                info = self._pending if self._pending is not None else self._tar.next()
-                self._pending = None
-                if info is None:
-                    break
-                m = _KEY_EXT.match(info.name)
-                if not info.isfile() or not m:
-                    continue
-                k, ext = m.groups()
-                if key is None:
-                    key = k
-                elif k != key:
-                    self._pending = info
-                    break
-                members[ext] = info
-        except (OSError, EOFError, tarfile.TarError) as e:
-            self._fail(e)
-            return None
-        # The tar keeps every header it has seen; a training stream reads shards to the end.
-        self._tar.members.clear()
-        if key is None:
-            return None
-        self.ordinal += 1
-        return key, members
-
-    def skip(self, n: int) -> None:
-        for _ in range(n):
-            if self.next_group() is None:
-                return
-
-    def read(self, info: tarfile.TarInfo) -> bytes:
-        if self._tar is None:
-            raise OSError(f"shard {self.uri} is closed ({self.failed or 'unreadable'})")
-        f = self._tar.extractfile(info)
-        data = b"" if f is None else f.read()
-        if len(data) != info.size:
-            raise OSError(f"member {info.name}: {len(data)} of {info.size} bytes (truncated)")
-        return data
-
-    def close(self) -> None:
-        tar, file = self._tar, self._file
-        self._tar = self._file = None
-        try:
-            if tar is not None:
-                tar.close()
-        finally:
-            if file is not None:
-                file.close()
+def _open_shard(uri: str) -> ShardReader:
+    """A reader whose unreadable shard does not raise: a ``SampleDecodeWarning`` names it and
+    the shard ends there (a partly read sample is dropped)."""
+    return ShardReader(uri, handler=_warn_unreadable)
 
 
 def _kind_from_members(exts: Iterable[str]) -> str | None:
@@ -198,7 +120,7 @@ def _kind_from_members(exts: Iterable[str]) -> str | None:
     return None
 
 
-def _meta_and_kind(reader: _ShardReader, members: Mapping[str, tarfile.TarInfo]) -> tuple:
+def _meta_and_kind(reader: ShardReader, members: Mapping[str, tarfile.TarInfo]) -> tuple:
     """(index row or {}, kind or None) from the JSON member, falling back to member names."""
     meta: dict[str, Any] = {}
     if "json" in members:
@@ -219,9 +141,9 @@ def scan_shard(uri: str, keys: Iterable[str] | None = None) -> Counter:
     """
     allowed = None if keys is None else (keys if isinstance(keys, (set, frozenset)) else set(keys))
     counts: Counter = Counter()
-    reader = _ShardReader(uri)
+    reader = _open_shard(uri)
     try:
-        while (group := reader.next_group()) is not None:
+        while (group := reader.next()) is not None:
             key, members = group
             if allowed is not None and key not in allowed:
                 continue
@@ -368,7 +290,7 @@ class _Stream:
     j: int = 0  # usable samples seen in this epoch (stride assignment)
     taken: int = 0  # samples this rank took in this epoch
     _order: tuple[int, list[int]] | None = field(default=None, repr=False)
-    _reader: _ShardReader | None = field(default=None, repr=False)
+    _reader: ShardReader | None = field(default=None, repr=False)
 
     @property
     def total(self) -> int:
@@ -685,9 +607,9 @@ class TaskLoader:
             reader = stream._reader
             if reader is None or reader.uri != shard.uri or reader.ordinal != stream.offset:
                 stream.close()
-                reader = stream._reader = _ShardReader(shard.uri)
+                reader = stream._reader = _open_shard(shard.uri)
                 reader.skip(stream.offset)
-            group = reader.next_group()
+            group = reader.next()
             if group is None:
                 stream.close()
                 stream.shard += 1
