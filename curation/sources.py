@@ -47,12 +47,11 @@ from urllib.parse import unquote, urlsplit
 import fsspec
 import pyarrow.parquet as pq
 
-from catalog.schema import make_key
+from catalog.schema import EDIT_KINDS, make_key
 
 SIDECAR_EXTENSIONS = {".json", ".txt", ".yaml", ".yml", ".csv", ".md", ".html"}
 MANIFEST_EXTENSIONS = {".jsonl", ".parquet"}
 CAPTION_EXTENSIONS = ("txt", "caption", "json")
-EDIT_KINDS = ("image_edit", "video_edit")
 
 
 def input_row(uri: str, **fields: Any) -> dict[str, Any]:
