@@ -167,7 +167,7 @@ def raw_decode(uris: list[str], task: str, loader) -> int:
     import json
 
     from training.data.buckets import shape_for_shard_bucket
-    from training.data.loaders import _to_tensor, decode_image, decode_video
+    from training.data.decode import decode_image, decode_video, to_tensor
 
     n = 0
     for uri in uris:
@@ -178,9 +178,9 @@ def raw_decode(uris: list[str], task: str, loader) -> int:
         for sample in _groups(uri):
             meta = json.loads(sample["json"])
             if task == "t2v":
-                _to_tensor(list(decode_video(sample["mp4"], shape, VIDEO_FPS, meta.get("fps"))))
+                to_tensor(list(decode_video(sample["mp4"], shape, VIDEO_FPS, meta.get("fps"))))
             else:
-                _to_tensor([decode_image(sample["jpg"], shape)])
+                to_tensor([decode_image(sample["jpg"], shape)])
             sample["txt"].decode("utf-8")
             n += 1
     return n

@@ -1,4 +1,5 @@
-"""The shard format: WebDataset tars grouped by bucket. Curation writes, training reads.
+"""The shard format: WebDataset tars grouped by bucket. Curation writes (``ShardWriter``),
+training and the tools read (``ShardReader``, ``iter_shard``).
 
 Each sample is a group of tar members sharing the sample key:
 ``KEY.json`` (the index row of the sample), the medium (``KEY.jpg|png|webp|mp4``), for edits
@@ -15,9 +16,10 @@ import hashlib
 import io
 import json
 import math
+import re
 import tarfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -220,16 +222,159 @@ class ShardWriter:
             self.abort()
 
 
-def iter_shard(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each sample of a shard, in write order."""
-    import webdataset as wds
+# -- reading ---------------------------------------------------------------------------------
 
-    with fsspec.open(uri, "rb") as f:
-        files = wds.tariterators.tar_file_expander([{"url": uri, "stream": f}])
-        for sample in wds.tariterators.group_by_keys(files):
-            key = sample.pop("__key__")
-            sample.pop("__url__", None)
-            yield key, sample
+# WebDataset's rule: the key is the member path up to the first dot of its base name, the rest
+# (lowercased) the extension; ``__name__`` members are tar-level metadata, not samples.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_META = re.compile(r"__[^/]*__($|/)")
+_READ_ERRORS = (OSError, EOFError, tarfile.TarError)
+
+
+class ShardReadError(OSError):
+    """A shard that cannot be read: missing, not a tar, truncated, corrupt. Names the shard."""
+
+    def __init__(self, message: str, uri: str):
+        super().__init__(message)
+        self.uri = uri
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.uri)
+
+
+class ShardReader:
+    """The samples of one shard in write order, as ``(key, {ext: TarInfo})``; member data is
+    read only on request (``read``), so a caller that needs ``KEY.json`` skips the media.
+
+    A sample is a run of consecutive members with one key (WebDataset's grouping); a key that
+    repeats an extension within its run is corruption. The tar must be uncompressed and
+    seekable (``read`` seeks back to a member). A shard that cannot be read to its end (not
+    there, not a tar, cut short, no end-of-archive block) raises ``ShardReadError`` naming it
+    and the samples read before; with ``handler`` (webdataset's ``handler=`` policy) the error
+    is passed to it instead and the shard ends there. A partly read sample is never returned.
+    """
+
+    def __init__(self, uri: str, handler: Callable[[ShardReadError], None] | None = None):
+        self.uri = uri
+        self.handler = handler
+        self.ordinal = 0  # samples returned so far
+        self._file: Any = None
+        self._tar: tarfile.TarFile | None = None
+        self._pending: tarfile.TarInfo | None = None
+        self._ended = False
+        try:
+            self._file = fsspec.open(uri, "rb").open()
+            self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - kept open
+        except _READ_ERRORS as e:
+            self._fail(f"{type(e).__name__}: {e}", e)
+
+    def next(self) -> tuple[str, dict[str, tarfile.TarInfo]] | None:
+        """The next sample's key and members, or None at the end of the shard."""
+        if self._tar is None or self._ended:
+            return None
+        key: str | None = None
+        members: dict[str, tarfile.TarInfo] = {}
+        try:
+            while True:
+                info = self._pending if self._pending is not None else self._tar.next()
+                self._pending = None
+                if info is None:
+                    self._check_end()
+                    self._ended = True
+                    break
+                m = _KEY_EXT.match(info.name)
+                if not info.isfile() or not m or _META.match(info.name):
+                    continue
+                k, ext = m.group(1), m.group(2).lower()
+                if key is None:
+                    key = k
+                elif k != key:
+                    self._pending = info
+                    break
+                if ext in members:
+                    raise tarfile.ReadError(f"member {info.name} repeats extension {ext!r}")
+                members[ext] = info
+        except _READ_ERRORS as e:
+            self._fail(f"{type(e).__name__}: {e}", e)
+            return None
+        # The tar keeps every header it has seen; a shard is read once, to its end.
+        self._tar.members.clear()
+        if key is None:
+            return None
+        self.ordinal += 1
+        return key, members
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+        while (sample := self.next()) is not None:
+            yield sample
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            if self.next() is None:
+                return
+
+    def read(self, info: tarfile.TarInfo) -> bytes:
+        """One member's bytes (of the sample just returned, or an earlier one)."""
+        if self._tar is None:
+            raise ShardReadError(f"shard {self.uri} is closed", self.uri)
+        try:
+            f = self._tar.extractfile(info)
+            data = b"" if f is None else f.read()
+        except _READ_ERRORS as e:
+            raise ShardReadError(
+                f"shard {self.uri}: member {info.name}: {type(e).__name__}: {e}", self.uri
+            ) from e
+        if len(data) != info.size:
+            raise ShardReadError(
+                f"shard {self.uri}: member {info.name}: {len(data)} of {info.size} bytes "
+                "(truncated)",
+                self.uri,
+            )
+        return data
+
+    def close(self) -> None:
+        tar, file = self._tar, self._file
+        self._tar = self._file = None
+        try:
+            if tar is not None:
+                tar.close()
+        finally:
+            if file is not None:
+                file.close()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_end(self) -> None:
+        # tarfile ends quietly at a cut header or a cut between members; a whole tar ends with
+        # a zero block where the next header would be.
+        assert self._tar is not None
+        self._file.seek(self._tar.offset)
+        block = self._file.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE or any(block):
+            raise tarfile.ReadError(
+                f"no end-of-archive block at byte {self._tar.offset} (cut short or corrupt)"
+            )
+
+    def _fail(self, reason: str, cause: BaseException) -> None:
+        error = ShardReadError(
+            f"shard {self.uri} is unreadable after {self.ordinal} samples: {reason}", self.uri
+        )
+        self.close()
+        if self.handler is None:
+            raise error from cause
+        self.handler(error)
+
+
+def iter_shard(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for each sample of a shard, in write order (see ``ShardReader``);
+    raises ``ShardReadError`` where the shard cannot be read to its end."""
+    with ShardReader(uri) as reader:
+        for key, members in reader:
+            yield key, {ext: reader.read(info) for ext, info in members.items()}
 
 
 def sample_json(row: Mapping[str, Any]) -> bytes:

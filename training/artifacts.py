@@ -21,13 +21,13 @@ import torch
 from training.data.batch import TaskBatch
 from training.data.buckets import BucketShape
 from training.grids import frame_rows, save_grid
+from training.tasks import TEXT_TO_MEDIA_TASKS
 
 GRID_BUCKETS = 3  # input grids logged per task (most common buckets first)
 EVAL_DRAWS = 4  # noise/timestep draws per held-out batch (flow-matching loss varies with t)
 # Stage-end samples: the first prompts of each generation task's held-out batch, fixed noise.
 SAMPLE_PROMPTS, SAMPLE_STEPS, SAMPLE_SEED = 4, 20, 777
 SAMPLE_GUIDANCE = 4.0  # classifier-free guidance when the stage trains condition dropout
-SAMPLE_TASKS = ("t2i", "t2v")  # text-only conditions; edits would need a source medium
 
 
 class StageArtifacts:
@@ -105,7 +105,7 @@ class StageArtifacts:
             return
         guidance = SAMPLE_GUIDANCE if self.stage.condition_dropout > 0 else 1.0
         with self._ema_weights():
-            for task in SAMPLE_TASKS:
+            for task in TEXT_TO_MEDIA_TASKS:  # edits would need a source medium
                 batch = self.held_out().get(task)
                 if batch is None:
                     continue

@@ -5,10 +5,10 @@ from __future__ import annotations
 from rich.table import Table
 
 from catalog.shards import ASPECT_CLASSES
-from training.data.batch import EDIT_TASKS
 from training.data.buckets import batch_size_for, bucket_for
 from training.data.hybrid import group_of
-from training.recipe import IMAGE_TASKS, Recipe
+from training.recipe import Recipe
+from training.tasks import IMAGE_TASKS, task_spec
 
 
 def describe(recipe: Recipe) -> list[Table]:
@@ -52,7 +52,7 @@ def describe(recipe: Recipe) -> list[Table]:
             tasks.add_column(col)
         for name, task in stage.tasks.items():
             frames = 1 if name in IMAGE_TASKS else task.num_frames
-            media = 2 if name in EDIT_TASKS else 1
+            media = task_spec(name).num_media
             shapes = []
             for w, h in ASPECT_CLASSES:
                 shape = bucket_for(

@@ -16,19 +16,9 @@ from pydantic import Field, field_validator, model_validator
 
 from catalog.names import DatasetRef, is_catalog_uri
 from core.config import StrictModel, warn_ineffective
+from training.tasks import TASK_GROUPS, TaskName, task_spec
 
 Family = Literal["omni_video", "haplo_omni", "vino"]
-TaskName = Literal[
-    "t2i",  # text -> image generation
-    "t2v",  # text -> video generation
-    "i2i_edit",  # image + instruction -> edited image
-    "v2v_edit",  # video + instruction -> edited video
-    "image_understanding",  # image -> text
-    "video_understanding",  # video -> text
-]
-IMAGE_TASKS = ("t2i", "i2i_edit", "image_understanding")
-VIDEO_TASKS = ("t2v", "v2v_edit", "video_understanding")
-TASK_GROUPS = {"image": IMAGE_TASKS, "video": VIDEO_TASKS}  # hybrid batching mixes within one
 
 
 class ModelConfig(StrictModel):
@@ -124,9 +114,10 @@ class StageConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
         for name, task in self.tasks.items():
-            if name in VIDEO_TASKS and task.num_frames is None:
+            group = task_spec(name).group
+            if group == "video" and task.num_frames is None:
                 raise ValueError(f"tasks.{name}.num_frames is required for a video task")
-            if name in IMAGE_TASKS:
+            if group == "image":
                 if task.num_frames not in (None, 1):
                     raise ValueError(
                         f"tasks.{name}.num_frames must be 1 or unset for an image task"

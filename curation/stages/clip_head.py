@@ -19,13 +19,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from catalog.schema import EDIT_KINDS
 from curation.clip import ClipEmbedder, ClipSpec, share_embeddings, shared_embeddings
 from curation.media import as_frames
 
 from .base import LocalWeights, Resources, Row, SampleError, Stage, mark_error
-
-EDIT_KINDS = ("image_edit", "video_edit")
-VIDEO_KINDS = ("video", "video_edit")
 
 
 def scored_frames(row: Row) -> list[np.ndarray]:

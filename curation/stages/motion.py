@@ -38,6 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from catalog.schema import VIDEO_KINDS
 from curation.config import MotionConfig
 from curation.media import as_frames
 from curation.shift import dominant_shift, overlap
@@ -45,7 +46,6 @@ from curation.shift import dominant_shift, overlap
 from .base import Resources, Row, SampleError, Stage
 
 MOTION_COLUMNS = ("motion", "motion_min", "motion_max")
-VIDEO_KINDS = ("video", "video_edit")
 
 # Farneback with the parameters of OpenCV's optical-flow tutorial (pyr_scale, levels,
 # winsize, iterations, poly_n, poly_sigma, flags).

@@ -47,12 +47,13 @@ import cv2
 import numpy as np
 
 from core.weights import WeightsError, resolve_weights
+from catalog.schema import VIDEO_KINDS
 from curation.config import WatermarkConfig
 from curation.shift import dominant_shift, overlap, shifted
 from curation.weights import ClipSpec, watermark_head_relative
 
 from .base import SampleError
-from .clip_head import VIDEO_KINDS, ClipHeadStage, FrameBatch
+from .clip_head import ClipHeadStage, FrameBatch
 
 # Static-overlay cue (see the module docstring).
 STATIC_MAX_SIDE = 480  # frames are downscaled so the long side is at most this

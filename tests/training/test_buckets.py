@@ -13,6 +13,7 @@ from training.data.buckets import (
     batch_size_for,
     bucket_for,
     crop_fraction,
+    frame_class_of_shard_bucket,
     frames_for,
     shape_for_shard_bucket,
     tokens,
@@ -100,6 +101,13 @@ def test_aspect_of_shard_bucket_matches_catalog_buckets():
     for bad in ("a512_f33", "r0x9", "misc", ""):
         with pytest.raises(ValueError, match="shard bucket"):
             aspect_of_shard_bucket(bad)
+
+
+def test_frame_class_of_shard_bucket():
+    assert frame_class_of_shard_bucket(bucket_name(640, 360)) == 1
+    assert frame_class_of_shard_bucket(bucket_name(640, 360, 40)) == 65
+    assert frame_class_of_shard_bucket("a512_r16x9") is None
+    assert frame_class_of_shard_bucket("misc") is None
 
 
 def test_shard_buckets_of_any_area_class_share_a_training_bucket():

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from catalog.shards import ShardWriter, bucket_name, sample_json
-from training.data.batch import EDIT_TASKS, MixedBatch
+from training.data.batch import MixedBatch
 from training.data.buckets import tokens
 from training.data.hybrid import HybridMixer, group_of
 from training.data.loaders import TaskLoader
 from training.models.base import Geometry
-from training.recipe import TASK_GROUPS
 from training.sampler import StepSampler
+from training.tasks import EDIT_TASKS, TASK_GROUPS
 
 GEOM = Geometry(spatial_factor=16, temporal_factor=4, max_text_len=16)
 AREA, BUDGET = 64 * 64, 60  # 16 tokens per image: up to 3 images, or 1 image + 1 edit

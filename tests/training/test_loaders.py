@@ -17,12 +17,9 @@ from PIL import Image
 
 from catalog.shards import ShardInfo, ShardWriter, bucket_name, sample_json
 from training.data.buckets import BucketShape
-from training.data.loaders import (
-    SampleDecodeWarning,
-    TaskLoader,
-    build_task_loaders,
-    resolve_data,
-)
+from training.data.loaders import TaskLoader, build_task_loaders
+from training.data.samples import SampleDecodeWarning
+from training.data.sources import resolve_data
 from training.models.base import Geometry
 from training.recipe import DataConfig, StageConfig
 
@@ -310,7 +307,7 @@ def test_key_filter(ds):
 
 
 def test_exif_orientation_and_alpha(tmp_path):
-    from training.data.loaders import decode_image
+    from training.data.decode import decode_image
 
     im = Image.new("RGB", (80, 40), (0, 0, 0))
     im.paste((255, 255, 255), (40, 0, 80, 40))  # right half white

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from core.weights import MissingWeights
-from training.data.batch import EDIT_TASKS, TASKS, UNDERSTANDING_TASKS, MixedBatch, TaskBatch
+from training.data.batch import MixedBatch, TaskBatch
 from training.models.blocks import attention_mask
 from training.models.flow import euler_sample, flow_pair, sample_timesteps, shift_timesteps
 from training.models.registry import FAMILIES, build_model, register
 from training.models.text import ByteTokenizer
 from training.models.tiny import TinyCausalVAE
+from training.tasks import EDIT_TASKS, TASKS, UNDERSTANDING_TASKS
 
 FAMS = ("omni_video", "haplo_omni", "vino")
 GROUPS = {

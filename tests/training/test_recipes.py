@@ -14,10 +14,10 @@ from catalog.schema import COLUMNS
 from catalog.shards import ASPECT_CLASSES
 from core.config import ConfigWarning, load_config
 from core.weights import MissingWeights
-from training.data.batch import EDIT_TASKS
 from training.data.buckets import bucket_for, tokens
 from training.models.registry import build_model
-from training.recipe import IMAGE_TASKS, Recipe
+from training.recipe import Recipe
+from training.tasks import EDIT_TASKS, IMAGE_TASKS
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))

@@ -25,8 +25,9 @@ from curation.sample_data import generate
 from curation.sample_data.register import register_sample_corpus
 from training.checkpoint import CheckpointError
 from training.models.registry import build_model
-from training.recipe import TASK_GROUPS, Recipe
+from training.recipe import Recipe
 from training.runner import run_training
+from training.tasks import TASK_GROUPS
 from training.trainer import NonFiniteError, Trainer
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"

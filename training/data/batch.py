@@ -11,15 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-TASKS = ("t2i", "t2v", "i2i_edit", "v2v_edit", "image_understanding", "video_understanding")
-GENERATION_TASKS = ("t2i", "t2v", "i2i_edit", "v2v_edit")
-UNDERSTANDING_TASKS = ("image_understanding", "video_understanding")
-EDIT_TASKS = ("i2i_edit", "v2v_edit")
-
 
 @dataclass
 class TaskBatch:
-    task: str
+    task: str  # a name of training.tasks.TASKS
     keys: list[str]  # sample keys, for exact-resume checks and logging
     pixels: torch.Tensor  # (B, T, C, H, W): the generation target, or the understood medium
     input_ids: torch.Tensor  # (B, L) int64: caption / instruction / answer text

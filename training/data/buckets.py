@@ -37,6 +37,7 @@ __all__ = [
     "batch_size_for",
     "bucket_for",
     "crop_fraction",
+    "frame_class_of_shard_bucket",
     "frames_for",
     "shape_for_shard_bucket",
     "tokens",
@@ -131,6 +132,15 @@ def aspect_of_shard_bucket(name: str) -> float:
             "catalog.shards.bucket_name)"
         )
     return int(m.group(1)) / int(m.group(2))
+
+
+_FRAME_CLASS = re.compile(r"(?:^|_)f(\d+)(?:_|$)")
+
+
+def frame_class_of_shard_bucket(name: str) -> int | None:
+    """``"a512_r16x9_f33"`` -> 33 (1: images), or None when the name has no frame class."""
+    m = _FRAME_CLASS.search(str(name))
+    return None if m is None else int(m.group(1))
 
 
 def shape_for_shard_bucket(

@@ -30,18 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.data.batch import EDIT_TASKS, MixedBatch
+from training.data.batch import MixedBatch
 from training.data.buckets import BucketShape, tokens
-from training.recipe import TASK_GROUPS
+from training.tasks import task_spec
 
 __all__ = ["HybridMixer", "group_of"]
 
 
 def group_of(task: str) -> str:
-    for group, tasks in TASK_GROUPS.items():
-        if task in tasks:
-            return group
-    raise ValueError(f"task {task!r} is in no group; groups: {TASK_GROUPS}")
+    return task_spec(task).group
 
 
 class HybridMixer:
@@ -92,7 +89,7 @@ class HybridMixer:
         return {g: sorted(mix.items()) for g, mix in out.items()}
 
     def cost(self, task: str, shape: BucketShape) -> int:
-        media = 2 if task in EDIT_TASKS else 1
+        media = task_spec(task).num_media
         return tokens(shape, self.spatial_factor, self.temporal_factor) * media
 
     def compose(self, group: str, shape: BucketShape) -> dict[str, int]:

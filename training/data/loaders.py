@@ -1,38 +1,18 @@
 """Task loaders: one task's batches, bucket by bucket, for one rank, with exact resume.
 
-Streams. A ``TaskLoader`` groups its shards by training bucket (``buckets.py``: the shard
-bucket's aspect class, the stage's frame area and the task's frame count). Each training bucket
-has one deterministic stream per rank:
+A ``TaskLoader`` takes a task's shards (``sources.py`` resolves a recipe's data entries to
+them), groups them by training bucket (``buckets.py``: the shard bucket's aspect class, the
+stage's frame area and the task's frame count) and reads each bucket through one deterministic
+stream per rank (``streams.py``: shard split or sample striding among ranks, epochs in a seeded
+shard order). Shard buckets of the other modality (frame class ``f1`` for video tasks, ``f>1``
+for image tasks) are dropped by name, unread. Usable counts per shard (samples of the task's
+kind, see ``training.tasks``, and allowed key) come from ``counts`` (``build_task_loaders``
+takes them from the catalog index; no shard is opened) or from a scan of the shards' tar
+headers and JSON members at construction. They are computed from the full shard list, so
+``bucket_weights()`` is identical on every rank; a bucket with fewer usable samples than
+``world_size`` is excluded from it and ``next_batch`` refuses it.
 
-* the bucket's shards are sorted by uri (shards with no usable sample for the task dropped);
-* **shard split** when the bucket has at least ``world_size`` such shards: shard ``i`` of the
-  sorted list belongs to rank ``i % world_size``, and each rank reads only its shards;
-* **sample striding** otherwise: every rank reads all shards of the bucket in the same order
-  and keeps usable sample ``j`` (counted from the start of the epoch) when
-  ``j % world_size == rank`` (only the small ``KEY.json`` member of other ranks' samples is
-  read);
-* a bucket with fewer usable samples than ``world_size`` is **excluded**: it is not in
-  ``bucket_weights()`` (so rank 0 never draws it) and ``next_batch`` refuses it. Every
-  bucket in ``bucket_weights()`` therefore has data on every rank;
-* streams repeat forever in epochs; each epoch visits the rank's shards in an order shuffled
-  by a generator seeded with (seed, epoch, task, bucket) (the same on every rank); samples
-  inside a shard keep their written order.
-
-Usable = the sample's kind fits the task (``TASK_KINDS``; the kind comes from ``KEY.json``, or
-from the member names when that is unreadable) and, when ``keys`` is given (a catalog filter),
-its key is allowed. Shard buckets of the other modality (frame class ``f1`` for video tasks,
-``f>1`` for image tasks) are dropped by name, unread. Usable counts per shard come from
-``counts`` (``build_task_loaders`` takes them from the catalog index; no shard is opened) or
-from a scan of the shards' tar headers and JSON members at construction. They are computed
-from the full shard list, so ``bucket_weights()`` is identical on every rank.
-
-Decoding. Images via PIL (EXIF orientation applied, alpha composited on white), videos via
-PyAV from memory; frames are taken from the start of the clip every
-``stride = max(1, round(src_fps / task_fps))`` source frames (stride 1 when the task has no
-fps), looping the clip (frame ``k * stride mod n``) when it is too short. Each frame is resized
-to cover the bucket and centre-cropped, RGB, float32 in [-1, 1], layout (B, T, C, H, W). Edit
-samples give ``source_pixels`` (``src.*``) and ``pixels`` (``tgt.*``). Text is the ``txt``
-member (understanding tasks: the answer; generation: the condition), tokenised by the callable
+Samples are decoded (``decode.py``) in a small thread pool and text tokenised by the callable
 given. A sample that fails to decode is skipped, counted in ``skipped`` and reported with a
 ``SampleDecodeWarning`` naming key and shard; the batch is filled from the next samples.
 
@@ -46,381 +26,32 @@ loader would have produced.
 
 from __future__ import annotations
 
-import glob as _glob
-import hashlib
-import io
-import json
-import math
-import re
-import tarfile
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-import numpy as np
 import torch
 
-from catalog.shards import relative_to_root
-from training.data.batch import EDIT_TASKS, TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.data.buckets import (
     BucketShape,
     batch_size_for,
+    frame_class_of_shard_bucket,
     frames_for,
     shape_for_shard_bucket,
 )
+from training.data.decode import decode_sample
+from training.data.samples import RawSample, SampleDecodeWarning, scan_shard
+from training.data.sources import DataSource, resolve_data, shard_entry
+from training.data.streams import Selection, Stream, StreamShard, plan_stream
+from training.tasks import task_spec
 
-__all__ = [
-    "DataSource",
-    "SampleDecodeWarning",
-    "TASK_KINDS",
-    "TaskLoader",
-    "build_task_loaders",
-    "resolve_data",
-    "scan_shard",
-]
+__all__ = ["TaskLoader", "build_task_loaders"]
 
-TASK_KINDS: dict[str, tuple[str, ...]] = {
-    "t2i": ("image",),
-    "image_understanding": ("image",),
-    "t2v": ("video",),
-    "video_understanding": ("video",),
-    "i2i_edit": ("image_edit",),
-    "v2v_edit": ("video_edit",),
-}
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov")
 STATE_FORMAT = 1
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
-
-
-class SampleDecodeWarning(RuntimeWarning):
-    """A sample could not be decoded and was skipped."""
-
-
-# -- reading shards ---------------------------------------------------------------------------
-
-# WebDataset's rule: the key is the member path up to the first dot of its base name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-class _ShardReader:
-    """Sequential sample groups of one tar; member data is read only on request (seekable).
-
-    An unreadable shard (missing, truncated, not a tar) does not raise: a
-    ``SampleDecodeWarning`` names it and the shard ends there (a partly read sample is
-    dropped)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self._file: Any = None
-        self._tar: tarfile.TarFile | None = None
-        self._pending: tarfile.TarInfo | None = None
-        self.ordinal = 0  # sample groups consumed so far
-        self.failed: str | None = None
-        try:
-            self._file = fsspec.open(uri, "rb").open()
-            self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - kept open
-        except (OSError, EOFError, tarfile.TarError) as e:
-            self._fail(e)
-
-    def _fail(self, e: BaseException) -> None:
-        self.failed = f"{type(e).__name__}: {e}"
-        warnings.warn(
-            f"shard {self.uri} is unreadable after {self.ordinal} samples: {self.failed}",
-            SampleDecodeWarning,
-            stacklevel=4,
-        )
-        self.close()
-
-    def next_group(self) -> tuple[str, dict[str, tarfile.TarInfo]] | None:
-        if self._tar is None:
-            return None
-        key: str | None = None
-        members: dict[str, tarfile.TarInfo] = {}
-        try:
-            while True:
-                info = self._pending if self._pending is not None else self._tar.next()
-                self._pending = None
-                if info is None:
-                    break
-                m = _KEY_EXT.match(info.name)
-                if not info.isfile() or not m:
-                    continue
-                k, ext = m.groups()
-                if key is None:
-                    key = k
-                elif k != key:
-                    self._pending = info
-                    break
-                members[ext] = info
-        except (OSError, EOFError, tarfile.TarError) as e:
-            self._fail(e)
-            return None
-        # The tar keeps every header it has seen; a training stream reads shards to the end.
-        self._tar.members.clear()
-        if key is None:
-            return None
-        self.ordinal += 1
-        return key, members
-
-    def skip(self, n: int) -> None:
-        for _ in range(n):
-            if self.next_group() is None:
-                return
-
-    def read(self, info: tarfile.TarInfo) -> bytes:
-        if self._tar is None:
-            raise OSError(f"shard {self.uri} is closed ({self.failed or 'unreadable'})")
-        f = self._tar.extractfile(info)
-        data = b"" if f is None else f.read()
-        if len(data) != info.size:
-            raise OSError(f"member {info.name}: {len(data)} of {info.size} bytes (truncated)")
-        return data
-
-    def close(self) -> None:
-        tar, file = self._tar, self._file
-        self._tar = self._file = None
-        try:
-            if tar is not None:
-                tar.close()
-        finally:
-            if file is not None:
-                file.close()
-
-
-def _kind_from_members(exts: Iterable[str]) -> str | None:
-    exts = set(exts)
-    src = [e for e in exts if e.startswith("src.")]
-    if src and any(e.startswith("tgt.") for e in exts):
-        return "video_edit" if src[0][4:] in VIDEO_EXTS else "image_edit"
-    if exts & set(VIDEO_EXTS):
-        return "video"
-    if exts & set(IMAGE_EXTS):
-        return "image"
-    return None
-
-
-def _meta_and_kind(reader: _ShardReader, members: Mapping[str, tarfile.TarInfo]) -> tuple:
-    """(index row or {}, kind or None) from the JSON member, falling back to member names."""
-    meta: dict[str, Any] = {}
-    if "json" in members:
-        try:
-            meta = json.loads(reader.read(members["json"]))
-            if not isinstance(meta, dict):
-                meta = {}
-        except (ValueError, UnicodeDecodeError, OSError, tarfile.TarError):
-            meta = {}
-    kind = meta.get("kind") or _kind_from_members(members)
-    return meta, kind
-
-
-def scan_shard(uri: str, keys: Iterable[str] | None = None) -> Counter:
-    """Samples per kind in one shard (tar headers + JSON members; media is not read).
-
-    With ``keys``, only samples whose key is in ``keys`` count.
-    """
-    allowed = None if keys is None else (keys if isinstance(keys, (set, frozenset)) else set(keys))
-    counts: Counter = Counter()
-    reader = _ShardReader(uri)
-    try:
-        while (group := reader.next_group()) is not None:
-            key, members = group
-            if allowed is not None and key not in allowed:
-                continue
-            _, kind = _meta_and_kind(reader, members)
-            counts[kind] += 1
-    finally:
-        reader.close()
-    return counts
-
-
-# -- decoding ---------------------------------------------------------------------------------
-
-
-def _to_tensor(frames: list[np.ndarray]) -> torch.Tensor:
-    """List of (H, W, 3) uint8 -> (T, 3, H, W) float32 in [-1, 1]."""
-    arr = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-    return arr.to(torch.float32).div_(127.5).sub_(1.0)
-
-
-def _cover_size(w: int, h: int, shape: BucketShape) -> tuple[int, int]:
-    scale = max(shape.width / w, shape.height / h)
-    return max(shape.width, math.ceil(w * scale - 1e-6)), max(
-        shape.height, math.ceil(h * scale - 1e-6)
-    )
-
-
-def _center_crop(arr: np.ndarray, shape: BucketShape) -> np.ndarray:
-    top = (arr.shape[0] - shape.height) // 2
-    left = (arr.shape[1] - shape.width) // 2
-    return arr[top : top + shape.height, left : left + shape.width]
-
-
-def decode_image(data: bytes, shape: BucketShape) -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8: EXIF-oriented, RGB, resized to cover, centre-cropped."""
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG":  # decode at a reduced scale when much larger than needed
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                w, h = h, w
-            cw, ch = _cover_size(w, h, shape)
-            im.draft("RGB", (ch, cw) if (w, h) != im.size else (cw, ch))
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGB", im.size, (255, 255, 255))
-            bg.paste(im, mask=im.getchannel("A"))
-            im = bg
-        elif im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grayscale PNG
-            gray = np.asarray(im, dtype=np.float32) / 257.0
-            im = Image.fromarray(np.clip(gray + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-        elif im.mode != "RGB":
-            im = im.convert("RGB")
-        size = _cover_size(im.width, im.height, shape)
-        if size != im.size:
-            im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        return _center_crop(np.asarray(im, dtype=np.uint8), shape)
-
-
-def _collect_frames(container: Any, wanted: set[int], shape: BucketShape) -> tuple[dict, int, bool]:
-    """Decode from the start; frames with index in ``wanted`` -> ({index: (H, W, 3) uint8},
-    frames decoded, whether the clip ended before the last wanted frame)."""
-    out: dict[int, np.ndarray] = {}
-    last = max(wanted)
-    n = 0
-    size = None
-    for frame in container.decode(container.streams.video[0]):
-        if n in wanted:
-            if size is None:
-                size = _cover_size(frame.width, frame.height, shape)
-            rgb = frame.to_ndarray(
-                width=size[0], height=size[1], format="rgb24", interpolation="BICUBIC"
-            )
-            out[n] = np.ascontiguousarray(_center_crop(rgb, shape))
-        n += 1
-        if n > last:
-            return out, n, False
-    return out, n, True
-
-
-def decode_video(
-    data: bytes, shape: BucketShape, fps: float | None, meta_fps: float | None = None
-) -> np.ndarray:
-    """Video bytes -> (T, H, W, 3) uint8 sampled at ``fps`` from the start, looped if short.
-
-    ``stride = max(1, round(src_fps / fps))`` source frames (1 without ``fps``); frame ``k`` of
-    the result is source frame ``k * stride``, or ``k * stride mod n`` for a clip of ``n < (T -
-    1) * stride + 1`` frames. ``src_fps`` is the stream's average rate (else ``meta_fps``).
-    """
-    import av
-
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        src_fps = float(rate) if rate else float(meta_fps or 0.0)
-        stride = max(1, round(src_fps / fps)) if fps and src_fps > 0 else 1
-        indices = [k * stride for k in range(shape.frames)]
-        frames, n, ended = _collect_frames(container, set(indices), shape)
-    if n == 0:
-        raise ValueError("video has no decodable frames")
-    if ended and n <= indices[-1]:  # too short: loop the clip
-        indices = [i % n for i in indices]
-        missing = set(indices) - set(frames)
-        if missing:
-            with av.open(io.BytesIO(data)) as container:
-                more, _, _ = _collect_frames(container, missing, shape)
-            frames.update(more)
-    return np.stack([frames[i] for i in indices])
-
-
-# -- streams ----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Shard:
-    uri: str
-    bucket: str
-    usable: int
-
-
-@dataclass
-class _Raw:
-    key: str
-    shard: str
-    meta: dict[str, Any]
-    members: dict[str, bytes]
-    error: str | None = None  # reading the members failed
-
-
-@dataclass
-class _Stream:
-    """One training bucket's sample stream for this rank, with an explicit cursor."""
-
-    shape: BucketShape
-    shards: list[_Shard]  # the bucket's usable shards, sorted by uri (all ranks)
-    mode: str  # "split" | "stride"
-    mine: list[int]  # indices into ``shards`` this rank reads
-    per_epoch: int  # samples this rank takes per epoch
-    fingerprint: str
-    epoch: int = 0
-    shard: int = 0  # position in the epoch's order
-    offset: int = 0  # sample groups of that shard consumed
-    j: int = 0  # usable samples seen in this epoch (stride assignment)
-    taken: int = 0  # samples this rank took in this epoch
-    _order: tuple[int, list[int]] | None = field(default=None, repr=False)
-    _reader: _ShardReader | None = field(default=None, repr=False)
-
-    @property
-    def total(self) -> int:
-        return sum(s.usable for s in self.shards)
-
-    def position(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "shard": self.shard,
-            "offset": self.offset,
-            "j": self.j,
-            "taken": self.taken,
-            "data": self.fingerprint,
-        }
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
-
-def _shard_entry(item: Any) -> tuple[str, str, int | None]:
-    """(uri, shard bucket, num_samples or None) from a record, tuple or plain uri."""
-    if isinstance(item, str):
-        return item, _parent_name(item), None
-    if isinstance(item, (tuple, list)):
-        if len(item) == 2:
-            return str(item[0]), str(item[1]), None
-        if len(item) == 3:
-            return str(item[0]), str(item[1]), int(item[2])
-        raise ValueError(f"shard tuple must be (uri, bucket[, num_samples]), got {item!r}")
-    uri = getattr(item, "uri", None)
-    if uri is None:
-        raise TypeError(f"shard entry {item!r} has no uri")
-    bucket = getattr(item, "bucket", None) or _parent_name(uri)
-    n = getattr(item, "num_samples", None)
-    return str(uri), str(bucket), None if n is None else int(n)
-
-
-_FRAME_CLASS = re.compile(r"(?:^|_)f(\d+)(?:_|$)")
-
-
-def _parent_name(uri: str) -> str:
-    parts = uri.rstrip("/").split("/")
-    return parts[-2] if len(parts) >= 2 else ""
 
 
 class TaskLoader:
@@ -452,30 +83,33 @@ class TaskLoader:
         counts: Mapping[str, int] | str | None = None,
         decode_threads: int = 2,
     ):
-        if task not in TASK_KINDS:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        spec = task_spec(task)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.task = task
-        self.kinds = TASK_KINDS[task]
+        self.spec = spec
+        self.kind = spec.kind
         self.tokenize = tokenize
         self.spatial_factor = int(geometry.spatial_factor)
         self.temporal_factor = int(geometry.temporal_factor)
         self.frame_area = int(frame_area)
         self.token_budget = int(token_budget)
-        self.is_video = self.kinds[0] in ("video", "video_edit")
+        self.is_video = spec.group == "video"
         self.num_frames = frames_for(num_frames if self.is_video else 1, self.temporal_factor)
         self.fps = fps
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.keys = None if keys is None else frozenset(keys)
+        self.selection = Selection(
+            task, self.kind, self.keys, self.rank, self.world_size, self.seed
+        )
         self.decode_threads = max(1, int(decode_threads))
         self.skipped = 0
         self._pool: ThreadPoolExecutor | None = None
-        self._streams: dict[BucketShape, _Stream] = {}
+        self._streams: dict[BucketShape, Stream] = {}
         self.excluded: dict[BucketShape, int] = {}  # buckets with < world_size samples
 
         # Shard buckets of the other modality (frame class f1 vs f>1) are never read.
-        entries = [e for e in sorted({_shard_entry(s) for s in shards}) if self._fits(e[1])]
+        entries = [e for e in sorted({shard_entry(s) for s in shards}) if self._fits(e[1])]
         if counts is None:
             usable = {uri: self._scan(uri) for uri, _, _ in entries}
         elif counts == "records":
@@ -486,42 +120,32 @@ class TaskLoader:
         else:
             usable = {uri: int(counts.get(uri, 0)) for uri, _, _ in entries}
 
-        grouped: dict[BucketShape, list[_Shard]] = {}
+        grouped: dict[BucketShape, list[StreamShard]] = {}
         for uri, bucket, _ in entries:
             if usable[uri] <= 0:
                 continue
             shape = shape_for_shard_bucket(
                 bucket, self.num_frames, self.frame_area, self.spatial_factor, self.temporal_factor
             )
-            grouped.setdefault(shape, []).append(_Shard(uri, bucket, usable[uri]))
+            grouped.setdefault(shape, []).append(StreamShard(uri, bucket, usable[uri]))
         for shape, group in sorted(grouped.items()):
             group.sort(key=lambda s: s.uri)
             self._add_stream(shape, group)
 
     def _fits(self, bucket: str) -> bool:
-        m = _FRAME_CLASS.search(bucket)
-        return m is None or (int(m.group(1)) > 1) == self.is_video
+        frames = frame_class_of_shard_bucket(bucket)
+        return frames is None or (frames > 1) == self.is_video
 
     def _scan(self, uri: str) -> int:
         found = scan_shard(uri, self.keys)
-        return sum(found.get(k, 0) for k in self.kinds)
+        return found.get(self.kind, 0)
 
-    def _add_stream(self, shape: BucketShape, shards: list[_Shard]) -> None:
-        ws, r = self.world_size, self.rank
-        total = sum(s.usable for s in shards)
-        if len(shards) >= ws:
-            mode, mine = "split", [i for i in range(len(shards)) if i % ws == r]
-            per_epoch = sum(shards[i].usable for i in mine)
-        elif total >= ws:
-            mode, mine = "stride", list(range(len(shards)))
-            per_epoch = len(range(r, total, ws))
+    def _add_stream(self, shape: BucketShape, shards: list[StreamShard]) -> None:
+        stream = plan_stream(shape, shards, self.selection)
+        if stream is None:
+            self.excluded[shape] = sum(s.usable for s in shards)
         else:
-            self.excluded[shape] = total
-            return
-        h = hashlib.sha1(f"{mode}|{ws}".encode())
-        for s in shards:
-            h.update(f"|{s.uri}:{s.usable}".encode())
-        self._streams[shape] = _Stream(shape, shards, mode, mine, per_epoch, h.hexdigest()[:16])
+            self._streams[shape] = stream
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -545,9 +169,8 @@ class TaskLoader:
         return self._stream(shape).mode
 
     def batch_size(self, shape: BucketShape) -> int:
-        media = 2 if self.task in EDIT_TASKS else 1
         return batch_size_for(
-            shape, self.token_budget, self.spatial_factor, self.temporal_factor, media
+            shape, self.token_budget, self.spatial_factor, self.temporal_factor, self.spec.num_media
         )
 
     def next_batch(self, shape: BucketShape, size: int | None = None) -> TaskBatch:
@@ -556,10 +179,10 @@ class TaskLoader:
         n = int(size) if size is not None else self.batch_size(shape)
         if n < 1:
             raise ValueError(f"batch size must be >= 1, got {n}")
-        done: list[tuple[_Raw, tuple]] = []
+        done: list[tuple[RawSample, tuple]] = []
         failures = 0
         while len(done) < n:
-            raws = [self._next_raw(stream) for _ in range(n - len(done))]
+            raws = [stream.next_sample() for _ in range(n - len(done))]
             for raw, result in zip(raws, self._decode_all(raws, shape), strict=True):
                 if isinstance(result, BaseException):
                     self.skipped += 1
@@ -578,7 +201,7 @@ class TaskLoader:
                     "row failed to decode (a whole epoch); the data is unusable"
                 )
         pixels = torch.stack([r[0] for _, r in done])
-        source = torch.stack([r[1] for _, r in done]) if self.task in EDIT_TASKS else None
+        source = torch.stack([r[1] for _, r in done]) if self.spec.edit else None
         texts = [r[2] for _, r in done]
         input_ids, attention_mask = self.tokenize(texts)
         return TaskBatch(
@@ -624,14 +247,7 @@ class TaskLoader:
                 )
             positions[shape] = pos
         for shape, stream in self._streams.items():
-            pos = positions.get(shape, {})
-            stream.close()
-            stream._order = None
-            stream.epoch = int(pos.get("epoch", 0))
-            stream.shard = int(pos.get("shard", 0))
-            stream.offset = int(pos.get("offset", 0))
-            stream.j = int(pos.get("j", 0))
-            stream.taken = int(pos.get("taken", 0))
+            stream.restore(positions.get(shape, {}))
         self.skipped = int(state.get("skipped", 0))
 
     def close(self) -> None:
@@ -649,7 +265,7 @@ class TaskLoader:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _stream(self, shape: BucketShape) -> _Stream:
+    def _stream(self, shape: BucketShape) -> Stream:
         stream = self._streams.get(shape)
         if stream is None:
             why = (
@@ -663,66 +279,10 @@ class TaskLoader:
             )
         return stream
 
-    def _epoch_order(self, stream: _Stream) -> list[int]:
-        if stream._order is None or stream._order[0] != stream.epoch:
-            s = stream.shape
-            task_id = TASKS.index(self.task)
-            seed = [self.seed % 2**63, stream.epoch, task_id, s.frames, s.height, s.width]
-            perm = np.random.default_rng(seed).permutation(len(stream.mine))
-            stream._order = (stream.epoch, [stream.mine[i] for i in perm])
-        return stream._order[1]
-
-    def _usable(self, key: str, kind: str | None) -> bool:
-        return kind in self.kinds and (self.keys is None or key in self.keys)
-
-    def _next_raw(self, stream: _Stream) -> _Raw:
-        """Advance the cursor to the next sample this rank takes; read its members."""
-        while True:
-            order = self._epoch_order(stream)
-            if stream.shard >= len(order):
-                if stream.taken == 0:
-                    raise RuntimeError(
-                        f"{self.task}: bucket {stream.shape} gave rank {self.rank} no sample in "
-                        "a whole epoch (shard contents disagree with the counts)"
-                    )
-                stream.close()
-                stream.epoch += 1
-                stream.shard = stream.offset = stream.j = stream.taken = 0
-                continue
-            shard = stream.shards[order[stream.shard]]
-            reader = stream._reader
-            if reader is None or reader.uri != shard.uri or reader.ordinal != stream.offset:
-                stream.close()
-                reader = stream._reader = _ShardReader(shard.uri)
-                reader.skip(stream.offset)
-            group = reader.next_group()
-            if group is None:
-                stream.close()
-                stream.shard += 1
-                stream.offset = 0
-                continue
-            stream.offset += 1
-            key, members = group
-            if self.keys is not None and key not in self.keys:
-                continue
-            meta, kind = _meta_and_kind(reader, members)
-            if not self._usable(key, kind):
-                continue
-            j = stream.j
-            stream.j += 1
-            if stream.mode == "stride" and j % self.world_size != self.rank:
-                continue
-            stream.taken += 1
+    def _decode_all(self, raws: list[RawSample], shape: BucketShape) -> list[Any]:
+        def run(raw: RawSample) -> Any:
             try:
-                data = {ext: reader.read(info) for ext, info in members.items() if ext != "json"}
-            except (OSError, EOFError, tarfile.TarError) as e:
-                return _Raw(key, shard.uri, meta, {}, error=f"{type(e).__name__}: {e}")
-            return _Raw(key, shard.uri, meta, data)
-
-    def _decode_all(self, raws: list[_Raw], shape: BucketShape) -> list[Any]:
-        def run(raw: _Raw) -> Any:
-            try:
-                return self._decode(raw, shape)
+                return decode_sample(raw, shape, self.is_video, self.fps)
             except Exception as e:  # noqa: BLE001 - any decode failure skips the sample
                 return e
 
@@ -732,121 +292,8 @@ class TaskLoader:
             self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         return list(self._pool.map(run, raws))
 
-    def _decode(self, raw: _Raw, shape: BucketShape) -> tuple:
-        if raw.error is not None:
-            raise OSError(raw.error)
-        members = raw.members
-        kind = raw.meta.get("kind") or _kind_from_members(members)
-        if kind in ("image_edit", "video_edit"):
-            src = self._medium(members, "src.", raw, shape)
-            tgt = self._medium(members, "tgt.", raw, shape)
-        else:
-            tgt, src = self._medium(members, "", raw, shape), None
-        return tgt, src, self._text(raw)
-
-    def _medium(self, members: dict[str, bytes], prefix: str, raw: _Raw, shape: BucketShape):
-        for ext in VIDEO_EXTS:
-            if prefix + ext in members:
-                if not self.is_video:
-                    raise ValueError(f"member {prefix + ext} is a video, task {self.task} is not")
-                meta_fps = raw.meta.get("fps")
-                return _to_tensor(
-                    list(decode_video(members[prefix + ext], shape, self.fps, meta_fps))
-                )
-        for ext in IMAGE_EXTS:
-            if prefix + ext in members:
-                frame = decode_image(members[prefix + ext], shape)
-                return _to_tensor([frame] * shape.frames)
-        raise ValueError(f"no {prefix or 'medium '}member among {sorted(members)}")
-
-    @staticmethod
-    def _text(raw: _Raw) -> str:
-        if "txt" in raw.members:
-            return raw.members["txt"].decode("utf-8", errors="replace").strip()
-        meta = raw.meta
-        return str(meta.get("recaption") or meta.get("instruction") or meta.get("caption") or "")
-
 
 # -- building a stage's loaders ---------------------------------------------------------------
-
-
-@dataclass
-class DataSource:
-    """Shards of one recipe data entry, with usable counts per shard and kind."""
-
-    uri: str  # as resolved: catalog://NAME@N (concrete version) or the path / glob
-    shards: list[tuple[str, str]]  # (uri, shard bucket), sorted
-    kind_counts: dict[str, Counter]  # shard uri -> {kind: samples}
-    keys: frozenset[str] | None = None  # allowed keys (catalog filter), None = all
-
-    def counts_for(self, task: str) -> dict[str, int]:
-        kinds = TASK_KINDS[task]
-        return {u: sum(c.get(k, 0) for k in kinds) for u, c in self.kind_counts.items()}
-
-
-def _glob_shards(uri: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(uri)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    if _glob.has_magic(path):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = [p for p in fs.find(path) if p.endswith(".tar")]
-    else:
-        found = [path]
-    found = [p for p in found if p.endswith(".tar") and not p.rsplit("/", 1)[-1].startswith(".")]
-    if not found:
-        raise FileNotFoundError(f"no shards (*.tar) match {uri!r}")
-    return sorted(p if local else fs.unstrip_protocol(p) for p in found)
-
-
-def resolve_data(data: Any, catalog: Any = None) -> DataSource:
-    """A recipe ``DataConfig`` -> its shards and per-shard kind counts.
-
-    ``catalog://NAME@VERSION`` (+ filter) goes through ``Catalog.resolve`` and the version's
-    index (no shard is opened); paths / globs / directories are globbed with fsspec (a
-    directory means every ``*.tar`` below it; the shard bucket is the parent folder name) and
-    scanned.
-    """
-    from catalog.names import is_catalog_uri
-
-    uri, filt = data.uri, getattr(data, "filter", None)
-    if not is_catalog_uri(uri):
-        uris = _glob_shards(uri)
-        return DataSource(
-            uri, [(u, _parent_name(u)) for u in uris], {u: scan_shard(u) for u in uris}
-        )
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from catalog.index import open_index
-    from catalog.store import Catalog
-
-    cat = catalog if catalog is not None else Catalog()
-    try:
-        res = cat.resolve(uri, filt)
-    finally:
-        if catalog is None:
-            cat.close()
-    table = open_index(res.version.index_uri).to_table(
-        columns=["key", "kind", "shard"], filter=pc.field("status") == "accepted"
-    )
-    keys = frozenset(res.keys) if filt else None
-    if keys is not None:
-        allowed = pa.array(sorted(keys), type=table.column("key").type)
-        table = table.filter(pc.is_in(table.column("key"), value_set=allowed))
-    by_rel: dict[str, Counter] = {}
-    for rel, kind in zip(
-        table.column("shard").to_pylist(), table.column("kind").to_pylist(), strict=True
-    ):
-        if rel is not None:
-            by_rel.setdefault(rel, Counter())[kind] += 1
-    root = res.version.root_uri
-    kind_counts = {
-        sh.uri: by_rel.get(relative_to_root(root, sh.uri), Counter()) for sh in res.shards
-    }
-    shards = sorted((sh.uri, sh.bucket) for sh in res.shards)
-    return DataSource(res.version.ref, shards, kind_counts, keys)
 
 
 def build_task_loaders(

@@ -11,12 +11,13 @@ from dataclasses import replace
 
 import torch
 
-from training.data.batch import EDIT_TASKS, TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.data.buckets import BucketShape
 from training.models.base import UnifiedModel
 from training.models.checkpointing import set_gradient_checkpointing
 from training.models.flow import euler_sample, sample_timesteps
 from training.models.geometry import latent_frames
+from training.tasks import EDIT_TASKS, IMAGE_TASKS, TASKS, TEXT_TO_MEDIA_TASKS
 
 
 class FamilyModel(UnifiedModel):
@@ -100,14 +101,14 @@ class FamilyModel(UnifiedModel):
             t, h, w = px.shape[1], px.shape[3], px.shape[4]
             if h % g.spatial_factor or w % g.spatial_factor:
                 raise ValueError(f"{name} {h}x{w}: sides must be multiples of {g.spatial_factor}")
-            if batch.task in ("t2i", "i2i_edit", "image_understanding") and t != 1:
+            if batch.task in IMAGE_TASKS and t != 1:
                 raise ValueError(f"{name}: image task {batch.task} needs T == 1, got {t}")
             latent_frames(t, g.temporal_factor)
 
     def can_generate(self) -> bool:
         """Whether ``sample`` works: the family has a text-to-image / text-to-video path."""
         return hasattr(self, "_text_velocity") and any(
-            t in self.supported_tasks() for t in ("t2i", "t2v")
+            t in self.supported_tasks() for t in TEXT_TO_MEDIA_TASKS
         )
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data.batch import EDIT_TASKS, UNDERSTANDING_TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.models.base import Geometry
 from training.models.blocks import Block, mlp
 from training.models.common import FamilyModel
@@ -34,6 +34,7 @@ from training.models.flow import Velocity, flow_pair
 from training.models.geometry import group_frames, patchify, pos_embed_3d, sinusoid
 from training.models.text import ByteTokenizer, next_token_loss
 from training.models.tiny import TinyCausalVAE, TinyDecoder, TinyDiT
+from training.tasks import EDIT_TASKS, UNDERSTANDING_TASKS
 
 VISUAL, LATENT, TIME = 0, 1, 2  # modality index of the pre-connector's scales
 

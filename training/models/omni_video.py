@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data.batch import EDIT_TASKS, UNDERSTANDING_TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.models.base import Geometry
 from training.models.blocks import MultimodalLM, TokenSet, mlp
 from training.models.common import FamilyModel
@@ -32,6 +32,7 @@ from training.models.flow import Velocity, flow_pair
 from training.models.geometry import pool_tokens
 from training.models.text import ByteTokenizer, next_token_loss
 from training.models.tiny import TinyCausalVAE, TinyDecoder, TinyDiT, TinyVisionEncoder
+from training.tasks import EDIT_TASKS, UNDERSTANDING_TASKS
 
 
 class VisionHead(nn.Module):

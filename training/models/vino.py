@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.data.batch import EDIT_TASKS, GENERATION_TASKS, TaskBatch
+from training.data.batch import TaskBatch
 from training.models.base import Geometry
 from training.models.blocks import MultimodalLM, TokenSet, mlp
 from training.models.common import FamilyModel
@@ -33,6 +33,7 @@ from training.models.flow import Velocity, flow_pair
 from training.models.geometry import patchify, pos_embed_3d, sinusoid, unpatchify
 from training.models.text import ByteTokenizer
 from training.models.tiny import TinyCausalVAE, TinyDecoder, TinyVisionEncoder
+from training.tasks import EDIT_TASKS, GENERATION_TASKS
 
 
 class _Stream(nn.Module):
