@@ -15,7 +15,7 @@ from catalog.shards import ASPECT_CLASSES
 from core.config import ConfigWarning, load_config
 from training.data.batch import EDIT_TASKS
 from training.data.buckets import bucket_for, tokens
-from training.models.registry import FAMILIES, SIZES, MissingPretrained, build_model
+from training.models.registry import MissingPretrained, build_model
 from training.recipe import IMAGE_TASKS, Recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
@@ -57,6 +57,8 @@ def tiny(family: str):
 def test_one_recipe_per_family_and_size():
     """Every registered family has a recipe at every size it builds, named
     ``<family>_<size>`` and no other; the 7b ones are the PRODUCTION templates checked below."""
+    from training.models.registry import FAMILIES, SIZES
+
     models = {name: load(name).model for name in ALL}
     found = sorted((m.family, m.size, name) for name, m in models.items())
     assert found == sorted((f, s, f"{f}_{s}") for f in FAMILIES for s in SIZES[f])
