@@ -32,13 +32,6 @@ PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    """The corpus of seed 0, generated once for the module: (root, the labels returned)."""
-    root = tmp_path_factory.mktemp("corpus")
-    return root, generate(root, seed=0)
-
-
-@pytest.fixture(scope="module")
 def root(corpus) -> Path:
     return corpus[0]
 
