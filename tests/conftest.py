@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import sample_rows, write_version_files
+from helpers import sample_rows, torch_threads, write_version_files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,23 @@ def committed_version(cat, tmp_path):
         return cat.commit_version(v.id, str(root / "index")), rows
 
     return make
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The synthetic corpus of seed 0 (``curation.sample_data``), generated once per session:
+    (root, labels). Shared by every test that reads it: write nothing under its root."""
+    from curation.sample_data import generate
+
+    root = tmp_path_factory.mktemp("corpus_seed0")
+    return root, generate(root, seed=0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (tiny models; see ``helpers.torch_threads``)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

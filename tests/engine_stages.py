@@ -8,10 +8,11 @@ tests folder is not importable in a worker. Faults are real: a stage that dies c
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
-from curation.stages.base import MissingWeights, Resources, Row, Stage
+from curation.stages.base import MissingWeights, Resources, Row, SampleError, Stage
 
 
 def input_rows(n: int, poison: set[int] = frozenset()) -> list[Row]:
@@ -115,3 +116,30 @@ class BatchBugStage(Stage):
         if any("poison" in r["source_uri"] for r in rows):
             raise RuntimeError("batched decode failed")
         return rows
+
+
+class SetupLogStage(Stage):
+    """CPU: leaves a file ``<pid>-<uuid>`` in ``log_dir`` per set-up; tags each row with the
+    pid that processed it; an input with 'bad' in its uri is a sample error."""
+
+    name: ClassVar[str] = "setuplog"
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+
+    def setup(self) -> None:
+        (Path(self.log_dir) / f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+
+    def process_row(self, row: Row) -> Row:
+        if "bad" in row["source_uri"]:
+            raise SampleError("decode_error", "cannot read it")
+        seen = (row.get("caption") or "") + f"{self.name}@{os.getpid()};"
+        return {**row, "caption": seen, "status": "rejected", "reasons": [f"{self.name}: seen"]}
+
+
+class SetupLogModelStage(SetupLogStage):
+    """The same as a model stage (its own actor pool)."""
+
+    name: ClassVar[str] = "setuplog_model"
+    resources: ClassVar[Resources] = Resources(cpus=0.25)
+    uses_model: ClassVar[bool] = True

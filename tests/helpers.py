@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
+
+import numpy as np
 
 from catalog.schema import make_key, rows_to_table
 from catalog.shards import ShardWriter, bucket_name, sample_json
@@ -110,3 +115,101 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [OMNIFORGE, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+# -- media and inputs (curation tests) ----------------------------------------------------------
+
+
+def input_row(source: Path | str, kind: str | None = None, target: Path | str | None = None):
+    """A row as the listing gives it for ``source`` (and an edit pair's ``target``)."""
+    source = str(source)
+    target = str(target) if target is not None else None
+    return {
+        "key": make_key(source, target_uri=target),
+        "source_uri": source,
+        "target_uri": target,
+        "kind": kind,
+        "caption": None,
+        "instruction": None,
+        "status": None,
+        "reasons": [],
+    }
+
+
+def find(labels: list[dict], **conds) -> dict:
+    """The first corpus label whose fields equal ``conds`` (names change; properties do not)."""
+    for lab in labels:
+        if all(lab.get(k) == v for k, v in conds.items()):
+            return lab
+    raise LookupError(conds)
+
+
+def frames_row(kind: str, frames: list, **extra) -> dict:
+    """An accepted row carrying already sampled ``frames`` (half a second apart), as a scorer
+    receives it from the frames stage; ``extra`` adds or replaces fields."""
+    return {
+        "key": f"k{id(frames)}",
+        "kind": kind,
+        "status": "accepted",
+        "reasons": [],
+        "frames": list(frames),
+        "frame_times": [0.5 * i for i in range(len(frames))],
+        **extra,
+    }
+
+
+def reference_frames(path: Path | str) -> list[np.ndarray]:
+    """Every frame (RGB) decoded sequentially from the start by PyAV: the ground truth."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two same-shape uint8 images."""
+    assert a.shape == b.shape
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def write_rotated_video(path: Path, upright: np.ndarray, rotation: int) -> Path:
+    """Six frames of ``upright`` (H, W, 3) stored turned by ``rotation`` degrees, with that
+    rotation in the metadata: a player shows ``upright`` again. 24 fps."""
+    from curation.sample_data.videos import encode_video
+
+    stored = np.ascontiguousarray(np.rot90(upright, -rotation // 90))
+    encode_video(
+        path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24, rotation=rotation
+    )
+    return path
+
+
+def write_sar_video(path: Path) -> Path:
+    """Four black frames of 96x64 stored pixels with a 4:3 sample aspect ratio: 128x64 shown."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for _ in range(4):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((64, 96, 3), np.uint8))))
+        out.mux(stream.encode(None))
+    return path
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` for the block: tiny models are many small ops,
+    where one thread is fastest and steadiest on a busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -20,16 +20,15 @@ Two architectures are registered with open_clip (``add_model_config``):
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from helpers import torch_threads
 from PIL import Image
 from torch import nn
 
@@ -209,17 +208,6 @@ def watermark_training_set(
     return images, np.array(labels), masks, np.array(scenes)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Training is many tiny ops: one thread is fastest and immune to a busy second CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _preprocess(model: nn.Module):
     open_clip = import_open_clip()
     size = model.visual.image_size
@@ -283,7 +271,7 @@ def train_watermark_tower(
     pos_weight = torch.tensor(5.0)
     half = 16
     visual.train().requires_grad_(True)
-    with _threads(1):
+    with torch_threads(1):  # training is many tiny ops
         for _ in range(steps):
             pick = torch.randint(0, len(scene_ids), (half,), generator=gen).tolist()
             a = [clean[scene_ids[p]] for p in pick]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ class RecaptionStage(Stage):
 
     ``RecaptionStage(cfg.recaption)``.
     Keyword arguments override the section's ``cache_dir``, ``prompts`` (kind -> template),
-    ``max_frames``, ``image_max_side``, ``max_new_tokens``, ``backoff_s``, ``gpus``.
+    ``max_frames``, ``image_max_side``, ``max_new_tokens``, ``backoff_s``, ``gpus``;
+    ``sleep`` is how the openai backend waits between attempts (``time.sleep``; tests record).
     """
 
     name = "recaption"
@@ -147,6 +149,7 @@ class RecaptionStage(Stage):
         max_new_tokens: int | None = None,
         backoff_s: float | None = None,
         gpus: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         if cfg.backend == "none":
             raise ValueError("recaption.backend is 'none': the recaption stage is off")
@@ -170,6 +173,7 @@ class RecaptionStage(Stage):
         self.image_max_side = int(opt(image_max_side, "image_max_side", DEFAULT_IMAGE_MAX_SIDE))
         self.max_new_tokens = int(opt(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.backoff_s = float(opt(backoff_s, "backoff_s", DEFAULT_BACKOFF_S))
+        self.sleep = sleep
         if self.backend == "openai":
             self.model_id = f"openai:{cfg.model}"
             self.concurrency = int(cfg.concurrency)
@@ -219,6 +223,7 @@ class RecaptionStage(Stage):
                 max_retries=int(self.cfg.max_retries),
                 backoff_s=self.backoff_s,
                 max_new_tokens=self.max_new_tokens,
+                sleep=self.sleep,
             )
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="recaption")
         else:

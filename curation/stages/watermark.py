@@ -46,8 +46,8 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from core.weights import WeightsError, resolve_weights
 from catalog.schema import VIDEO_KINDS
+from core.weights import WeightsError, resolve_weights
 from curation.config import WatermarkConfig
 from curation.shift import dominant_shift, overlap, shifted
 from curation.weights import ClipSpec, watermark_head_relative

@@ -1,4 +1,5 @@
-"""Catalog create / commit / query / lineage on a real SQLite database."""
+"""Catalog datasets and versions on a real SQLite database: create, commit, resolve, verify
+(runs and lineage: test_runs.py; the Parquet index: test_index.py)."""
 
 from pathlib import Path
 
@@ -6,10 +7,9 @@ import pytest
 from helpers import sample_rows, write_version_files
 from sqlalchemy import create_engine
 
-from catalog.index import query_index
 from catalog.names import DatasetRef
 from catalog.shards import sha256_file
-from catalog.store import CatalogError, Node, NotFound, migrate
+from catalog.store import CatalogError, NotFound, migrate
 
 
 def test_create_commit_and_read_back(cat, committed_version):
@@ -86,60 +86,6 @@ def test_resolve_with_filter(cat, committed_version):
     assert len(res.shards) < len(everything.shards)
     with pytest.raises(ValueError, match="unknown column 'aesthetik'"):
         cat.resolve("catalog://demo@1", filter="aesthetik > 1")
-
-
-def test_index_query_pushes_filter_and_columns(committed_version):
-    v, rows = committed_version("demo", n=30)
-    out = query_index(v.index_uri, "status == 'error'", columns=["key", "reasons"])
-    assert out.column_names == ["key", "reasons"]
-    assert sorted(out.column("key").to_pylist()) == sorted(
-        r["key"] for r in rows if r["status"] == "error"
-    )
-    assert all(r == ["decode_error"] for r in out.column("reasons").to_pylist())
-
-
-def test_lineage_links_versions_runs_and_checkpoints(cat, committed_version):
-    raw, _ = committed_version("raw", seed=1)
-    curate = cat.start_run("curation", "curate raw", config_hash="c1", mlflow_run_id="abc")
-    cat.add_edge(Node("version", raw.id), Node("run", curate), "input")
-    curated, _ = committed_version("curated", seed=2, parent_id=raw.id)
-    cat.add_edge(Node("run", curate), Node("version", curated.id), "output")
-    stage1 = cat.start_run("training_stage", "omni_video stage 1")
-    cat.add_edge(Node("version", curated.id), Node("run", stage1), "input")
-    ckpt = cat.add_checkpoint(stage1, "/ckpt/stage1/step_10", step=10)
-    cat.add_edge(Node("version", curated.id), Node("run", stage1), "input")  # idempotent
-
-    up, down = cat.lineage(Node("version", curated.id))
-    assert [(e.parent.type, e.child.type, e.relation) for e in up] == [
-        ("run", "version", "output"),
-        ("version", "run", "input"),
-    ]
-    assert up[1].parent_label.startswith("catalog://raw@1")
-    assert [(e.parent.type, e.child.type, e.relation) for e in down] == [
-        ("version", "run", "input"),
-        ("run", "checkpoint", "produced"),
-    ]
-    assert down[1].child == Node("checkpoint", ckpt)
-    assert "step 10" in down[1].child_label
-    assert cat.version_by_id(curated.parent_id).ref == "catalog://raw@1"
-    with pytest.raises(NotFound):
-        cat.add_edge(Node("version", 999), Node("run", stage1))
-    with pytest.raises(ValueError, match="node type"):
-        Node("dataset", 1)
-
-
-def test_runs_record_status_and_ids(cat):
-    rid = cat.start_run("training_stage", "stage 1", params={"lr": 1e-4})
-    cat.update_run(rid, ray_job_id="raysubmit_1", mlflow_run_id="m1", params={"steps": 10})
-    info = cat.update_run(rid, status="succeeded")
-    assert info.ended_at is not None and info.status == "succeeded"
-    assert info.params == {"lr": 1e-4, "steps": 10}
-    assert (info.ray_job_id, info.mlflow_run_id) == ("raysubmit_1", "m1")
-    assert [r.id for r in cat.list_runs(kind="training_stage")] == [rid]
-    with pytest.raises(ValueError, match="allowed: pending, running"):
-        cat.update_run(rid, status="done")
-    with pytest.raises(ValueError, match="run kind"):
-        cat.start_run("inference")
 
 
 def test_bad_names_and_references(cat):

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
+import pyarrow.parquet as pq
 import pytest
 
 from core.config import load_config
-from curation.adapter import MODEL_CPU_SHARE, Pool, Worker, plan_steps, plan_workers
+from curation.adapter import (
+    MODEL_CPU_SHARE,
+    Pool,
+    PoolPlan,
+    Worker,
+    plan_steps,
+    plan_workers,
+    worker_factory,
+)
 from curation.config import CurationConfig
 from curation.pipeline import build_stages
 from curation.sink import BlockSink
@@ -15,6 +25,8 @@ from curation.stages.base import Resources, Row, SampleError, Stage
 
 
 class CountingStage(Stage):
+    """Counts its set-ups; ``bad`` is a sample error, ``crash`` a library error."""
+
     name: ClassVar[str] = "count"
     setups = 0
 
@@ -24,7 +36,9 @@ class CountingStage(Stage):
     def process_row(self, row: Row) -> Row:
         if row["key"] == "bad":
             raise SampleError("decode_error", "cannot read it")
-        return {**row, "caption": "seen"}
+        if row["key"] == "crash":
+            raise RuntimeError("the decoder choked")
+        return {**row, "caption": "seen", "status": "rejected", "reasons": ["count: seen"]}
 
 
 class Model(Stage):
@@ -65,21 +79,37 @@ def test_model_stages_get_the_gpus_when_there_are_some():
     assert no_gpu["model"].gpus == 0
 
 
+def _rows(*keys: str) -> list[Row]:
+    return [
+        {"key": k, "kind": "image", "source_uri": f"/data/{k}.png", "status": None, "reasons": []}
+        for k in keys
+    ]
+
+
+def _index(root, written) -> dict[str, dict]:
+    return {r["key"]: r for r in pq.read_table(root / written.index_part).to_pylist()}
+
+
 def test_a_worker_sets_up_once_and_turns_bad_samples_into_error_rows(tmp_path):
     CountingStage.setups = 0
     steps = plan_steps([CountingStage()])
     worker = Worker(steps, BlockSink(str(tmp_path), "r", 10, 2**20))
     assert worker.ready()["device"] == "cpu" and CountingStage.setups == 1
-    rows = [
-        {"key": "ok", "kind": "image", "source_uri": "ok", "status": "rejected", "reasons": ["x"]}
-    ]
-    rows.append({"key": "bad", "kind": "image", "source_uri": "bad", "status": None})
+    rows = _rows("ok", "bad", "crash", "done")
+    rows[3].update(status="error", reasons=["probe: x"])  # final already: passed on untouched
     out, info = worker.run(steps[0].name, "b1", rows)
     out, info = worker.run(steps[0].name, "b2", rows)
     assert CountingStage.setups == 1  # not per call
     assert out == [] and info.written is not None  # the last step writes the block
-    assert info.written.counts == {"rejected": 1, "error": 1}
-    assert info.stages["count"][:2] == (2, 2) and "sink" in info.stages
+    assert info.written.counts == {"rejected": 1, "error": 3}
+    assert info.stages["count"][:2] == (4, 4) and "sink" in info.stages
+    index = _index(tmp_path, info.written)
+    assert index["ok"]["caption"] == "seen" and index["ok"]["reasons"] == ["count: seen"]
+    assert index["bad"]["status"] == "error"
+    assert index["bad"]["reasons"] == ["decode_error: cannot read it"]
+    assert index["crash"]["status"] == "error"
+    assert index["crash"]["reasons"] == ["count_failed: RuntimeError: the decoder choked"]
+    assert index["done"]["caption"] is None and index["done"]["reasons"] == ["probe: x"]
 
 
 def test_a_setup_error_is_raised_by_ready():
@@ -144,3 +174,57 @@ def test_a_worker_whose_setup_failed_refuses_every_call():
     worker = Worker(steps, None)
     with pytest.raises(ValueError, match="CUDA out of memory"):
         worker.run(steps[0].name, "b", [{"key": "a"}])
+
+
+# --- on Ray: the actors worker_factory makes ------------------------------------------------
+
+
+@pytest.fixture
+def ray_stages(ray_session):
+    """Ray, with tests/engine_stages.py pickled by value (workers cannot import tests/)."""
+    import engine_stages
+
+    ray_session.cloudpickle.register_pickle_by_value(engine_stages)
+    yield ray_session
+    ray_session.cloudpickle.unregister_pickle_by_value(engine_stages)
+
+
+def test_ray_workers_set_up_once_per_actor_and_return_error_rows(ray_stages, tmp_path):
+    """A model actor and a CPU actor, two blocks each: one set-up per actor process, a sample
+    error inside an actor comes back as an error row (never re-processed downstream), the model
+    step hands its rows on through the object store and the CPU step writes the block."""
+    from engine_stages import SetupLogModelStage, SetupLogStage
+
+    ray = ray_stages
+    log = tmp_path / "setups"
+    log.mkdir()
+    steps = plan_steps([SetupLogModelStage(str(log)), SetupLogStage(str(log))])
+    assert [s.uses_model for s in steps] == [True, False]
+    sink = BlockSink(str(tmp_path / "out"), "r", 10, 2**20)
+    model = worker_factory(steps[:1], None, PoolPlan(1, 0.25), "model", retries=0)()
+    cpu = worker_factory(steps[1:], sink, PoolPlan(1, 0.25), "cpu", retries=0)()
+    try:
+        model_pid, cpu_pid = (r["pid"] for r in ray.get([model.ready.remote(), cpu.ready.remote()]))
+        infos = []
+        for block in ("b1", "b2"):
+            rows = _rows(f"{block}-a", f"{block}-bad", f"{block}-c")
+            rows_ref, model_info = model.run.options(num_returns=2).remote(
+                steps[0].name, block, rows
+            )
+            _, cpu_info = cpu.run.options(num_returns=2).remote(steps[1].name, block, rows_ref)
+            infos.append(ray.get([model_info, cpu_info]))
+    finally:
+        ray.kill(model, no_restart=True)
+        ray.kill(cpu, no_restart=True)
+
+    assert model_pid != cpu_pid and model_pid != os.getpid() != cpu_pid
+    assert sorted(int(f.name.split("-")[0]) for f in log.iterdir()) == sorted([model_pid, cpu_pid])
+    for block, (model_info, cpu_info) in zip(("b1", "b2"), infos, strict=True):
+        assert model_info.written is None and model_info.stages["setuplog_model"][:2] == (3, 3)
+        assert cpu_info.written.counts == {"rejected": 2, "error": 1}
+        index = _index(tmp_path / "out", cpu_info.written)
+        seen = f"setuplog_model@{model_pid};setuplog@{cpu_pid};"
+        assert index[f"{block}-a"]["caption"] == index[f"{block}-c"]["caption"] == seen
+        bad = index[f"{block}-bad"]
+        assert bad["status"] == "error" and bad["caption"] is None
+        assert bad["reasons"] == ["decode_error: cannot read it"]

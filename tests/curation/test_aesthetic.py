@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import frames_row
 from PIL import Image
 from tiny_models import (
     EMBED_DIM,
@@ -39,14 +40,7 @@ from curation.sample_data.render import landscape, rng_for
 from curation.stages.aesthetic import AestheticStage
 from curation.stages.base import MissingWeights, check_required
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest, and immune to a busy second CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +66,6 @@ def config(models: Path | None, **aesthetic) -> CurationConfig:
 
 def aesthetic_stage(cfg: CurationConfig) -> AestheticStage:
     return AestheticStage(cfg.aesthetic, models_dir=cfg.models_dir)
-
-
-def row(kind: str, frames: list[np.ndarray], **extra) -> dict:
-    return {
-        "key": f"k{id(frames)}",
-        "kind": kind,
-        "status": "accepted",
-        "reasons": [],
-        "frames": [f for f in frames],
-        **extra,
-    }
 
 
 def reference_embeddings(weights: Path, images: list[np.ndarray]) -> np.ndarray:
@@ -303,13 +286,13 @@ def test_stage_scores_images_videos_and_edit_targets(tmp_path, tiny_vit):
     )
     check_required([stage])
     imgs = [scene("a"), scene("b", 200, 90, "sunset"), scene("c", 90, 160, "night")]
-    rows = [row("image", [im]) for im in imgs]
-    rows.append(row("video", imgs, frame_times=[0.0, 1.0, 2.0]))
-    rows.append(row("image_edit", [imgs[0]], target_frames=[imgs[2]]))
-    rows.append(row("video_edit", imgs, target_frames=[im for im in imgs[1:]]))
-    rows.append({**row("image", [imgs[0]]), "status": "error", "reasons": ["probe: x"]})
-    rows.append(row("image", []))  # nothing to score
-    rows.append({**row("image", []), "frames": [b"not a png"]})
+    rows = [frames_row("image", [im]) for im in imgs]
+    rows.append(frames_row("video", imgs, frame_times=[0.0, 1.0, 2.0]))
+    rows.append(frames_row("image_edit", [imgs[0]], target_frames=[imgs[2]]))
+    rows.append(frames_row("video_edit", imgs, target_frames=[im for im in imgs[1:]]))
+    rows.append({**frames_row("image", [imgs[0]]), "status": "error", "reasons": ["probe: x"]})
+    rows.append(frames_row("image", []))  # nothing to score
+    rows.append({**frames_row("image", []), "frames": [b"not a png"]})
     stage.setup()
     out = stage.process_batch(rows)
 
@@ -346,7 +329,7 @@ def test_scores_are_clamped_to_the_schema_range(tmp_path, tiny_vit):
             tmp_path / f"m{offset}", tiny_vit, designed_laion_head_state(EMBED_DIM, offset=offset)
         )
         stage = aesthetic_stage(config(models))
-        assert stage.process_batch([row("image", [img])])[0]["aesthetic"] == expected
+        assert stage.process_batch([frames_row("image", [img])])[0]["aesthetic"] == expected
 
 
 def test_head_and_clip_must_belong_together(tmp_path, tiny_vit):
@@ -366,6 +349,6 @@ def test_stage_pickles_without_its_models(tmp_path, tiny_vit):
     clone = pickle.loads(pickle.dumps(stage))
     assert clone.head is None and not clone.embedder.loaded
     img = scene("pickle")
-    assert clone.process_batch([row("image", [img])])[0]["aesthetic"] == pytest.approx(
-        stage.process_batch([row("image", [img])])[0]["aesthetic"]
+    assert clone.process_batch([frames_row("image", [img])])[0]["aesthetic"] == pytest.approx(
+        stage.process_batch([frames_row("image", [img])])[0]["aesthetic"]
     )

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import pickle
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from helpers import input_row, mean_diff, reference_frames, write_rotated_video, write_sar_video
 from PIL import Image
 
 import curation.stages.frames as frames_mod
-from catalog.schema import make_key
 from curation.config import CurationConfig
 from curation.media import fit_max_side
-from curation.sample_data import generate, load_labels
-from curation.sample_data.videos import encode_video
 from curation.stages.frames import FrameSampleStage, frame_indices
 from curation.stages.probe import ProbeStage
 from curation.stages.split import SceneSplitStage
@@ -24,26 +21,6 @@ from curation.stages.split import SceneSplitStage
 DATA = Path(__file__).resolve().parents[1] / "data"
 CFG = CurationConfig()
 N = CFG.frames.num_frames
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "omniforge_corpus_seed0"
-    if not (root / "labels.jsonl").is_file():
-        generate(root, seed=0)
-    return root, load_labels(root)
-
-
-def input_row(source, kind=None, target=None) -> dict:
-    source, target = str(source), str(target) if target else None
-    return {
-        "key": make_key(source, target_uri=target),
-        "source_uri": source,
-        "target_uri": target,
-        "kind": kind,
-        "status": None,
-        "reasons": [],
-    }
 
 
 def pipeline(rows: list[dict], cfg: CurationConfig = CFG) -> list[dict]:
@@ -58,20 +35,9 @@ def sampled(path, **kw) -> list[dict]:
     return rows
 
 
-def reference_frames(path) -> list[np.ndarray]:
-    """Every frame decoded sequentially from the start by PyAV (the ground truth)."""
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
 def clip_indices(row: dict) -> list[int]:
     fps = row["fps"]
     return frame_indices(round(row["span"]["start"] * fps), round(row["span"]["end"] * fps), N)
-
-
-def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
 @pytest.fixture(scope="module")
@@ -185,12 +151,7 @@ def _rotated_video(tmp_path: Path, rotation: int, height: int, width: int) -> Pa
     """Upright picture with red in the top-left quadrant, stored rotated."""
     upright = np.full((height, width, 3), 40, np.uint8)
     upright[: height // 2, : width // 2] = (230, 20, 20)
-    stored = np.ascontiguousarray(np.rot90(upright, -rotation // 90))
-    path = tmp_path / f"rot{rotation}.mp4"
-    encode_video(
-        path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24, rotation=rotation
-    )
-    return path
+    return write_rotated_video(tmp_path / f"rot{rotation}.mp4", upright, rotation)
 
 
 def _check_upright(frame: np.ndarray, height: int, width: int) -> None:
@@ -225,15 +186,7 @@ def test_corpus_rotated_video_has_display_orientation(corpus_rows):
 
 
 def test_non_square_pixels_are_resized_to_display_size(tmp_path):
-    path = tmp_path / "sar.mp4"
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        for _ in range(4):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((64, 96, 3), np.uint8))))
-        out.mux(stream.encode(None))
-    (row,) = sampled(path)
+    (row,) = sampled(write_sar_video(tmp_path / "sar.mp4"))
     assert (row["width"], row["height"]) == (128, 64)
     assert all(f.shape == (64, 128, 3) for f in row["frames"])
 

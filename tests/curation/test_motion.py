@@ -12,7 +12,6 @@ import pytest
 
 from curation.config import MotionConfig
 from curation.media import fit_max_side
-from curation.sample_data import generate
 from curation.stages.motion import MotionStage
 
 ALGORITHMS = ("dis", "farneback")
@@ -35,9 +34,9 @@ def video_row(path: Path, num_frames: int = 8, kind: str = "video") -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    labels = generate(root, seed=0)
+def clips(corpus):
+    """(root, labels of the clips of a known camera motion, their rows by label id)."""
+    root, labels = corpus
     # Clips with a known camera motion class; the cut clip is left out because pairs that
     # straddle its hard cuts do not measure motion (the split stage removes cuts first).
     videos = [
@@ -59,8 +58,8 @@ def stage(algorithm: str) -> MotionStage:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_static_slow_fast_are_separated(corpus, algorithm):
-    _, videos, rows = corpus
+def test_static_slow_fast_are_separated(clips, algorithm):
+    _, videos, rows = clips
     s = stage(algorithm)
     scores = {lab["id"]: s.process_row(rows[lab["id"]]) for lab in videos}
     by_class: dict[str, list[float]] = {"static": [], "slow": [], "fast": []}
@@ -79,9 +78,9 @@ def test_static_slow_fast_are_separated(corpus, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_named_pans(corpus, algorithm):
+def test_named_pans(clips, algorithm):
     """The three reference clips: same size, 0 / 1 / 8 px per frame."""
-    _, _, rows = corpus
+    _, _, rows = clips
     s = stage(algorithm)
     static = s.process_row(rows["static_320x180.mp4"])["motion"]
     slow = s.process_row(rows["pan_slow_480x270.mp4"])["motion"]
@@ -92,17 +91,17 @@ def test_named_pans(corpus, algorithm):
     assert fast / slow == pytest.approx(8, rel=0.1)
 
 
-def test_score_is_per_second_not_per_sample_gap(corpus):
+def test_score_is_per_second_not_per_sample_gap(clips):
     """Fewer samples mean larger gaps between them; the score must not change."""
-    root, _, rows = corpus
+    root, _, rows = clips
     s = stage("dis")
     dense = s.process_row(rows["pan_slow_480x270.mp4"])["motion"]
     sparse = s.process_row(video_row(root / "videos/pan_slow_480x270.mp4", num_frames=3))["motion"]
     assert sparse == pytest.approx(dense, rel=0.05)
 
 
-def test_stills_and_single_frames_get_no_motion(corpus):
-    _, _, rows = corpus
+def test_stills_and_single_frames_get_no_motion(clips):
+    _, _, rows = clips
     s = stage("dis")
     frames = rows["pan_fast_480x270.mp4"]["frames"]
     for row in (
@@ -117,8 +116,8 @@ def test_stills_and_single_frames_get_no_motion(corpus):
         assert out["motion"] is None and out["motion_min"] is None and out["motion_max"] is None
 
 
-def test_video_edit_is_scored_on_its_source_frames(corpus):
-    _, _, rows = corpus
+def test_video_edit_is_scored_on_its_source_frames(clips):
+    _, _, rows = clips
     s = stage("dis")
     row = dict(rows["pan_slow_480x270.mp4"], kind="video_edit")
     assert s.process_row(row)["motion"] == pytest.approx(
@@ -126,8 +125,8 @@ def test_video_edit_is_scored_on_its_source_frames(corpus):
     )
 
 
-def test_mismatched_frame_times_mark_the_row(corpus):
-    _, _, rows = corpus
+def test_mismatched_frame_times_mark_the_row(clips):
+    _, _, rows = clips
     row = dict(rows["pan_slow_480x270.mp4"], frame_times=[0.0])
     (out,) = stage("dis").process_batch([row])
     assert out["status"] == "error"

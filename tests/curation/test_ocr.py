@@ -15,7 +15,6 @@ import pytest
 
 from curation.config import CurationConfig
 from curation.media import fit_max_side
-from curation.sample_data import generate
 from curation.stages.base import MissingWeights, check_required
 from curation.stages.ocr import OcrStage, union_mask
 
@@ -61,9 +60,10 @@ def box_mask(
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    return root, {lab["id"]: lab for lab in generate(root, seed=0)}
+def labelled(corpus):
+    """(root, the corpus labels by id)."""
+    root, labels = corpus
+    return root, {lab["id"]: lab for lab in labels}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def ocr():
     return stage
 
 
-def test_text_images_are_positive_where_the_text_is(corpus, ocr):
-    root, labels = corpus
+def test_text_images_are_positive_where_the_text_is(labelled, ocr):
+    root, labels = labelled
     text_images = [lab for lab in labels.values() if lab["kind"] == "image" and lab["has_text"]]
     assert len(text_images) >= 3
     for lab in text_images:
@@ -95,8 +95,8 @@ def test_text_images_are_positive_where_the_text_is(corpus, ocr):
         assert detected[inside].sum() / detected.sum() > 0.9, lab["id"]
 
 
-def test_clean_images_and_natural_photos_are_negative(corpus, ocr):
-    root, labels = corpus
+def test_clean_images_and_natural_photos_are_negative(labelled, ocr):
+    root, labels = labelled
     clean = [
         root / lab["path"]
         for lab in labels.values()
@@ -123,8 +123,8 @@ def test_counter_video_is_positive_on_every_frame(ocr):
     assert out["ocr_boxes"] == 2 and 0.02 < out["ocr_area"] < 0.2
 
 
-def test_subtitles_are_found_in_their_segment(corpus, ocr):
-    root, labels = corpus
+def test_subtitles_are_found_in_their_segment(labelled, ocr):
+    root, labels = labelled
     lab = labels["subtitles_480x270.mp4"]
     segments = lab["text_segments"][::2]
     row = video_row(root / lab["path"], [(s["start_s"] + s["end_s"]) / 2 for s in segments])

@@ -16,7 +16,6 @@ from catalog.store import Catalog
 from core.config import load_config
 from curation.config import CurationConfig
 from curation.pipeline import reselect, run_curation
-from curation.sample_data import generate
 
 # Small synthetic media: lower the size floor so the other checks are what decides.
 TEST_SETTINGS = [
@@ -24,12 +23,6 @@ TEST_SETTINGS = [
     "block_size=4",
     "name=corpus",
 ]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
-    root = tmp_path_factory.mktemp("corpus")
-    return root, generate(root, seed=0)
 
 
 @pytest.fixture(scope="module")

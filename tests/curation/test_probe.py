@@ -10,12 +10,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import find, input_row, write_rotated_video, write_sar_video
 from PIL import Image
 
-from catalog.schema import make_key
 from curation.config import CurationConfig
 from curation.probing import probe_file, random_access_ok, sniff_family
-from curation.sample_data import generate, load_labels
 from curation.sample_data.render import landscape, rng_for
 from curation.sample_data.videos import encode_video
 from curation.stages.probe import ProbeStage
@@ -28,29 +27,6 @@ CORRUPT_REASONS = {
     "empty": "empty_file",
     "random_bytes": "not_media",
 }
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "omniforge_corpus_seed0"
-    if not (root / "labels.jsonl").is_file():
-        generate(root, seed=0)
-    return root, load_labels(root)
-
-
-def input_row(source: Path | str, kind: str | None = None, target: Path | str | None = None):
-    source = str(source)
-    target = str(target) if target is not None else None
-    return {
-        "key": make_key(source, target_uri=target),
-        "source_uri": source,
-        "target_uri": target,
-        "kind": kind,
-        "caption": None,
-        "instruction": None,
-        "status": None,
-        "reasons": [],
-    }
 
 
 def label_row(root: Path, label: dict) -> dict:
@@ -67,14 +43,6 @@ def probed(corpus):
     )
     assert len(rows) == len(labels)
     return {lab["id"]: (lab, row) for lab, row in zip(labels, rows, strict=True)}
-
-
-def find(labels, **conds) -> dict:
-    """The first label whose fields equal ``conds`` (names change; properties do not)."""
-    for lab in labels:
-        if all(lab.get(k) == v for k, v in conds.items()):
-            return lab
-    raise LookupError(conds)
 
 
 def plain_video(labels) -> dict:
@@ -281,12 +249,7 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
 
 def _rotated(tmp_path: Path, rotation: int) -> Path:
     upright = landscape(rng_for(0, f"rot{rotation}"), 64, 48, "day")  # display: 48 wide, 64 high
-    stored = np.ascontiguousarray(np.rot90(upright, -rotation // 90))
-    path = tmp_path / f"rot{rotation}.mp4"
-    encode_video(
-        path, (stored for _ in range(6)), stored.shape[1], stored.shape[0], 24, rotation=rotation
-    )
-    return path
+    return write_rotated_video(tmp_path / f"rot{rotation}.mp4", upright, rotation)
 
 
 @pytest.mark.parametrize("rotation", [90, 180, 270])
@@ -297,15 +260,7 @@ def test_rotation_metadata(tmp_path, rotation):
 
 
 def test_sample_aspect_ratio_gives_display_width(tmp_path):
-    path = tmp_path / "sar.mp4"
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        for _ in range(4):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.zeros((64, 96, 3), np.uint8))))
-        out.mux(stream.encode(None))
-    info = probe_file(str(path), CurationConfig().probe)
+    info = probe_file(str(write_sar_video(tmp_path / "sar.mp4")), CurationConfig().probe)
     assert info["sample_aspect_ratio"] == pytest.approx(4 / 3)
     assert (info["width"], info["height"]) == (128, 64)
 

@@ -27,12 +27,16 @@ from curation.stages.recaption import (
 
 # --- test double: an OpenAI-compatible chat-completions server ------------------------------
 
+HOLD_CAP_S = 30.0  # far beyond any client timeout of these tests
+
 
 class FakeOpenAI:
     """Real HTTP server on 127.0.0.1 speaking chat completions.
 
     ``script`` holds one action per incoming request (consumed in order; when empty, answer):
-    ``("status", code, headers)`` fails with that status, ``("sleep", s)`` waits then answers.
+    ``("status", code, headers)`` fails with that status, ``("hold",)`` answers only once
+    ``release`` is set (``close`` sets it; ``HOLD_CAP_S`` bounds the wait so a client that
+    never gives up gets an answer, and fails its test, instead of hanging it).
     ``delay`` holds every answer that long, so overlapping requests can be counted.
     """
 
@@ -41,6 +45,7 @@ class FakeOpenAI:
         self.script: list[tuple] = []
         self.delay = 0.0
         self.in_flight = 0
+        self.release = threading.Event()
         self.max_in_flight = 0
         self.lock = threading.Lock()
         server = self
@@ -64,8 +69,8 @@ class FakeOpenAI:
                     if action and action[0] == "status":
                         self._send(action[1], {"error": {"message": "scripted"}}, action[2])
                         return
-                    if action and action[0] == "sleep":
-                        time.sleep(action[1])
+                    if action and action[0] == "hold":
+                        server.release.wait(HOLD_CAP_S)
                     text = body["messages"][0]["content"][0]["text"]
                     kind = text.split(" training set")[0].split()[-1]  # text-to-video, ...
                     answer = {
@@ -104,6 +109,7 @@ class FakeOpenAI:
         self.thread.start()
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -139,7 +145,7 @@ def _row(kind: str, i: int, **extra) -> dict:
 
 
 def _stage(server, tmp_path, **cfg) -> RecaptionStage:
-    kwargs = {k: cfg.pop(k) for k in ("prompts", "backoff_s", "cache_dir") if k in cfg}
+    kwargs = {k: cfg.pop(k) for k in ("prompts", "backoff_s", "cache_dir", "sleep") if k in cfg}
     kwargs.setdefault("backoff_s", 0.01)
     kwargs.setdefault("cache_dir", tmp_path / "cache")
     c = RecaptionConfig(backend="openai", endpoint=server.url, model="tiny-vlm", **cfg)
@@ -241,13 +247,15 @@ def test_concurrency_limit(server, tmp_path):
 
 
 def test_retries_then_success_honours_retry_after(server, tmp_path):
-    server.script = [("status", 500, {}), ("status", 429, {"Retry-After": "1"})]
-    stage = _stage(server, tmp_path, max_retries=2)
-    t0 = time.monotonic()
+    server.script = [("status", 500, {}), ("status", 429, {"Retry-After": "7"})]
+    waits: list[float] = []  # the backend's sleeps, recorded instead of slept
+    stage = _stage(server, tmp_path, max_retries=2, backoff_s=0.01, sleep=waits.append)
     out = stage.process_batch([_row("image", 0)])
     assert out[0]["status"] == "accepted" and out[0]["recaption"].startswith("cap 2 ")
     assert len(server.requests) == 3
-    assert time.monotonic() - t0 >= 1.0  # waited what Retry-After said, not the 10 ms backoff
+    assert len(waits) == 2
+    assert 0.005 <= waits[0] <= 0.01  # the 500: backoff with jitter, about backoff_s
+    assert waits[1] == 7.0  # the 429: what Retry-After said, not the backoff
 
 
 def test_permanent_failures_become_error_rows(server, tmp_path):
@@ -287,13 +295,16 @@ def test_connection_refused_is_retried_then_error(tmp_path):
 
 
 def test_timeout_honoured(server, tmp_path):
-    server.script = [("sleep", 3.0)]
-    stage = _stage(server, tmp_path, timeout_s=0.3, max_retries=0)
-    t0 = time.monotonic()
+    # The server holds both requests unanswered until the test ends: only the client's own
+    # socket timeout can end each attempt (without it, an answer comes after HOLD_CAP_S and the
+    # row is accepted). A timed-out attempt is retried after a backoff.
+    server.script = [("hold",), ("hold",)]
+    waits: list[float] = []
+    stage = _stage(server, tmp_path, timeout_s=0.3, max_retries=1, sleep=waits.append)
     out = stage.process_batch([_row("image", 0)])
-    assert time.monotonic() - t0 < 2.0
-    assert out[0]["status"] == "error"
-    assert out[0]["reasons"] == ["recaption_failed: timed out after 0.3s"]
+    assert out[0]["status"] == "error" and out[0]["recaption"] is None
+    assert out[0]["reasons"] == ["recaption_failed: gave up after 2 attempts: timed out after 0.3s"]
+    assert len(server.requests) == 2 and len(waits) == 1
 
 
 def test_cache_prevents_second_request_and_prompt_change_misses(server, tmp_path):

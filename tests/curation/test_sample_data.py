@@ -8,7 +8,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -30,14 +29,6 @@ from curation.sample_data import (
 from curation.sample_data.images import IMAGES, render_image
 
 PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict], float]:
-    root = tmp_path_factory.mktemp("corpus")
-    start = time.perf_counter()
-    labels = generate(root, seed=0)
-    return root, labels, time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +112,8 @@ def pil_fails(path: Path) -> bool:
 # --- corpus-level -------------------------------------------------------------------------
 
 
-def test_corpus_is_small(corpus):
+def test_corpus_is_small(root):
     # generation speed is a benchmark concern (bench/), not a test
-    root, _, _ = corpus
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total < 15 * 2**20, f"corpus is {total / 2**20:.1f} MiB"
 

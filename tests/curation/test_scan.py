@@ -7,15 +7,12 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-import pytest
 from av.video.reformatter import Interpolation, VideoReformatter
+from helpers import input_row, mean_diff, reference_frames, write_rotated_video
 from scenedetect import ContentDetector, FrameTimecode
 
 import curation.scan as scan_mod
-from catalog.schema import make_key
 from curation.config import CurationConfig
-from curation.sample_data import generate, load_labels
-from curation.sample_data.videos import encode_video
 from curation.scan import ContentScore, Sampling, scan_video
 from curation.stages.frames import FrameSampleStage, frame_indices
 from curation.stages.probe import ProbeStage
@@ -26,18 +23,8 @@ CFG = CurationConfig()
 N = CFG.frames.num_frames
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "omniforge_corpus_seed0"
-    if not (root / "labels.jsonl").is_file():
-        generate(root, seed=0)
-    return root, load_labels(root)
-
-
 def probed(path) -> dict:
-    source = str(path)
-    row = {"key": make_key(source), "source_uri": source, "kind": None, "status": None}
-    (out,) = ProbeStage(CFG.probe).process_batch([{**row, "reasons": []}])
+    (out,) = ProbeStage(CFG.probe).process_batch([input_row(path)])
     assert out["status"] is None, out["reasons"]
     return out
 
@@ -47,19 +34,9 @@ def clips_of(row: dict, cfg: CurationConfig = CFG, sample: bool = True) -> list[
     return stage.process_batch([row])
 
 
-def reference_frames(path) -> list[np.ndarray]:
-    with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
 def indices(row: dict) -> list[int]:
     fps = row["fps"]
     return frame_indices(round(row["span"]["start"] * fps), round(row["span"]["end"] * fps), N)
-
-
-def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
 def detection_frames(path) -> list[np.ndarray]:
@@ -170,10 +147,7 @@ def test_large_frames_are_scaled_before_they_are_kept():
 def test_rotated_video_frames_are_upright(tmp_path):
     upright = np.full((96, 64, 3), 40, np.uint8)
     upright[:48, :32] = (230, 20, 20)
-    stored = np.ascontiguousarray(np.rot90(upright, -1))
-    path = tmp_path / "rot90.mp4"
-    encode_video(path, (stored for _ in range(6)), 96, 64, 24, rotation=90)
-    (clip,) = clips_of(probed(path))
+    (clip,) = clips_of(probed(write_rotated_video(tmp_path / "rot90.mp4", upright, 90)))
     frame = clip["frames"][0]
     assert frame.shape == (96, 64, 3) and clip["frames_decoder"] == "pyav"
     assert frame[4:44, 4:28].mean(axis=(0, 1))[0] > 180 and frame[52:-4, 36:-4].max() < 70

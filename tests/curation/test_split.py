@@ -8,32 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import find, input_row
 
 from catalog.schema import make_key
 from curation.config import CurationConfig
-from curation.sample_data import generate, load_labels
 from curation.sample_data.render import landscape, rng_for
 from curation.sample_data.videos import encode_video
 from curation.stages.probe import ProbeStage
 from curation.stages.split import SceneSplitStage, scene_bounds, stride_frames
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "omniforge_corpus_seed0"
-    if not (root / "labels.jsonl").is_file():
-        generate(root, seed=0)
-    return root, load_labels(root)
-
-
-def find(labels, **conds) -> dict:
-    """The first label whose fields equal ``conds`` (names change; properties do not)."""
-    for lab in labels:
-        if all(lab.get(k) == v for k, v in conds.items()):
-            return lab
-    raise LookupError(conds)
 
 
 def cut_video(labels) -> dict:
@@ -50,16 +34,7 @@ def uncut_videos(labels) -> list[dict]:
 
 
 def probed(path: Path | str, kind: str | None = None, target: Path | str | None = None) -> dict:
-    source, target = str(path), str(target) if target else None
-    row = {
-        "key": make_key(source, target_uri=target),
-        "source_uri": source,
-        "target_uri": target,
-        "kind": kind,
-        "caption": "c",
-        "status": None,
-        "reasons": [],
-    }
+    row = {**input_row(path, kind, target), "caption": "c"}
     (out,) = ProbeStage(CurationConfig().probe).process_batch([row])
     assert out["status"] is None, out["reasons"]
     return out

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import frames_row, torch_threads
 from PIL import Image
 from tiny_models import (
     EMBED_DIM,
@@ -38,7 +39,6 @@ from curation.heads import (
     watermark_head_relative,
 )
 from curation.media import fit_max_side
-from curation.sample_data import generate
 from curation.stages.aesthetic import AestheticStage, clip_spec
 from curation.stages.base import MissingWeights, check_required
 from curation.stages.watermark import WatermarkStage, static_overlay_score
@@ -46,26 +46,13 @@ from curation.stages.watermark import WatermarkStage, static_overlay_score
 SELECT_MAX_WATERMARK_STATIC = CurationConfig().select.max_watermark_static
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
-    root = tmp_path_factory.mktemp("corpus")
-    return root, generate(root, seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """Models dir with the trained tiny CLIP and a watermark head fitted on its embeddings."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         images, labels, masks, scenes = watermark_training_set()
         model = train_watermark_tower(images, labels, masks, scenes)
         models = tmp_path_factory.mktemp("models")
@@ -79,8 +66,6 @@ def trained(tmp_path_factory) -> Path:
         emb = embedder.embed([images[i] for i in subset])
         head = fit_watermark_head(emb, labels[subset], TINY_RN)
         head.save(models / watermark_head_relative(TINY_RN))
-    finally:
-        torch.set_num_threads(before)
     return models
 
 
@@ -102,17 +87,6 @@ def video_frames(path: Path, n: int = 8) -> list[np.ndarray]:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     picks = [min(len(frames) - 1, int((i + 0.5) * len(frames) / n)) for i in range(n)]
     return [fit_max_side(frames[i]) for i in picks]
-
-
-def video_row(frames: list[np.ndarray], kind: str = "video") -> dict:
-    return {
-        "key": f"v{id(frames)}",
-        "kind": kind,
-        "status": "accepted",
-        "reasons": [],
-        "frames": [f for f in frames],
-        "frame_times": [i * 0.5 for i in range(len(frames))],
-    }
 
 
 def watermark_stage(cfg: CurationConfig) -> WatermarkStage:
@@ -167,14 +141,14 @@ def test_video_takes_the_max_over_frames_and_edits_both_sides(corpus, trained):
     stage = watermark_stage(wm_config(trained, static_overlay=False))
     p_clean, p_marked = (
         r["watermark"]
-        for r in stage.process_batch([video_row([clean], "image"), video_row([marked], "image")])
+        for r in stage.process_batch([frames_row("image", [clean]), frames_row("image", [marked])])
     )
     out = stage.process_batch(
         [
-            video_row([clean, clean, marked, clean]),
-            video_row([clean, clean]),
-            {**video_row([marked], "image_edit"), "target_frames": [clean]},
-            {**video_row([clean], "image_edit"), "target_frames": [clean]},
+            frames_row("video", [clean, clean, marked, clean]),
+            frames_row("video", [clean, clean]),
+            {**frames_row("image_edit", [marked]), "target_frames": [clean]},
+            {**frames_row("image_edit", [clean]), "target_frames": [clean]},
         ]
     )
     assert out[0]["watermark"] == pytest.approx(p_marked, abs=1e-5)
@@ -212,7 +186,7 @@ def test_static_overlay_cue_flags_the_logo_video_only(corpus, trained):
     assert static_overlay_score([frames[0]] * 4) is None
     # through the stage: video rows get both columns
     stage = watermark_stage(wm_config(trained))
-    out = stage.process_batch([video_row(frames)])[0]
+    out = stage.process_batch([frames_row("video", frames)])[0]
     assert out["watermark_static"] == pytest.approx(scores[marked[0]])
     assert 0.0 <= out["watermark"] <= 1.0
 
@@ -230,7 +204,7 @@ def test_embeddings_from_the_aesthetic_stage_are_reused(tmp_path):
     cfg = wm_config(models, TINY_VIT)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (48, 64, 3), np.uint8) for _ in range(3)]
-    rows = [video_row(frames), video_row(frames[:1], "image")]
+    rows = [frames_row("video", frames), frames_row("image", frames[:1])]
 
     scored = AestheticStage(cfg.aesthetic, models_dir=cfg.models_dir).process_batch(rows)
     assert all(EMBEDDING_COLUMN in r for r in scored)

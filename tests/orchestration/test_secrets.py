@@ -50,23 +50,6 @@ def test_masked_keeps_shape_and_hides_values():
     }
 
 
-def test_catalog_run_params_are_stored_masked(cat):
-    run = cat.start_run("curation", "x", params={"input": "s3://k:pw@bucket/raw", "api_key": "z"})
-    assert cat.get_run(run).params == {"input": "s3://k:***@bucket/raw", "api_key": MASK}
-    cat.update_run(run, params={"db_password": "pw"})
-    assert cat.get_run(run).params["db_password"] == MASK
-
-
-def test_catalog_runs_carry_the_ray_job_id(cat, monkeypatch):
-    monkeypatch.setenv("OMNIFORGE_JOB_ID", "omniforge-curate-1")
-    run = cat.start_run("curation", "in a job")
-    monkeypatch.delenv("OMNIFORGE_JOB_ID")
-    other = cat.start_run("curation", "not in a job")
-    assert cat.get_run(run).ray_job_id == "omniforge-curate-1"
-    assert cat.get_run(other).ray_job_id is None
-    assert [r.id for r in cat.list_runs(job_id="omniforge-curate-1")] == [run]
-
-
 def test_config_show_masks_secrets():
     out = subprocess.run(
         [OMNIFORGE, "config", "show", "--set", "recaption.endpoint=https://me:pw@llm/v1"],

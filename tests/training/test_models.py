@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.weights import MissingWeights
 from training.data.batch import MixedBatch, TaskBatch
@@ -102,9 +103,51 @@ def test_every_task_gives_a_finite_scalar_loss(family):
 
 
 def test_omni_video_generation_regresses_vision_tokens():
+    """``loss/vision`` is the vision head's tokens regressed (MSE, or cosine) to the frozen
+    vision encoder's features of the target pixels, pooled to the head's slots, times
+    ``vision_weight``: zero when the head outputs exactly those features."""
     model = build_model("omni_video", "tiny")
-    out = model(make_batch(model, "t2v"))
-    assert set(out) == {"loss", "loss/flow", "loss/vision"}
+    batch = make_batch(model, "t2v")
+    head, encoder = model.groups["vision_head"], model.groups["vision_encoder"]
+    seen, forced = [], []
+
+    def vision_head_hook(module, args, output):
+        seen.append(output.detach())
+        return forced[0] if forced else None
+
+    def losses():
+        seen.clear()
+        torch.manual_seed(0)  # the same timesteps and noise on every call
+        return model(batch)
+
+    def pooled(x, n):  # (B, N, D) -> (B, n, D): means of consecutive runs of tokens
+        return F.adaptive_avg_pool1d(x.transpose(1, 2), n).transpose(1, 2)
+
+    with torch.no_grad():
+        features = encoder.encode(model.prepare(batch).pixels).flatten(1, 2)  # (B, T'N, De)
+    handle = head.register_forward_hook(vision_head_hook)
+    try:
+        out = losses()
+        assert set(out) == {"loss", "loss/flow", "loss/vision"}
+        (tokens,) = seen
+        target = pooled(features, tokens.shape[1])
+        assert out["loss/vision"] > 0
+        assert torch.allclose(out["loss/vision"], F.mse_loss(tokens, target))
+
+        model.vision_loss = "cosine"
+        cosine = 1 - F.cosine_similarity(tokens, target, -1).mean()
+        assert torch.allclose(losses()["loss/vision"], cosine)
+        model.vision_loss, model.vision_weight = "mse", 2.5
+        scaled = losses()
+        assert torch.allclose(scaled["loss/vision"], 2.5 * out["loss/vision"])
+        assert torch.allclose(scaled["loss/flow"], out["loss/flow"])
+
+        forced.append(target)  # the head answers the target's own features
+        assert losses()["loss/vision"] == 0
+        forced[0] = target.flip(0)  # ... another sample's features are off the target
+        assert losses()["loss/vision"] > 0
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("family", FAMS)

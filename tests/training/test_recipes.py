@@ -55,8 +55,15 @@ def tiny(family: str):
     return build_model(family, "tiny")
 
 
-def test_production_templates_exist():
-    assert set(PRODUCTION) <= set(ALL)
+def test_one_recipe_per_family_and_size():
+    """Every registered family has a recipe at every size it builds, named
+    ``<family>_<size>`` and no other; the 7b ones are the PRODUCTION templates checked below."""
+    from training.models.registry import FAMILIES, SIZES
+
+    models = {name: load(name).model for name in ALL}
+    found = sorted((m.family, m.size, name) for name, m in models.items())
+    assert found == sorted((f, s, f"{f}_{s}") for f in FAMILIES for s in SIZES[f])
+    assert sorted(name for _, size, name in found if size == "7b") == PRODUCTION
 
 
 @pytest.mark.parametrize("name", ALL)
