@@ -173,6 +173,13 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
     client(tracking_uri).set_terminated(run_id, status)
 
 
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """A run that ended (FAILED, say) and goes on again: back to RUNNING."""
+    c = client(tracking_uri)
+    if c.get_run(run_id).info.status != "RUNNING":
+        c.update_run(run_id, status="RUNNING")
+
+
 def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 

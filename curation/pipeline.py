@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import fsspec
 from rich.markup import escape
 
 from catalog.index import read_index
+from catalog.lifecycle import run_lifecycle
 from catalog.records import Node, VersionInfo
 from catalog.shards import ShardInfo
 from catalog.store import Catalog
@@ -152,6 +153,22 @@ def run_identity(cfg: CurationConfig, inputs: list[dict]) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class _Job:
+    """What one curation run works with, from its start to its report."""
+
+    out: Path
+    cfg: CurationConfig
+    catalog: Catalog
+    stages: list[Stage]
+    skipped: dict[str, str]
+    address: str | None = None
+    tracking_uri: str | None = None
+    console: Any = None
+    verbose: bool = False
+    start: float = field(default_factory=time.monotonic)
+
+
 def run_curation(
     source: str,
     output: str | Path,
@@ -168,6 +185,9 @@ def run_curation(
     with output_lock(out):
         stages, skipped = build_stages(cfg)
         check_required(stages)  # before any work: name every missing weights file
+        job = _Job(
+            out, cfg, catalog, stages, skipped, address, tracking_uri, console, verbose, start
+        )
         inputs = list_inputs(source, cfg.kind, staging=out / "_staging", allow=cfg.allow_inputs)
         identity = run_identity(cfg, inputs)
         claim_output(out, identity, source, cfg)
@@ -177,87 +197,83 @@ def run_curation(
                 console.print(
                     f"{out} already holds {finished.ref} from this config and input", markup=False
                 )
-            return _finish(out, cfg, finished, catalog, stages, skipped, len(inputs), start)
+            return _finish(replace(job, tracking_uri=None), finished, len(inputs))
         version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
-        run_id = _resume_or_start_run(
-            catalog,
-            version,
-            f"curate {source} -> {out}",
-            identity,
-            {"input": source, "output": str(out)},
-        )
-        version = replace(version, run_id=run_id)
-        version, run = _write_and_commit(
-            catalog, version, out, cfg, stages, skipped, inputs, address, console, verbose
-        )
-        return _finish(
-            out,
-            cfg,
-            version,
-            catalog,
-            stages,
-            skipped,
-            len(inputs),
-            start,
-            run,
-            tracking_uri,
-            console,
-        )
+        params = {"input": source, "output": str(out)}
+        return _run(job, version, inputs, f"curate {source} -> {out}", identity, params)
+
+
+def _run(
+    job: _Job,
+    version: VersionInfo,
+    inputs: list[Row],
+    name: str,
+    identity: str,
+    params: dict[str, Any],
+    parent: VersionInfo | None = None,
+) -> CurationResult:
+    """The version's run, from start (or resume) to its report: the uncommitted inputs, pack,
+    commit, report and MLflow. A failure marks the run failed (committed blocks stay)."""
+    with run_lifecycle(
+        job.catalog,
+        "curation",
+        name,
+        resume=version.run_id,
+        config_hash=identity,
+        params=params,
+    ) as run:  # the MLflow run is written whole by _finish; the catalog run links to it
+        if version.run_id is None:
+            job.catalog.attach_run(version.id, run.id)
+        version = replace(version, run_id=run.id)
+        if parent is not None:
+            job.catalog.add_edge(Node("version", parent.id), Node("run", run.id), "input")
+        version, stats = _write_and_commit(job, version, inputs)
+        result = _finish(job, version, len(inputs), stats)
+        run.mlflow_run_id = result.mlflow_run_id
+        return result
 
 
 def _write_and_commit(
-    catalog: Catalog,
-    version: VersionInfo,
-    out: Path,
-    cfg: CurationConfig,
-    stages: list[Stage],
-    skipped: dict[str, str],
-    inputs: list[Row],
-    address: str | None,
-    console: Any,
-    verbose: bool,
+    job: _Job, version: VersionInfo, inputs: list[Row]
 ) -> tuple[VersionInfo, dict[str, Any]]:
-    """Run the uncommitted inputs, pack, then commit the version (last); a failure marks the
-    run failed (its committed blocks stay for the rerun)."""
-    run_id = version.run_id
-    try:
-        journal = Journal(str(out))
-        records = journal.records()
-        journal.collect_garbage(records)
-        done = journal.committed_inputs(records)
-        pending = [r for r in inputs if r["input_id"] not in done]
-        run: dict[str, Any] = {
-            "inputs_this_run": len(pending),
-            "inputs_skipped": len(inputs) - len(pending),
-        }
-        _print_plan(console, stages, skipped, len(inputs), len(inputs) - len(pending))
-        if pending:
-            sink = BlockSink(str(out), str(run_id), cfg.shards.max_samples, cfg.shards.max_bytes)
-            stats = run_blocks(
-                pending,
-                stages,
-                sink,
-                journal,
-                block_size=cfg.block_size,
-                num_inputs=len(inputs),
-                address=address,
-                console=console,
-                verbose=verbose,
-            )
-            run.update(blocks=stats.blocks, retries=stats.retries, startup_s=stats.startup_s)
-            run.update(failed_inputs=stats.failed_inputs, stages=stats.stages)
-        records = journal.records()
-        missing = {r["input_id"] for r in inputs} - journal.committed_inputs(records)
-        if missing:
-            raise CurationAborted(f"{len(missing)} inputs were not committed; rerun to resume")
-        with writing(str(out)):  # a full disk here is one line too
-            shards = _pack(str(out), records, cfg)
-        catalog.add_shards(version.id, shards)
-        version = catalog.commit_version(version.id, str(out / "index"))
-    except BaseException as e:
-        catalog.update_run(run_id, status="failed", message=f"{type(e).__name__}: {e}"[:2000])
-        raise
-    catalog.add_edge(Node("run", run_id), Node("version", version.id), "output")
+    """Run the uncommitted inputs, pack, then commit the version (last)."""
+    out, cfg = job.out, job.cfg
+    journal = Journal(str(out))
+    records = journal.records()
+    journal.collect_garbage(records)
+    done = journal.committed_inputs(records)
+    pending = [r for r in inputs if r["input_id"] not in done]
+    run: dict[str, Any] = {
+        "inputs_this_run": len(pending),
+        "inputs_skipped": len(inputs) - len(pending),
+    }
+    _print_plan(job.console, job.stages, job.skipped, len(inputs), len(inputs) - len(pending))
+    if pending:
+        sink = BlockSink(
+            str(out), str(version.run_id), cfg.shards.max_samples, cfg.shards.max_bytes
+        )
+        stats = run_blocks(
+            pending,
+            job.stages,
+            sink,
+            journal,
+            block_size=cfg.block_size,
+            num_inputs=len(inputs),
+            address=job.address,
+            console=job.console,
+            verbose=job.verbose,
+        )
+        run.update(blocks=stats.blocks, retries=stats.retries, startup_s=stats.startup_s)
+        run.update(failed_inputs=stats.failed_inputs, stages=stats.stages)
+    records = journal.records()
+    missing = {r["input_id"] for r in inputs} - journal.committed_inputs(records)
+    if missing:
+        raise CurationAborted(f"{len(missing)} inputs were not committed; rerun to resume")
+    with writing(str(out)):  # a full disk here is one line too
+        shards = _pack(str(out), records, cfg)
+    job.catalog.add_shards(version.id, shards)
+    version = job.catalog.commit_version(version.id, str(out / "index"))
+    job.catalog.add_edge(Node("run", version.run_id), Node("version", version.id), "output")
     shutil.rmtree(out / WORK, ignore_errors=True)  # segments and block parts live on in shards/
     return version, run
 
@@ -271,18 +287,6 @@ def _pack(output: str, records: list, cfg: CurationConfig) -> list[ShardInfo]:
     write_final_index(output, records, mapping)
     write_shard_list(output, shards)
     return shards
-
-
-def _resume_or_start_run(
-    catalog: Catalog, version: VersionInfo, name: str, identity: str, params: dict
-) -> int:
-    """The run writing ``version``: the interrupted one when resuming (rows keep its id)."""
-    if version.run_id is not None:
-        catalog.update_run(version.run_id, status="running", message="resumed")
-        return version.run_id
-    run_id = catalog.start_run("curation", name, config_hash=identity, params=params)
-    catalog.attach_run(version.id, run_id)
-    return run_id
 
 
 def _print_plan(console, stages, skipped, num_inputs, num_done) -> None:
@@ -300,30 +304,22 @@ def _print_plan(console, stages, skipped, num_inputs, num_done) -> None:
 
 
 def _finish(
-    out: Path,
-    cfg: CurationConfig,
-    version: VersionInfo,
-    catalog: Catalog,
-    stages: list[Stage],
-    skipped: dict[str, str],
-    num_inputs: int,
-    start: float,
-    run: dict[str, Any] | None = None,
-    tracking_uri: str | None = None,
-    console: Any = None,
+    job: _Job, version: VersionInfo, num_inputs: int, run: dict[str, Any] | None = None
 ) -> CurationResult:
+    """Summary, report and MLflow run of a committed version (the run's status is the
+    caller's: ``run_lifecycle``)."""
     from curation.report import write_report
     from curation.summary import print_summary, summarize
     from curation.tracking import log_to_mlflow
 
+    out, cfg, console = job.out, job.cfg, job.console
     index = read_index(str(out / "index"))
-    shards = catalog.shards(version.id)
     summary = summarize(
         index,
-        stages_run=[s.name for s in stages],
-        stages_skipped=skipped,
-        elapsed_s=time.monotonic() - start,
-        shards=shards,
+        stages_run=[s.name for s in job.stages],
+        stages_skipped=job.skipped,
+        elapsed_s=time.monotonic() - job.start,
+        shards=job.catalog.shards(version.id),
         num_inputs=num_inputs,
         run=run,
     )
@@ -334,9 +330,9 @@ def _finish(
     with writing(str(out / "report.html")):
         report_path = write_report(index, thumbs, cfg.select, summary, out / "report.html")
     mlflow_id = None
-    if tracking_uri:
+    if job.tracking_uri:
         mlflow_id = log_to_mlflow(
-            tracking_uri,
+            job.tracking_uri,
             "curation",
             f"curate {cfg.name}@{version.version}",
             flatten(cfg),
@@ -345,8 +341,6 @@ def _finish(
             extra_artifacts=[out / "config.yaml"],
             tags={"omniforge.catalog": version.ref, "omniforge.config_hash": version.config_hash},
         )
-    if version.run_id is not None:
-        catalog.update_run(version.run_id, status="succeeded", mlflow_run_id=mlflow_id)
     if console is not None:
         print_summary(summary, console)
         console.print(f"report: {report_path}\ncatalog: {version.ref}")
@@ -395,27 +389,17 @@ def reselect(
             config_hash=identity.hexdigest(),
             parent_id=parent.id if parent else None,
         )
-        run_id = _resume_or_start_run(
-            catalog,
-            version,
-            f"select {src} -> {out}",
-            identity.hexdigest(),
-            {"source": str(src), "output": str(out)},
-        )
-        version = replace(version, run_id=run_id)
-        if parent is not None:
-            catalog.add_edge(Node("version", parent.id), Node("run", version.run_id), "input")
         stages: list[Stage] = [
             SelectStage(cfg.select, cfg.edit, cfg.split.min_clip_s),
             EncodeStage(cfg.shards),
         ]
         skipped = {"models": "scores are read from the index"}
-        version, run = _write_and_commit(
-            catalog, version, out, cfg, stages, skipped, rows, address, console, verbose
+        job = _Job(
+            out, cfg, catalog, stages, skipped, address, tracking_uri, console, verbose, start
         )
-        return _finish(
-            out, cfg, version, catalog, stages, {}, len(rows), start, run, tracking_uri, console
-        )
+        params = {"source": str(src), "output": str(out)}
+        name = f"select {src} -> {out}"
+        return _run(job, version, rows, name, identity.hexdigest(), params, parent)
 
 
 __all__ = ["CurationAborted", "CurationResult", "Step", "build_stages", "reselect", "run_curation"]

@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import Field
 
+from catalog.lifecycle import failure_message, run_lifecycle
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
 from core.config import StrictModel, load_config
@@ -149,36 +150,37 @@ def run_plan(plan: Plan, output: Path, catalog, console=None) -> dict[str, Any]:
         )
     state["plan"] = plan.model_dump(mode="json")
     state["pid"] = os.getpid()
-    if not state.get("catalog_run"):
-        state["catalog_run"] = catalog.start_run("plan", plan.name, params={"output": str(output)})
-    write_state(output, state)
     todo = steps(plan)
-    try:
-        for step in todo:
-            info = state["steps"].setdefault(step.id, {"status": "pending"})
-            if info["status"] == "done":
-                _say(console, f"{step.id}: {step.label} finished earlier, skipped")
-                continue
-            info.update(status="running", started=time.time())
-            write_state(output, state)
-            _say(console, f"{step.id}: {step.label}")
-            if step.id == "curate":
-                _run_curation(plan, output, catalog, info, console)
-            else:
-                _run_stage(plan, output, catalog, step, state, info, console)
-            info.update(status="done", ended=time.time())
-            for run_id in info.get("catalog_runs", []):
-                catalog.add_edge(Node("run", state["catalog_run"]), Node("run", run_id), "step")
-            write_state(output, state)
-    except BaseException as e:
-        for info in state["steps"].values():
-            if info.get("status") == "running":
-                info.update(status="failed", message=f"{type(e).__name__}: {e}"[:500])
+    with run_lifecycle(
+        catalog, "plan", plan.name, resume=state.get("catalog_run"), params={"output": str(output)}
+    ) as run:
+        state["catalog_run"] = run.id
         write_state(output, state)
-        catalog.update_run(state["catalog_run"], status="failed", message=str(e)[:500])
-        raise
-    if all(state["steps"].get(s.id, {}).get("status") == "done" for s in todo):
-        catalog.update_run(state["catalog_run"], status="succeeded")
+        try:
+            for step in todo:
+                info = state["steps"].setdefault(step.id, {"status": "pending"})
+                if info["status"] == "done":
+                    _say(console, f"{step.id}: {step.label} finished earlier, skipped")
+                    continue
+                info.update(status="running", started=time.time())
+                write_state(output, state)
+                _say(console, f"{step.id}: {step.label}")
+                if step.id == "curate":
+                    _run_curation(plan, output, catalog, info, console)
+                else:
+                    _run_stage(plan, output, catalog, step, state, info, console)
+                info.update(status="done", ended=time.time())
+                for run_id in info.get("catalog_runs", []):
+                    catalog.add_edge(Node("run", run.id), Node("run", run_id), "step")
+                write_state(output, state)
+        except BaseException as e:
+            for info in state["steps"].values():
+                if info.get("status") == "running":
+                    info.update(status="failed", message=failure_message(e))
+            write_state(output, state)
+            raise
+        if not all(state["steps"].get(s.id, {}).get("status") == "done" for s in todo):
+            run.stay_running()
     return state
 
 

@@ -30,15 +30,16 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from catalog.lifecycle import run_lifecycle
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
 from core.config import dump_yaml
 from core.secrets import ensure_ray_token
-from core.tracking import log_artifacts, set_tags
+from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
 from training.recipe import Recipe
 from training.trainer import HOLD_ENV, StageSpec, Trainer, process_group
@@ -263,6 +264,30 @@ def close_orphans(catalog, folder: Path) -> None:
             )
 
 
+@dataclass
+class _Run:
+    """What every stage of one ``run_training`` call shares."""
+
+    recipe: Recipe
+    out: Path
+    refs: list[str]
+    state: dict[str, Any]
+    catalog: Any
+    tracking_uri: str | None
+    console: Any
+    workers: int
+    use_gpu: bool
+    extra: dict[str, Any]  # StageSpec.extra: trace, driver identity, test hold
+    stop_after: int | None
+
+    def save_state(self) -> None:
+        (self.out / "run.json").write_text(json.dumps(self.state, indent=1))
+
+    def say(self, text: str) -> None:
+        if self.console:
+            self.console.print(text, highlight=False)
+
+
 def run_training(
     recipe: Recipe,
     output: str | Path,
@@ -278,8 +303,6 @@ def run_training(
     trace: bool = False,
 ) -> dict[str, Any]:
     """Run the recipe's stages (0-based indices; default all) and return a summary."""
-    import ray
-
     from training import tracking
 
     out = Path(output).resolve()
@@ -298,17 +321,9 @@ def run_training(
     (out / "recipe.yaml").write_text(dump_yaml(recipe))
     if tracking_uri and not state.get("mlflow_parent"):
         state["mlflow_parent"] = tracking.start_parent(tracking_uri, recipe)
+    elif tracking_uri:
+        reopen_run(tracking_uri, state["mlflow_parent"])  # FAILED by an earlier stage
     state_file.write_text(json.dumps(state, indent=1))
-
-    if not ray.is_initialized():
-        if address is None and not os.environ.get("RAY_ADDRESS"):
-            ensure_ray_token()  # a local Ray would write its token file with the umask's mode
-        ray.init(
-            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    driver, hold = driver_identity(), hold_request()
-    num_workers = recipe.workers if workers is None else workers
     chosen = list(range(len(recipe.stages))) if stages is None else stages
     previous = None
     if chosen and chosen[0] > 0:
@@ -318,115 +333,152 @@ def run_training(
                 f"stage {chosen[0]} starts from stage {chosen[0]}'s weights: {previous} "
                 "is missing (run the earlier stages first)"
             )
-    summary: dict[str, Any] = {"output": str(out), "inputs": refs, "stages": []}
-    for index in chosen:
-        stage = recipe.stages[index]
-        folder = stage_dir(out, recipe, index)
-        if (folder / "done.json").exists():
-            done = json.loads((folder / "done.json").read_text())
-            summary["stages"].append({**done, "skipped": True})
-            if console:
-                console.print(f"stage {index + 1} ({stage.name}): finished earlier, skipped")
-            previous = folder / "final.safetensors"
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        key = str(index)
-        info = state["stages"].setdefault(key, {})
-        if tracking_uri and not info.get("mlflow_run"):
-            info["mlflow_run"] = tracking.start_stage(
-                tracking_uri, state["mlflow_parent"], recipe, index, refs
-            )
-        if catalog is not None and not info.get("catalog_run"):
-            close_orphans(catalog, folder)
-            info["catalog_run"] = catalog.start_run(
-                "training_stage",
-                f"{recipe.name} stage {index + 1} ({stage.name})",
-                params={"output": str(folder)},
-                mlflow_run_id=info.get("mlflow_run"),
-            )
-            for ref in refs:
-                parsed = DatasetRef.parse(ref)
-                v = catalog.get_version(parsed.name, parsed.version)
-                catalog.add_edge(Node("version", v.id), Node("run", info["catalog_run"]), "input")
-            if previous is not None and state["stages"].get(str(index - 1), {}).get("checkpoint"):
-                prev_ckpt = state["stages"][str(index - 1)]["checkpoint"]
-                catalog.add_edge(
-                    Node("checkpoint", prev_ckpt), Node("run", info["catalog_run"]), "init"
-                )
-            if tracking_uri and info.get("mlflow_run"):  # the MLflow run links back to the catalog
-                set_tags(
-                    tracking_uri, info["mlflow_run"], {"omniforge.catalog_run": info["catalog_run"]}
-                )
-        state_file.write_text(json.dumps(state, indent=1))
+    # the parent MLflow run fails with any stage and finishes with the last one
+    with run_lifecycle(
+        None,
+        "training",
+        recipe.name,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=state.get("mlflow_parent"),
+    ) as parent:
+        use_gpu = _connect_ray(address)
+        run = _Run(
+            recipe,
+            out,
+            refs,
+            state,
+            catalog,
+            tracking_uri,
+            console,
+            recipe.workers if workers is None else workers,
+            use_gpu,
+            {"trace": trace, "driver": driver_identity(), "hold": hold_request()},
+            stop_after,
+        )
+        summary: dict[str, Any] = {"output": str(out), "inputs": refs, "stages": []}
+        for index in chosen:
+            done = _train_stage(run, index, previous)
+            summary["stages"].append(done)
+            if "stopped_at" in done:
+                break
+            previous = Path(done["weights"])
+        if not all(
+            (stage_dir(out, recipe, i) / "done.json").exists() for i in range(len(recipe.stages))
+        ):
+            parent.stay_running()
+    summary["mlflow_parent"] = state.get("mlflow_parent")
+    return summary
+
+
+def _connect_ray(address: str | None) -> bool:
+    """Ray (local, or the cluster at ``address``); True when it has GPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            ensure_ray_token()  # a local Ray would write its token file with the umask's mode
+        ray.init(
+            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]:
+    """Stage ``index`` from start, resume or as finished earlier: its summary entry
+    (``stopped_at`` when it stopped on purpose before its last step)."""
+    from training import tracking
+
+    recipe, stage = run.recipe, run.recipe.stages[index]
+    folder = stage_dir(run.out, recipe, index)
+    label = f"stage {index + 1} ({stage.name})"
+    if (folder / "done.json").exists():
+        run.say(f"{label}: finished earlier, skipped")
+        return {**json.loads((folder / "done.json").read_text()), "skipped": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    info = run.state["stages"].setdefault(str(index), {})
+    if run.tracking_uri and not info.get("mlflow_run"):
+        parent = run.state["mlflow_parent"]
+        info["mlflow_run"] = tracking.start_stage(run.tracking_uri, parent, recipe, index, run.refs)
+    elif run.tracking_uri:
+        reopen_run(run.tracking_uri, info["mlflow_run"])
+    if run.catalog is not None and not info.get("catalog_run"):
+        close_orphans(run.catalog, folder)
+    with run_lifecycle(
+        run.catalog,
+        "training_stage",
+        f"{recipe.name} {label}",
+        resume=info.get("catalog_run"),
+        params={"output": str(folder)},
+        tracking_uri=run.tracking_uri,
+        mlflow_run_id=info.get("mlflow_run"),
+    ) as lifecycle:
+        if lifecycle.id is not None and not info.get("catalog_run"):
+            info["catalog_run"] = lifecycle.id
+            _link_catalog(run, info, index)
+        run.save_state()
         spec = StageSpec(
             recipe=recipe.model_dump(mode="json"),
             stage_index=index,
             output=str(folder),
             init_weights=str(previous) if previous else None,
-            catalog_url=str(catalog.url) if catalog is not None else None,
-            tracking_uri=tracking_uri,
+            catalog_url=str(run.catalog.url) if run.catalog is not None else None,
+            tracking_uri=run.tracking_uri,
             mlflow_run_id=info.get("mlflow_run"),
-            stop_after=stop_after,
-            extra={"trace": trace, "driver": driver, "hold": hold},
+            stop_after=run.stop_after,
+            extra=run.extra,
         )
-        if console:
-            console.print(
-                f"stage {index + 1} ({stage.name}): {stage.steps} steps on "
-                f"{max(num_workers, 1)} worker(s), trains {', '.join(stage.trainable)}"
-            )
+        run.say(
+            f"{label}: {stage.steps} steps on {max(run.workers, 1)} worker(s), "
+            f"trains {', '.join(stage.trainable)}"
+        )
         start = time.monotonic()
         run_name = f"{recipe.name}-{index + 1}-{stage.name}"
-        label = f"stage {index + 1} ({stage.name})"
+        point = resume_point(run.out / "ray" / run_name, label)
+        if point is not None and point[1]:
+            run.say(f"{label}: {point[1]}")
+            log.warning("%s: %s", label, point[1])
+            lifecycle.note(point[1])
         try:
-            point = resume_point(out / "ray" / run_name, label)
-            if point is not None and point[1]:
-                if console:
-                    console.print(f"{label}: {point[1]}", highlight=False)
-                log.warning("%s: %s", label, point[1])
-                if catalog is not None and info.get("catalog_run"):
-                    catalog.update_run(info["catalog_run"], message=point[1])
-            try:
-                result = run_stage(spec, num_workers, run_name, out / "ray", use_gpu)
-            except Exception as e:
-                failure = checkpoint_failure(e)
-                if failure is None:
-                    raise
-                raise ckpt.CheckpointError(f"{label}: {failure}") from e
-        except BaseException as e:
-            if tracking_uri and info.get("mlflow_run"):
-                tracking.finish(tracking_uri, info["mlflow_run"], "FAILED")
-            if catalog is not None and info.get("catalog_run"):
-                message = {"message": str(e)} if isinstance(e, ckpt.CheckpointError) else {}
-                catalog.update_run(info["catalog_run"], status="failed", **message)
-            raise
+            result = run_stage(spec, run.workers, run_name, run.out / "ray", run.use_gpu)
+        except Exception as e:
+            failure = checkpoint_failure(e)
+            if failure is None:
+                raise
+            raise ckpt.CheckpointError(f"{label}: {failure}") from e
         metrics = dict(result.metrics or {})
         final = folder / "final.safetensors"
         if not final.exists():  # stopped early on purpose (stop_after): resumable
-            summary["stages"].append({"stage": stage.name, "stopped_at": metrics.get("step")})
-            break
-        if catalog is not None:
-            info["checkpoint"] = catalog.add_checkpoint(
+            lifecycle.stay_running()
+            return {"stage": stage.name, "stopped_at": metrics.get("step")}
+        if run.catalog is not None:
+            info["checkpoint"] = run.catalog.add_checkpoint(
                 info["catalog_run"], str(final), step=stage.steps
             )
-            catalog.update_run(info["catalog_run"], status="succeeded")
-        if tracking_uri and info.get("mlflow_run"):
-            log_artifacts(tracking_uri, info["mlflow_run"], [out / "recipe.yaml"])
-            tracking.finish(tracking_uri, info["mlflow_run"])
-        done = {
-            "stage": stage.name,
-            "index": index,
-            "steps": stage.steps,
-            "final_loss": metrics.get("loss"),
-            "elapsed_s": time.monotonic() - start,
-            "weights": str(final),
-        }
-        (folder / "done.json").write_text(json.dumps(done, indent=1))
-        state_file.write_text(json.dumps(state, indent=1))
-        summary["stages"].append(done)
-        previous = final
-    if tracking_uri and all(
-        (stage_dir(out, recipe, i) / "done.json").exists() for i in range(len(recipe.stages))
-    ):
-        tracking.finish(tracking_uri, state["mlflow_parent"])
-    summary["mlflow_parent"] = state.get("mlflow_parent")
-    return summary
+        if run.tracking_uri and info.get("mlflow_run"):
+            log_artifacts(run.tracking_uri, info["mlflow_run"], [run.out / "recipe.yaml"])
+    done = {
+        "stage": stage.name,
+        "index": index,
+        "steps": stage.steps,
+        "final_loss": metrics.get("loss"),
+        "elapsed_s": time.monotonic() - start,
+        "weights": str(final),
+    }
+    (folder / "done.json").write_text(json.dumps(done, indent=1))
+    run.save_state()
+    return done
+
+
+def _link_catalog(run: _Run, info: dict[str, Any], index: int) -> None:
+    """A new stage run's lineage: the dataset versions it reads, the previous stage's
+    checkpoint it starts from; its MLflow run tagged with the catalog run."""
+    catalog, run_id = run.catalog, info["catalog_run"]
+    for ref in run.refs:
+        parsed = DatasetRef.parse(ref)
+        v = catalog.get_version(parsed.name, parsed.version)
+        catalog.add_edge(Node("version", v.id), Node("run", run_id), "input")
+    prev_ckpt = run.state["stages"].get(str(index - 1), {}).get("checkpoint")
+    if index > 0 and prev_ckpt:
+        catalog.add_edge(Node("checkpoint", prev_ckpt), Node("run", run_id), "init")
+    if run.tracking_uri and info.get("mlflow_run"):  # the MLflow run links back to the catalog
+        set_tags(run.tracking_uri, info["mlflow_run"], {"omniforge.catalog_run": run_id})
