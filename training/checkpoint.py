@@ -1,13 +1,27 @@
-"""One checkpoint path for all resumable state of a stage.
+"""One checkpointer for all resumable state of a stage (torchtitan's pattern).
 
-A checkpoint directory holds::
+The trainer registers every object whose state must survive a resume once, under a name
+(``Checkpointer.register``: the DeepSpeed engine, the sampler, the hybrid mixer, each rank's
+loaders, the task counts, the EMA); ``save`` and ``load`` go through that one object. (The
+data states are registered as ``sampler.Snapshot``s: the batch after a step is read while it
+computes, so what a checkpoint stores is their state as of the step's own batch.) Where a
+state is written follows from what it is::
 
-    deepspeed/                 engine state: trainable weights + ZeRO optimizer partitions per rank
-    trainer.json               step, sampler generators, task counts, format, world size (rank 0)
-    loaders-rank{R}.json       every task loader's stream positions on rank R
-    ema.safetensors            EMA shadow weights (rank 0; identical on every rank)
-    recipe.yaml                the resolved recipe (architecture settings come from here on resume)
+    deepspeed/                 the engine: trainable weights + ZeRO optimizer partitions per rank
+    trainer.json               step, format, world size, and every state of plain values that
+                               is the same on every rank (sampler, mixer, task counts; rank 0)
+    {name}.safetensors         a state of tensors, the same on every rank (``ema``; rank 0)
+    {name}-rank{R}.json        a state registered ``per_rank`` (``loaders``: rank R's positions)
+    recipe.yaml                the resolved recipe (rank 0)
     manifest-rank{R}.json      written last by rank R: size + sha256 of every file rank R wrote
+
+``load`` first compares the checkpoint with the run that resumes from it: the saved
+``recipe.yaml`` against the current recipe on every setting an exact resume of the stage
+depends on (``resume_settings``: seed, precision, model, the stage but for when it
+checkpoints and whether it recomputes activations, the data its tasks read) and the world
+size; a difference stops the stage with a ``CheckpointError`` naming each differing setting,
+before anything is loaded. Architecture settings are thus never taken from the checkpoint:
+they must match it.
 
 Each rank writes its share into a directory of its own and Ray Train copies the shares into one
 storage directory (in no particular order), so completeness is judged from the manifests, not
@@ -17,7 +31,7 @@ why one is not; ``choose`` takes the newest valid one of a list and names the on
 
 Checkpoints written before manifests existed (``trainer.json`` without ``format``) are
 accepted if they load: ``trainer.json`` and the loader positions parse and every DeepSpeed
-file and the EMA weights read back (a truncated file does not).
+file and the EMA weights read back (a truncated file does not). They hold no task counts.
 
 Nothing is unpickled blindly: DeepSpeed's files are read with ``weights_only=True`` and only
 DeepSpeed's own plain classes allow-listed; weights go through safetensors.
@@ -28,19 +42,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.recipe import Recipe
+
 DS_TAG = "state"
 FORMAT = 2  # trainer.json "format"; checkpoints without it predate manifests
 MANIFEST = "manifest-rank{rank}.json"
+META = ("format", "world_size", "step")  # trainer.json keys that name no registered state
+# stage settings that change when state is saved or how much memory a step takes, not what
+# the stage computes: a resume may change them
+NOT_COMPARED = ("checkpoint_every", "gradient_checkpointing")
 
 
 class CheckpointError(ValueError):
-    """No checkpoint to resume from: every one Ray Train kept is damaged or incomplete."""
+    """The stage cannot resume: every checkpoint Ray Train kept is damaged or incomplete, or
+    the one chosen was written with other settings than the run resuming from it."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def _safe_globals() -> list:
@@ -67,32 +96,162 @@ def safe_checkpoint_engine():
     return SafeTorchCheckpointEngine()
 
 
-def save(
-    directory: Path,
-    *,
-    engine,
-    rank: int,
-    world_size: int = 1,
-    trainer_state: dict[str, Any],
-    loader_states: dict[str, Any],
-    ema_state: dict[str, torch.Tensor] | None,
-    recipe_yaml: str,
-) -> Path:
-    """Write this rank's share of a checkpoint into ``directory`` (every rank calls it, each
-    into a directory of its own); the rank's manifest comes last."""
-    directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
-    (directory / f"loaders-rank{rank}.json").write_text(json.dumps(loader_states))
-    if rank == 0:
-        state = {**trainer_state, "format": FORMAT, "world_size": world_size}
-        (directory / "trainer.json").write_text(json.dumps(state))
-        (directory / "recipe.yaml").write_text(recipe_yaml)
-        if ema_state is not None:
-            save_file(
-                {k: v.contiguous() for k, v in ema_state.items()}, directory / "ema.safetensors"
+class Checkpointer:
+    """The resumable state of one stage on one rank: objects registered once by name, saved
+    and loaded together (see the module docstring for where each goes)."""
+
+    def __init__(self, rank: int, world_size: int, recipe: Recipe, stage_index: int):
+        self.rank, self.world_size = rank, world_size
+        self.recipe, self.stage_index = recipe, stage_index
+        self.states: dict[str, Stateful] = {}
+        self.per_rank: set[str] = set()
+        self.engine: str | None = None  # the name the DeepSpeed engine is registered under
+
+    def register(self, name: str, obj: Any, *, per_rank: bool = False) -> None:
+        """``obj``: a DeepSpeed engine (``save_checkpoint`` / ``load_checkpoint``) or a
+        ``Stateful``; ``per_rank``: each rank saves and loads its own state."""
+        if name in self.states or name in META:
+            raise ValueError(f"checkpoint state {name!r} is registered twice or reserved")
+        if hasattr(obj, "save_checkpoint") and hasattr(obj, "load_checkpoint"):
+            if self.engine is not None or per_rank:
+                raise ValueError(f"{name!r}: one DeepSpeed engine per checkpoint, not per rank")
+            self.engine = name
+        self.states[name] = obj
+        if per_rank:
+            self.per_rank.add(name)
+
+    def _file(self, name: str, suffix: str) -> str:
+        return f"{name}-rank{self.rank}{suffix}" if name in self.per_rank else f"{name}{suffix}"
+
+    def save(self, directory: Path, step: int) -> Path:
+        """Write this rank's share into ``directory`` (every rank calls it, each into a
+        directory of its own, in the same order: DeepSpeed's save is collective); the rank's
+        manifest comes last."""
+        directory.mkdir(parents=True, exist_ok=True)
+        shared: dict[str, Any] = {"format": FORMAT, "world_size": self.world_size, "step": step}
+        for name, obj in self.states.items():
+            if name == self.engine:
+                obj.save_checkpoint(str(directory / "deepspeed"), tag=DS_TAG)
+                continue
+            if name not in self.per_rank and self.rank != 0:
+                continue  # the same on every rank: rank 0 writes it
+            state = obj.state_dict()
+            if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+                tensors = {k: v.detach().contiguous() for k, v in state.items()}
+                save_file(tensors, directory / self._file(name, ".safetensors"))
+            elif name in self.per_rank:
+                (directory / self._file(name, ".json")).write_text(json.dumps(state))
+            else:
+                shared[name] = state
+        if self.rank == 0:
+            from core.config import dump_yaml
+
+            (directory / "trainer.json").write_text(json.dumps(shared))
+            (directory / "recipe.yaml").write_text(dump_yaml(self.recipe))
+        write_manifest(directory, self.rank, self.world_size, step)
+        return directory
+
+    def load(self, directory: Path) -> int:
+        """Check that this run may resume from ``directory`` (``CheckpointError`` naming each
+        difference), restore every registered state and return the step it was taken at."""
+        shared = json.loads((directory / "trainer.json").read_text())
+        self.check_resumable(directory, shared)
+        if "format" not in shared:  # from before manifests: no task counts yet
+            shared.setdefault("task_counts", {})
+        if self.engine is not None:
+            path, _ = self.states[self.engine].load_checkpoint(
+                str(directory / "deepspeed"), tag=DS_TAG, load_module_strict=False
             )
-    write_manifest(directory, rank, world_size, trainer_state.get("step"))
-    return directory
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed state in {directory / 'deepspeed'}")
+        for name, obj in self.states.items():
+            if name != self.engine:
+                obj.load_state_dict(self._read(directory, name, shared))
+        return int(shared["step"])
+
+    def _read(self, directory: Path, name: str, shared: dict[str, Any]) -> Any:
+        tensors = directory / self._file(name, ".safetensors")
+        if tensors.exists():
+            return load_file(tensors)
+        if name in self.per_rank:
+            path = directory / self._file(name, ".json")
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{path} missing: the checkpoint was written by fewer ranks"
+                )
+            return json.loads(path.read_text())
+        if name not in shared:
+            raise CheckpointError(
+                f"checkpoint {describe(directory)} holds no {name!r} state: it was written by a "
+                "stage configured differently"
+            )
+        return shared[name]
+
+    def check_resumable(self, directory: Path, shared: dict[str, Any]) -> None:
+        """The saved recipe and world size against this run's (every rank reads the same
+        files, so every rank stops, or none)."""
+        differences = resume_mismatch(read_recipe(directory), self.recipe, self.stage_index)
+        saved = shared.get("world_size", self.world_size)  # absent before manifests
+        if saved != self.world_size:
+            differences.append(f"world size: {saved} in the checkpoint, {self.world_size} now")
+        if differences:
+            raise CheckpointError(
+                f"cannot resume stage {self.recipe.stages[self.stage_index].name!r} from "
+                f"checkpoint {describe(directory)}: it was written with other settings: "
+                f"{'; '.join(differences)}; resume with the settings the stage started with"
+            )
+
+
+def read_recipe(directory: Path) -> Recipe:
+    """The recipe a checkpoint was written with (its ``recipe.yaml``), validated."""
+    import yaml
+    from pydantic import ValidationError
+
+    path = directory / "recipe.yaml"
+    try:
+        with warnings.catch_warnings():  # warned about when the run started
+            warnings.simplefilter("ignore")
+            return Recipe.model_validate(yaml.safe_load(path.read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as e:
+        raise CheckpointError(f"{path} does not read back as a recipe ({e})") from e
+
+
+def resume_settings(recipe: Recipe, stage_index: int) -> dict[str, Any]:
+    """Every setting an exact resume of stage ``stage_index`` depends on, nested as in the
+    recipe: seed, precision, model, the stage (but ``NOT_COMPARED``) and the data entries its
+    tasks read. ``workers`` is not one: the world size is compared instead."""
+    settings: dict[str, Any] = {"seed": recipe.seed, "precision": recipe.precision}
+    settings["model"] = recipe.model.model_dump(mode="json")
+    if stage_index < len(recipe.stages):
+        stage = recipe.stages[stage_index]
+        dump = stage.model_dump(mode="json", exclude=set(NOT_COMPARED))
+        settings["stages"] = {str(stage_index): dump}
+        keys = sorted({task.data for task in stage.tasks.values()})
+        settings["data"] = {key: recipe.data[key].model_dump(mode="json") for key in keys}
+    return settings
+
+
+def resume_mismatch(saved: Recipe, current: Recipe, stage_index: int) -> list[str]:
+    """``path: value in the checkpoint, value now`` for each setting of ``resume_settings``
+    that differs; paths as ``--set`` takes them (``stages.0.optimizer.lr``)."""
+    absent = object()
+
+    def show(value: Any) -> str:
+        return "(absent)" if value is absent else repr(value)
+
+    def differences(before: Any, now: Any, path: str) -> list[str]:
+        if isinstance(before, dict) and isinstance(now, dict):
+            out = []
+            for key in list(now) + [key for key in before if key not in now]:
+                inner = f"{path}.{key}" if path else key
+                out += differences(before.get(key, absent), now.get(key, absent), inner)
+            return out
+        if before == now:
+            return []
+        return [f"{path}: {show(before)} in the checkpoint, {show(now)} now"]
+
+    before, now = resume_settings(saved, stage_index), resume_settings(current, stage_index)
+    return differences(before, now, "")
 
 
 def sha256(path: Path) -> str:
@@ -221,28 +380,13 @@ def skip_note(chosen: Path | None, skipped: list[tuple[Path, str]]) -> str:
     return "; ".join(parts)
 
 
-def load(directory: Path, *, engine, rank: int) -> tuple[dict, dict, dict | None]:
-    """Restore the engine; return (trainer_state, this rank's loader states, ema_state)."""
-    path, _ = engine.load_checkpoint(
-        str(directory / "deepspeed"), tag=DS_TAG, load_module_strict=False
-    )
-    if path is None:
-        raise FileNotFoundError(f"no DeepSpeed state in {directory / 'deepspeed'}")
-    trainer_state = json.loads((directory / "trainer.json").read_text())
-    loaders = directory / f"loaders-rank{rank}.json"
-    if not loaders.exists():
-        raise FileNotFoundError(f"{loaders} missing: the checkpoint was written by fewer ranks")
-    ema_file = directory / "ema.safetensors"
-    ema = load_file(ema_file) if ema_file.exists() else None
-    return trainer_state, json.loads(loaders.read_text()), ema
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> Path:
-    """The full model state (all groups) as safetensors: what the next stage starts from."""
+def save_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], path: Path) -> Path:
+    """Full weights (a model's state, all groups) as safetensors: what the next stage starts
+    from. Written to a temporary name first, so ``path`` is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
     tmp = path.with_suffix(".tmp")
-    save_file(state, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
     tmp.replace(path)
     return path
 

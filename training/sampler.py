@@ -7,15 +7,24 @@ group instead of a task (``training/data/hybrid.py`` gives the group and bucket 
 broadcast is unchanged). Condition-dropout decisions come from a second
 generator that every rank advances identically, so all ranks drop the same conditions without
 a collective. Both generators are part of the checkpoint.
+
+``StepData`` is the step's data on one rank: the draw, and the read of the drawn batch one step
+ahead on a background thread, with the state a checkpoint stores.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from training.data.batch import MixedBatch, TaskBatch
+from training.data.buckets import BucketShape
+from training.data.hybrid import HybridMixer
 
 
 class StepSampler:
@@ -73,3 +82,105 @@ class StepSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.draw_rng.bit_generator.state = state["draw"]
         self.drop_rng.bit_generator.state = state["drop"]
+
+
+class Snapshot:
+    """A ``Stateful`` saved as it was at the last ``take()``, not as it is at save time."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+        self.take()
+
+    def take(self) -> None:
+        self.state = self.obj.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.obj.load_state_dict(state)
+        self.take()
+
+
+class StatefulDict:
+    """Several ``Stateful`` objects saved as one: name -> state (the task loaders)."""
+
+    def __init__(self, objects: Mapping[str, Any]):
+        self.objects = objects
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.objects.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.objects):
+            raise ValueError(f"state of {sorted(state)}, expected {sorted(self.objects)}")
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+
+
+class StepData:
+    """The batches of a stage on one rank, read one step ahead.
+
+    ``take`` returns this step's (task or group, bucket, batch), whose batch was read on the
+    prefetch thread while the previous step computed, then draws the next step's choice and
+    starts reading its batch. The draw is a broadcast, so it stays on the calling thread
+    (every rank calls collectives in the same order); the read (loader positions, condition
+    dropout, hybrid mix) runs on the prefetch thread. The sampler, mixer and loader states are
+    taken between the two (``Snapshot``): the state right after this step's batch, what a
+    checkpoint after this step stores, so resuming from it draws and reads exactly what an
+    uninterrupted run does next.
+    """
+
+    def __init__(self, stage: Any, loaders: Mapping[str, Any], seed: int, geometry: Any):
+        """``stage``: a ``StageConfig``; ``loaders``: task -> TaskLoader of this rank."""
+        weights = {t: c.weight for t, c in stage.tasks.items()}
+        self.loaders = loaders
+        self.mixer: HybridMixer | None = None
+        if stage.hybrid:  # rank 0 draws a task group; the batch mixes its tasks
+            self.mixer = HybridMixer(
+                loaders,
+                weights,
+                seed,
+                stage.token_budget,
+                geometry.spatial_factor,
+                geometry.temporal_factor,
+            )
+            units, buckets = self.mixer.group_weights(), self.mixer.group_buckets()
+        else:
+            units = weights
+            buckets = {t: list(lo.bucket_weights().items()) for t, lo in loaders.items()}
+        self.sampler = StepSampler(units, buckets, seed=seed, dropout=stage.condition_dropout)
+        self.sampler_state = Snapshot(self.sampler)
+        self.mixer_state = Snapshot(self.mixer) if self.mixer is not None else None
+        self.loader_state = Snapshot(StatefulDict(loaders))
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._pending: tuple[str, BucketShape, Future] | None = None
+
+    def take(
+        self, device: torch.device, read_next: bool
+    ) -> tuple[str, BucketShape, TaskBatch | MixedBatch]:
+        """This step's (choice, bucket, batch); ``read_next``: another step follows."""
+        if self._pending is None:
+            self._pending = self._draw_and_read(device)
+        choice, bucket, future = self._pending
+        batch = future.result()
+        for state in (self.sampler_state, self.mixer_state, self.loader_state):
+            if state is not None:  # no mixer without hybrid batching
+                state.take()
+        self._pending = self._draw_and_read(device) if read_next else None
+        return choice, bucket, batch
+
+    def _draw_and_read(self, device: torch.device) -> tuple[str, BucketShape, Future]:
+        choice, bucket = self.sampler.next(device)  # same on every rank; hybrid: a group
+        return choice, bucket, self._prefetch.submit(self.read, choice, bucket)
+
+    def read(self, choice: str, bucket: BucketShape) -> TaskBatch | MixedBatch:
+        """The step's batch: ``choice`` is a task, or under hybrid batching a task group."""
+        if self.mixer is not None:
+            return self.mixer.next_batch(choice, bucket, self.sampler.drops)
+        batch = self.loaders[choice].next_batch(bucket)
+        batch.drop = self.sampler.drops(batch.size)
+        return batch
+
+    def close(self) -> None:
+        self._prefetch.shutdown(wait=True, cancel_futures=True)

@@ -2,20 +2,28 @@
 
 Runs inside a Ray Train worker (or in-process with ``num_workers=0``). Every rank builds the
 same model (same seed), takes the trainable groups of the stage, builds its task loaders over
-its part of the data, wraps the model in a DeepSpeed engine and restores the latest checkpoint
-if there is one. Each step: take the batch read in the background during the previous step
-(its task and bucket came from rank 0), start reading the next one, forward, backward, check
-finite, optimizer step (clipping in DeepSpeed), EMA, log, checkpoint. With
-``hybrid`` batching the broadcast names a task group and the batch mixes that group's tasks
-(``training/data/hybrid.py``). At stage end rank 0 writes the final weights and, for a family
-that can generate, samples from fixed prompts (``training/artifacts.py``: held-out loss,
-input grids and samples).
+its part of the data (``sampler.StepData``: the step's draw and its batch, read one step
+ahead), wraps the model in a DeepSpeed engine, registers everything a resume restores with
+one ``checkpoint.Checkpointer`` and restores the latest checkpoint if there is one. Each
+step: take the batch read in the background during the previous step (its task and bucket
+came from rank 0), start reading the next one, forward, check the loss is finite, backward,
+check the gradient norm is finite, optimizer step (clipping in DeepSpeed), EMA, log,
+checkpoint. A non-finite loss or gradient norm on any rank stops every rank before the
+optimizer step, so it is never applied. With ``hybrid`` batching the broadcast names a task
+group and the batch mixes that group's tasks (``training/data/hybrid.py``). At stage end rank
+0 writes the final weights and, for a family that can generate, samples from fixed prompts
+(``training/artifacts.py``: held-out loss, input grids and samples).
 
 Under Ray Train every worker runs a ``DriverWatch``: when the driver process that started the
 run is gone (SIGKILL, a crash) the worker exits instead of training on, and it checks once
 more before writing each checkpoint. A test-only hold (``OMNIFORGE_TEST_HOLD``, off unless set;
 ``Trainer.hold``) stops every rank at a given step until a file appears, so fault tests act on
 recorded events instead of timing.
+
+Why over 400 lines: the file also holds what a Ray Train worker needs around the trainer,
+``DriverWatch`` and the stage's process group (about 120 lines that ``runner.py`` imports).
+They belong with the run lifecycle in ``runner.py``, which is reorganised on its own; the
+trainer's state and step data already live in ``checkpoint.py`` and ``sampler.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +48,10 @@ import torch.distributed as dist
 
 from training import checkpoint as ckpt
 from training.artifacts import StageArtifacts
-from training.data.batch import MixedBatch, TaskBatch
-from training.data.buckets import BucketShape
-from training.data.hybrid import HybridMixer
+from training.data.batch import TaskBatch
 from training.ema import EMA
 from training.recipe import Recipe, StageConfig
-from training.sampler import StepSampler
+from training.sampler import StepData
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +239,35 @@ def lr_at(stage: StageConfig, step: int) -> float:
     return base - (base - floor) * progress
 
 
+class TaskCounts(Counter):
+    """Steps that trained each task (a hybrid step counts for each task it mixes): the
+    ``tasks/*`` metrics, carried across a resume."""
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.clear()
+        self.update(state)
+
+
+def grad_norm(engine) -> torch.Tensor:
+    """L2 norm of this step's gradients over every rank, after ``backward`` and before
+    ``step`` (inf or nan when a gradient is not finite; the same value on every rank).
+
+    Under ZeRO-1/2 each rank holds its share of the reduced gradients inside DeepSpeed's
+    optimizer, and ``scaled_global_norm`` is the norm its ``step`` clips with (one all-reduce
+    of a scalar; no loss scale: fp16 is not used). Without ZeRO every rank holds the reduced
+    gradients."""
+    from deepspeed.utils import safe_get_full_grad
+
+    if engine.zero_optimization_stage() in (1, 2):
+        return engine.optimizer.scaled_global_norm().float()
+    grads = [safe_get_full_grad(p) for p in engine.module.parameters() if p.requires_grad]
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 class Trainer(StageArtifacts):
     def __init__(self, spec: StageSpec, context: Any):
         """``context``: ``report(metrics, checkpoint_dir)`` and ``latest_checkpoint()``."""
@@ -274,24 +308,8 @@ class Trainer(StageArtifacts):
             self.model.geometry,
             self.model.tokenize,
         )
-        weights = {t: c.weight for t, c in self.stage.tasks.items()}
         seed = self.recipe.seed * 1009 + spec.stage_index
-        self.mixer: HybridMixer | None = None
-        if self.stage.hybrid:  # rank 0 draws a task group; the batch mixes its tasks
-            geo = self.model.geometry
-            self.mixer = HybridMixer(
-                self.loaders,
-                weights,
-                seed,
-                self.stage.token_budget,
-                geo.spatial_factor,
-                geo.temporal_factor,
-            )
-            units, buckets = self.mixer.group_weights(), self.mixer.group_buckets()
-        else:
-            units = weights
-            buckets = {t: list(lo.bucket_weights().items()) for t, lo in self.loaders.items()}
-        self.sampler = StepSampler(units, buckets, seed=seed, dropout=self.stage.condition_dropout)
+        self.data = StepData(self.stage, self.loaders, seed, self.model.geometry)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model.to(self.device),
@@ -301,41 +319,30 @@ class Trainer(StageArtifacts):
         self.engine.checkpoint_engine = ckpt.safe_checkpoint_engine()
         self.ema = EMA(self.model, self.stage.ema.decay) if self.stage.ema else None
         self.step = 0
-        self.task_counts: Counter[str] = Counter()
-        self._restore()
+        self.task_counts = TaskCounts()
+        # everything a resume restores, registered once (the data states as of the last batch
+        # taken: the next one is read ahead)
+        self.checkpointer = ckpt.Checkpointer(
+            self.rank, self.world_size, self.recipe, spec.stage_index
+        )
+        self.checkpointer.register("model", self.engine)  # weights + ZeRO optimizer partitions
+        self.checkpointer.register("task_counts", self.task_counts)
+        self.checkpointer.register("sampler", self.data.sampler_state)
+        if self.data.mixer_state is not None:
+            self.checkpointer.register("mixer", self.data.mixer_state)
+        self.checkpointer.register("loaders", self.data.loader_state, per_rank=True)
+        if self.ema is not None:
+            self.checkpointer.register("ema", self.ema)
+        with self.context.latest_checkpoint() as directory:
+            if directory is not None:
+                self.step = self.checkpointer.load(Path(directory))
         # logs only steps MLflow does not hold yet: a resumed stage repeats none
         self.tracker = MetricLogger(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
         note = getattr(context, "resume_note", "")
         if note:
             self.tracker.set_tag("omniforge.resume", note)
         self._held_out: dict[str, TaskBatch] | None = None
-        # the next step's batch is read on this thread while the current step computes
-        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self._pending: tuple[str, BucketShape, Future] | None = None
-        self.data_state: dict[str, Any] = {}
         self.stop_at = self.stage.steps
-
-    def _restore(self) -> None:
-        with self.context.latest_checkpoint() as directory:
-            if directory is None:
-                return
-            trainer_state, loader_states, ema_state = ckpt.load(
-                Path(directory), engine=self.engine, rank=self.rank
-            )
-        self.step = trainer_state["step"]
-        self.task_counts = Counter(trainer_state.get("task_counts", {}))
-        self.sampler.load_state_dict(trainer_state["sampler"])
-        if self.mixer is not None:
-            if "mixer" not in trainer_state:
-                raise ValueError(
-                    f"stage {self.stage.name!r}: the checkpoint in {self.spec.output} was written "
-                    "without hybrid batching; resume with the recipe it was started with"
-                )
-            self.mixer.load_state_dict(trainer_state["mixer"])
-        for task, state in loader_states.items():
-            self.loaders[task].load_state_dict(state)
-        if self.ema is not None and ema_state is not None:
-            self.ema.load_state_dict(ema_state)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -357,7 +364,7 @@ class Trainer(StageArtifacts):
                     self.save_checkpoint(last)
                 self.hold()
         finally:
-            self._prefetch.shutdown(wait=True, cancel_futures=True)
+            self.data.close()
         if self.step == self.stage.steps and self.rank == 0:
             self.export_final()
             self.log_samples()
@@ -366,7 +373,8 @@ class Trainer(StageArtifacts):
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        task, bucket, batch = self.take_batch()  # read while the previous step computed
+        # read while the previous step computed; the next read starts now
+        task, bucket, batch = self.data.take(self.device, read_next=self.step + 1 < self.stop_at)
         t_data = time.perf_counter() - t0
 
         torch.manual_seed(step_seed(self.recipe.seed, self.spec.stage_index, self.step, self.rank))
@@ -377,12 +385,9 @@ class Trainer(StageArtifacts):
         loss = out["loss"]
         self._check_finite("loss", loss.detach(), task, batch.keys)
         self.engine.backward(loss)
+        norm = grad_norm(self.engine)
+        self._check_finite("gradient norm", norm, task, batch.keys)
         self.engine.step()  # clips to stage.grad_clip, then the optimizer step
-        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-        if not torch.isfinite(torch.tensor(grad_norm)):
-            raise NonFiniteError(
-                f"step {self.step}: gradient norm {grad_norm} ({task}, {batch.keys[:3]})"
-            )
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
@@ -393,7 +398,7 @@ class Trainer(StageArtifacts):
             "loss": float(loss.detach()),
             f"loss/{task}": float(loss.detach()),
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": float(norm),
             "samples_per_s": batch.size * self.world_size / elapsed,
             "data_wait_fraction": t_data / elapsed,
             **{f"tasks/{t}": n for t, n in self.task_counts.items()},
@@ -414,39 +419,6 @@ class Trainer(StageArtifacts):
                 f.write(json.dumps(record) + "\n")
         return {**metrics, "step": self.step, "task": task, "keys": batch.keys}
 
-    def take_batch(self) -> tuple[str, BucketShape, TaskBatch | MixedBatch]:
-        """This step's (task, bucket, batch); then the next step's draw and the background read
-        of its batch, which overlaps this step's forward / backward.
-
-        The draw is a broadcast, so it stays on this thread (every rank calls collectives in
-        the same order); the read (loader positions, condition dropout, hybrid mix) runs on
-        one prefetch thread. ``data_state`` is taken between the two: it is the state right
-        after this step's batch, what a checkpoint after this step stores, so resuming from it
-        draws and reads exactly what an uninterrupted run does next."""
-        if self._pending is None:
-            self._pending = self._draw_and_read()
-        task, bucket, future = self._pending
-        batch = future.result()
-        self.data_state = {
-            "sampler": self.sampler.state_dict(),
-            **({"mixer": self.mixer.state_dict()} if self.mixer is not None else {}),
-            "loaders": {t: loader.state_dict() for t, loader in self.loaders.items()},
-        }
-        self._pending = self._draw_and_read() if self.step + 1 < self.stop_at else None
-        return task, bucket, batch
-
-    def _draw_and_read(self) -> tuple[str, BucketShape, Future]:
-        task, bucket = self.sampler.next(self.device)  # same on every rank; hybrid: a group
-        return task, bucket, self._prefetch.submit(self.next_batch, task, bucket)
-
-    def next_batch(self, choice: str, bucket: BucketShape) -> TaskBatch | MixedBatch:
-        """The step's batch: ``choice`` is a task, or under hybrid batching a task group."""
-        if self.mixer is not None:
-            return self.mixer.next_batch(choice, bucket, self.sampler.drops)
-        batch = self.loaders[choice].next_batch(bucket)
-        batch.drop = self.sampler.drops(batch.size)
-        return batch
-
     def _check_finite(self, what: str, value: torch.Tensor, task: str, keys: list[str]) -> None:
         """Every rank agrees before the optimizer step: one rank's NaN stops them all."""
         # on the step's device: NCCL reduces only CUDA tensors
@@ -462,25 +434,9 @@ class Trainer(StageArtifacts):
     # -- checkpoints and export ----------------------------------------------------------------
 
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        from core.config import dump_yaml
-
         self.watch.check()  # never a checkpoint after the driver is gone
         with tempfile.TemporaryDirectory(prefix="omniforge-ckpt-") as tmp:
-            ckpt.save(
-                Path(tmp),
-                engine=self.engine,
-                rank=self.rank,
-                world_size=self.world_size,
-                trainer_state={
-                    "step": self.step,
-                    "task_counts": dict(self.task_counts),
-                    "sampler": self.data_state["sampler"],
-                    **({"mixer": self.data_state["mixer"]} if self.mixer is not None else {}),
-                },
-                loader_states=self.data_state["loaders"],
-                ema_state=self.ema.state_dict() if self.ema else None,
-                recipe_yaml=dump_yaml(self.recipe),
-            )
+            self.checkpointer.save(Path(tmp), self.step)
             report = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             self.context.report({**report, "step": self.step}, tmp)
 
@@ -518,13 +474,7 @@ class Trainer(StageArtifacts):
 
     def export_final(self) -> None:
         out = Path(self.spec.output)
-        ckpt.save_weights(self.model, out / "final.safetensors")
-        if self.ema is not None:
-            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            for name, value in self.ema.state_dict().items():
-                weights[name] = value
-            from safetensors.torch import save_file
-
-            save_file(
-                {k: v.contiguous() for k, v in weights.items()}, out / "final_ema.safetensors"
-            )
+        weights = self.model.state_dict()
+        ckpt.save_weights(weights, out / "final.safetensors")
+        if self.ema is not None:  # the trainable groups' averages in place of their weights
+            ckpt.save_weights({**weights, **self.ema.state_dict()}, out / "final_ema.safetensors")

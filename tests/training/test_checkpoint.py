@@ -1,28 +1,39 @@
-"""Checkpoint verification: manifests, damaged and incomplete checkpoints, older checkpoints.
+"""The checkpointer and checkpoint verification: where each registered state goes, what a
+resume compares, manifests, damaged and incomplete checkpoints, older checkpoints.
 
 Synthetic checkpoint directories (no Ray, no DeepSpeed engine): the files a checkpoint holds,
 written the way ranks write them (each rank's share with its manifest last), then damaged.
-The end-to-end paths (a resumed run skipping a damaged checkpoint, MLflow, the catalog) are in
-``test_training.py``.
+The trainer's own resume is in ``test_trainer.py``; the end-to-end paths (a resumed run
+skipping a damaged checkpoint, MLflow, the catalog) are in ``test_training.py``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from core.config import dump_yaml, load_config
 from training import checkpoint as ckpt
+from training.recipe import Recipe
 from training.runner import checkpoint_failure, resume_point
 
 MODEL = "deepspeed/state/mp_rank_00_model_states.pt"
+RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
+
+
+def tiny(*overrides: str) -> Recipe:
+    return load_config(
+        Recipe, RECIPES / "omni_video_tiny.yaml", ["data.curated.uri=/d", *overrides]
+    )
 
 
 def share(directory: Path, rank: int, world_size: int, step: int, manifest: bool = True) -> None:
-    """What rank ``rank`` writes into a checkpoint (as ``checkpoint.save`` lays it out)."""
+    """What rank ``rank`` writes into a checkpoint (as ``Checkpointer.save`` lays it out)."""
     state = directory / "deepspeed" / "state"
     state.mkdir(parents=True, exist_ok=True)
     torch.save({"step": step, "w": torch.arange(64.0) * rank},
@@ -35,6 +46,7 @@ def share(directory: Path, rank: int, world_size: int, step: int, manifest: bool
         if manifest:
             trainer.update(format=ckpt.FORMAT, world_size=world_size)
         (directory / "trainer.json").write_text(json.dumps(trainer))
+        (directory / "recipe.yaml").write_text(dump_yaml(tiny()))
         save_file({"w": torch.zeros(8)}, directory / "ema.safetensors")
 
 
@@ -51,6 +63,96 @@ def checkpoint(directory: Path, step: int, world_size: int = 2, manifest: bool =
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(path.read_bytes())
     return directory
+
+
+class Plain:
+    """A ``Stateful`` holding whatever it is given."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state) -> None:
+        self.state = state
+
+
+def checkpointer(rank: int, world_size: int, recipe: Recipe, states: dict) -> ckpt.Checkpointer:
+    """Stage 0's checkpointer with ``states`` registered (``loaders`` per rank)."""
+    c = ckpt.Checkpointer(rank, world_size, recipe, 0)
+    for name, state in states.items():
+        c.register(name, state, per_rank=name == "loaders")
+    return c
+
+
+def test_the_checkpointer_saves_and_loads_every_registered_state(tmp_path):
+    recipe, merged = tiny(), tmp_path / "checkpoint_1"
+    for rank in range(2):  # each rank into a directory of its own, then copied as Ray does
+        states = {"sampler": Plain({"draw": [1, 2]}), "loaders": Plain({"t2i": {"pos": rank}}),
+                  "ema": Plain({"w": torch.arange(4.0)})}  # fmt: skip
+        own = checkpointer(rank, 2, recipe, states).save(tmp_path / f"rank{rank}", step=8)
+        shutil.copytree(own, merged, dirs_exist_ok=True)
+    assert ckpt.verify(merged) is None
+    assert sorted(p.name for p in merged.iterdir()) == [
+        "ema.safetensors", "loaders-rank0.json", "loaders-rank1.json", "manifest-rank0.json",
+        "manifest-rank1.json", "recipe.yaml", "trainer.json"]  # fmt: skip
+    assert json.loads((merged / "trainer.json").read_text()) == {
+        "format": ckpt.FORMAT, "world_size": 2, "step": 8, "sampler": {"draw": [1, 2]}}  # fmt: skip
+    assert ckpt.read_recipe(merged) == recipe
+
+    fresh = {"sampler": Plain(), "loaders": Plain(), "ema": Plain()}
+    assert checkpointer(1, 2, recipe, fresh).load(merged) == 8
+    assert fresh["sampler"].state == {"draw": [1, 2]}
+    assert fresh["loaders"].state == {"t2i": {"pos": 1}}  # rank 1's own
+    assert torch.equal(fresh["ema"].state["w"], torch.arange(4.0))
+
+    c = checkpointer(0, 2, recipe, {"sampler": Plain()})
+    for name in ("sampler", "step"):
+        with pytest.raises(ValueError, match=f"state '{name}' is registered twice or reserved"):
+            c.register(name, Plain())
+    c.register("mixer", Plain())
+    with pytest.raises(ckpt.CheckpointError, match="holds no 'mixer' state"):
+        c.load(merged)
+
+
+def test_a_resume_compares_the_settings_an_exact_resume_depends_on(tmp_path):
+    for path in sorted(RECIPES.glob("*.yaml")):  # every recipe reads back as itself
+        recipe = load_config(Recipe, path)
+        (tmp_path / "recipe.yaml").write_text(dump_yaml(recipe))
+        saved = ckpt.read_recipe(tmp_path)
+        assert all(not ckpt.resume_mismatch(saved, recipe, i) for i in range(len(recipe.stages)))
+
+    saved = tiny()
+    other = tiny("seed=3", "stages.0.optimizer.lr=0.002", "stages.0.ema={decay: 0.99}",
+                 "stages.0.tasks.t2v={weight: 1.0, data: curated, num_frames: 9}",
+                 "data.curated.uri=/elsewhere",
+                 # none of these changes what stage 0 computes
+                 "stages.0.checkpoint_every=4", "stages.0.gradient_checkpointing=true",
+                 "workers=4", "stages.1.steps=99")  # fmt: skip
+    assert ckpt.resume_mismatch(saved, other, 0) == [
+        "seed: 0 in the checkpoint, 3 now",
+        "stages.0.optimizer.lr: 0.001 in the checkpoint, 0.002 now",
+        "stages.0.ema: None in the checkpoint, {'decay': 0.99} now",
+        "stages.0.tasks.t2v: (absent) in the checkpoint, "
+        "{'weight': 1.0, 'data': 'curated', 'num_frames': 9, 'fps': None} now",
+        "data.curated.uri: '/d' in the checkpoint, '/elsewhere' now",
+    ]
+    assert "stages.1.steps: 24 in the checkpoint, 99 now" in ckpt.resume_mismatch(saved, other, 1)
+
+    written = checkpoint(tmp_path / "checkpoint_2", step=4)  # by 2 ranks, with tiny()
+    states = {"sampler": Plain(), "loaders": Plain()}
+    with pytest.raises(ckpt.CheckpointError) as error:
+        checkpointer(0, 1, tiny("seed=3"), states).load(written)
+    assert str(error.value) == (
+        "cannot resume stage 'align' from checkpoint checkpoint_2 (step 4): it was written "
+        "with other settings: seed: 0 in the checkpoint, 3 now; world size: 2 in the "
+        "checkpoint, 1 now; resume with the settings the stage started with"
+    )
+    assert states["sampler"].state is None  # nothing loaded
+    (written / "recipe.yaml").write_text("name: x\nstages: 3\n")
+    with pytest.raises(ckpt.CheckpointError, match="recipe.yaml does not read back as a recipe"):
+        checkpointer(0, 2, tiny(), states).load(written)
 
 
 def test_a_complete_checkpoint_verifies(tmp_path):
@@ -105,6 +207,10 @@ def test_checkpoints_from_before_manifests_are_accepted_if_they_load(tmp_path):
     assert not list(old.glob("manifest-rank*.json"))
     assert ckpt.verify(old) is None
     assert ckpt.describe(old) == "old (step 4)"
+    states = {"task_counts": Plain(), "sampler": Plain(), "loaders": Plain(), "ema": Plain()}
+    assert checkpointer(1, 2, tiny(), states).load(old) == 4
+    assert states["task_counts"].state == {}  # not counted before manifests
+    assert states["loaders"].state == {"t2i": {"pos": 4}}
 
     broken = checkpoint(tmp_path / "old-truncated", step=4, manifest=False)
     data = (broken / MODEL).read_bytes()

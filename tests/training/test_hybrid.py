@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections import Counter
 
 import av
@@ -16,10 +17,11 @@ from PIL import Image
 from catalog.shards import ShardWriter, bucket_name, sample_json
 from training.data.batch import MixedBatch
 from training.data.buckets import tokens
-from training.data.hybrid import HybridMixer, group_of
+from training.data.hybrid import group_of
 from training.data.loaders import TaskLoader
 from training.models.base import Geometry
-from training.sampler import StepSampler
+from training.recipe import StageConfig
+from training.sampler import StepData
 from training.tasks import EDIT_TASKS, TASK_GROUPS
 
 GEOM = Geometry(spatial_factor=16, temporal_factor=4, max_text_len=16)
@@ -31,6 +33,21 @@ WEIGHTS = {
     "t2v": 1.0,
     "video_understanding": 0.5,
 }
+STAGE = StageConfig(
+    name="mixed",
+    trainable=["dit"],
+    optimizer={"lr": 1e-3},
+    frame_area=AREA,
+    token_budget=BUDGET,
+    condition_dropout=0.3,
+    hybrid=True,
+    tasks={
+        t: {"weight": w, "data": "d", "num_frames": 9 if group_of(t) == "video" else None}
+        for t, w in WEIGHTS.items()
+    },
+    steps=1,
+    checkpoint_every=1,
+)
 
 
 def tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +103,8 @@ def shards(tmp_path_factory) -> list:
 
 
 class Rank:
-    """One rank's loaders, mixer and sampler, as the trainer builds them under hybrid."""
+    """One rank's loaders and ``StepData`` (mixer, sampler, read-ahead) as the trainer builds
+    them under hybrid batching."""
 
     def __init__(self, shards, rank: int = 0, world_size: int = 1, seed: int = 3):
         self.loaders = {
@@ -106,28 +124,26 @@ class Rank:
             )  # fmt: skip
             for task in WEIGHTS
         }
-        self.mixer = HybridMixer(self.loaders, WEIGHTS, seed, BUDGET, 16, 4)
-        self.sampler = StepSampler(
-            self.mixer.group_weights(), self.mixer.group_buckets(), seed=seed, dropout=0.3
-        )
+        self.data = StepData(STAGE, self.loaders, seed, GEOM)
+        self.mixer = self.data.mixer
 
     def step(self) -> MixedBatch:
-        group, shape = self.sampler.next()
-        return self.mixer.next_batch(group, shape, self.sampler.drops)
+        return self.data.take(torch.device("cpu"), read_next=True)[2]
+
+    def saved(self) -> dict:
+        """The states a checkpoint registers (as of the last step; the next batch is being
+        read already)."""
+        data = self.data
+        return {"sampler": data.sampler_state, "mixer": data.mixer_state,
+                "loaders": data.loader_state}  # fmt: skip
 
     def state(self) -> dict:
-        state = {
-            "sampler": self.sampler.state_dict(),
-            "mixer": self.mixer.state_dict(),
-            "loaders": {t: lo.state_dict() for t, lo in self.loaders.items()},
-        }
+        state = {name: saved.state_dict() for name, saved in self.saved().items()}
         return json.loads(json.dumps(state))  # must survive the checkpoint's JSON
 
     def load(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self.mixer.load_state_dict(state["mixer"])
-        for task, s in state["loaders"].items():
-            self.loaders[task].load_state_dict(s)
+        for name, saved in self.saved().items():
+            saved.load_state_dict(state[name])
 
 
 def summary(batch: MixedBatch) -> tuple:
@@ -210,7 +226,6 @@ def test_resume_is_exact(shards):
 
 def test_a_stage_with_hybrid_but_nothing_to_mix_warns():
     from core.config import ConfigWarning
-    from training.recipe import StageConfig
 
     stage = {"name": "s", "trainable": ["dit"], "optimizer": {"lr": 1e-3}, "frame_area": 4096,
              "token_budget": 64, "steps": 2, "checkpoint_every": 1, "hybrid": True,
@@ -219,7 +234,9 @@ def test_a_stage_with_hybrid_but_nothing_to_mix_warns():
     with pytest.warns(ConfigWarning, match="hybrid"):
         StageConfig.model_validate(stage)
     stage["tasks"]["image_understanding"] = {"weight": 1, "data": "d"}
-    StageConfig.model_validate(stage)  # t2i + image_understanding can mix: no warning
+    with warnings.catch_warnings():  # t2i + image_understanding can mix: no warning
+        warnings.simplefilter("error", ConfigWarning)
+        assert StageConfig.model_validate(stage).hybrid
 
 
 def test_mixed_batch_concatenates_its_parts():
