@@ -29,8 +29,7 @@ import json
 import logging
 import os
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,91 +40,17 @@ from core.config import dump_yaml
 from core.secrets import ensure_ray_token
 from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
+from training.ray_stage import (
+    checkpoint_failure,
+    driver_identity,
+    hold_request,
+    resume_point,
+    run_stage,
+)
 from training.recipe import Recipe
-from training.trainer import HOLD_ENV, StageSpec, Trainer, process_group
+from training.trainer import StageSpec
 
 log = logging.getLogger(__name__)
-
-
-class RayTrainContext:
-    """What a Trainer needs from Ray Train: report metrics + checkpoint, the checkpoint to
-    resume from, and (for the test hold) which checkpoints Ray Train has registered."""
-
-    def __init__(self) -> None:
-        self.resume_note = ""  # which checkpoints were skipped and why (empty: none)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    def registered_checkpoints(self, timeout_s: float | None = None) -> list:
-        """Ray Train's kept checkpoints, oldest first, once it has registered every checkpoint
-        this worker reported (it registers a report when its controller next polls)."""
-        import ray.train
-
-        mode = ray.train.CheckpointConsistencyMode.COMMITTED
-        reported = ray.train.get_all_reported_checkpoints(
-            consistency_mode=mode, timeout_s=timeout_s
-        )
-        return [r.checkpoint for r in reported]
-
-    @contextmanager
-    def latest_checkpoint(self):
-        """The newest valid checkpoint Ray Train kept (None: start the stage fresh).
-
-        Rank 0 verifies the candidates, newest first, and broadcasts its choice, so every rank
-        loads the same one; a damaged one is skipped with a warning in the worker log. None
-        usable: ``CheckpointError``."""
-        import ray.train
-        import torch
-        import torch.distributed as dist
-
-        latest = ray.train.get_checkpoint()
-        if latest is None:
-            yield None
-            return
-        candidates = [latest] + [
-            c for c in reversed(self.registered_checkpoints(timeout_s=60)) if c.path != latest.path
-        ]
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        choice: list[Any] = [None, ""]
-        if rank == 0:
-            skipped: list[tuple[Path, str]] = []
-            for index, candidate in enumerate(candidates):
-                with candidate.as_directory() as directory:
-                    chosen, skips = ckpt.choose([Path(directory)])
-                skipped += [(Path(candidate.path), why) for _, why in skips]
-                if chosen is not None:
-                    choice = [index, ckpt.skip_note(Path(candidate.path), skipped)]
-                    break
-            else:
-                choice = [None, ckpt.skip_note(None, skipped)]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            device = None
-            if torch.cuda.is_available():  # NCCL moves objects through the rank's GPU
-                device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-            dist.broadcast_object_list(choice, src=0, device=device)
-        index, note = choice
-        if index is None:
-            experiment = Path(latest.path).parent
-            raise ckpt.CheckpointError(
-                f"no usable checkpoint to resume from in {experiment}: {note}; "
-                f"remove {experiment} to start the stage over"
-            )
-        if index > 0:
-            self.resume_note = note
-            if rank == 0:
-                log.warning("resume: %s", note)
-        with candidates[index].as_directory() as directory:
-            yield directory
-
-
-def stage_loop(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``."""
-    with process_group():
-        Trainer(StageSpec(**config), RayTrainContext()).train()
 
 
 def stage_dir(output: Path, recipe: Recipe, index: int) -> Path:
@@ -148,110 +73,6 @@ def pin_data(recipe: Recipe, catalog) -> tuple[Recipe, list[str]]:
         data[name] = {**source.model_dump(mode="json"), "uri": uri}
     pinned = Recipe.model_validate({**recipe.model_dump(mode="json"), "data": data})
     return pinned, refs
-
-
-def run_stage(
-    spec: StageSpec,
-    workers: int,
-    run_name: str,
-    storage: Path,
-    use_gpu: bool,
-    max_failures: int = 3,
-):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    trainer = TorchTrainer(
-        stage_loop,
-        train_loop_config=asdict(spec),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    return trainer.fit()
-
-
-def driver_identity() -> dict[str, Any] | None:
-    """This process as the workers' ``DriverWatch`` recognises it (None under Ray Client,
-    where the driver runs on another machine than the node Ray reports)."""
-    import socket
-
-    import psutil
-    import ray
-
-    if ray.util.client.ray.is_connected():
-        return None
-    return {
-        "pid": os.getpid(),
-        "create_time": psutil.Process().create_time(),
-        "host": socket.gethostname(),
-        "boot_time": psutil.boot_time(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-    }
-
-
-def hold_request() -> dict[str, Any] | None:
-    """``OMNIFORGE_TEST_HOLD=STEP:DIR`` (tests only; see ``trainer.Trainer.hold``)."""
-    value = os.environ.get(HOLD_ENV)
-    if not value:
-        return None
-    step, sep, folder = value.partition(":")
-    if not sep or not step.isdigit() or not folder:
-        raise ValueError(f"{HOLD_ENV}={value!r}: expected STEP:DIR")
-    return {"step": int(step), "dir": folder}
-
-
-def resume_point(experiment: Path, stage_label: str) -> tuple[Path | None, str] | None:
-    """What a resumed stage will start from: (newest valid checkpoint Ray Train kept, note on
-    the ones skipped), or None when Ray Train kept nothing (a fresh start).
-
-    Reads Ray Train's run state (``checkpoint_manager_snapshot.json``: the kept checkpoints in
-    the order they were registered) and verifies them newest first, as the workers will. A
-    kept directory that was deleted is recreated empty (Ray Train refuses to restore a run
-    state naming a missing one) and skipped like any damaged checkpoint. None usable:
-    ``CheckpointError``."""
-    snapshot = experiment / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return None
-    try:
-        state = json.loads(snapshot.read_text())
-        names = [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
-        latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ckpt.CheckpointError(
-            f"{stage_label}: Ray Train's run state {snapshot} is unreadable ({e}); "
-            f"remove {experiment} to start the stage over"
-        ) from e
-    order = [latest] if latest else []
-    order += [n for n in reversed(names) if n != latest]
-    if not order:
-        return None
-    candidates = [experiment / name for name in order]
-    for path in candidates:
-        if not path.exists():
-            path.mkdir(parents=True)
-    chosen, skipped = ckpt.choose(candidates)
-    note = ckpt.skip_note(chosen, skipped) if skipped else ""
-    if chosen is None:
-        raise ckpt.CheckpointError(
-            f"{stage_label}: no usable checkpoint to resume from in {experiment}: {note}; "
-            f"remove {experiment} to start the stage over"
-        )
-    return chosen, note
-
-
-def checkpoint_failure(error: BaseException) -> ckpt.CheckpointError | None:
-    """The ``CheckpointError`` a worker failed with inside Ray Train's error, if that is why
-    (Ray Train hands the driver each rank's own exception)."""
-    for failure in getattr(error, "worker_failures", {}).values():
-        if isinstance(failure, ckpt.CheckpointError):
-            return failure
-    return None
 
 
 def close_orphans(catalog, folder: Path) -> None:

@@ -65,7 +65,7 @@ class NonFiniteError(RuntimeError):
 class DriverWatch:
     """Ends this worker process when the driver that started the run is gone.
 
-    ``driver`` is the driver's identity (``runner.driver_identity``: pid, its start time, host,
+    ``driver`` is the driver's identity (``ray_stage.driver_identity``: pid, its start time, host,
     boot time, Ray node). It is watched only from the driver's own node (same Ray node, host and
     boot); a start time that differs means the pid was reused. A zombie counts as gone. A
     daemon thread checks every ``interval`` seconds, and ``check()`` is called before every

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from core.config import dump_yaml, load_config
 from training import checkpoint as ckpt
+from training.ray_stage import checkpoint_failure, resume_point
 from training.recipe import Recipe
-from training.runner import checkpoint_failure, resume_point
 
 MODEL = "deepspeed/state/mp_rank_00_model_states.pt"
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
