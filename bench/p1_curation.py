@@ -25,7 +25,8 @@ shipped model) in its actor pool.
   (PyAV, one process per worker): scene detection has to look at every frame, so no pipeline
   that splits scenes can go faster.
 - peak memory: the summed PSS of ours' process tree (driver, Ray, every worker) during the
-  112-clip runs, sampled every 0.25 s.
+  112-clip full runs, sampled every 0.25 s (only there: the sampler's own CPU would slow the
+  cheap run it watched).
 
 Throughput: input clips per second and input video-seconds per second. Ours runs in its own
 subprocess per worker count (a fresh local Ray of N CPUs) with a deadline per run: a run past

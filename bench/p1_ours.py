@@ -140,7 +140,9 @@ def ours_child(
         fn = runner(sets[which], tmp, config(extra))
         runs: list[float] = []
         result[name] = {"runs_s": runs}
-        memory = TreeMemory(os.getpid()) if which == "large" else None
+        # memory only where its goal is: sampling every process's smaps costs CPU the run
+        # being timed then lacks (about a tenth of the cheap run on 2 CPUs)
+        memory = TreeMemory(os.getpid()) if name == "ours_full_large" else None
         if memory is not None:
             memory.start()
         for i in range(warmup + repeats):
