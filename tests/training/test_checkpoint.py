@@ -4,7 +4,7 @@ resume compares, manifests, damaged and incomplete checkpoints, older checkpoint
 Synthetic checkpoint directories (no Ray, no DeepSpeed engine): the files a checkpoint holds,
 written the way ranks write them (each rank's share with its manifest last), then damaged.
 The trainer's own resume is in ``test_trainer.py``; the end-to-end paths (a resumed run
-skipping a damaged checkpoint, MLflow, the catalog) are in ``test_training.py``.
+skipping a damaged checkpoint, MLflow, the catalog) are in ``test_runner.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The trainer of one stage on one rank, in-process: real DeepSpeed on CPU (gloo), the tiny
 omni_video model, real shards. A non-finite loss or gradient stops the step before the
 optimizer step; a resume through the one checkpointer restores every registered state and
-refuses other settings. Runs over Ray Train with two ranks are in ``test_training.py``."""
+refuses other settings. Runs over Ray Train with two ranks are in ``test_runner.py``."""
 
 from __future__ import annotations
 
