@@ -17,6 +17,28 @@ import numpy as np
 from catalog.schema import make_key, rows_to_table
 from catalog.shards import ShardWriter, bucket_name, sample_json
 
+# A valid tiny recipe (omni_video tiny, one stage, t2i + t2v on one data entry)
+TINY_RECIPE = {
+    "name": "tiny",
+    "model": {"family": "omni_video", "size": "tiny"},
+    "data": {"main": {"uri": "catalog://demo@latest", "filter": "aesthetic > 4"}},
+    "stages": [
+        {
+            "name": "align",
+            "trainable": ["adapter", "vision_head"],
+            "optimizer": {"lr": 1e-4, "weight_decay": 0.01},
+            "frame_area": 1024,
+            "token_budget": 4096,
+            "tasks": {
+                "t2i": {"weight": 1.0, "data": "main"},
+                "t2v": {"weight": 2.0, "data": "main", "num_frames": 9, "fps": 8},
+            },
+            "steps": 10,
+            "checkpoint_every": 5,
+        }
+    ],
+}
+
 
 def sample_rows(n: int, seed: int = 0) -> list[dict]:
     """``n`` contract rows with a known mix: every 5th errored, every 4th rejected, rest accepted."""

@@ -33,7 +33,3 @@ def start_stage(
         inputs=inputs,
         tags={"omniforge.stage": stage.name, "omniforge.inputs": ",".join(inputs)},
     )
-
-
-def finish(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    tracking.finish_run(tracking_uri, run_id, status)

@@ -386,7 +386,7 @@ class Trainer(StageArtifacts):
         self._check_finite("loss", loss.detach(), task, batch.keys)
         self.engine.backward(loss)
         norm = grad_norm(self.engine)
-        self._check_finite("gradient norm", norm, task, batch.keys)
+        self._check_finite("gradient norm", norm, task, batch.keys, agreed=True)
         self.engine.step()  # clips to stage.grad_clip, then the optimizer step
         if self.ema is not None:
             self.ema.update(self.model)
@@ -419,11 +419,15 @@ class Trainer(StageArtifacts):
                 f.write(json.dumps(record) + "\n")
         return {**metrics, "step": self.step, "task": task, "keys": batch.keys}
 
-    def _check_finite(self, what: str, value: torch.Tensor, task: str, keys: list[str]) -> None:
-        """Every rank agrees before the optimizer step: one rank's NaN stops them all."""
+    def _check_finite(
+        self, what: str, value: torch.Tensor, task: str, keys: list[str], agreed: bool = False
+    ) -> None:
+        """Every rank agrees before the optimizer step: one rank's NaN stops them all.
+        ``agreed``: ``value`` is already the same on every rank (the global gradient norm), so
+        no all-reduce is needed."""
         # on the step's device: NCCL reduces only CUDA tensors
         bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
-        if dist.is_initialized() and self.world_size > 1:
+        if dist.is_initialized() and self.world_size > 1 and not agreed:
             dist.all_reduce(bad)
         if bad.item() > 0:
             raise NonFiniteError(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TINY_RECIPE
 
 from core.config import validate
 from core.secrets import mask_urls, masked_params
@@ -16,24 +17,6 @@ from core.tracking import (
     log_params,
     mlflow_params,
 )
-
-TINY_RECIPE = {
-    "name": "tiny",
-    "model": {"family": "omni_video", "size": "tiny"},
-    "data": {"main": {"uri": "catalog://demo@latest", "filter": "aesthetic > 4"}},
-    "stages": [
-        {
-            "name": "align",
-            "trainable": ["adapter", "vision_head"],
-            "optimizer": {"lr": 1e-4, "weight_decay": 0.01},
-            "frame_area": 1024,
-            "token_budget": 4096,
-            "tasks": {"t2i": {"weight": 1.0, "data": "main"}},
-            "steps": 10,
-            "checkpoint_every": 5,
-        }
-    ],
-}
 
 
 @pytest.fixture
@@ -106,7 +89,7 @@ def test_log_params_logs_in_batches():
 def test_training_runs_keep_artifacts_next_to_a_sqlite_store(tmp_path, workdir):
     from mlflow.tracking import MlflowClient
 
-    from core.tracking import MetricLogger
+    from core.tracking import MetricLogger, finish_run
     from training import tracking
     from training.recipe import Recipe
 
@@ -120,8 +103,8 @@ def test_training_runs_keep_artifacts_next_to_a_sqlite_store(tmp_path, workdir):
     tracker.log({"loss": 1.0}, step=0)
     tracker.log_artifact(str(note))
     tracker.close()
-    tracking.finish(uri, stage_id)
-    tracking.finish(uri, parent_id)
+    finish_run(uri, stage_id)
+    finish_run(uri, parent_id)
 
     assert list(workdir.iterdir()) == []  # no ./mlruns
     client = MlflowClient(uri)

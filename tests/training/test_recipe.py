@@ -2,30 +2,12 @@ import copy
 import warnings
 
 import pytest
+from helpers import TINY_RECIPE
 
 from core.config import ConfigError, ConfigWarning, validate
 from training.recipe import Recipe
 
-BASE = {
-    "name": "tiny",
-    "model": {"family": "omni_video", "size": "tiny"},
-    "data": {"main": {"uri": "catalog://demo@latest", "filter": "aesthetic > 4"}},
-    "stages": [
-        {
-            "name": "align",
-            "trainable": ["adapter", "vision_head"],
-            "optimizer": {"lr": 1e-4, "weight_decay": 0.01},
-            "frame_area": 1024,
-            "token_budget": 4096,
-            "tasks": {
-                "t2i": {"weight": 1.0, "data": "main"},
-                "t2v": {"weight": 2.0, "data": "main", "num_frames": 9, "fps": 8},
-            },
-            "steps": 10,
-            "checkpoint_every": 5,
-        }
-    ],
-}
+BASE = TINY_RECIPE
 
 
 def recipe(**changes) -> dict:
