@@ -108,13 +108,13 @@ def make_loader(task: str, shards, tokenize, geometry):
 
 
 def loader_read_epoch(loader) -> int:
-    """Every sample of one epoch through the loader's cursor, without decoding (the stream
-    internals: there is no public read-only API)."""
+    """Every sample of one epoch through the loader's cursor, without decoding (each bucket's
+    ``Stream.next_sample``: the loader has no public read-only API)."""
     n = 0
     for shape in loader.shapes:
         stream = loader._stream(shape)
         for _ in range(loader.samples_per_epoch(shape)):
-            loader._next_raw(stream)
+            stream.next_sample()
             n += 1
     return n
 
