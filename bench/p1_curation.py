@@ -25,8 +25,8 @@ shipped model) in its actor pool.
   (PyAV, one process per worker): scene detection has to look at every frame, so no pipeline
   that splits scenes can go faster.
 - peak memory: the summed PSS of ours' process tree (driver, Ray, every worker) during the
-  112-clip full runs, sampled every 0.25 s (only there: the sampler's own CPU would slow the
-  cheap run it watched).
+  112-clip full pipeline's warm-up run, sampled every 0.25 s (the sampler's own CPU would slow
+  a timed run; without a warm-up, during the timed runs).
 
 Throughput: input clips per second and input video-seconds per second. Ours runs in its own
 subprocess per worker count (a fresh local Ray of N CPUs) with a deadline per run: a run past
@@ -128,7 +128,8 @@ def run(ctx: Context) -> list[Row]:
             "MB",
             goal=f"<= {MEMORY_GOAL_MB}",
             goal_on="value",
-            note="summed PSS of the driver, Ray and every worker, sampled every 0.25 s",
+            note="summed PSS of the driver, Ray and every worker, sampled every 0.25 s in the "
+            "untimed warm-up run",
             error=None if peak else "no memory figure from the ours subprocess",
         )
     )

@@ -140,12 +140,16 @@ def ours_child(
         fn = runner(sets[which], tmp, config(extra))
         runs: list[float] = []
         result[name] = {"runs_s": runs}
-        # memory only where its goal is: sampling every process's smaps costs CPU the run
-        # being timed then lacks (about a tenth of the cheap run on 2 CPUs)
+        # memory only where its goal is, and during the warm-up run (untimed) when there is
+        # one: sampling every process's smaps takes CPU from the run it watches (about a tenth
+        # of a run on 2 CPUs)
         memory = TreeMemory(os.getpid()) if name == "ours_full_large" else None
         if memory is not None:
             memory.start()
         for i in range(warmup + repeats):
+            if memory is not None and warmup and i == warmup:
+                result[name]["peak_mb"] = memory.stop()
+                memory = None
             box: dict[str, Any] = {}
 
             def target(fn=fn, box=box) -> None:
