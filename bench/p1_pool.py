@@ -82,5 +82,23 @@ def _decode_all(path: str) -> int:
     return n
 
 
-def decode_only(paths: list[str], pool) -> int:
-    return sum(pool.map(_decode_all, paths, chunksize=1))
+def _decode_init() -> None:
+    import av  # noqa: F401 - what a decode script imports, once per worker
+    import numpy  # noqa: F401
+
+
+def decode_pool(workers: int):
+    return mp.get_context("spawn").Pool(workers, initializer=_decode_init)
+
+
+def decode_only(paths: list[str], workers: int, pool=None) -> int:
+    """Decode every frame of ``paths`` to RGB on a Pool: a new one (its start counted, as the
+    full baseline's and ours' are), or ``pool`` when given (already started: the warm limit)."""
+    if pool is not None:
+        return sum(pool.map(_decode_all, paths, chunksize=1))
+    pool = decode_pool(workers)
+    try:
+        return sum(pool.map(_decode_all, paths, chunksize=1))
+    finally:
+        pool.terminate()
+        pool.join()
