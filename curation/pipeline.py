@@ -37,7 +37,7 @@ from curation.engine import CurationAborted, run_blocks
 from curation.journal import Journal
 from curation.output import claim_output, output_lock
 from curation.pack import pack_one, plan_packs, write_final_index, write_shard_list
-from curation.sink import WORK, BlockSink, write_atomic, writing
+from curation.sink import WORK, BlockSink, read_thumbnails, write_atomic, writing
 from curation.sources import list_inputs
 from curation.stages.base import Resources, Row, Stage, check_required
 
@@ -326,7 +326,7 @@ def _finish(
     summary["catalog"] = version.ref
     fs = fsspec.filesystem("file")
     write_atomic(fs, str(out / "summary.json"), json.dumps(summary, indent=1, default=str).encode())
-    thumbs = {p.stem: p.read_bytes() for p in (out / "_thumbs").glob("*.jpg")}
+    thumbs = read_thumbnails(out)
     with writing(str(out / "report.html")):
         report_path = write_report(index, thumbs, cfg.select, summary, out / "report.html")
     mlflow_id = None

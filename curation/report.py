@@ -1,8 +1,16 @@
 """End-of-run curation report: one self-contained HTML page.
 
-``write_report`` writes ONE self-contained ``report.html``: counts, per-score histograms with
-the ``select`` thresholds (``curation.histograms``), and a thumbnail section per rejection /
-error reason. The MLflow run is ``curation.tracking``'s.
+``write_report`` writes ONE self-contained ``report.html``: counts, the ``select`` thresholds of
+the stages that ran, per-score histograms with those thresholds (``curation.histograms``), a
+gallery of accepted samples per kind and bucket, and a thumbnail section per rejection / error
+reason. Edit pairs show their source and target side by side; error reasons are shown without
+the errno numbers and absolute paths of the exception text (the raw text is the tooltip). The
+MLflow run is ``curation.tracking``'s.
+
+The gallery shows, per (kind, bucket), the accepted samples with the smallest keys among those
+that have a thumbnail: the same choice ``curation.sink`` keeps thumbnails for, so the gallery
+is a fixed sample, in no particular order of the inputs (keys are hashes of the input), however
+large the run.
 
 The numbers come from ``curation.summary.summarize``, which also defines how reasons are
 grouped and counted. Everything over rows is vectorised (pyarrow / numpy); only the few rows
@@ -10,7 +18,7 @@ shown as thumbnails become Python objects, so 100k-row indexes report in seconds
 
 One concept, the page: every function here renders one part of it (counts, reasons, stages,
 thresholds, histograms, thumbnail sections and tiles) and they share its CSS and escaping;
-the numbers and the histograms are computed elsewhere, hence one file of ~430 lines.
+the numbers and the histograms are computed elsewhere, hence one file of ~600 lines.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import pyarrow.compute as pc
 
 from catalog.schema import STATUSES
 from curation.histograms import Histogram, histograms
+from curation.sink import ACCEPTED_THUMBS_PER_GROUP, TARGET_SUFFIX
 from curation.summary import (
     REASON_NOTE,
     duration,
@@ -52,19 +61,23 @@ def write_report(
     path: Path,
     *,
     max_thumbnails: int = 24,
+    accepted_per_group: int = ACCEPTED_THUMBS_PER_GROUP,
     title: str = "Curation report",
 ) -> Path:
     """Write one self-contained HTML page (inline CSS, PNG histograms and thumbnails as data
     URIs, nothing fetched) and return its path. ``path`` may be a directory (-> report.html).
 
-    ``thumbnails`` maps sample key -> image bytes (JPEG; PNG/WebP/GIF are recognised too).
-    ``select_cfg`` is a ``SelectConfig``, a mapping of thresholds, or None.
+    ``thumbnails`` maps sample key -> image bytes (JPEG; PNG/WebP/GIF are recognised too), and
+    ``KEY.target`` -> the target side of an edit pair (``curation.sink.read_thumbnails``).
+    ``select_cfg`` is a ``SelectConfig``, a mapping of thresholds, or None. ``max_thumbnails``
+    caps each rejection / error section, ``accepted_per_group`` each (kind, bucket) of the
+    accepted gallery.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    thresholds = _thresholds(select_cfg)
+    thresholds, not_applied = _applied_thresholds(_thresholds(select_cfg), summary, index)
     pairs = reason_pairs(index)
     has_thumb = _has_thumbnail(index, thumbnails)
 
@@ -76,32 +89,16 @@ def write_report(
     sections = _reason_sections(index, pairs)
     parts.append(_html_reason_table(summary, sections))
     parts.append(_html_stages(summary))
-    parts.append(_html_thresholds(thresholds))
+    parts.append(_html_thresholds(thresholds, not_applied, select_cfg is not None))
     parts.append("<h2>Score distributions</h2>")
     figures = [_html_histogram(h) for h in histograms(index, thresholds)]
     if figures:
         parts.append('<div class="hists">' + "".join(figures) + "</div>")
     else:
         parts.append('<p class="dim">no score column has values</p>')
+    parts.append(_html_gallery(index, thumbnails, has_thumb, accepted_per_group))
     for sec in sections:
         parts.append(_html_section(index, sec, thumbnails, has_thumb, max_thumbnails))
-    accepted_rows = _rows_where(index, pc.equal(index_column(index, "status"), "accepted"))
-    if has_thumb[accepted_rows].any():  # accepted samples only when some have a thumbnail
-        parts.append(
-            _html_section(
-                index,
-                {
-                    "status": "accepted",
-                    "tag": "accepted",
-                    "rows": accepted_rows,
-                    "anchor": "accepted",
-                    "title": "Accepted samples",
-                },
-                thumbnails,
-                has_thumb,
-                max_thumbnails,
-            )
-        )
     parts.append("</body></html>\n")
     text = "\n".join(parts)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -128,6 +125,9 @@ overflow-wrap:anywhere}.tile img{width:100%;height:140px;object-fit:contain;back
 #f7f7f7 16px);display:flex;flex-direction:column;justify-content:center;text-align:center;
 padding:4px;font-size:11px;color:#555;overflow:hidden}
 .tile ul{margin:4px 0 0;padding-left:16px}.tile code{font-size:11px}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:4px}.pair figure{margin:0}
+.pair img,.pair .ph{height:110px}.pair figcaption{font-size:11px;color:#777;text-align:center}
+.cap{margin:2px 0;color:#333}.cap i{color:#777}
 """
 
 
@@ -227,14 +227,75 @@ def _html_stages(s: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _html_thresholds(thresholds: Mapping[str, Any]) -> str:
-    if not thresholds:
-        return '<h2>Select thresholds</h2><p class="dim">no select config given</p>'
-    rows = "".join(
-        f'<tr><td>{_esc(k)}</td><td class="num">{_esc(_fmt_threshold(v))}</td></tr>'
-        for k, v in thresholds.items()
-    )
-    return f"<h2>Select thresholds</h2><table><tr><th>setting</th><th>value</th></tr>{rows}</table>"
+# select setting -> (the stage that measures it, the index column holding the measure)
+THRESHOLD_SOURCES: dict[str, tuple[str, str]] = {
+    "min_short_side": ("probe", "width"),
+    "min_aspect": ("probe", "width"),
+    "max_aspect": ("probe", "width"),
+    "min_aesthetic": ("aesthetic", "aesthetic"),
+    "max_watermark": ("watermark", "watermark"),
+    "max_watermark_static": ("watermark", "watermark_static"),
+    "min_motion": ("motion", "motion"),
+    "max_motion": ("motion", "motion"),
+    "max_ocr_area": ("ocr", "ocr_area"),
+}
+
+
+def _applied_thresholds(
+    thresholds: Mapping[str, Any], summary: Mapping[str, Any], index: pa.Table
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The thresholds that applied to this index, and the others by why not.
+
+    A threshold applies when the score it tests was measured: its stage ran in this run, or
+    its values are in the index (``curate select`` reads the scores of an earlier run). A
+    threshold on a score no stage measured tested nothing (a null score passes), so listing
+    its value would mislead. Without ``stages_run`` in the summary every threshold is shown.
+    """
+    if "stages_run" not in summary:
+        return dict(thresholds), {}
+    ran = set(summary.get("stages_run") or ())
+    skipped = summary.get("stages_skipped") or {}
+    shown: dict[str, Any] = {}
+    not_applied: dict[str, list[str]] = {}
+    for name, value in thresholds.items():
+        source = THRESHOLD_SOURCES.get(name)
+        if source is None or source[0] in ran or _has_values(index, source[1]):
+            shown[name] = value
+            continue
+        stage = source[0]
+        why = f"{stage} skipped: {skipped[stage]}" if stage in skipped else f"{stage} did not run"
+        not_applied.setdefault(why, []).append(name)
+    return shown, not_applied
+
+
+def _has_values(index: pa.Table, column: str) -> bool:
+    if column not in index.column_names:
+        return False
+    return index.column(column).null_count < index.num_rows
+
+
+def _html_thresholds(
+    thresholds: Mapping[str, Any], not_applied: Mapping[str, list[str]], configured: bool
+) -> str:
+    if not configured:
+        return '<h2 id="thresholds">Select thresholds</h2><p class="dim">no select config given</p>'
+    out = ['<h2 id="thresholds">Select thresholds</h2>']
+    if thresholds:
+        rows = "".join(
+            f'<tr><td>{_esc(k)}</td><td class="num">{_esc(_fmt_threshold(v))}</td></tr>'
+            for k, v in thresholds.items()
+        )
+        out.append(f"<table><tr><th>setting</th><th>value</th></tr>{rows}</table>")
+    if not_applied:
+        items = "".join(
+            f"<li>{_esc(', '.join(names))} <span>({_esc(why)})</span></li>"
+            for why, names in not_applied.items()
+        )
+        out.append(
+            '<p class="dim">not applied: no stage measured their score</p>'
+            f'<ul class="dim" id="not-applied">{items}</ul>'
+        )
+    return "\n".join(out)
 
 
 def _fmt_threshold(value: Any) -> str:
@@ -285,6 +346,33 @@ def _reason_sections(index: pa.Table, pairs: pa.Table) -> list[dict[str, Any]]:
     return sections
 
 
+TILE_SCORES = (
+    "aesthetic",
+    "watermark",
+    "watermark_static",
+    "motion",
+    "ocr_area",
+    "edit_change",
+    "edit_aspect_diff",
+)
+TILE_COLUMNS = (
+    "key",
+    "kind",
+    "source_uri",
+    "target_uri",
+    "span",
+    "reasons",
+    "width",
+    "height",
+    "duration",
+    "caption",
+    "recaption",
+    "instruction",
+    *TILE_SCORES,
+)
+CAPTION_CHARS = 160  # longer captions are cut on the tile (whole in its tooltip)
+
+
 def _html_section(
     index: pa.Table,
     sec: Mapping[str, Any],
@@ -295,28 +383,7 @@ def _html_section(
     rows: np.ndarray = sec["rows"]
     # samples with a thumbnail first, then the rest, each in index order
     chosen = np.concatenate([rows[has_thumb[rows]], rows[~has_thumb[rows]]])[: max(limit, 0)]
-    cols = [
-        c
-        for c in (
-            "key",
-            "kind",
-            "source_uri",
-            "target_uri",
-            "span",
-            "reasons",
-            "width",
-            "height",
-            "duration",
-            "aesthetic",
-            "watermark",
-            "motion",
-            "ocr_area",
-        )
-        if c in index.column_names
-    ]
-    records = (
-        index.select(cols).take(pa.array(chosen, pa.int64())).to_pylist() if len(chosen) else []
-    )
+    records = _records(index, chosen)
     tiles = "".join(_html_tile(r, thumbnails) for r in records)
     shown = f"showing {len(records):,} of {len(rows):,}"
     if len(rows) > len(records):
@@ -328,19 +395,121 @@ def _html_section(
     )
 
 
+def _records(index: pa.Table, rows: np.ndarray) -> list[dict[str, Any]]:
+    """The tile columns of ``rows`` (positions in ``index``) as Python dicts, in that order."""
+    if not len(rows):
+        return []
+    cols = [c for c in TILE_COLUMNS if c in index.column_names]
+    return index.select(cols).take(pa.array(rows, pa.int64())).to_pylist()
+
+
+def _html_gallery(
+    index: pa.Table, thumbnails: Mapping[str, bytes], has_thumb: np.ndarray, per_group: int
+) -> str:
+    """Accepted samples per (kind, bucket): a table of every group, then a section per group
+    with the ``per_group`` smallest keys among its samples that have a thumbnail. Groups are
+    counted in Arrow; only the rows with a thumbnail (few: ``curation.sink`` bounds them)
+    become Python objects."""
+    accepted = _rows_where(index, pc.equal(index_column(index, "status"), "accepted"))
+    head = '<h2 id="accepted" class="accepted">Accepted samples</h2>'
+    if not len(accepted):
+        return head + '<p class="dim">no sample was accepted</p>'
+    take = pa.array(accepted, pa.int64())
+    groups = pa.table(
+        {
+            "kind": pc.take(pc.fill_null(index_column(index, "kind"), "?"), take),
+            "bucket": pc.take(pc.fill_null(index_column(index, "bucket"), "no bucket"), take),
+        }
+    )
+    counts = groups.group_by(["kind", "bucket"]).aggregate([("kind", "count")])
+    pictured = accepted[has_thumb[accepted]]
+    chosen: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    if len(pictured):
+        cols = pa.table(
+            {
+                "kind": pc.fill_null(index_column(index, "kind"), "?"),
+                "bucket": pc.fill_null(index_column(index, "bucket"), "no bucket"),
+                "key": pc.fill_null(index_column(index, "key"), ""),
+            }
+        ).take(pa.array(pictured, pa.int64()))
+        for row, r in zip(pictured.tolist(), cols.to_pylist(), strict=True):
+            chosen.setdefault((r["kind"], r["bucket"]), []).append((r["key"], row))
+    table, sections = [], []
+    for g in sorted(counts.to_pylist(), key=lambda g: (g["kind"], g["bucket"])):
+        kind, bucket, total = g["kind"], g["bucket"], g["kind_count"]
+        shown = [row for _, row in sorted(chosen.get((kind, bucket), []))[: max(per_group, 0)]]
+        label = f"{kind} · {bucket}"
+        anchor = f"accepted-{_slug(f'{kind}~{bucket}')}"
+        link = f'<a href="#{anchor}">{_esc(label)}</a>' if shown else _esc(label)
+        table.append(
+            f'<tr><td>{link}</td><td class="num">{total:,}</td>'
+            f'<td class="num">{len(shown):,}</td></tr>'
+        )
+        if not shown:
+            continue
+        tiles = "".join(_html_tile(r, thumbnails) for r in _records(index, np.asarray(shown)))
+        sections.append(
+            f'<section id="{anchor}" class="gallery"><h3>{_esc(label)} '
+            f'<span class="dim">({total:,} accepted, {len(shown):,} shown)</span></h3>'
+            f'<div class="grid">{tiles}</div></section>'
+        )
+    note = (
+        f"per kind and bucket, up to {per_group:,} accepted samples: those with the smallest "
+        "keys among the samples that have a thumbnail (keys are hashes of the input, so this "
+        "is a fixed sample in no particular order of the inputs)"
+    )
+    if not sections:
+        note = "no accepted sample has a thumbnail"
+    summary = (
+        "<table><tr><th>kind · bucket</th><th>accepted</th><th>shown</th></tr>"
+        + "".join(table)
+        + "</table>"
+    )
+    return head + f'<p class="dim">{_esc(note)}</p>' + summary + "".join(sections)
+
+
+def _html_image(data: bytes | None, alt: str, uri: str) -> str:
+    if not data:
+        return f'<div class="ph"><span>no thumbnail</span><code>{_esc(uri)}</code></div>'
+    mime = _image_mime(data)
+    return (
+        f'<img loading="lazy" alt="{_esc(alt)}" '
+        f'src="data:{mime};base64,{base64.b64encode(data).decode("ascii")}">'
+    )
+
+
+def _html_media(r: Mapping[str, Any], thumbnails: Mapping[str, bytes]) -> str:
+    """The tile's picture: the thumbnail, or an edit pair's source and target side by side."""
+    key = r.get("key") or ""
+    uri = r.get("source_uri") or ""
+    source = thumbnails.get(key) if key else None
+    target_uri = r.get("target_uri")
+    if not target_uri:
+        return _html_image(source, file_name(uri), uri)
+    target = thumbnails.get(f"{key}{TARGET_SUFFIX}") if key else None
+    if not source and not target:
+        return _html_image(None, "", uri)
+    return (
+        '<div class="pair">'
+        f"<figure>{_html_image(source, 'source ' + file_name(uri), uri)}"
+        "<figcaption>source</figcaption></figure>"
+        f"<figure>{_html_image(target, 'target ' + file_name(target_uri), target_uri)}"
+        "<figcaption>target</figcaption></figure></div>"
+    )
+
+
+def _html_caption(label: str, text: str | None) -> str:
+    text = (text or "").strip()
+    if not text:
+        return ""
+    short = text if len(text) <= CAPTION_CHARS else text[: CAPTION_CHARS - 1] + "…"
+    return f'<div class="cap" title="{_esc(text)}"><i>{label}</i> {_esc(short)}</div>'
+
+
 def _html_tile(r: Mapping[str, Any], thumbnails: Mapping[str, bytes]) -> str:
     key = r.get("key") or ""
     uri = r.get("source_uri") or ""
     name = file_name(uri)
-    thumb = thumbnails.get(key) if key else None
-    if thumb:
-        mime = _image_mime(thumb)
-        img = (
-            f'<img loading="lazy" alt="{_esc(name)}" '
-            f'src="data:{mime};base64,{base64.b64encode(thumb).decode("ascii")}">'
-        )
-    else:
-        img = f'<div class="ph"><span>no thumbnail</span><code>{_esc(uri)}</code></div>'
     span = r.get("span")
     span_text = f"{span['start']:.2f}–{span['end']:.2f} s" if span else "whole input"
     meta = [r.get("kind") or ""]
@@ -348,25 +517,33 @@ def _html_tile(r: Mapping[str, Any], thumbnails: Mapping[str, bytes]) -> str:
         meta.append(f"{r['width']}×{r['height']}")
     if r.get("duration"):
         meta.append(f"{r['duration']:.1f} s")
-    scores = ", ".join(
-        f"{c} {r[c]:.3g}"
-        for c in ("aesthetic", "watermark", "motion", "ocr_area")
-        if r.get(c) is not None
-    )
+    scores = ", ".join(f"{c} {r[c]:.3g}" for c in TILE_SCORES if r.get(c) is not None)
     target = ""
     if r.get("target_uri"):
         target = f'<div title="{_esc(r["target_uri"])}">→ {_esc(file_name(r["target_uri"]))}</div>'
-    reasons = "".join(f"<li>{_esc(x)}</li>" for x in (r.get("reasons") or []))
+    captions = _html_caption("instruction", r.get("instruction"))
+    if r.get("recaption"):
+        captions += _html_caption("recaption", r.get("recaption"))
+    else:
+        captions += _html_caption("caption", r.get("caption"))
+    reasons = "".join(_html_reason(x) for x in (r.get("reasons") or []))
     return (
-        f'<div class="tile">{img}'
+        f'<div class="tile" data-key="{_esc(key)}">{_html_media(r, thumbnails)}'
         f'<div title="{_esc(uri)}"><b>{_esc(name)}</b></div>{target}'
         f'<div><code title="{_esc(key)}">{_esc(key[:16])}</code></div>'
+        f"{captions}"
         f"<div>{_esc(' · '.join(m for m in meta if m))}</div>"
         f"<div>span {_esc(span_text)}</div>"
         + (f'<div class="dim">{_esc(scores)}</div>' if scores else "")
         + (f"<ul>{reasons}</ul>" if reasons else "")
         + "</div>"
     )
+
+
+def _html_reason(reason: str) -> str:
+    shown = readable_reason(reason)
+    title = f' title="{_esc(reason)}"' if shown != reason else ""
+    return f"<li{title}>{_esc(shown)}</li>"
 
 
 def _has_thumbnail(index: pa.Table, thumbnails: Mapping[str, bytes]) -> np.ndarray:
@@ -410,6 +587,26 @@ def _esc(value: Any) -> str:
 def _slug(text: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-")[:60] or "x"
     return f"{slug}-{hashlib.sha1(str(text).encode('utf-8', 'replace')).hexdigest()[:6]}"
+
+
+_ERRNO = re.compile(r"\[(?:Errno|WinError) -?\d+\]\s*")
+# an absolute path or URL in quotes, as OSError and FFmpeg errors print the file name
+_QUOTED_PATH = re.compile(r"""(['"])((?:[A-Za-z][A-Za-z0-9+.-]*://|/)[^'"]*)\1""")
+# a bare absolute path (not part of a URL or a relative path)
+_BARE_PATH = re.compile(r"(?<![\w/.:~])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
+def readable_reason(reason: str) -> str:
+    """A reason as a reader wants it: without the errno numbers of the exception text and with
+    file names instead of absolute paths (the tile already names the file).
+
+    ``"decode_error: video file does not open: [Errno 1094995529] Invalid data found when
+    processing input: '/data/raw/a.mp4'"`` -> ``"decode_error: video file does not open:
+    Invalid data found when processing input: a.mp4"``.
+    """
+    text = _ERRNO.sub("", str(reason))
+    text = _QUOTED_PATH.sub(lambda m: file_name(m.group(2)), text)
+    return _BARE_PATH.sub(lambda m: m.group(1), text)
 
 
 def file_name(uri: str) -> str:

@@ -5,7 +5,19 @@ by writing its record after these files; ``curation.pack`` later turns segments 
 
     _work/shards/BUCKET/BLOCK-NNNNNN.tar   accepted samples of the block, per bucket (segments)
     _work/index/BLOCK.parquet              every row of the block (sample contract)
-    _thumbs/KEY.jpg                        thumbnails of rejected / error samples (report)
+    _thumbs/KEY.jpg                        thumbnail of every rejected / error sample (report)
+    _thumbs/KEY.target.jpg                 ... and of its target, for an edit pair
+    _thumbs/accepted/KIND~BUCKET/KEY.jpg   thumbnails of a bounded sample of accepted samples
+                                           (+ KEY.target.jpg), per kind and bucket
+
+Accepted thumbnails are a gallery, not a record: a million-sample run must not write a million
+of them. Per kind and bucket the folder keeps the ``ACCEPTED_THUMBS_PER_GROUP`` accepted samples
+with the smallest keys (keys are hashes of the input: a fixed sample, whatever the order of the
+inputs and of the blocks). Blocks are written in parallel and share no state but the folder:
+each block writes only what can still make the cut against what the folder holds, then lists
+the folder again and deletes what can no longer make it. A file is only deleted when the
+folder holds that many smaller keys, so the smallest keys are never deleted; the last listing
+sees every file, so the folder ends with exactly the smallest keys, whatever the timing.
 
 Every file is written under a temporary name and renamed, so a reader never sees half a file;
 names are fixed by the block id, so a retried block overwrites its own files. Accepted rows
@@ -19,9 +31,11 @@ from __future__ import annotations
 import contextlib
 import errno as errno_codes
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -36,6 +50,9 @@ WORK = "_work"
 SEGMENTS = f"{WORK}/shards"
 BLOCK_INDEX = f"{WORK}/index"
 THUMBS = "_thumbs"
+ACCEPTED_THUMBS = f"{THUMBS}/accepted"
+TARGET_SUFFIX = ".target"  # KEY.target.jpg: the target side of an edit pair
+ACCEPTED_THUMBS_PER_GROUP = 8  # accepted thumbnails kept per (kind, bucket)
 
 # Working columns: they travel between stages and never reach the index.
 WORKING_ONLY = (
@@ -43,6 +60,7 @@ WORKING_ONLY = (
     "frame_times",
     "target_frames",
     "thumb",
+    "target_thumb",
     "input_id",
     "clip_embedding",
     "frames_decoder",
@@ -121,11 +139,19 @@ class BlockWritten:
 class BlockSink:
     """Writes one block's rows (see the module docstring). Picklable; no state between calls."""
 
-    def __init__(self, output: str, run_id: str | None, max_samples: int, max_bytes: int):
+    def __init__(
+        self,
+        output: str,
+        run_id: str | None,
+        max_samples: int,
+        max_bytes: int,
+        accepted_thumbs: int = ACCEPTED_THUMBS_PER_GROUP,
+    ):
         self.output = output.rstrip("/")
         self.run_id = run_id
         self.max_samples = max_samples
         self.max_bytes = max_bytes
+        self.accepted_thumbs = accepted_thumbs
 
     def write(self, block: str, rows: list[Row]) -> BlockWritten:
         rows = sorted(rows, key=lambda r: r["key"])
@@ -168,16 +194,87 @@ class BlockSink:
         ]
         return BlockWritten(f"{BLOCK_INDEX}/{block}.parquet", segments, counts)
 
-    @staticmethod
-    def _thumbs(fs, root: str, rows: list[Row]) -> None:
-        """Thumbnails of the rows the report shows (not accepted)."""
-        thumbs = [
-            (r["key"], r["thumb"]) for r in rows if r.get("thumb") and r["status"] != "accepted"
-        ]
-        if thumbs:
+    def _thumbs(self, fs, root: str, rows: list[Row]) -> None:
+        """Thumbnails the report shows: every rejected / error row's, and a bounded sample of
+        the accepted rows' (module docstring)."""
+        groups: dict[str, list[Row]] = {}
+        others = []
+        for r in rows:
+            if not r.get("thumb"):
+                continue
+            if r["status"] == "accepted":
+                groups.setdefault(thumb_group(r.get("kind"), r.get("bucket")), []).append(r)
+            else:
+                others.append(r)
+        if others:
             fs.makedirs(f"{root}/{THUMBS}", exist_ok=True)
-        for key, data in thumbs:
-            write_atomic(fs, f"{root}/{THUMBS}/{key}.jpg", data)
+        for r in others:
+            _write_thumbs(fs, f"{root}/{THUMBS}", r)
+        for group, members in groups.items():
+            self._accepted_thumbs(fs, f"{root}/{ACCEPTED_THUMBS}/{group}", members)
+
+    def _accepted_thumbs(self, fs, folder: str, rows: list[Row]) -> None:
+        """Keep the ``accepted_thumbs`` smallest keys of this group in ``folder``."""
+        limit = self.accepted_thumbs
+        if limit <= 0:
+            return
+        held = _thumb_keys(fs, folder)
+        cut = sorted(held | {r["key"] for r in rows})[:limit]
+        wanted = [r for r in rows if r["key"] in set(cut) and r["key"] not in held]
+        if not wanted:
+            return
+        fs.makedirs(folder, exist_ok=True)
+        for r in wanted:
+            _write_thumbs(fs, folder, r)
+        _prune(fs, folder, limit)
+
+
+def thumb_group(kind: str | None, bucket: str | None) -> str:
+    """The folder name of an accepted (kind, bucket) under ``_thumbs/accepted``."""
+    name = f"{kind or 'unknown'}~{bucket or 'none'}"
+    return re.sub(r"[^A-Za-z0-9_.~-]", "_", name)
+
+
+def _write_thumbs(fs, folder: str, row: Row) -> None:
+    write_atomic(fs, f"{folder}/{row['key']}.jpg", row["thumb"])
+    if row.get("target_thumb"):
+        write_atomic(fs, f"{folder}/{row['key']}{TARGET_SUFFIX}.jpg", row["target_thumb"])
+
+
+def _thumb_files(fs, folder: str) -> list[tuple[str, str]]:
+    """(key, path) of every finished thumbnail in ``folder`` (temporary files left out)."""
+    try:
+        paths = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for path in paths:
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".jpg"):
+            out.append((name.removesuffix(".jpg").removesuffix(TARGET_SUFFIX), str(path)))
+    return out
+
+
+def _thumb_keys(fs, folder: str) -> set[str]:
+    return {key for key, _ in _thumb_files(fs, folder)}
+
+
+def _prune(fs, folder: str, limit: int) -> None:
+    """Delete the thumbnails whose key is not among the ``limit`` smallest in ``folder`` (a
+    parallel block may have deleted one already)."""
+    files = _thumb_files(fs, folder)
+    keep = set(sorted({key for key, _ in files})[:limit])
+    for key, path in files:
+        if key not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(path)
+
+
+def read_thumbnails(output: str | os.PathLike) -> dict[str, bytes]:
+    """Every thumbnail a run left under ``OUTPUT/_thumbs`` (for the report): ``KEY`` -> the
+    sample's (source) thumbnail, ``KEY.target`` -> an edit pair's target thumbnail."""
+    root = Path(output) / THUMBS
+    return {p.stem: p.read_bytes() for p in sorted(root.rglob("*.jpg")) if p.is_file()}
 
 
 def index_table(rows: list[Row]) -> pa.Table:

@@ -16,7 +16,9 @@ with their frames; only the thumbnail is made for them.
 
 Columns: ``frames`` (list of RGB arrays), ``frame_times`` (seconds from the span start),
 ``target_frames`` (edit pairs), ``frames_decoder`` (decord | pyav | pil), ``thumb`` (a small
-JPEG of the first frame for the report; the sink keeps it for rows that do not end accepted).
+JPEG of the first frame for the report) and ``target_thumb`` (the same of the target's first
+frame, edit pairs). The sink keeps them for rows that do not end accepted and for a bounded
+sample of the accepted ones (``curation.sink``).
 Reason tag: ``decode_error``.
 """
 
@@ -313,8 +315,10 @@ class FrameSampleStage(Stage):
 
     def process_row(self, row: Row) -> Row:
         out = self._frames(row)
-        # the report's thumbnail (kept by the sink for rows that end rejected or in error)
+        # the report's thumbnails (curation.sink says which it keeps)
         out["thumb"] = thumbnail(out["frames"][0])
+        if out.get("target_frames"):
+            out["target_thumb"] = thumbnail(out["target_frames"][0])
         return out
 
     def _frames(self, row: Row) -> Row:

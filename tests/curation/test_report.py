@@ -18,9 +18,11 @@ from rich.console import Console
 
 from catalog.records import ShardRecord
 from catalog.schema import conform, make_key, rows_to_table
+from catalog.shards import bucket_name
 from core.tracking import MLFLOW_KEY_LIMIT, MLFLOW_PARAM_LIMIT, mlflow_params
 from curation.config import SelectConfig
-from curation.report import write_report
+from curation.report import readable_reason, write_report
+from curation.sink import ACCEPTED_THUMBS_PER_GROUP, thumb_group
 from curation.summary import print_summary, reason_tag, summarize
 from curation.tracking import log_to_mlflow, mlflow_metrics
 
@@ -336,15 +338,257 @@ def test_report_handles_no_config_no_thumbnails_and_no_scores(tmp_path):
     assert "data:image/png" not in text
 
 
-def test_report_shows_accepted_samples_that_have_thumbnails(tmp_path):
-    rows = sample_rows(12)
-    accepted = [r["key"] for r in rows if r["status"] == "accepted"]
-    out = write_report(rows_to_table(rows), {accepted[2]: _jpeg()}, SelectConfig(), {}, tmp_path)
-    page = _Page()
-    page.feed(out.read_text())
-    shown = page.sections["accepted"]
-    assert len([x for x in shown if x["class"] == "tile"]) == len(accepted)
-    assert [x["class"] for x in shown if x["class"] != "tile"][0] == "img"  # thumbnail first
+class _Tiles(HTMLParser):
+    """Every tile (``div.tile``) with its section, key, images, reasons and text; the table
+    rows under each ``h2`` with an id; the ids on the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+        self.tiles: list[dict] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self._section: str | None = None
+        self._heading: str | None = None
+        self._tile: dict | None = None
+        self._depth = 0
+        self._li: dict | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "section":
+            self._section = a["id"]
+        if tag == "h2":
+            self._heading = a.get("id")
+        if tag == "tr" and self._heading:
+            self.tables.setdefault(self._heading, []).append([])
+        if tag == "td" and self._heading:
+            self._cell = self.tables[self._heading][-1]
+            self._cell.append("")
+        if tag == "div" and self._tile is not None:
+            self._depth += 1
+        if tag == "div" and a.get("class") == "tile":
+            self._tile = {
+                "section": self._section,
+                "key": a.get("data-key"),
+                "imgs": [],
+                "pair": False,
+                "reasons": [],
+                "text": "",
+            }
+            self._depth = 1
+            self.tiles.append(self._tile)
+        elif self._tile is not None:
+            if tag == "div" and a.get("class") == "pair":
+                self._tile["pair"] = True
+            if tag == "img":
+                self._tile["imgs"].append(a)
+            if tag == "li":
+                self._li = {"title": a.get("title"), "text": ""}
+                self._tile["reasons"].append(self._li)
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self._section = None
+        if tag == "li":
+            self._li = None
+        if tag == "td":
+            self._cell = None
+        if tag == "div" and self._tile is not None:
+            self._depth -= 1
+            if self._depth == 0:
+                self._tile = None
+
+    def handle_data(self, data):
+        if self._li is not None:
+            self._li["text"] += data
+        if self._tile is not None:
+            self._tile["text"] += data
+        if self._cell is not None:
+            self._cell[-1] += data
+
+    def in_sections(self, prefix: str) -> list[dict]:
+        return [t for t in self.tiles if (t["section"] or "").startswith(prefix)]
+
+
+def _tiles(path: Path) -> _Tiles:
+    page = _Tiles()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _bucketed(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        if r["status"] == "accepted":
+            r["bucket"] = bucket_name(r["width"], r["height"], r["num_frames"])
+    return rows
+
+
+def test_accepted_gallery_shows_the_smallest_keys_per_kind_and_bucket(tmp_path):
+    rows = _bucketed(sample_rows(80))
+    accepted = sorted((r for r in rows if r["status"] == "accepted"), key=lambda r: r["key"])
+    accepted[0]["caption"] = "a red <kite> over the sea"  # the smallest key: shown
+    no_thumb = accepted[1]["key"]
+    thumbs = {r["key"]: _jpeg() for r in accepted if r["key"] != no_thumb}
+    out = write_report(
+        rows_to_table(rows), thumbs, SelectConfig(), {}, tmp_path, accepted_per_group=3
+    )
+    page = _tiles(out)
+    groups: dict[tuple, list[str]] = {}
+    for r in accepted:
+        groups.setdefault((r["kind"], r["bucket"]), []).append(r["key"])
+    assert len(groups) > 1 and max(len(v) for v in groups.values()) > 3
+    gallery = page.in_sections("accepted-")
+    shown_by_section: dict[str, list[str]] = {}
+    for t in gallery:
+        shown_by_section.setdefault(t["section"], []).append(t["key"])
+        assert len(t["imgs"]) == 1 and t["imgs"][0]["src"].startswith("data:image/jpeg")
+    # one section per group; its tiles: the 3 smallest keys that have a thumbnail, in order
+    expected = sorted(sorted(k for k in keys if k != no_thumb)[:3] for keys in groups.values())
+    assert sorted(shown_by_section.values()) == expected
+    assert no_thumb not in {t["key"] for t in gallery}
+    # the table of groups counts every accepted sample, shown or not
+    table = page.tables["accepted"][1:]
+    assert sorted(int(r[1]) for r in table) == sorted(len(v) for v in groups.values())
+    assert sum(int(r[2]) for r in table) == len(gallery)
+    (kite,) = [t for t in page.tiles if "kite" in t["text"]]
+    assert kite["section"].startswith("accepted-") and "caption" in kite["text"]
+    assert "&lt;kite&gt;" in out.read_text()
+
+
+def test_accepted_gallery_without_thumbnails_says_so(tmp_path):
+    rows = _bucketed(sample_rows(12))
+    out = write_report(rows_to_table(rows), {}, SelectConfig(), {}, tmp_path)
+    page = _tiles(out)
+    assert "accepted" in page.ids and not page.in_sections("accepted-")
+    assert "no accepted sample has a thumbnail" in out.read_text()
+
+
+def test_edit_pairs_show_source_and_target_side_by_side(tmp_path):
+    def edit(i: int, status: str, reasons: list[str]) -> dict:
+        src, tgt = f"/data/edits/{i}_src.png", f"/data/edits/{i}_tgt.png"
+        return {
+            "key": make_key(src, target_uri=tgt),
+            "kind": "image_edit",
+            "source_uri": src,
+            "target_uri": tgt,
+            "instruction": f"make the sky purple ({i})",
+            "width": 512,
+            "height": 384,
+            "target_width": 512,
+            "target_height": 384,
+            "num_frames": 1,
+            "edit_change": 0.001 if status == "rejected" else 0.12,
+            "status": status,
+            "reasons": reasons,
+        }
+
+    rows = _bucketed(
+        [
+            edit(0, "accepted", []),
+            edit(1, "rejected", ["identical_pair: 0.001 < 0.002"]),
+            edit(2, "rejected", ["identical_pair: 0.001 < 0.002"]),
+        ]
+    )
+    src, tgt = _jpeg((0, 0, 255)), _jpeg((0, 255, 0))
+    thumbs = {r["key"]: src for r in rows}
+    thumbs |= {f"{r['key']}.target": tgt for r in rows[:2]}  # row 2: its target has none
+    out = write_report(rows_to_table(rows), thumbs, SelectConfig(), {}, tmp_path)
+    page = _tiles(out)
+    by_key = {t["key"]: t for t in page.tiles}
+    for r in rows[:2]:
+        t = by_key[r["key"]]
+        assert t["pair"] and [i["alt"].split()[0] for i in t["imgs"]] == ["source", "target"]
+        assert [_b64(i["src"]) for i in t["imgs"]] == [src, tgt]
+        assert "make the sky purple" in t["text"] and "edit_change" in t["text"]
+    assert by_key[rows[0]["key"]]["section"].startswith("accepted-image_edit")
+    assert by_key[rows[1]["key"]]["section"].startswith("rejected-identical_pair")
+    missing = by_key[rows[2]["key"]]
+    assert missing["pair"] and len(missing["imgs"]) == 1 and "no thumbnail" in missing["text"]
+
+
+def _threshold_rows(page: _Tiles) -> dict[str, str]:
+    return {r[0]: r[1] for r in page.tables["thresholds"] if len(r) == 2}
+
+
+def test_thresholds_are_listed_only_for_stages_that_ran(tmp_path):
+    rows = sample_rows(10)
+    for r in rows:
+        r.update(aesthetic=None, ocr_area=None)
+    summary = summarize(
+        rows_to_table(rows),
+        stages_run=["probe", "split", "frames", "pairs", "motion", "select", "encode"],
+        stages_skipped={
+            "aesthetic": "weights not found: /m/aesthetic.pth",
+            "watermark": "watermark.enabled is false",
+            "ocr": "ocr.enabled is false",
+        },
+        elapsed_s=1.0,
+        shards=[],
+        num_inputs=10,
+    )
+    out = write_report(rows_to_table(rows), {}, SelectConfig(), summary, tmp_path)
+    page = _tiles(out)
+    assert set(_threshold_rows(page)) == {
+        "min_short_side",
+        "min_aspect",
+        "max_aspect",
+        "min_motion",
+        "max_motion",
+    }
+    text = out.read_text()
+    for name, why in (
+        ("max_ocr_area", "ocr skipped: ocr.enabled is false"),
+        ("min_aesthetic", "aesthetic skipped: weights not found"),
+        ("max_watermark, max_watermark_static", "watermark skipped: watermark.enabled is false"),
+    ):
+        assert re.search(f"<li>{re.escape(name)} <span>\\({re.escape(why)}", text), name
+
+    # curate select: the models did not run now, but the scores in the index were measured
+    rows[3]["aesthetic"] = 6.0
+    summary.update(stages_run=["select", "encode"], stages_skipped={"models": "from the index"})
+    page = _tiles(write_report(rows_to_table(rows), {}, SelectConfig(), summary, tmp_path))
+    shown = _threshold_rows(page)
+    assert {"min_aesthetic", "min_short_side", "min_motion"} <= set(shown)
+    assert "max_ocr_area" not in shown and "max_watermark" not in shown
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (
+            "decode_error: video file does not open: [Errno 1094995529] Invalid data found "
+            "when processing input: '/tmp/corpus/corrupt/header_only.mp4'",
+            "decode_error: video file does not open: Invalid data found when processing "
+            "input: header_only.mp4",
+        ),
+        (
+            "frames_failed: FileNotFoundError: [Errno 2] No such file or directory: "
+            "'/abs/path/to/x.png'",
+            "frames_failed: FileNotFoundError: No such file or directory: x.png",
+        ),
+        ("empty_file: /data/raw/ab/empty.jpg has 0 bytes", "empty_file: empty.jpg has 0 bytes"),
+        ("not_found: target: /srv/data/t.png", "not_found: target: t.png"),
+        ("low_aesthetic: 3.1 < 5", "low_aesthetic: 3.1 < 5"),
+        ("too_small: 100/2 < 256", "too_small: 100/2 < 256"),
+        ("read_error: s3://bucket/a/b.mp4 failed", "read_error: s3://bucket/a/b.mp4 failed"),
+    ],
+)
+def test_readable_reason(raw, shown):
+    assert readable_reason(raw) == shown
+
+
+def test_error_reasons_are_shown_readable_with_the_raw_text_as_tooltip(tmp_path):
+    rows = sample_rows(6)
+    raw = "decode_error: [Errno 2] No such file or directory: '/abs/dir/0000.jpg'"
+    rows[0]["reasons"] = [raw]
+    out = write_report(rows_to_table(rows), {}, SelectConfig(), {}, tmp_path)
+    (tile,) = [t for t in _tiles(out).tiles if t["key"] == rows[0]["key"]]
+    assert tile["reasons"] == [
+        {"title": raw, "text": "decode_error: No such file or directory: 0000.jpg"}
+    ]
 
 
 def test_report_of_many_rows_caps_thumbnails(tmp_path):
@@ -383,6 +627,158 @@ def test_report_of_many_rows_caps_thumbnails(tmp_path):
     assert summary["accepted"] + summary["rejected"] + summary["errors"] == n
     assert summary["rejected_by_reason"]["low_aesthetic"] == summary["rejected"]
     assert out.stat().st_size < 3_000_000  # thumbnails are capped per section
+
+
+# ------------------------------------------------------------------------------- a real run
+
+# Settings of the real run: the small media pass the size floor; the model stages are off, so
+# their thresholds must not be listed (the values are nulled so config validation stays quiet).
+RUN_SETTINGS = [
+    "name=report-test",
+    "block_size=4",
+    "select.min_short_side=64",
+    "aesthetic.enabled=false",
+    "select.min_aesthetic=null",
+    "watermark.enabled=false",
+    "select.max_watermark=null",
+    "select.max_watermark_static=null",
+    "ocr.enabled=false",
+    "select.max_ocr_area=null",
+]
+CROPS = ACCEPTED_THUMBS_PER_GROUP + 3  # one (kind, bucket) with more samples than the gallery
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, ray_session):
+    """A real curation run over a manifest: CROPS same-size photos (one group larger than the
+    gallery bound), another photo, an edit pair that passes and an identical one that does
+    not, a header-only mp4 (FFmpeg's errno text) and a missing file."""
+    from catalog.index import read_index
+    from catalog.store import Catalog
+    from core.config import load_config
+    from curation.config import CurationConfig
+    from curation.pipeline import run_curation
+
+    work = tmp_path_factory.mktemp("real")
+    media = work / "media"
+    media.mkdir()
+    data = Path(__file__).resolve().parent.parent / "data"
+    lines = []
+    astronaut = Image.open(data / "astronaut.png").convert("RGB")
+    for i in range(CROPS):
+        astronaut.crop((i * 10, 0, i * 10 + 384, 384)).resize((256, 256)).save(
+            media / f"astro_{i:02d}.jpg", quality=90
+        )
+        lines.append({"uri": f"astro_{i:02d}.jpg", "caption": f"astronaut crop {i}"})
+    Image.open(data / "chelsea.png").convert("RGB").save(media / "chelsea.jpg", quality=90)
+    lines.append({"uri": "chelsea.jpg"})
+    coffee = Image.open(data / "coffee.png").convert("RGB").resize((300, 200))
+    coffee.save(media / "edit_src.png")
+    edited = coffee.copy()
+    edited.paste((220, 20, 20), (40, 40, 140, 140))
+    edited.save(media / "edit_tgt.png")
+    coffee.save(media / "same_tgt.png")
+    lines.append(
+        {"source": "edit_src.png", "target": "edit_tgt.png", "instruction": "add a red square"}
+    )
+    lines.append(
+        {"source": "edit_src.png", "target": "same_tgt.png", "instruction": "leave it unchanged"}
+    )
+    mp4 = (data / "counter.mp4").read_bytes()
+    assert mp4[4:8] == b"ftyp"
+    (media / "broken.mp4").write_bytes(mp4[: int.from_bytes(mp4[:4], "big")])  # ftyp box only
+    lines += [{"uri": "broken.mp4"}, {"uri": "gone.jpg"}]
+    manifest = media / "inputs.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    cat = Catalog(f"sqlite:///{work / 'catalog.db'}")
+    cfg = load_config(CurationConfig, None, RUN_SETTINGS)
+    result = run_curation(str(manifest), work / "out", cfg, catalog=cat)
+    rows = read_index(str(work / "out" / "index")).to_pylist()
+    return {"result": result, "rows": rows, "out": work / "out", "page": _tiles(result.report)}
+
+
+def test_a_real_run_writes_accepted_thumbnails_within_the_bound(curated):
+    rows, out = curated["rows"], curated["out"]
+    accepted: dict[str, list[str]] = {}
+    for r in rows:
+        if r["status"] == "accepted":
+            accepted.setdefault(thumb_group(r["kind"], r["bucket"]), []).append(r["key"])
+    assert max(len(v) for v in accepted.values()) == CROPS  # the crops: one larger group
+    folders = {p.name: p for p in (out / "_thumbs" / "accepted").iterdir()}
+    assert set(folders) == set(accepted)
+    for group, keys in accepted.items():
+        names = {p.name for p in folders[group].iterdir()}
+        kept = sorted(keys)[:ACCEPTED_THUMBS_PER_GROUP]
+        expected = {f"{k}.jpg" for k in kept}
+        if group.startswith("image_edit"):
+            expected |= {f"{k}.target.jpg" for k in kept}
+        assert names == expected, group
+
+
+def test_a_real_run_report_has_the_accepted_gallery(curated):
+    rows, page = curated["rows"], curated["page"]
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r["status"] == "accepted":
+            groups.setdefault((r["kind"], r["bucket"]), []).append(r["key"])
+    gallery = page.in_sections("accepted-")
+    shown: dict[str, list[str]] = {}
+    for t in gallery:
+        shown.setdefault(t["section"], []).append(t["key"])
+        assert t["imgs"] and all(i["src"].startswith("data:image/jpeg;base64,") for i in t["imgs"])
+    # every group, its smallest keys up to the bound, in key order
+    assert sorted(shown.values()) == sorted(
+        sorted(keys)[:ACCEPTED_THUMBS_PER_GROUP] for keys in groups.values()
+    )
+    assert len(gallery) < sum(len(v) for v in groups.values())  # the bound did apply
+    crops = [t for t in gallery if "astronaut crop" in t["text"]]
+    assert len(crops) == ACCEPTED_THUMBS_PER_GROUP
+
+
+def test_a_real_run_report_shows_both_sides_of_edit_pairs(curated):
+    page = curated["page"]
+    edits = [
+        t
+        for t in page.tiles
+        if "add a red square" in t["text"] or "leave it unchanged" in t["text"]
+    ]
+    assert len(edits) == 2
+    for t in edits:
+        assert t["pair"] and [i["alt"].split()[0] for i in t["imgs"]] == ["source", "target"]
+        assert t["imgs"][0]["src"] != t["imgs"][1]["src"] or "leave it unchanged" in t["text"]
+    (good,) = [t for t in edits if "add a red square" in t["text"]]
+    (same,) = [t for t in edits if "leave it unchanged" in t["text"]]
+    assert good["section"].startswith("accepted-image_edit")
+    assert same["section"].startswith("rejected-identical_pair")
+
+
+def test_a_real_run_report_lists_thresholds_of_the_stages_that_ran(curated):
+    summary, page = curated["result"].summary, curated["page"]
+    assert {"aesthetic", "watermark", "ocr"} <= set(summary["stages_skipped"])
+    assert "motion" in summary["stages_run"] and "probe" in summary["stages_run"]
+    assert set(_threshold_rows(page)) == {
+        "min_short_side",
+        "min_aspect",
+        "max_aspect",
+        "min_motion",
+        "max_motion",
+    }
+    text = curated["result"].report.read_text()
+    assert "max_ocr_area <span>(ocr skipped: ocr.enabled is false)</span>" in text
+
+
+def test_a_real_run_report_shows_error_reasons_without_errno(curated):
+    page = curated["page"]
+    errors = page.in_sections("error-")
+    reasons = [li for t in errors for li in t["reasons"]]
+    assert any("[Errno" in (li["title"] or "") for li in reasons)  # the raw text is kept
+    assert reasons and not any("[Errno" in li["text"] for li in reasons)
+    (broken,) = [t for t in errors if "broken.mp4" in t["text"]]
+    assert "Invalid data found when processing input: broken.mp4" in broken["reasons"][0]["text"]
+    (gone,) = [t for t in errors if "gone.jpg" in t["text"]]
+    assert gone["reasons"][0]["text"] == "not_found: gone.jpg"
+    assert gone["reasons"][0]["title"].endswith("/gone.jpg")
 
 
 # ------------------------------------------------------------------------------- MLflow
