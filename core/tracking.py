@@ -324,3 +324,15 @@ def whole_steps(metrics: list, limit: int) -> list[list]:
             group = group[limit:]
         batches[-1].extend(group)
     return [b for b in batches if b]
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+
+def log_image(tracking_uri: str, run_id: str, image: Any, key: str, step: int) -> None:
+    """A PIL image under ``key`` at ``step`` (MLflow's time-stepped images, stored as
+    ``images/`` artifacts): the run's image view shows one card per key with a step slider, so
+    the same grid can be compared across evaluations. Characters MLflow refuses in an image key
+    become ``_``; logged synchronously, so the image is stored when this returns."""
+    safe = re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key) or "_"
+    client(tracking_uri).log_image(run_id, image, key=safe, step=int(step), synchronous=True)
