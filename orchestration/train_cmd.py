@@ -119,12 +119,20 @@ def plan(
     )
     for table in data_tables(check):
         console.print(table)
-    for problem in check.problems:
+    for problem in check.problems:  # bucket warnings: the tables' note column, counted below
+        if problem.severity == "warning" and problem.bucket is not None:
+            continue
         colour = "red" if problem.severity == "error" else "yellow"
         err_console.print(
             Text.assemble((f"{problem.severity}:", f"bold {colour}"), f" {problem.where()}: "),
             Text(problem.message),
             sep="",
+        )
+    if check.bucket_summary():
+        err_console.print(
+            Text.assemble(
+                ("warning:", "bold yellow"), f" {check.bucket_summary()}: see the note column above"
+            )
         )
     if check.errors:
         err_console.print(

@@ -91,22 +91,21 @@ def describe(recipe: Recipe, model=None) -> list[Table]:
 
 def data_tables(check: DataCheck) -> list[Table]:
     """One table per stage: each task's training buckets in the real data, their samples, the
-    per-rank batch and what a full batch on every worker needs."""
+    per-rank batch, what a full batch on every worker needs, and the bucket's warning."""
     tables: dict[str, Table] = {}
     ws = check.world_size
     for b in check.buckets:
         t = tables.get(b.stage)
         if t is None:
             t = tables[b.stage] = Table(title=f"stage {b.stage} data on {ws} worker(s)")
-            for col in ("task", "bucket", "samples", "batch / rank", f"full batch x {ws}", "drawn"):
-                t.add_column(col, justify="right" if col != "task" else "left")
+            for col in ("task", "bucket", "samples", "batch / rank", f"full batch x {ws}"):
+                t.add_column(col, justify="left" if col == "task" else "right")
+            t.add_column("note")
         full = ws * b.batch
-        t.add_row(
-            b.task,
-            b.bucket,
-            str(b.samples),
-            str(b.batch),
-            str(full) if b.samples >= full else f"[yellow]{full}[/]",
-            "yes" if b.drawable else f"[red]no (< {ws})[/]",
-        )
+        note = ""
+        if not b.drawable:
+            note = f"[yellow]left out: fewer samples than the {ws} workers[/]"
+        elif b.samples < full:
+            note = "[yellow]smaller than a full batch: samples repeat[/]"
+        t.add_row(b.task, b.bucket, str(b.samples), str(b.batch), str(full), note)
     return list(tables.values())

@@ -3,8 +3,11 @@ instead of training (``train plan``).
 
 Each stage's tasks are resolved as the workers will resolve them (``sources.resolve_data``
 once per data entry, then ``loaders.build_task_loaders`` for rank 0 of the real world size;
-no sample is decoded, catalog data opens no shard), so the buckets and counts seen here are
-the ones training draws from. Problems, each naming its stage, task, bucket or data entry:
+no sample is decoded), so the buckets and counts seen here are the ones training draws from.
+Catalog data opens no shard (counts and texts come from the index); shard paths are scanned
+(tar headers and the small JSON / txt members), as every rank scans them today.
+
+Problems, each naming its stage, task, bucket or data entry:
 
 - error: a data entry cannot be resolved (unknown dataset or version, bad filter, no shards);
 - error: a task has no sample of the kind it reads;
@@ -16,7 +19,7 @@ the ones training draws from. Problems, each naming its stage, task, bucket or d
 - warning: samples of a task without their text (generation and understanding: a caption,
   edits: an instruction); empty text trains, but teaches nothing about text.
 
-Bucket shapes depend on the model's geometry. A tiny size is built to read it (milliseconds);
+Bucket shapes depend on the model's geometry. A tiny size is built to read it (~20 ms);
 a production size takes it from its checkpoints, so ``train run`` checks its buckets only
 through ``train plan``, which builds the model anyway (``DataCheck.notes`` says so).
 """
@@ -115,26 +118,31 @@ class DataCheck:
     def warnings(self) -> list[Problem]:
         return [p for p in self.problems if p.severity == "warning"]
 
-    def summary(self) -> str:
-        """The warnings in one line (``train run`` says this; ``train plan`` lists each)."""
-        w = self.warnings
-        left = [p for p in w if p.code == "bucket_left_out"]
-        partial = [p for p in w if p.code == "partial_batch"]
+    def bucket_summary(self) -> str:
+        """The bucket warnings counted in one line ("" when there are none)."""
+        left = [p for p in self.warnings if p.code == "bucket_left_out"]
+        partial = [p for p in self.warnings if p.code == "partial_batch"]
         parts = []
         if left:
-            samples = sum(b.samples for b in self.buckets if not b.drawable)
+            which = {(p.stage, p.task, p.bucket) for p in left}
+            samples = sum(b.samples for b in self.buckets if (b.stage, b.task, b.bucket) in which)
             parts.append(
                 f"{len(left)} bucket(s) left out (fewer samples than workers; {samples} sample(s))"
             )
         if partial:
             parts.append(f"{len(partial)} bucket(s) smaller than a full batch (samples repeat)")
-        texts = [p for p in w if p.code == "missing_text"]
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """The warnings in one line (``train run`` says this; ``train plan`` shows each)."""
+        parts = [self.bucket_summary()] if self.bucket_summary() else []
+        texts = [p for p in self.warnings if p.code == "missing_text"]
         if texts:
             parts.append(
                 f"{len(texts)} task(s) with samples lacking text: "
                 + ", ".join(f"stage {p.stage} {p.task}" for p in texts)
             )
-        return "; ".join(parts) + "; `omniforge train plan` lists each"
+        return "; ".join(parts) + "; `omniforge train plan` shows each"
 
     def raise_for_errors(self) -> None:
         if self.errors:
@@ -142,13 +150,15 @@ class DataCheck:
 
 
 class DataCheckError(ValueError):
-    """The data cannot feed the recipe: every problem, one line each (the CLI prints it as one
-    error, exit status 2)."""
+    """The data cannot feed the recipe: every error and text warning, one line each, and the
+    bucket warnings counted (the CLI prints it as one error, exit status 2)."""
 
     def __init__(self, check: DataCheck):
         self.check = check
         n = len(check.errors)
-        lines = [str(p) for p in check.errors + check.warnings]
+        lines = [str(p) for p in check.errors + check.warnings if p.bucket is None]
+        if check.bucket_summary():  # each bucket is in `train plan`'s tables
+            lines.append(f"warning: {check.bucket_summary()}")
         super().__init__(
             f"the data of recipe {check.recipe!r} cannot feed it on {check.world_size} "
             f"worker(s): {n} error(s), {len(check.warnings)} warning(s); fix the data or the "
@@ -228,10 +238,9 @@ def _resolve(
     for key in keys:
         data = recipe.data[key]
         users = ", ".join(
-            f"stage {i + 1} ({recipe.stages[i].name}) {task}"
+            f"stage {i + 1} ({recipe.stages[i].name})"
             for i in chosen
-            for task, tc in recipe.stages[i].tasks.items()
-            if tc.data == key
+            if any(tc.data == key for tc in recipe.stages[i].tasks.values())
         )
         if catalog is None and is_catalog_uri(data.uri):
             message = (
