@@ -45,6 +45,22 @@ class ConfigError(ValueError):
         super().__init__(f"invalid configuration{where}:\n  - " + "\n  - ".join(problems))
 
 
+class ConfigProblems(ValueError):
+    """Several problems found by one validator (cross-field checks), each with its field path
+    relative to the model the validator belongs to; ``format_errors`` gives each its own line,
+    so a recipe with three mistakes reports three lines, not the first one."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems  # (path relative to the validated model, message)
+        super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in problems))
+
+
+def raise_problems(problems: list[tuple[str, str]]) -> None:
+    """Raise ``ConfigProblems`` when there are any (for a model validator's collected list)."""
+    if problems:
+        raise ConfigProblems(problems)
+
+
 class ConfigWarning(UserWarning):
     """A setting that is valid but has no effect in this context."""
 
@@ -159,13 +175,24 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
 
 
 def format_errors(model: type[BaseModel], error: ValidationError) -> list[str]:
-    """One readable line per pydantic error: field path, the bad value, what is allowed."""
+    """One readable line per pydantic error: field path, the bad value, what is allowed.
+
+    A bad mapping key (pydantic's ``[key]`` location) is named by the key's own path
+    (``stages.2.tasks.i2i_edt``), and a validator's ``ConfigProblems`` becomes one line per
+    problem, under the validator's path."""
     lines = []
     for err in error.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
-        path = ".".join(loc) or "(top level)"
         kind = err["type"]
-        if kind == "extra_forbidden":
+        bad_key = bool(loc) and loc[-1] == "[key]"
+        if bad_key:
+            loc = loc[:-1]
+        path = ".".join(loc) or "(top level)"
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigProblems):
+            for sub, message in inner.problems:
+                lines.append(f"{'.'.join([*loc, sub]) if sub else path}: {message}")
+        elif kind == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1])
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
             lines.append(f"{path}: unknown key{hint}")
@@ -175,6 +202,9 @@ def format_errors(model: type[BaseModel], error: ValidationError) -> list[str]:
             msg = err["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
+            if bad_key:
+                lines.append(f"{path}: {err['input']!r} is not an allowed key here: {msg}")
+                continue
             if err["loc"] and "input" in err and not isinstance(err["input"], (dict, list)):
                 msg = f"{msg} (got {err['input']!r})"
             lines.append(f"{path}: {msg}")

@@ -40,7 +40,8 @@ def validate(
     type: str = typer.Option("auto", "--type", help="auto | curation | recipe"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
 ) -> None:
-    """Validate FILE; print every problem (field path, bad value, what is allowed)."""
+    """Validate FILE; print every problem (field path, bad value, what is allowed). A recipe's
+    trainable globs and tasks are checked against its model family's groups and tasks."""
     model = model_for(file, type)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConfigWarning)
@@ -48,7 +49,10 @@ def validate(
     for w in caught:
         if issubclass(w.category, ConfigWarning):
             err_console.print(f"[yellow]warning:[/] {w.message}")
-    console.print(f"[green]ok[/]: {file} is a valid {model.__name__}")
+    hint = ""
+    if model.__name__ == "Recipe":  # the settings are checked; the data needs the catalog
+        hint = " (its data against it: `omniforge train plan`)"
+    console.print(f"[green]ok[/]: {file} is a valid {model.__name__}{hint}")
 
 
 @app.command()

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from catalog.names import is_catalog_uri
 from core.config import load_config
-from orchestration.common import CatalogOption, console, open_catalog
+from orchestration.common import CatalogOption, console, err_console, open_catalog
 
 app = typer.Typer(help="Training: multi-stage recipes on Ray Train + DeepSpeed, tracked in MLflow.")
 
@@ -92,10 +94,53 @@ def run(
 def plan(
     recipe: str = typer.Argument(..., help="recipe YAML or built-in name"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
+    workers: int | None = typer.Option(
+        None, "--workers", help="world size to check the data for (default: the recipe's)"
+    ),
+    catalog: str | None = CatalogOption,
 ) -> None:
-    """A table per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO."""
-    from training.plan import describe
+    """Per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO; then the
+    data check against the real data (the one `train run` does before starting): each task's
+    buckets, and every problem. Exit status 2 when the data has an error."""
+    from training.plan import build, data_tables, describe
+    from training.preflight import check_data
     from training.recipe import Recipe
 
-    for table in describe(load_config(Recipe, recipe_path(recipe), set_)):
+    r = load_config(Recipe, recipe_path(recipe), set_)
+    model = build(r)
+    for table in describe(r, model):
         console.print(table)
+    uses_catalog = any(is_catalog_uri(d.uri) for d in r.data.values())
+    check = check_data(
+        r,
+        world_size=max(1, r.workers if workers is None else workers),
+        geometry=model.geometry,
+        catalog=open_catalog(catalog) if uses_catalog else None,
+    )
+    for table in data_tables(check):
+        console.print(table)
+    for problem in check.problems:  # bucket warnings: the tables' note column, counted below
+        if problem.severity == "warning" and problem.bucket is not None:
+            continue
+        colour = "red" if problem.severity == "error" else "yellow"
+        err_console.print(
+            Text.assemble((f"{problem.severity}:", f"bold {colour}"), f" {problem.where()}: "),
+            Text(problem.message),
+            sep="",
+        )
+    if check.bucket_summary():
+        err_console.print(
+            Text.assemble(
+                ("warning:", "bold yellow"), f" {check.bucket_summary()}: see the note column above"
+            )
+        )
+    if check.errors:
+        err_console.print(
+            f"data check: {len(check.errors)} error(s), {len(check.warnings)} warning(s); "
+            "`train run` refuses to start"
+        )
+        raise typer.Exit(2)
+    console.print(
+        f"data check: ok on {check.world_size} worker(s)"
+        + (f", {len(check.warnings)} warning(s)" if check.warnings else "")
+    )

@@ -6,19 +6,78 @@ mixture (task -> weight + data + frames/fps) and whether batches mix tasks (``hy
 of one group, image or video, that share a bucket shape; see ``training/data/hybrid.py``).
 Data is ``catalog://NAME@VERSION`` (+ a filter on
 index columns) or shard paths/globs.
+
+Validation reports every cross-field problem at once (``core.config.ConfigProblems``, one line
+each): task data keys, video frame counts, ``trainable`` globs against the family's module
+groups (``FAMILIES``, no model is built) and tasks the family cannot train. Whether the data
+itself can feed the stages (samples per bucket, captions) needs the data: ``training.preflight``.
 """
 
 from __future__ import annotations
 
+import fnmatch
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from catalog.names import DatasetRef, is_catalog_uri
-from core.config import StrictModel, warn_ineffective
-from training.tasks import TASK_GROUPS, TaskName, task_spec
+from core.config import StrictModel, raise_problems, warn_ineffective
+from training.tasks import GENERATION_TASKS, TASK_GROUPS, TASKS, TaskName, task_spec
 
 Family = Literal["omni_video", "haplo_omni", "vino"]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a recipe may ask of a family, known without building it (torch-free): its module
+    groups in order, the frozen ones (never trainable) and the tasks it trains. Every size of a
+    family has the same groups; ``tests/training/test_recipe.py`` checks this table against the
+    built models."""
+
+    groups: tuple[str, ...]
+    frozen: tuple[str, ...]
+    tasks: tuple[str, ...]
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "omni_video": FamilySpec(
+        ("mllm", "text_head", "vision_head", "adapter", "dit", "vae", "vision_encoder"),
+        ("vae", "vision_encoder"),
+        TASKS,
+    ),
+    "haplo_omni": FamilySpec(
+        ("pre_decoder", "pre_connector", "base_decoder", "post_connector", "post_decoder", "vae"),
+        ("vae",),
+        TASKS,
+    ),
+    "vino": FamilySpec(
+        ("vlm", "learnable_queries", "connector", "mmdit", "vae", "vision_encoder"),
+        ("vae", "vision_encoder"),
+        GENERATION_TASKS,
+    ),
+}
+
+
+def trainable_problems(family: str, patterns: list[str]) -> list[str]:
+    """Why ``patterns`` (a stage's ``trainable`` globs) cannot select trainable groups of
+    ``family``: a glob matching no group, or only frozen ones (the rule of
+    ``FamilyModel.set_trainable``)."""
+    spec = FAMILIES[family]
+    trainable = [g for g in spec.groups if g not in spec.frozen]
+    out = []
+    for pattern in patterns:
+        hits = [g for g in spec.groups if fnmatch.fnmatchcase(g, pattern)]
+        if not hits:
+            out.append(
+                f"{pattern!r} matches no module group of {family}; groups: {', '.join(spec.groups)}"
+            )
+        elif all(h in spec.frozen for h in hits):
+            out.append(
+                f"{pattern!r} matches only frozen group(s) {', '.join(hits)} of {family} "
+                f"(fixed pretrained components); trainable groups: {', '.join(trainable)}"
+            )
+    return out
 
 
 class ModelConfig(StrictModel):
@@ -111,19 +170,23 @@ class StageConfig(StrictModel):
     steps: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
 
-    @model_validator(mode="after")
-    def _check(self) -> StageConfig:
+    def problems(self) -> list[tuple[str, str]]:
+        """(path relative to the stage, message) of each inconsistent setting."""
+        out = []
         for name, task in self.tasks.items():
             group = task_spec(name).group
             if group == "video" and task.num_frames is None:
-                raise ValueError(f"tasks.{name}.num_frames is required for a video task")
-            if group == "image":
-                if task.num_frames not in (None, 1):
-                    raise ValueError(
-                        f"tasks.{name}.num_frames must be 1 or unset for an image task"
-                    )
-                if task.fps is not None:
-                    warn_ineffective(f"stages.{self.name}.tasks.{name}.fps", "image task")
+                out.append((f"tasks.{name}.num_frames", "required for a video task"))
+            if group == "image" and task.num_frames not in (None, 1):
+                out.append((f"tasks.{name}.num_frames", "must be 1 or unset for an image task"))
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        """Warnings only: errors are collected by ``Recipe`` with every other stage's."""
+        for name, task in self.tasks.items():
+            if task_spec(name).group == "image" and task.fps is not None:
+                warn_ineffective(f"stages.{self.name}.tasks.{name}.fps", "image task")
         if self.hybrid and all(
             sum(t in self.tasks for t in group) < 2 for group in TASK_GROUPS.values()
         ):
@@ -150,17 +213,36 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        """Every cross-field problem of the recipe at once, one line each."""
+        problems: list[tuple[str, str]] = []
         names = [s.name for s in self.stages]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"stage names must be unique; repeated: {dup}")
+            problems.append(("stages", f"stage names must be unique; repeated: {dup}"))
+        family = self.model.family
+        supported = FAMILIES[family].tasks
         for i, stage in enumerate(self.stages):
+            problems += [(f"stages.{i}.{path}", msg) for path, msg in stage.problems()]
+            for message in trainable_problems(family, stage.trainable):
+                problems.append((f"stages.{i}.trainable", message))
             for task_name, task in stage.tasks.items():
-                if task.data not in self.data:
-                    raise ValueError(
-                        f"stages.{i}.tasks.{task_name}.data is {task.data!r}; "
-                        f"allowed: {', '.join(sorted(self.data))} (keys of the data section)"
+                if task_name not in supported:
+                    problems.append(
+                        (
+                            f"stages.{i}.tasks.{task_name}",
+                            f"{family} does not train {task_name}; its tasks: "
+                            f"{', '.join(supported)}",
+                        )
                     )
+                if task.data not in self.data:
+                    problems.append(
+                        (
+                            f"stages.{i}.tasks.{task_name}.data",
+                            f"{task.data!r} is not a key of the data section; allowed: "
+                            f"{', '.join(sorted(self.data))}",
+                        )
+                    )
+        raise_problems(problems)
         return self
 
     def stage_index(self, name_or_number: str | int) -> int:

@@ -7,6 +7,10 @@ Output layout::
     OUTPUT/stages/N-NAME/done.json         written last: the stage is complete
     OUTPUT/ray/                            Ray Train storage: checkpoints, run state
 
+Before anything is written or started, ``training.preflight`` checks the chosen stages' data
+on the driver (samples per bucket against the world size and batch, captions) and refuses with
+every problem in one message.
+
 A stage boundary builds a new engine (the trainable set changes) from the previous stage's
 final weights. Rerunning with ``--resume`` skips finished stages and resumes the first
 unfinished one from the newest valid checkpoint Ray Train kept for it (Ray Train restores its
@@ -40,6 +44,7 @@ from core.config import dump_yaml
 from core.secrets import ensure_ray_token
 from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
+from training import preflight
 from training.ray_stage import (
     checkpoint_failure,
     driver_identity,
@@ -133,6 +138,14 @@ def run_training(
             f"{out} holds a previous training run: pass --resume to continue it, "
             "or choose another --output"
         )
+    # the data against the recipe, every problem at once, before anything is written or started
+    preflight.run_check(
+        recipe,
+        world_size=max(1, recipe.workers if workers is None else workers),
+        catalog=catalog,
+        stages=stages,
+        say=lambda line: console.print(line, highlight=False) if console else log.warning(line),
+    )
     out.mkdir(parents=True, exist_ok=True)
     recipe, refs = pin_data(recipe, catalog)
     state = json.loads(state_file.read_text()) if state_file.exists() else {"stages": {}}

@@ -55,6 +55,34 @@ def test_config_validate_detects_recipes(tmp_path):
     assert "stages.0.optimizer.lr: Input should be greater than 0 (got 0)" in out.stderr
 
 
+def test_config_validate_knows_the_family_groups_and_reports_every_problem(tmp_path):
+    """A ``trainable`` group the family lacks is caught by validation (not only by ``train
+    plan``), with every other problem of the recipe, each under its own path."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "name: r\nmodel: {family: omni_video}\ndata: {d: {uri: 'catalog://x@1'}}\n"
+        "stages:\n- name: s1\n  trainable: [adaptor, dit]\n  optimizer: {lr: 0.0001}\n"
+        "  frame_area: 1024\n  token_budget: 512\n  steps: 4\n  checkpoint_every: 2\n"
+        "  tasks: {t2i: {weight: 1, data: e}, t2v: {weight: 1, data: d}}\n"
+    )
+    out = run("config", "validate", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    for line in [
+        "  - stages.0.tasks.t2v.num_frames: required for a video task",
+        "  - stages.0.trainable: 'adaptor' matches no module group of omni_video; groups: mllm, "
+        "text_head, vision_head, adapter, dit, vae, vision_encoder",
+        "  - stages.0.tasks.t2i.data: 'e' is not a key of the data section; allowed: d",
+    ]:
+        assert line in out.stderr.splitlines(), out.stderr
+
+    path.write_text(path.read_text().replace("t2i:", "i2i_edt:"))
+    out = run("config", "validate", str(path))
+    assert out.returncode == 2
+    assert "  - stages.0.tasks.i2i_edt: 'i2i_edt' is not an allowed key here: Input should be " in (
+        out.stderr
+    )
+
+
 def test_catalog_commands(cat, catalog_url, committed_version):
     raw, _ = committed_version("raw", n=20, seed=1)
     run_id = cat.start_run("curation", "curate raw")

@@ -5,7 +5,7 @@ import pytest
 from helpers import TINY_RECIPE
 
 from core.config import ConfigError, ConfigWarning, validate
-from training.recipe import Recipe
+from training.recipe import FAMILIES, Recipe
 
 BASE = TINY_RECIPE
 
@@ -50,19 +50,19 @@ def test_valid_recipe():
         ({"stages__0__zero_stage": 3}, "stages.0.zero_stage: Input should be 0, 1 or 2 (got 3)"),
         (
             {"stages__0__tasks__t2v__data": "other"},
-            "stages.0.tasks.t2v.data is 'other'; allowed: main",
+            "stages.0.tasks.t2v.data: 'other' is not a key of the data section; allowed: main",
         ),
         (
             {"stages__0__tasks__t2v__num_frames": None},
-            "tasks.t2v.num_frames is required for a video task",
+            "stages.0.tasks.t2v.num_frames: required for a video task",
         ),
         (
             {"stages__0__tasks__t2i__num_frames": 9},
-            "num_frames must be 1 or unset for an image task",
+            "stages.0.tasks.t2i.num_frames: must be 1 or unset for an image task",
         ),
         (
             {"stages__0__tasks__t3d": {"weight": 1, "data": "main"}},
-            "stages.0.tasks.t3d.[key]: Input should be 't2i'",
+            "stages.0.tasks.t3d: 't3d' is not an allowed key here: Input should be 't2i'",
         ),
         (
             {"stages__0__condition_dropout": 1.0},
@@ -77,11 +77,62 @@ def test_valid_recipe():
             "version must be a positive integer or 'latest'",
         ),
         ({"stages": []}, "stages: List should have at least 1 item"),
+        (
+            {"stages__0__trainable": ["adaptor"]},
+            "stages.0.trainable: 'adaptor' matches no module group of omni_video; groups: mllm, ",
+        ),
+        (
+            {"stages__0__trainable": ["v*[er]"]},
+            "stages.0.trainable: 'v*[er]' matches only frozen group(s) vae, vision_encoder of "
+            "omni_video (fixed pretrained components); trainable groups: mllm, text_head,",
+        ),
     ],
 )
 def test_recipe_errors_name_the_field(changes, message):
     found = problems(recipe(**changes))
     assert any(message in p for p in found), found
+
+
+def test_every_cross_field_problem_is_reported_at_once():
+    data = recipe(
+        model__family="vino",
+        stages__0__trainable=["connector", "adapter", "vae"],
+        stages__0__tasks__t2v__num_frames=None,
+        stages__0__tasks__t2v__data="other",
+    )
+    data["stages"][0]["tasks"]["image_understanding"] = {"weight": 1, "data": "main"}
+    data["stages"].append(copy.deepcopy(data["stages"][0]))
+    assert problems(data) == [
+        "stages: stage names must be unique; repeated: ['align']",
+        *[
+            line.replace("stages.0", f"stages.{i}")
+            for i in (0, 1)
+            for line in [
+                "stages.0.tasks.t2v.num_frames: required for a video task",
+                "stages.0.trainable: 'adapter' matches no module group of vino; groups: vlm, "
+                "learnable_queries, connector, mmdit, vae, vision_encoder",
+                "stages.0.trainable: 'vae' matches only frozen group(s) vae of vino (fixed "
+                "pretrained components); trainable groups: vlm, learnable_queries, connector, "
+                "mmdit",
+                "stages.0.tasks.t2v.data: 'other' is not a key of the data section; allowed: main",
+                "stages.0.tasks.image_understanding: vino does not train image_understanding; "
+                "its tasks: t2i, t2v, i2i_edit, v2v_edit",
+            ]
+        ],
+    ]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_table_matches_the_built_models(family):
+    """``FAMILIES`` lets validation check groups and tasks without building a model: it must
+    say what the model says (every size builds the same classes)."""
+    from training.models.registry import build_model
+
+    model = build_model(family, "tiny")
+    spec = FAMILIES[family]
+    assert spec.groups == tuple(model.groups)
+    assert spec.frozen == tuple(model.frozen_groups)
+    assert spec.tasks == model.supported_tasks()
 
 
 def test_duplicate_stage_names():

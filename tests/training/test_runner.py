@@ -104,6 +104,21 @@ def test_ranks_agree_and_resume_is_exact(hybrid, catalog, tmp_path, ray_session)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_a_failed_stage_marks_the_parent_run_failed(catalog, tmp_path, ray_session):
+    """Whatever a stage raises ends the MLflow parent run FAILED, not RUNNING forever (here the
+    stage's folder cannot be made: a file stands where it goes)."""
+    from mlflow.tracking import MlflowClient
+
+    out, tracking = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (out / "stages").mkdir(parents=True)
+    (out / "stages" / "1-align").write_text("not a folder")
+    with pytest.raises(FileExistsError):
+        run_training(recipe("omni_video_tiny", *SHORT), out, stages=[0], workers=2,
+                     catalog=catalog, tracking_uri=tracking)  # fmt: skip
+    parent = json.loads((out / "run.json").read_text())["mlflow_parent"]
+    assert MlflowClient(tracking).get_run(parent).info.status == "FAILED"
+
+
 @pytest.mark.parametrize("name", ["omni_video_tiny", "haplo_omni_tiny", "vino_tiny"])
 def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
     r = recipe(name)

@@ -1,0 +1,430 @@
+"""The data check of a recipe, on the driver, before any worker starts (``train run``) or
+instead of training (``train plan``).
+
+Each stage's tasks are resolved as the workers will resolve them (``sources.resolve_data``
+once per data entry, then ``loaders.build_task_loaders`` for rank 0 of the real world size;
+no sample is decoded), so the buckets and counts seen here are the ones training draws from.
+Catalog data opens no shard (counts and texts come from the index); shard paths are scanned
+(tar headers and the small JSON / txt members), as every rank scans them today.
+
+Problems, each naming its stage, task, bucket or data entry:
+
+- error: a data entry cannot be resolved (unknown dataset or version, bad filter, no shards);
+- error: a task has no sample of the kind it reads;
+- error: no bucket of a task has one sample per worker, so no rank can draw any (training
+  would stop at its first step with "task 't2i' has no training data in any bucket");
+- warning: a bucket with fewer samples than workers (its samples are left out of training);
+- warning: a bucket with fewer samples than a full batch on every worker (world size x the
+  bucket's per-rank batch): its batches repeat samples;
+- warning: samples of a task without their text (generation and understanding: a caption,
+  edits: an instruction); empty text trains, but teaches nothing about text.
+
+Bucket shapes depend on the model's geometry. A tiny size is built to read it (~20 ms);
+a production size takes it from its checkpoints, so ``train run`` checks its buckets only
+through ``train plan``, which builds the model anyway (``DataCheck.notes`` says so).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from catalog.db import CatalogError
+from catalog.names import DatasetRef, is_catalog_uri
+from training.data.loaders import build_task_loaders
+from training.data.samples import meta_and_kind, open_shard
+from training.data.sources import DataSource, resolve_data
+from training.recipe import ModelConfig, Recipe
+from training.tasks import task_spec
+
+__all__ = [
+    "BucketCount",
+    "DataCheck",
+    "DataCheckError",
+    "Problem",
+    "check_data",
+    "model_geometry",
+    "run_check",
+]
+
+Severity = Literal["error", "warning"]
+Code = Literal[
+    "no_catalog",  # catalog:// data and no catalog
+    "unreadable",  # the data entry does not resolve
+    "no_samples",  # no sample of the task's kind
+    "no_bucket",  # no bucket with one sample per worker
+    "bucket_left_out",  # a bucket with fewer samples than workers
+    "partial_batch",  # a bucket with fewer samples than a full batch on every worker
+    "missing_text",  # samples without caption / instruction
+]
+TEXT_FIELDS = ("recaption", "instruction", "caption")  # what decode.sample_text falls back to
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of the data against the recipe, and what it concerns."""
+
+    severity: Severity
+    code: Code
+    message: str
+    stage: str | None = None  # "1 (align)"
+    task: str | None = None
+    bucket: str | None = None  # training bucket, FRAMESxHEIGHTxWIDTH
+    data: str | None = None  # key of the recipe's data section
+
+    def where(self) -> str:
+        parts = [
+            f"stage {self.stage}" if self.stage else None,
+            f"task {self.task}" if self.task else None,
+            f"bucket {self.bucket}" if self.bucket else None,
+            f"data {self.data!r}" if self.data else None,
+        ]
+        return ", ".join(p for p in parts if p)
+
+    def __str__(self) -> str:
+        where = self.where()
+        return f"{self.severity}: {where}: {self.message}" if where else self.message
+
+
+@dataclass(frozen=True)
+class BucketCount:
+    """A task's training bucket as training will see it."""
+
+    stage: str
+    task: str
+    bucket: str
+    samples: int  # usable samples, all ranks together
+    batch: int  # samples per rank and step
+    drawable: bool  # at least one sample per worker
+
+
+@dataclass
+class DataCheck:
+    """The outcome of ``check_data``: every problem, the buckets, and what was not checked."""
+
+    recipe: str
+    world_size: int
+    problems: list[Problem] = field(default_factory=list)
+    buckets: list[BucketCount] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def bucket_summary(self) -> str:
+        """The bucket warnings counted in one line ("" when there are none)."""
+        left = [p for p in self.warnings if p.code == "bucket_left_out"]
+        partial = [p for p in self.warnings if p.code == "partial_batch"]
+        parts = []
+        if left:
+            which = {(p.stage, p.task, p.bucket) for p in left}
+            samples = sum(b.samples for b in self.buckets if (b.stage, b.task, b.bucket) in which)
+            parts.append(
+                f"{len(left)} bucket(s) left out (fewer samples than workers; {samples} sample(s))"
+            )
+        if partial:
+            parts.append(f"{len(partial)} bucket(s) smaller than a full batch (samples repeat)")
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """The warnings in one line (``train run`` says this; ``train plan`` shows each)."""
+        parts = [self.bucket_summary()] if self.bucket_summary() else []
+        texts = [p for p in self.warnings if p.code == "missing_text"]
+        if texts:
+            parts.append(
+                f"{len(texts)} task(s) with samples lacking text: "
+                + ", ".join(f"stage {p.stage} {p.task}" for p in texts)
+            )
+        return "; ".join(parts) + "; `omniforge train plan` shows each"
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            raise DataCheckError(self)
+
+
+class DataCheckError(ValueError):
+    """The data cannot feed the recipe: every error and text warning, one line each, and the
+    bucket warnings counted (the CLI prints it as one error, exit status 2)."""
+
+    def __init__(self, check: DataCheck):
+        self.check = check
+        n = len(check.errors)
+        lines = [str(p) for p in check.errors + check.warnings if p.bucket is None]
+        if check.bucket_summary():  # each bucket is in `train plan`'s tables
+            lines.append(f"warning: {check.bucket_summary()}")
+        super().__init__(
+            f"the data of recipe {check.recipe!r} cannot feed it on {check.world_size} "
+            f"worker(s): {n} error(s), {len(check.warnings)} warning(s); fix the data or the "
+            "recipe (`omniforge train plan` runs this check):\n  - " + "\n  - ".join(lines)
+        )
+
+
+def model_geometry(model: ModelConfig) -> Any | None:
+    """The family's ``Geometry`` when it is known without loading checkpoints (tiny sizes:
+    the model is built, in milliseconds); None for production sizes."""
+    if model.size != "tiny":
+        return None
+    from training.models.registry import build_model
+
+    return build_model(model.family, model.size).geometry
+
+
+def check_data(
+    recipe: Recipe,
+    *,
+    world_size: int,
+    geometry: Any | None,
+    catalog: Any = None,
+    stages: Iterable[int] | None = None,
+) -> DataCheck:
+    """Check the data of ``stages`` (0-based; default all) of ``recipe`` for ``world_size``
+    workers; ``geometry``: the model's (None: bucket sizes are not checked, see the module
+    docstring); ``catalog``: where ``catalog://`` data is resolved (None: nowhere, a problem
+    for such data). Reports every problem; raises nothing for bad data."""
+    world_size = max(1, int(world_size))
+    check = DataCheck(recipe.name, world_size)
+    chosen = list(range(len(recipe.stages)) if stages is None else stages)
+    sources = _resolve(recipe, chosen, catalog, check)
+    if geometry is None:
+        check.notes.append(
+            f"bucket sizes not checked: size {recipe.model.size!r} takes its geometry from its "
+            "checkpoints; `omniforge train plan` builds the model and checks them"
+        )
+    texts: dict[tuple[str, str], tuple[int, int]] = {}  # (data, kind) -> (without text, all)
+    for index in chosen:
+        stage = recipe.stages[index]
+        label = f"{index + 1} ({stage.name})"
+        for task, tc in stage.tasks.items():
+            src = sources.get(tc.data)
+            if src is None:  # its resolution problem is reported once, for the data entry
+                continue
+            kind = task_spec(task).kind
+            if sum(src.counts_for(task).values()) == 0:
+                what = src.uri
+                if src.keys is not None:
+                    what += f" with filter {recipe.data[tc.data].filter!r}"
+                check.problems.append(
+                    Problem(
+                        "error",
+                        "no_samples",
+                        f"{what} has no accepted {kind} sample, the kind {task} reads",
+                        label,
+                        task,
+                        data=tc.data,
+                    )
+                )
+                continue
+            if (tc.data, kind) not in texts:
+                texts[(tc.data, kind)] = _text_counts(src, kind, catalog)
+            _text_problems(check, label, task, tc.data, *texts[(tc.data, kind)])
+            if geometry is not None:
+                _bucket_problems(check, recipe, index, label, task, src, geometry)
+    return check
+
+
+def _resolve(
+    recipe: Recipe, chosen: list[int], catalog: Any, check: DataCheck
+) -> dict[str, DataSource]:
+    """Each data entry the chosen stages read, resolved once; a failure is a problem."""
+    keys = sorted({tc.data for i in chosen for tc in recipe.stages[i].tasks.values()})
+    sources = {}
+    for key in keys:
+        data = recipe.data[key]
+        users = ", ".join(
+            f"stage {i + 1} ({recipe.stages[i].name})"
+            for i in chosen
+            if any(tc.data == key for tc in recipe.stages[i].tasks.values())
+        )
+        if catalog is None and is_catalog_uri(data.uri):
+            message = (
+                f"{data.uri} needs a catalog and none is configured (--catalog); read by {users}"
+            )
+            check.problems.append(Problem("error", "no_catalog", message, data=key))
+            continue
+        try:
+            sources[key] = resolve_data(data, catalog)
+        except (ValueError, OSError, CatalogError) as e:  # catalog, filter, shard listing
+            message = f"{data.uri} cannot be read ({e}); read by {users}"
+            check.problems.append(Problem("error", "unreadable", message, data=key))
+    return sources
+
+
+def _bucket_problems(
+    check: DataCheck,
+    recipe: Recipe,
+    index: int,
+    label: str,
+    task: str,
+    src: DataSource,
+    geometry: Any,
+) -> None:
+    """The task's buckets as rank 0 of ``world_size`` builds them, against one sample per
+    worker (drawable at all) and a full batch per worker (no sample repeated in a step)."""
+    stage = recipe.stages[index]
+    only = stage.model_copy(update={"tasks": {task: stage.tasks[task]}})
+    (loader,) = build_task_loaders(
+        only,
+        recipe.data,
+        None,
+        0,
+        check.world_size,
+        recipe.seed,
+        geometry,
+        _no_tokenizer,
+        sources={stage.tasks[task].data: src},
+    ).values()
+    with loader:  # nothing is open (no batch read): closing is for form
+        _judge_buckets(check, label, task, loader)
+
+
+def _judge_buckets(check: DataCheck, label: str, task: str, loader: Any) -> None:
+    ws = check.world_size
+    drawable = loader.bucket_weights()
+    for shape, n in sorted(drawable.items()):
+        b = loader.batch_size(shape)
+        check.buckets.append(BucketCount(label, task, str(shape), n, b, True))
+        if n < ws * b:
+            check.problems.append(
+                Problem(
+                    "warning",
+                    "partial_batch",
+                    f"{n} sample(s), fewer than a full batch on every worker ({ws} x {b} = "
+                    f"{ws * b}): its batches repeat samples",
+                    label,
+                    task,
+                    str(shape),
+                )
+            )
+    for shape, n in sorted(loader.excluded.items()):
+        b = loader.batch_size(shape)
+        check.buckets.append(BucketCount(label, task, str(shape), n, b, False))
+    if not drawable:
+        listed = ", ".join(f"{s} has {n}" for s, n in sorted(loader.excluded.items()))
+        check.problems.append(
+            Problem(
+                "error",
+                "no_bucket",
+                f"no bucket can be drawn on {ws} workers: a bucket needs at least one sample per "
+                f"worker ({ws}); {listed or 'no sample maps to a bucket'}. Add data, or train "
+                "on fewer workers (--workers)",
+                label,
+                task,
+            )
+        )
+        return
+    for shape, n in sorted(loader.excluded.items()):
+        check.problems.append(
+            Problem(
+                "warning",
+                "bucket_left_out",
+                f"{n} sample(s), fewer than the {ws} workers (one each): no rank draws it, "
+                "its samples are left out",
+                label,
+                task,
+                str(shape),
+            )
+        )
+
+
+def _no_tokenizer(texts: list[str]) -> Any:
+    raise AssertionError("the data check reads no batch")  # loaders tokenise in next_batch only
+
+
+def _text_problems(
+    check: DataCheck, label: str, task: str, data: str, missing: int, total: int
+) -> None:
+    """A warning, not an error: empty text trains (the tokenizers give begin / end tokens), as
+    the demo's caption-less folder media do, but it teaches nothing about text."""
+    if not missing:
+        return
+    spec = task_spec(task)
+    what = "instruction" if spec.edit else "caption"
+    role = "the condition it generates from" if spec.generation else "the text it learns to write"
+    fields = "recaption / instruction / caption in the index, or a txt member"
+    if missing == total:
+        article = "an" if spec.edit else "a"
+        message = (
+            f"none of its {total} {spec.kind} samples has {article} {what} ({role}; {fields}): "
+            f"it trains on empty text; recaption the data or give {what}s in a manifest"
+        )
+    else:
+        message = f"{missing} of {total} {spec.kind} samples have no {what} ({role}; {fields})"
+    check.problems.append(Problem("warning", "missing_text", message, label, task, data=data))
+
+
+def _text_counts(src: DataSource, kind: str, catalog: Any) -> tuple[int, int]:
+    """(samples of ``kind`` without text, all samples of ``kind``) in the source, as
+    ``decode.sample_text`` finds text: a ``txt`` member, else the index row's fields."""
+    if is_catalog_uri(src.uri):
+        return _index_text_counts(src, kind, catalog)
+    counts: Counter = Counter()
+    for uri, _ in src.shards:
+        with open_shard(uri) as reader:
+            for key, members in reader:
+                if src.keys is not None and key not in src.keys:
+                    continue
+                meta, found = meta_and_kind(reader, members)
+                if found != kind:
+                    continue
+                text = reader.read(members["txt"]) if "txt" in members else b""
+                has = bool(text.strip()) or _has_text(meta)
+                counts[has] += 1
+    return counts[False], counts[False] + counts[True]
+
+
+def _index_text_counts(src: DataSource, kind: str, catalog: Any) -> tuple[int, int]:
+    """``_text_counts`` of catalog data, from its index (the curation sink writes the ``txt``
+    member from these same fields)."""
+    import pyarrow.compute as pc
+
+    from catalog.index import open_index
+
+    ref = DatasetRef.parse(src.uri)
+    version = catalog.get_version(ref.name, ref.version)
+    table = open_index(version.index_uri).to_table(
+        columns=["key", *TEXT_FIELDS],
+        filter=(pc.field("status") == "accepted") & (pc.field("kind") == kind),
+    )
+    missing = total = 0
+    for row in table.to_pylist():
+        if src.keys is not None and row["key"] not in src.keys:
+            continue
+        total += 1
+        missing += not _has_text(row)
+    return missing, total
+
+
+def _has_text(row: dict[str, Any]) -> bool:
+    return any(str(row.get(f) or "").strip() for f in TEXT_FIELDS)
+
+
+def run_check(
+    recipe: Recipe,
+    *,
+    world_size: int,
+    catalog: Any,
+    stages: Iterable[int] | None,
+    say: Callable[[str], None],
+) -> DataCheck:
+    """``train run``'s check before any worker starts: raises ``DataCheckError`` listing every
+    problem when there is an error; otherwise says each warning and note and returns."""
+    check = check_data(
+        recipe,
+        world_size=world_size,
+        geometry=model_geometry(recipe.model),
+        catalog=catalog,
+        stages=stages,
+    )
+    check.raise_for_errors()
+    if check.warnings:
+        say(f"data check on {check.world_size} worker(s): {check.summary()}")
+    for note in check.notes:
+        say(f"data check: {note}")
+    return check
