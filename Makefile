@@ -42,7 +42,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	@echo ">>> running the demo into $(DEMO_OUT)/ (about 10 minutes on 2 CPUs the first time)"
+	@echo ">>> running the demo into $(DEMO_OUT)/ (minutes: about 10 on a busy 2-CPU machine the first time)"
 	$(BIN)/omniforge demo --output $(DEMO_OUT)
 
 test: install-dev

@@ -58,7 +58,7 @@ STATUS_COLUMNS = (
     ("result", Column("result")),
     ("catalog_run", Column("catalog run", copy=True)),
     ("version", Column("dataset version", copy=True)),
-    ("mlflow", Column("MLflow run", copy=True)),
+    ("mlflow", Column("MLflow run", copy=True, drop=2)),
 )
 
 

@@ -39,3 +39,16 @@ def test_a_catalog_path_is_a_sqlite_url(tmp_path, monkeypatch):
     assert catalog_url("demo_out/catalog.db") == f"sqlite:///{tmp_path / 'demo_out/catalog.db'}"
     assert catalog_url("sqlite:///x.db") == "sqlite:///x.db"
     assert catalog_url(None) is None
+
+
+def test_plan_status_keeps_its_ids_whole_at_80_columns():
+    from orchestration.plan_cmd import STATUS_COLUMNS
+
+    row = ["curate", "curation", "done", "62 accepted / 30 rejected / 8 error", "4 (succeeded)",
+           "sample-curated@1", "0a1b2c3d4e5f60718293a4b5c6d7e8f9"]  # fmt: skip
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(fitted_table("plan", [c for _, c in STATUS_COLUMNS], [row], width=80))
+    text = console.export_text()
+    assert "4 (succeeded)" in text and "sample-curated@1" in text
+    assert "not shown in 80 columns: MLflow run" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
