@@ -220,3 +220,31 @@ def test_version_and_completion():
            "COMP_CWORD": "1"}  # fmt: skip
     out = subprocess.run([OMNIFORGE], capture_output=True, text=True, timeout=60, env=env)
     assert "catalog" in out.stdout.split(), out.stdout + out.stderr
+
+
+def test_library_notices_only_with_verbose(tmp_path, catalog_url):
+    """Ray's token notice and MLflow's table creation are hidden unless --verbose."""
+    import os
+    import shutil
+
+    from helpers import DATA
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(DATA / "astronaut.png", corpus / "astronaut.png")
+    env = {**os.environ, "OMNIFORGE_HOME": str(tmp_path / "home")}
+    env.pop("OMNIFORGE_VERBOSE", None)
+    stderr = {}
+    for flag in ("", "--verbose"):
+        out = subprocess.run(
+            [OMNIFORGE, *([flag] if flag else []), "curate", "run", "--input", str(corpus),
+             "--output", str(tmp_path / f"out{flag}"), "--set", f"name=one{flag.strip('-')}",
+             "--catalog", catalog_url,
+             "--tracking-uri", f"sqlite:///{tmp_path / f'mlflow{flag}.db'}"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        stderr[flag] = out.stderr
+    assert stderr[""] == ""
+    assert "Token authentication is enabled" in stderr["--verbose"]
+    assert "Creating initial MLflow database tables" in stderr["--verbose"]
