@@ -16,6 +16,7 @@ from orchestration.common import (
     Column,
     OutputFormat,
     OutputOption,
+    catalog_url,
     command_prefix,
     console,
     fitted_table,
@@ -35,7 +36,10 @@ AddressOption = typer.Option(
 # On the cluster the catalog URL and tracking URI come from the nodes' environment unless
 # given here (without a password).
 JobCatalogOption = typer.Option(
-    None, "--catalog", help="catalog URL the job uses (default: the cluster's environment)"
+    None,
+    "--catalog",
+    help="catalog URL the job uses, or a SQLite path as the cluster sees it (made absolute "
+    "here); default: the cluster's environment",
 )
 
 
@@ -73,6 +77,7 @@ def submit_curate(
     cfg = load_config(CurationConfig, config, set_)
     if allow_input:
         cfg = cfg.model_copy(update={"allow_inputs": [*cfg.allow_inputs, *allow_input]})
+    catalog = catalog_url(catalog)
     spec = jobs.curate_spec(cfg, input, output, catalog=catalog, tracking_uri=tracking_uri)
     job_id = jobs.submit(spec, address, package=package)
     _finish(job_id, address, wait, follow)
@@ -106,7 +111,7 @@ def submit_train(
         stages=stages,
         workers=workers,
         resume=resume,
-        catalog=catalog,
+        catalog=catalog_url(catalog),
         tracking_uri=tracking_uri,
     )
     job_id = jobs.submit(spec, address, package=package, num_gpus=num_gpus)
