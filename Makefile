@@ -9,7 +9,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-PIP_FLAGS ?= --quiet --disable-pip-version-check
+PIP_FLAGS ?= --disable-pip-version-check
+# pip's per-package lines show that the long first install (torch, Ray, DeepSpeed...) moves;
+# make install PIP_FLAGS="--quiet --disable-pip-version-check" hides them.
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 # DeepSpeed compiles a shared-memory op on first use: cache it inside the checkout.
@@ -18,17 +20,21 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 .PHONY: install install-dev demo test lint format clean bench
 
 $(BIN)/python:
+	@echo ">>> creating the virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.torch-installed: constraints.txt | $(BIN)/python
+	@echo ">>> installing torch (the pin in constraints.txt; the first time takes minutes)"
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt "$$(grep -E '^torch==' constraints.txt)"
 	touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch-installed
+	@echo ">>> installing omniforge and its dependencies (Ray, DeepSpeed, MLflow, ...)"
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch-installed
+	@echo ">>> installing omniforge with the dev extras (pytest, ruff, s3fs)"
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
@@ -36,6 +42,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
+	@echo ">>> running the demo into $(DEMO_OUT)/ (minutes: about 10 on a busy 2-CPU machine the first time)"
 	$(BIN)/omniforge demo --output $(DEMO_OUT)
 
 test: install-dev

@@ -56,6 +56,28 @@ def code_version() -> str:
         return "unknown"
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///FILE`` URL (None for other databases and memory)."""
+    if not url.startswith("sqlite"):
+        return None
+    db_path = url.split(":///", 1)[-1].split("?", 1)[0]
+    if not db_path or db_path == ":memory:" or "://" in db_path:
+        return None
+    return Path(db_path)
+
+
+def require_existing(url: str) -> None:
+    """Read-only commands open a catalog that exists: opening a missing SQLite file would
+    create it (and its folder), leaving an empty catalog behind a typo."""
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        raise NotFound(
+            f"no catalog at {path}: nothing has been curated or registered there yet "
+            "(`omniforge demo` or `omniforge curate run` create it); pass --catalog with the "
+            "path or URL of an existing catalog"
+        )
+
+
 WAL_ATTEMPTS = 100  # about a minute of retries at most
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 from catalog.db import (
@@ -40,6 +40,7 @@ from catalog.db import (
     default_url,
     make_engine,
     migrate,
+    require_existing,
 )
 from catalog.filters import parse_filter
 from catalog.index import check_index_schema, open_index
@@ -55,6 +56,7 @@ from catalog.runs import RunLedger
 from catalog.schema import STATUSES, count_by_status
 from catalog.shards import ShardInfo, relative_to_root
 from catalog.verify import ShardProblem, check_shards
+from core.secrets import mask_urls
 
 __all__ = [
     "ENV_HOME",
@@ -74,11 +76,32 @@ __all__ = [
 
 
 class Catalog(RunLedger):
-    def __init__(self, url: str | None = None, auto_migrate: bool = True):
+    """``create=False``: open an existing catalog only (read-only commands); a missing SQLite
+    file is ``NotFound`` instead of a new empty catalog."""
+
+    def __init__(self, url: str | None = None, auto_migrate: bool = True, create: bool = True):
         self.url = url or default_url()
-        self.engine = make_engine(self.url)
-        if auto_migrate:
-            migrate(self.engine)
+        if not create:
+            require_existing(self.url)
+        try:
+            self.engine = make_engine(self.url)
+            if auto_migrate:
+                migrate(self.engine)
+        except (ArgumentError, NoSuchModuleError):
+            raise CatalogError(
+                f"catalog URL {mask_urls(self.url)!r} is not a database URL: use "
+                "sqlite:///FILE, a path to a SQLite file, or postgresql://USER@HOST/DB"
+            ) from None
+        except ModuleNotFoundError as e:  # the database's driver (psycopg2) is not installed
+            raise CatalogError(
+                f"catalog URL {mask_urls(self.url)!r} needs the {e.name} package: "
+                "pip install 'omniforge[postgres]'"
+            ) from None
+        except OperationalError as e:
+            reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            raise CatalogError(
+                f"cannot open the catalog at {mask_urls(self.url)}: {reason}"
+            ) from None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -35,7 +35,7 @@ from curation.adapter import Step, plan_steps
 from curation.config import CurationConfig
 from curation.engine import CurationAborted, run_blocks
 from curation.journal import Journal
-from curation.output import claim_output, output_lock
+from curation.output import LOCK, claim_output, output_lock
 from curation.pack import pack_one, plan_packs, write_final_index, write_shard_list
 from curation.sink import WORK, BlockSink, read_thumbnails, write_atomic, writing
 from curation.sources import list_inputs
@@ -182,13 +182,24 @@ def run_curation(
 ) -> CurationResult:
     start = time.monotonic()
     out = local_output(output)
+    fresh = not out.exists()
     with output_lock(out):
-        stages, skipped = build_stages(cfg)
-        check_required(stages)  # before any work: name every missing weights file
+        try:
+            stages, skipped = build_stages(cfg)
+            check_required(stages)  # before any work: name every missing weights file
+            inputs = list_inputs(source, cfg.kind, staging=out / "_staging", allow=cfg.allow_inputs)
+            if not inputs:  # checked before a version is begun: no pending version is left
+                raise ValueError(
+                    f"--input {source}: no inputs found (no media files, manifests or tars); "
+                    "point --input at a folder of images/videos, a JSONL/Parquet manifest or "
+                    "tar shards"
+                )
+        except Exception:  # a mistake found before any work leaves no output folder behind
+            _forget_output(out, fresh)
+            raise
         job = _Job(
             out, cfg, catalog, stages, skipped, address, tracking_uri, console, verbose, start
         )
-        inputs = list_inputs(source, cfg.kind, staging=out / "_staging", allow=cfg.allow_inputs)
         identity = run_identity(cfg, inputs)
         claim_output(out, identity, source, cfg)
         finished = catalog.find_committed(cfg.name, str(out), identity)
@@ -201,6 +212,21 @@ def run_curation(
         version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
         params = {"input": source, "output": str(out)}
         return _run(job, version, inputs, f"curate {source} -> {out}", identity, params)
+
+
+def _forget_output(out: Path, fresh: bool) -> None:
+    """Remove an output folder this run created and did not use (only its lock and an empty
+    staging folder are in it), so a mistaken command leaves nothing behind."""
+    if not fresh:
+        return
+    for leftover in (out / "_staging", out):
+        if not leftover.is_dir():
+            continue
+        (leftover / LOCK).unlink(missing_ok=True)
+        try:
+            leftover.rmdir()
+        except OSError:  # not empty: something else is there; leave it
+            return
 
 
 def _run(

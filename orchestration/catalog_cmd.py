@@ -7,8 +7,17 @@ import typer
 from rich.table import Table
 
 from catalog.names import DatasetRef
-from catalog.store import Catalog, Node, VersionInfo, migrate
-from orchestration.common import CatalogOption, console, human_bytes, open_catalog
+from catalog.store import Catalog, Node, NotFound, VersionInfo, migrate
+from orchestration.common import (
+    CatalogOption,
+    OutputFormat,
+    OutputOption,
+    catalog_url,
+    console,
+    human_bytes,
+    open_catalog,
+    print_json,
+)
 
 app = typer.Typer(help="The catalog: datasets, versions, shards, runs, lineage.")
 
@@ -22,10 +31,20 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 @app.command("ls")
-def ls(catalog: str | None = CatalogOption) -> None:
+def ls(catalog: str | None = CatalogOption, output: OutputFormat = OutputOption) -> None:
     """Datasets with their latest committed version."""
-    cat = open_catalog(catalog)
+    try:
+        cat = open_catalog(catalog, create=False)
+    except NotFound as e:  # no catalog yet: nothing to list (and nothing created)
+        if output == OutputFormat.json:
+            print_json([])
+        else:
+            console.print(str(e), markup=False)
+        return
     rows = cat.list_datasets()
+    if output == OutputFormat.json:
+        print_json(rows)
+        return
     if not rows:
         console.print(f"no datasets in {cat.url}")
         return
@@ -53,7 +72,7 @@ def show(
     catalog: str | None = CatalogOption,
 ) -> None:
     """A dataset's versions, or one version with its shards per bucket."""
-    cat = open_catalog(catalog)
+    cat = open_catalog(catalog, create=False)
     parsed = DatasetRef.parse(ref)
     if "@" not in ref:
         versions = cat.list_versions(parsed.name, include_pending=all_)
@@ -123,7 +142,7 @@ def lineage(
     catalog: str | None = CatalogOption,
 ) -> None:
     """Where a version came from and what was made from it (runs, versions, checkpoints)."""
-    cat = open_catalog(catalog)
+    cat = open_catalog(catalog, create=False)
     parsed = DatasetRef.parse(ref)
     v = cat.get_version(parsed.name, parsed.version, include_pending=True)
     up, down = cat.lineage(Node("version", v.id))
@@ -147,7 +166,7 @@ def resolve(
     catalog: str | None = CatalogOption,
 ) -> None:
     """Shards and accepted samples that a reference (+ filter) selects, as training sees them."""
-    cat = open_catalog(catalog)
+    cat = open_catalog(catalog, create=False)
     res = cat.resolve(ref, filter)
     console.print(
         f"{res.version.ref}: {res.num_matched} accepted samples"
@@ -170,7 +189,7 @@ def verify(
 
     Exit status 1 when any shard is missing or corrupt (each one is listed).
     """
-    cat = open_catalog(catalog)
+    cat = open_catalog(catalog, create=False)
     parsed = DatasetRef.parse(ref)
     v = cat.get_version(parsed.name, parsed.version)
     problems = cat.verify_shards(v.id)
@@ -185,6 +204,6 @@ def verify(
 @app.command("migrate")
 def migrate_cmd(catalog: str | None = CatalogOption) -> None:
     """Create or upgrade the catalog schema (done automatically on open too)."""
-    cat = Catalog(catalog, auto_migrate=False)
+    cat = Catalog(catalog_url(catalog), auto_migrate=False)
     rev = migrate(cat.engine)
     console.print(f"{cat.url} at schema revision {rev}")

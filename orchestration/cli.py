@@ -28,6 +28,7 @@ from orchestration import (
     cluster_cmd,
     config_cmd,
     curate_cmd,
+    doctor_cmd,
     jobs_cmd,
     mlflow_cmd,
     plan_cmd,
@@ -35,13 +36,14 @@ from orchestration import (
 )
 from orchestration.common import console, err_console
 from orchestration.jobs import JobError
+from orchestration.quiet import quiet_libraries
 from orchestration.services import ServiceError
 
 app = typer.Typer(
     name="omniforge",
     help="Curate image/video/edit corpora into shards and train unified video models on them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
 )
 app.add_typer(config_cmd.app, name="config")
@@ -53,6 +55,48 @@ app.add_typer(jobs_cmd.submit_app, name="submit")
 app.add_typer(jobs_cmd.jobs_app, name="jobs")
 app.add_typer(mlflow_cmd.app, name="mlflow")
 app.add_typer(plan_cmd.app, name="plan")
+app.command("doctor")(doctor_cmd.doctor)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"omniforge {package_version()}", markup=False)
+        raise typer.Exit()
+
+
+def package_version() -> str:
+    """The installed package's version, with the checkout's git commit when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from catalog.db import code_version
+
+    try:
+        installed = version("omniforge")
+    except PackageNotFoundError:
+        installed = "unknown"
+    commit = code_version()
+    return installed if commit == installed else f"{installed} ({commit})"
+
+
+@app.callback()
+def main_options(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="show the libraries' own notices and logs (Ray, MLflow, DeepSpeed); hidden by default",
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="print the version and exit",
+    ),
+) -> None:
+    """Curate image/video/edit corpora into shards and train unified video models on them."""
+    quiet_libraries(verbose)
+
 
 USER_ERRORS = (
     ConfigError,
@@ -93,7 +137,7 @@ def sample_data(
 def demo(
     output: Path = typer.Option(Path("demo_out"), help="everything the demo writes goes here"),
     catalog: str | None = typer.Option(
-        None, help="catalog URL (default: a SQLite file inside --output)"
+        None, help="catalog URL or SQLite file path (default: a SQLite file inside --output)"
     ),
     tracking_uri: str | None = typer.Option(
         None, help="MLflow tracking URI (default: a SQLite store inside --output)"

@@ -21,7 +21,7 @@ import typer
 from core.secrets import ensure_ray_token as _ensure_token
 from core.secrets import ray_token
 from orchestration import services
-from orchestration.common import console
+from orchestration.common import command_prefix, console
 
 app = typer.Typer(help="A local Ray head for development (bound to 127.0.0.1).")
 
@@ -139,11 +139,13 @@ def up(
 ) -> None:
     """Start a local Ray head on 127.0.0.1 (GCS, dashboard and Jobs API on loopback only)."""
     service = start_head(port, dashboard_port, num_cpus, num_gpus)
+    omniforge = command_prefix()
     console.print(
         f"Ray head running (pid {service.pid}): Jobs API and dashboard {service.url}, "
         f"GCS {service.info['gcs_address']}\n"
-        f"submit with: omniforge submit curate CONFIG --input ... --output ...   "
-        f"(log: {service.log})\nstop with: omniforge cluster down"
+        f"submit with: {omniforge} submit curate CONFIG --input ... --output ...   "
+        f"(log: {service.log})\nstop with: {omniforge} cluster down",
+        markup=False,
     )
 
 

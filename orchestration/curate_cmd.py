@@ -8,6 +8,7 @@ import typer
 
 from catalog.names import DatasetRef, is_catalog_uri
 from core.config import load_config, to_plain
+from orchestration import quiet
 from orchestration.common import CatalogOption, console, open_catalog
 
 app = typer.Typer(help="Curation: raw image/video/edit corpora -> curated, bucketed shards.")
@@ -34,12 +35,16 @@ def run(
         "come from (repeatable; added to the config's allow_inputs)",
     ),
     catalog: str | None = CatalogOption,
-    verbose: bool = typer.Option(False, "--verbose", help="also show Ray's own logs"),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="also show Ray's own logs (as omniforge --verbose)"
+    ),
 ) -> None:
     """Curate INPUT into OUTPUT and commit a dataset version. Rerun the same command to resume."""
     from curation.config import CurationConfig
     from curation.pipeline import run_curation
 
+    if verbose:
+        quiet.quiet_libraries(True)
     overrides = list(set_)
     if kind is not None:
         if kind not in KINDS:
@@ -58,7 +63,7 @@ def run(
         address=address,
         tracking_uri=tracking_uri,
         console=console,
-        verbose=verbose,
+        verbose=verbose or quiet.verbose(),
     )
 
 
@@ -71,12 +76,16 @@ def select(
     address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
     catalog: str | None = CatalogOption,
-    verbose: bool = typer.Option(False, "--verbose", help="also show Ray's own logs"),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="also show Ray's own logs (as omniforge --verbose)"
+    ),
 ) -> None:
     """Re-apply thresholds to an existing index without recomputing scores (a new version)."""
     from curation.config import CurationConfig
     from curation.pipeline import load_run_config, reselect
 
+    if verbose:
+        quiet.quiet_libraries(True)
     cat = open_catalog(catalog)
     parent = None
     if is_catalog_uri(source):
@@ -96,5 +105,5 @@ def select(
         address=address,
         tracking_uri=tracking_uri,
         console=console,
-        verbose=verbose,
+        verbose=verbose or quiet.verbose(),
     )

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from catalog.db import sqlite_file
 from catalog.records import Node
 from catalog.store import Catalog
-from orchestration.common import console
+from orchestration.common import catalog_url as as_url
+from orchestration.common import command_prefix, console, shown_path
 
 # The synthetic corpus is small on purpose (fast on 2 CPUs): lower the size floor so the
 # other filters decide; everything else is the default profile.
@@ -46,7 +48,7 @@ def run_demo(output: Path, catalog_url: str | None = None, tracking_uri: str | N
     start = time.monotonic()
     output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)
-    catalog_url = catalog_url or f"sqlite:///{output / 'catalog.db'}"
+    catalog_url = as_url(catalog_url) or f"sqlite:///{output / 'catalog.db'}"
     tracking_uri = tracking_uri or f"sqlite:///{output / 'mlflow.db'}"
     cat = Catalog(catalog_url)
 
@@ -69,13 +71,46 @@ def run_demo(output: Path, catalog_url: str | None = None, tracking_uri: str | N
     print_status(plan_file, [], catalog_url)
     version = state["steps"]["curate"]["version"].removeprefix("catalog://")
     console.print(f"finished in {time.monotonic() - start:.1f} s. Look around with:")
-    for cmd in (
-        f"omniforge plan status {plan_file}",
-        f"omniforge catalog ls --catalog {catalog_url}",
-        f"omniforge catalog show {version} --catalog {catalog_url}",
-        f"omniforge catalog lineage {version} --catalog {catalog_url}",
-        "omniforge train plan omni_video_tiny",
-        f"open {output / 'curation' / 'report.html'}",
-        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  # then http://127.0.0.1:5000",
-    ):
-        console.print(f"  {cmd}")
+    for cmd in look_around(output, plan_file, catalog_url, tracking_uri, version):
+        console.print(f"  {cmd}", markup=False)
+
+
+def look_around(
+    output: Path, plan_file: Path, catalog_url: str, tracking_uri: str, version: str
+) -> list[str]:
+    """The commands printed after the demo, runnable as printed: this installation's
+    ``omniforge`` (``.venv/bin/omniforge`` when the venv is not activated) and the demo's own
+    catalog on every command that reads one (the demo keeps its catalog inside its output
+    folder so that ``make clean`` removes it with the shards it describes)."""
+    omniforge, mlflow = command_prefix("omniforge"), command_prefix("mlflow")
+    cat = f"--catalog {_catalog_arg(catalog_url)}"
+    name = version.split("@")[0]
+    plan_catalog = f" {cat}" if _train_plan_reads_catalog() else ""
+    return [
+        f"{omniforge} plan status {shown_path(plan_file)}",
+        f"{omniforge} catalog ls {cat}",
+        f"{omniforge} catalog show {name} {cat}",
+        f"{omniforge} catalog show {version} {cat}",
+        f"{omniforge} catalog lineage {version} {cat}",
+        f"{omniforge} train plan omni_video_tiny{plan_catalog}",
+        f"{omniforge} train run omni_video_tiny --stages 1 {cat} "
+        f"--output {shown_path(output / 'train-again')}",
+        f"open {shown_path(output / 'curation' / 'report.html')}",
+        f"{mlflow} ui --backend-store-uri {tracking_uri} --host 127.0.0.1"
+        "  # then http://127.0.0.1:5000",
+    ]
+
+
+def _catalog_arg(url: str) -> str:
+    """The demo's SQLite catalog as a path (``--catalog`` takes one), shorter to copy."""
+    path = sqlite_file(url)
+    return shown_path(path) if path is not None else url
+
+
+def _train_plan_reads_catalog() -> bool:
+    """Whether ``train plan`` takes ``--catalog`` (it does once it checks the recipe's data)."""
+    import inspect
+
+    from orchestration import train_cmd
+
+    return "catalog" in inspect.signature(train_cmd.plan).parameters

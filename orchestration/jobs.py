@@ -24,6 +24,7 @@ import os
 import secrets
 import shlex
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from catalog.db import code_version
 from catalog.runs import ENV_JOB_ID
@@ -42,6 +44,7 @@ PACKAGES = ("catalog", "curation", "training", "orchestration")
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_RETRIES = 30
+CONNECT_TIMEOUT_S = 5.0
 
 
 class JobError(RuntimeError):
@@ -62,7 +65,7 @@ def resolve_address(address: str | None) -> str:
     from orchestration.cluster_cmd import local_address
 
     if address:
-        return address
+        return check_address(address)
     for name in ADDRESS_ENV:
         value = os.environ.get(name, "")
         if value.startswith(("http://", "https://")):
@@ -76,13 +79,73 @@ def resolve_address(address: str | None) -> str:
     )
 
 
+def check_address(address: str) -> str:
+    """The Jobs API is the dashboard's http(s) URL. Ray would take ``HOST:PORT`` for a GCS
+    address and wait 45 s for a GCS that is not there: refuse it at once."""
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/")
+    hint = address.split("://", 1)[-1]
+    raise JobError(
+        f"--address {address}: the Jobs API address is the dashboard's http URL; "
+        f"use --address http://{hint} (port 8265 unless the head chose another)"
+    )
+
+
+def _reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to the URL's host and port opens, else why not (Ray's
+    client would otherwise wait for the system's connect timeout, minutes)."""
+    parsed = urlsplit(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or str(e) or type(e).__name__
+
+
 def client(address: str | None):
+    """A Jobs API client for the cluster; ``JobError`` with what to do when it cannot be
+    reached."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     from orchestration.cluster_cmd import enable_client_auth
 
-    enable_client_auth()
-    return JobSubmissionClient(resolve_address(address))
+    url = resolve_address(address)
+    unreachable = _reachable(url)
+    if unreachable is None:
+        enable_client_auth()
+        try:
+            return JobSubmissionClient(url)
+        except ConnectionError as e:
+            unreachable = str(e)
+        except AuthenticationError:
+            raise JobError(
+                f"the Ray Jobs API at {url} refused this client: it needs the cluster's token "
+                "in ~/.ray/auth_token or RAY_AUTH_TOKEN (RAY_AUTH_TOKEN_PATH names another file)"
+            ) from None
+        except (RuntimeError, ValueError) as e:  # something answers, but not Ray's Jobs API
+            raise JobError(
+                f"{url} is not a Ray Jobs API ({str(e).strip().splitlines()[0][:200]}): "
+                "check --address (the head's dashboard, port 8265 by default)"
+            ) from None
+    raise JobError(
+        f"cannot reach the Ray Jobs API at {url} ({unreachable}): is the cluster running? "
+        "Check --address (`omniforge cluster status` for the local head)"
+    )
+
+
+def job_info(jobs_client, job_id: str):
+    """The job's details; ``JobError`` naming the id when the cluster has no such job."""
+    try:
+        return jobs_client.get_job_info(job_id)
+    except RuntimeError as e:
+        if "does not exist" in str(e) or "404" in str(e):
+            raise JobError(
+                f"no job {job_id!r} on {jobs_client.get_address()}: "
+                "`omniforge jobs ls` lists the cluster's jobs"
+            ) from None
+        raise
 
 
 def refuse_secrets(**values: str | None) -> None:
@@ -247,6 +310,7 @@ def wait(
 ) -> str:
     """Poll until the job ends; returns its final status."""
     jobs = client(address)
+    job_info(jobs, job_id)
     deadline = None if timeout is None else time.monotonic() + timeout
     last = None
     while True:
@@ -264,6 +328,7 @@ def wait(
 def follow_logs(job_id: str, address: str | None, write: Callable[[str], None]) -> None:
     """Stream the job's log (secrets in URLs masked) until the job ends."""
     jobs = client(address)
+    job_info(jobs, job_id)
 
     async def run() -> None:
         async for chunk in jobs.tail_job_logs(job_id):

@@ -6,12 +6,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
+from catalog.store import NotFound
 from core.config import load_config
 from core.secrets import mask_urls
 from orchestration import jobs
-from orchestration.common import CatalogOption, console, open_catalog
+from orchestration.common import (
+    CatalogOption,
+    Column,
+    OutputFormat,
+    OutputOption,
+    catalog_url,
+    command_prefix,
+    console,
+    fitted_table,
+    open_catalog,
+    print_json,
+)
 
 submit_app = typer.Typer(help="Run curation or training on a Ray cluster (Ray Jobs API).")
 jobs_app = typer.Typer(help="List, inspect, follow and cancel cluster jobs.")
@@ -25,7 +36,10 @@ AddressOption = typer.Option(
 # On the cluster the catalog URL and tracking URI come from the nodes' environment unless
 # given here (without a password).
 JobCatalogOption = typer.Option(
-    None, "--catalog", help="catalog URL the job uses (default: the cluster's environment)"
+    None,
+    "--catalog",
+    help="catalog URL the job uses, or a SQLite path as the cluster sees it (made absolute "
+    "here); default: the cluster's environment",
 )
 
 
@@ -38,7 +52,7 @@ def _finish(job_id: str, address: str | None, wait: bool, follow: bool) -> None:
         if status != "SUCCEEDED":
             raise typer.Exit(1)
     else:
-        console.print(f"follow with: omniforge jobs logs {job_id} --follow")
+        console.print(f"follow with: {command_prefix()} jobs logs {job_id} --follow")
 
 
 @submit_app.command("curate")
@@ -63,6 +77,7 @@ def submit_curate(
     cfg = load_config(CurationConfig, config, set_)
     if allow_input:
         cfg = cfg.model_copy(update={"allow_inputs": [*cfg.allow_inputs, *allow_input]})
+    catalog = catalog_url(catalog)
     spec = jobs.curate_spec(cfg, input, output, catalog=catalog, tracking_uri=tracking_uri)
     job_id = jobs.submit(spec, address, package=package)
     _finish(job_id, address, wait, follow)
@@ -96,41 +111,70 @@ def submit_train(
         stages=stages,
         workers=workers,
         resume=resume,
-        catalog=catalog,
+        catalog=catalog_url(catalog),
         tracking_uri=tracking_uri,
     )
     job_id = jobs.submit(spec, address, package=package, num_gpus=num_gpus)
     _finish(job_id, address, wait, follow)
 
 
-def _when(ms: int | None) -> str:
+def _when(ms: int | None, short: bool = False) -> str:
     if not ms:
         return "-"
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    when = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return when.strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S")
+
+
+def _iso(ms: int | None) -> str | None:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat() if ms else None
+
+
+def _job_json(d) -> dict:
+    return {
+        "id": d.submission_id or d.job_id,
+        "status": str(d.status.value),
+        "message": mask_urls(d.message or "") or None,
+        "started": _iso(d.start_time),
+        "ended": _iso(d.end_time),
+        "entrypoint": mask_urls(d.entrypoint or ""),
+        "metadata": dict(d.metadata or {}),
+    }
+
+
+LS_COLUMNS = (
+    Column("id", copy=True),
+    Column("status", copy=True),
+    Column("kind", drop=2),
+    Column("name"),
+    Column("started (UTC)", drop=3),
+    Column("entrypoint", drop=4),
+)
 
 
 @jobs_app.command("ls")
-def ls(address: str | None = AddressOption) -> None:
+def ls(address: str | None = AddressOption, output: OutputFormat = OutputOption) -> None:
     """The cluster's jobs, newest first."""
-    details = jobs.client(address).list_jobs()
+    jobs_client = jobs.client(address)
+    details = jobs_client.list_jobs()
     details.sort(key=lambda d: d.start_time or 0, reverse=True)
-    table = Table(title=f"jobs on {jobs.resolve_address(address)}")
-    table.add_column("id", no_wrap=True)
-    for col in ("status", "kind", "name", "started (UTC)"):
-        table.add_column(col)
-    table.add_column("entrypoint", overflow="ellipsis", no_wrap=True, max_width=60)
+    if output == OutputFormat.json:
+        print_json([_job_json(d) for d in details])
+        return
+    rows = []
     for d in details:
         meta = d.metadata or {}
         entry = mask_urls(d.entrypoint or "")
-        table.add_row(
-            d.submission_id or d.job_id or "-",
-            str(d.status.value),
-            meta.get("omniforge.kind", "-"),
-            meta.get("omniforge.name", "-"),
-            _when(d.start_time),
-            entry if len(entry) < 80 else entry[:77] + "...",
+        rows.append(
+            (
+                d.submission_id or d.job_id or "-",
+                str(d.status.value),
+                meta.get("omniforge.kind", "-"),
+                meta.get("omniforge.name", "-"),
+                _when(d.start_time, short=True),
+                entry if len(entry) < 80 else entry[:77] + "...",
+            )
         )
-    console.print(table)
+    console.print(fitted_table(f"jobs on {jobs_client.get_address()}", LS_COLUMNS, rows))
 
 
 @jobs_app.command("status")
@@ -138,20 +182,43 @@ def status(
     job_id: str = typer.Argument(..., help="submission id"),
     address: str | None = AddressOption,
     catalog: str | None = CatalogOption,
+    output: OutputFormat = OutputOption,
 ) -> None:
     """A job's state, timing, entrypoint and the catalog runs it recorded."""
-    d = jobs.client(address).get_job_info(job_id)
+    d = jobs.job_info(jobs.client(address), job_id)
+    try:
+        runs = open_catalog(catalog, create=False).list_runs(job_id=job_id)
+        no_catalog = None
+    except NotFound as e:  # no catalog here: the job's runs are recorded elsewhere
+        runs, no_catalog = [], str(e)
+    if output == OutputFormat.json:
+        info = _job_json(d)
+        info["catalog_runs"] = [
+            {
+                "id": r.id,
+                "kind": r.kind,
+                "name": r.name,
+                "status": r.status,
+                "mlflow_run_id": r.mlflow_run_id,
+            }
+            for r in reversed(runs)
+        ]
+        print_json(info)
+        return
     console.print(f"job {job_id}: [bold]{d.status.value}[/]")
     if d.message:
-        console.print(f"  {mask_urls(d.message)}")
+        console.print(f"  {mask_urls(d.message)}", markup=False)
     console.print(f"  started {_when(d.start_time)}, ended {_when(d.end_time)}")
     console.print(f"  entrypoint: {mask_urls(d.entrypoint or '')}", markup=False)
     for key, value in sorted((d.metadata or {}).items()):
         console.print(f"  {key}: {value}", markup=False)
-    runs = open_catalog(catalog).list_runs(job_id=job_id)
     for run in reversed(runs):
         link = f", MLflow run {run.mlflow_run_id}" if run.mlflow_run_id else ""
-        console.print(f"  catalog run {run.id} ({run.kind}) {run.name}: {run.status}{link}")
+        console.print(
+            f"  catalog run {run.id} ({run.kind}) {run.name}: {run.status}{link}", markup=False
+        )
+    if no_catalog:
+        console.print(f"  catalog runs: not shown, {no_catalog}", markup=False)
 
 
 @jobs_app.command("logs")
@@ -164,7 +231,9 @@ def logs(
     if follow:
         jobs.follow_logs(job_id, address, lambda text: console.out(text, end=""))
     else:
-        console.out(mask_urls(jobs.client(address).get_job_logs(job_id)), end="")
+        jobs_client = jobs.client(address)
+        jobs.job_info(jobs_client, job_id)
+        console.out(mask_urls(jobs_client.get_job_logs(job_id)), end="")
 
 
 @jobs_app.command("cancel")
@@ -172,5 +241,7 @@ def cancel(
     job_id: str = typer.Argument(..., help="submission id"), address: str | None = AddressOption
 ) -> None:
     """Stop a running job (Ray sends SIGTERM; the job marks its catalog runs failed)."""
-    stopped = jobs.client(address).stop_job(job_id)
+    jobs_client = jobs.client(address)
+    jobs.job_info(jobs_client, job_id)
+    stopped = jobs_client.stop_job(job_id)
     console.print(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")

@@ -19,7 +19,7 @@ import typer
 
 from core.secrets import mask_urls, read_secret
 from orchestration import services
-from orchestration.common import console
+from orchestration.common import command_prefix, console
 
 app = typer.Typer(help="A local MLflow tracking server (127.0.0.1, SQL backend).")
 
@@ -107,7 +107,8 @@ def up(
         f"MLflow server running (pid {service.pid}) at {service.url}\n"
         f"  backend {service.info['backend']}, artifacts {service.info['artifacts']}\n"
         f"  log with --tracking-uri {service.url}; open {service.url} in a browser; "
-        f"stop with: omniforge mlflow down (log: {service.log})"
+        f"stop with: {command_prefix()} mlflow down (log: {service.log})",
+        markup=False,
     )
 
 

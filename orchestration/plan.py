@@ -254,7 +254,8 @@ def pin_to_curated(recipe, state: dict[str, Any]):
 
 def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
     """One row per step: status (from plan.json, the catalog and whether the driver lives),
-    result (sample counts / final loss), catalog run, version, MLflow run link."""
+    result (sample counts / final loss), catalog run, version (``NAME@VERSION``, as ``catalog
+    show`` takes it), MLflow run id and its page on an http(s) server."""
     state = read_state(output)
     driver_alive = bool(state.get("pid")) and alive(int(state["pid"]))
     rows = []
@@ -265,6 +266,9 @@ def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
             status = "interrupted"
         runs = info.get("catalog_runs") or []
         run_status = catalog.get_run(runs[-1]).status if runs and catalog else None
+        version = info.get("version") or "-"
+        mlflow_run = info.get("mlflow_run")
+        link = run_link(plan.tracking_uri, mlflow_run)
         rows.append(
             {
                 "step": step.id,
@@ -272,8 +276,11 @@ def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
                 "status": status,
                 "result": info.get("result") or "-",
                 "catalog_run": f"{runs[-1]} ({run_status})" if runs else "-",
-                "version": info.get("version") or "-",
-                "mlflow": run_link(plan.tracking_uri, info.get("mlflow_run")),
+                "catalog_run_id": runs[-1] if runs else None,
+                "catalog_run_status": run_status,
+                "version": version.removeprefix("catalog://"),
+                "mlflow": mlflow_run or "-",
+                "mlflow_link": link if link.startswith(("http://", "https://")) else None,
             }
         )
     return rows

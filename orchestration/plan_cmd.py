@@ -5,15 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from orchestration.common import CatalogOption, console, open_catalog
+from orchestration.common import (
+    CatalogOption,
+    Column,
+    OutputFormat,
+    OutputOption,
+    command_prefix,
+    console,
+    fitted_table,
+    open_catalog,
+    print_json,
+)
 
 app = typer.Typer(help="Stage plans: curate -> stage 1 -> stage 2 ... resumable, with lineage.")
 
 
-def _catalog(plan, option: str | None):
-    return open_catalog(option or plan.catalog)
+def _catalog(plan, option: str | None, create: bool = True):
+    return open_catalog(option or plan.catalog, create=create)
 
 
 @app.command("run")
@@ -35,33 +44,47 @@ def status(
     plan_file: Path = typer.Argument(..., help="plan YAML"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
     catalog: str | None = CatalogOption,
+    output: OutputFormat = OutputOption,
 ) -> None:
     """A table of the plan's steps: status, catalog run, dataset version, MLflow run."""
-    print_status(plan_file, set_, catalog)
+    print_status(plan_file, set_, catalog, output)
 
 
-def print_status(plan_file: Path, set_: list[str], catalog: str | None) -> None:
+# step, status and the ids are copied into other commands: whole, on one line
+STATUS_COLUMNS = (
+    ("step", Column("step", copy=True)),
+    ("what", Column("what", drop=1)),
+    ("status", Column("status", copy=True)),
+    ("result", Column("result")),
+    ("catalog_run", Column("catalog run", copy=True)),
+    ("version", Column("dataset version", copy=True)),
+    ("mlflow", Column("MLflow run", copy=True, drop=2)),
+)
+
+
+def print_status(
+    plan_file: Path,
+    set_: list[str],
+    catalog: str | None,
+    output: OutputFormat = OutputFormat.table,
+) -> None:
     from orchestration.plan import load_plan, status_rows
 
-    plan, output = load_plan(plan_file, set_)
-    started = (output / "plan.json").exists()  # before the first run there is nothing to read
-    rows = status_rows(plan, output, _catalog(plan, catalog) if started else None)
-    table = Table(title=f"plan {plan.name} ({output})")
-    cols = ("step", "what", "status", "result", "catalog run", "dataset version", "MLflow run")
-    for col in cols:
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(
-            r["step"],
-            r["what"],
-            r["status"],
-            r["result"],
-            r["catalog_run"],
-            r["version"],
-            r["mlflow"],
-        )
+    plan, folder = load_plan(plan_file, set_)
+    started = (folder / "plan.json").exists()  # before the first run there is nothing to read
+    rows = status_rows(plan, folder, _catalog(plan, catalog, create=False) if started else None)
+    if output == OutputFormat.json:
+        print_json({"plan": plan.name, "output": str(folder), "steps": rows})
+        return
+    table = fitted_table(
+        f"plan {plan.name} ({folder})",
+        [col for _, col in STATUS_COLUMNS],
+        [[r[key] for key, _ in STATUS_COLUMNS] for r in rows],
+    )
     console.print(table)
     if plan.tracking_uri and not plan.tracking_uri.startswith(("http://", "https://")):
+        mlflow = command_prefix("mlflow")
         console.print(
-            f"MLflow UI: mlflow ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1"
+            f"MLflow UI: {mlflow} ui --backend-store-uri {plan.tracking_uri} --host 127.0.0.1",
+            markup=False,
         )

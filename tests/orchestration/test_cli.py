@@ -1,5 +1,6 @@
 """The ``omniforge`` console script, run as users run it (a subprocess of the installed entry point)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,150 @@ def test_catalog_commands(cat, catalog_url, committed_version):
         (("config", "validate", "/nonexistent.yaml"), "config file not found"),
     ],
 )
-def test_user_errors_are_one_line_not_a_traceback(catalog_url, args, message):
+def test_user_errors_are_one_line_not_a_traceback(cat, catalog_url, args, message):
     out = run(*args, env_url=catalog_url if args[0] == "catalog" else None)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+# -- ordinary mistakes: one line on stderr, exit status 2, no traceback; nothing left behind --
+
+
+def run_in(home: Path, *args: str, columns: int = 250) -> subprocess.CompletedProcess:
+    """The CLI with its own HOME, OMNIFORGE_HOME and TMPDIR under ``home`` (all it may write)."""
+    import os
+
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "OMNIFORGE_HOME": str(home / ".omniforge"),
+        "TMPDIR": str(home / "tmp"),
+        "COLUMNS": str(columns),
+    }
+    for name in ("OMNIFORGE_CATALOG_URL", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(name, None)
+    return subprocess.run(
+        [OMNIFORGE, *args], capture_output=True, text=True, timeout=120, env=env, cwd=home
+    )
+
+
+def files_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    return lines[0]
+
+
+def test_job_addresses_fail_at_once_with_what_to_do(tmp_path):
+    from helpers import free_port
+
+    (tmp_path / "tmp").mkdir()
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    line = one_line_error(run_in(tmp_path, "jobs", "status", "some-id", "--address", closed))
+    assert f"use --address http://{closed}" in line
+    for args in (("jobs", "status", "x"), ("jobs", "logs", "x"), ("jobs", "cancel", "x")):
+        line = one_line_error(run_in(tmp_path, *args, "--address", f"http://{closed}"))
+        assert f"cannot reach the Ray Jobs API at http://{closed}" in line
+        assert "is the cluster running?" in line
+    line = one_line_error(run_in(tmp_path, "jobs", "ls"))  # no cluster configured or running
+    assert "no Ray cluster given: pass --address http://HOST:8265" in line
+
+
+def test_catalog_takes_a_path_and_read_only_commands_create_nothing(tmp_path, cat, catalog_url):
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True)
+    plan = home / "plan.yaml"
+    plan.write_text("name: p\noutput: out\ntraining: {recipe: omni_video_tiny}\n")
+    before = files_under(home)
+    for args in (
+        ("catalog", "ls"),
+        ("catalog", "ls", "--output", "json"),
+        ("catalog", "show", "nothing"),
+        ("catalog", "show", "nothing@1", "--catalog", "elsewhere/catalog.db"),
+        ("catalog", "lineage", "nothing@1"),
+        ("catalog", "verify", "nothing@1"),
+        ("config", "show"),
+        ("plan", "status", str(plan)),
+        ("plan", "status", str(plan), "--output", "json"),
+        ("jobs", "ls"),
+    ):
+        out = run_in(home, *args)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert files_under(home) == before, f"{args} wrote {files_under(home) - before}"
+    out = run_in(home, "catalog", "ls")
+    assert out.returncode == 0 and "no catalog at" in out.stdout
+    assert json.loads(run_in(home, "catalog", "ls", "--output", "json").stdout) == []
+    line = one_line_error(run_in(home, "catalog", "show", "nothing"))
+    assert f"no catalog at {home / '.omniforge' / 'catalog.db'}" in line
+    steps = json.loads(run_in(home, "plan", "status", str(plan), "--output", "json").stdout)
+    assert [s["status"] for s in steps["steps"]] == ["pending"] * 3
+
+    # a path is a SQLite file: the same catalog as its sqlite:/// URL, from any folder
+    db = catalog_url.removeprefix("sqlite:///")
+    cat.create_dataset("raw")
+    out = run_in(home, "catalog", "ls", "--catalog", db, "--output", "json")
+    assert out.returncode == 0, out.stderr
+    assert [d["name"] for d in json.loads(out.stdout)] == ["raw"]
+    line = one_line_error(run_in(home, "catalog", "ls", "--catalog", "postgres://db/x"))
+    assert "'postgres://db/x' is not a database URL" in line
+
+
+def test_an_empty_input_folder_leaves_nothing_behind(tmp_path, cat, catalog_url):
+    (tmp_path / "empty").mkdir()
+    out = run(
+        "curate", "run", "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"),
+        "--set", "name=nothing", env_url=catalog_url,
+    )  # fmt: skip
+    line = one_line_error(out)
+    assert f"--input {tmp_path / 'empty'}: no inputs found" in line
+    assert not (tmp_path / "out").exists()
+    assert cat.list_datasets() == []  # no pending version either
+
+
+def test_version_and_completion():
+    from importlib.metadata import version
+
+    out = run("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"omniforge {version('omniforge')}")
+    out = run("--help")
+    assert "--install-completion" in out.stdout and "doctor" in out.stdout
+    import os
+
+    env = {**os.environ, "_OMNIFORGE_COMPLETE": "complete_bash", "COMP_WORDS": "omniforge cat",
+           "COMP_CWORD": "1"}  # fmt: skip
+    out = subprocess.run([OMNIFORGE], capture_output=True, text=True, timeout=60, env=env)
+    assert "catalog" in out.stdout.split(), out.stdout + out.stderr
+
+
+def test_library_notices_only_with_verbose(tmp_path, catalog_url):
+    """Ray's token notice and MLflow's table creation are hidden unless --verbose."""
+    import os
+    import shutil
+
+    from helpers import DATA
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(DATA / "astronaut.png", corpus / "astronaut.png")
+    env = {**os.environ, "OMNIFORGE_HOME": str(tmp_path / "home")}
+    env.pop("OMNIFORGE_VERBOSE", None)
+    stderr = {}
+    for flag in ("", "--verbose"):
+        out = subprocess.run(
+            [OMNIFORGE, *([flag] if flag else []), "curate", "run", "--input", str(corpus),
+             "--output", str(tmp_path / f"out{flag}"), "--set", f"name=one{flag.strip('-')}",
+             "--catalog", catalog_url,
+             "--tracking-uri", f"sqlite:///{tmp_path / f'mlflow{flag}.db'}"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        stderr[flag] = out.stderr
+    assert stderr[""] == ""
+    assert "Token authentication is enabled" in stderr["--verbose"]
+    assert "Creating initial MLflow database tables" in stderr["--verbose"]

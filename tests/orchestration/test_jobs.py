@@ -1,11 +1,12 @@
 """A real local Ray head (`cluster up`), jobs through the Ray Jobs API, catalog + MLflow records."""
 
 import json
+import os
 import re
 import subprocess
 
 import pytest
-from helpers import cli, free_port, outside_address, reachable, small_corpus
+from helpers import OMNIFORGE, cli, free_port, outside_address, reachable, small_corpus
 
 from catalog.records import Node
 from catalog.store import Catalog
@@ -84,6 +85,33 @@ def test_jobs_on_a_local_ray_head(tmp_path):
         )
         out = cli("jobs", "logs", curate_job)
         assert "catalog://job-curated@1" in out.stdout
+
+        # for scripts: JSON; for people: ids whole on one line in an 80-column terminal
+        listed = json.loads(cli("jobs", "ls", "--output", "json").stdout)
+        assert {curate_job, train_job} <= {j["id"] for j in listed}
+        assert {j["status"] for j in listed if j["id"] == curate_job} == {"SUCCEEDED"}
+        info = json.loads(
+            cli("jobs", "status", train_job, "--catalog", catalog_url, "-o", "json").stdout
+        )
+        assert info["status"] == "SUCCEEDED" and info["catalog_runs"][0]["id"] == stage_run.id
+        narrow = subprocess.run(
+            [OMNIFORGE, "jobs", "ls"],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"COLUMNS": "80"},
+        )
+        assert narrow.returncode == 0, narrow.stderr
+        assert curate_job in narrow.stdout and "SUCCEEDED" in narrow.stdout
+        assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+
+        # an id the cluster does not know: one line naming it, exit status 2
+        for command in ("status", "logs", "cancel"):
+            out = cli("jobs", command, "no-such-job")
+            assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+            assert out.stderr.strip() == (
+                f"error: no job 'no-such-job' on {head.url}: `omniforge jobs ls` lists the "
+                "cluster's jobs"
+            )
 
         # cancelling a running job
         from ray.job_submission import JobSubmissionClient
