@@ -85,14 +85,13 @@ def look_around(
     omniforge, mlflow = command_prefix("omniforge"), command_prefix("mlflow")
     cat = f"--catalog {_catalog_arg(catalog_url)}"
     name = version.split("@")[0]
-    plan_catalog = f" {cat}" if _train_plan_reads_catalog() else ""
     return [
         f"{omniforge} plan status {shown_path(plan_file)}",
         f"{omniforge} catalog ls {cat}",
         f"{omniforge} catalog show {name} {cat}",
         f"{omniforge} catalog show {version} {cat}",
         f"{omniforge} catalog lineage {version} {cat}",
-        f"{omniforge} train plan omni_video_tiny{plan_catalog}",
+        f"{omniforge} train plan omni_video_tiny {cat}",
         f"{omniforge} train run omni_video_tiny --stages 1 {cat} "
         f"--output {shown_path(output / 'train-again')}",
         f"open {shown_path(output / 'curation' / 'report.html')}",
@@ -105,12 +104,3 @@ def _catalog_arg(url: str) -> str:
     """The demo's SQLite catalog as a path (``--catalog`` takes one), shorter to copy."""
     path = sqlite_file(url)
     return shown_path(path) if path is not None else url
-
-
-def _train_plan_reads_catalog() -> bool:
-    """Whether ``train plan`` takes ``--catalog`` (it does once it checks the recipe's data)."""
-    import inspect
-
-    from orchestration import train_cmd
-
-    return "catalog" in inspect.signature(train_cmd.plan).parameters
