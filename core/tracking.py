@@ -3,13 +3,24 @@ Curation and training say what to log (``curation.tracking``, ``training.trackin
 module creates, fills and ends the runs.
 
 - ``start_run`` / ``finish_run``: a run in an experiment (optionally nested under a parent),
-  with masked params, tags and dataset inputs; ``set_tags``, ``log_metrics``,
-  ``log_artifacts``, ``log_dict`` fill it; ``run_link`` is the UI address of a run.
+  with masked params, tags, a description and dataset inputs, started and ended at the times
+  the work did; ``set_tags``, ``log_metrics``, ``log_artifacts``, ``log_dict``,
+  ``log_datasets`` fill it; ``run_link`` is the UI address of a run; ``metric_histories``
+  and ``read_run`` read back what a run holds.
+- What every run says about where it came from (``source_tags``): MLflow's own source tags
+  (``mlflow.source.name`` / ``type`` / ``git.commit`` / ``git.branch``, ``mlflow.user``) and
+  ``omniforge.command`` (the command line, secrets masked); ``unique_run_name`` names a run
+  so that two runs of one recipe never share a name.
+- ``DatasetRecord``: a dataset version as MLflow shows it on a run (name ``catalog://NAME@V``,
+  digest, the location of its index as source, counts as profile, the context it is used in);
+  ``catalog_dataset`` makes one from a catalog version.
 - ``MetricLogger``: buffered metrics of a long job (training's rank 0), in batches that never
   split a step, skipping the steps the run already holds (so a resumed job logs each step once).
 - ``experiment_id`` gets or creates an experiment; a new experiment on a ``sqlite:///`` store
   keeps its artifacts in ``mlartifacts/`` next to the database (``default_artifact_location``)
   instead of MLflow's default ``./mlruns`` in whatever the working directory happens to be.
+  Our experiments carry the tag ``mlflow.experimentKind`` (``EXPERIMENT_KIND_TAG``) so the
+  MLflow 3 UI opens them in its model-training layout.
 - ``mlflow_params`` turns a config (mapping or pydantic model) into MLflow params: flattened
   (``a.b.c``), secrets masked, stringified, cut to MLflow's limits, keys made valid.
   Masking lives in ``core.secrets`` (``masked_params``: the same without stringifying).
@@ -24,16 +35,24 @@ are left alone.
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import json
+import os
 import re
+import secrets
+import shlex
+import subprocess
+import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
-from core.secrets import masked_params
+from core.secrets import MASK, SECRET_KEY, mask_urls, masked_params
 
 # MLflow limits (validation.py): entity keys 250 chars; param values are capped at 500 chars
 # here so runs also log to older servers / database schemas; tag values at 5000.
@@ -42,6 +61,17 @@ MLFLOW_PARAM_LIMIT = 500
 MLFLOW_TAG_LIMIT = 5000
 MLFLOW_BATCH_PARAMS = 100
 MLFLOW_BATCH_METRICS = 1000
+MLFLOW_DIGEST_LIMIT = 36  # characters of a dataset digest (the datasets table)
+
+# The experiment tag the MLflow 3 UI reads to pick its layout (mlflow/server/js: the
+# ExperimentKind values; "custom_model_development" is "Machine learning": runs, charts,
+# datasets; "genai_development" opens on traces). Without it the UI guesses from the runs
+# and writes its guess into this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the omniforge code that runs
+ENV_JOB_ID = "OMNIFORGE_JOB_ID"  # set in a submitted job (catalog.runs): source type JOB
+GIT_TIMEOUT_S = 5
 
 
 def experiment_id(
@@ -51,14 +81,19 @@ def experiment_id(
 
     A new experiment gets ``artifact_location``, or by default (``default_artifact_location``)
     ``mlartifacts/`` next to a ``sqlite:///`` database. An existing experiment keeps the
-    location it was created with.
+    location it was created with. Either way it carries ``EXPERIMENT_KIND_TAG`` (one that a
+    user set to another kind is left as it is).
     """
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     if artifact_location is None:
         artifact_location = default_artifact_location(tracking_uri)
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -141,13 +176,17 @@ def start_run(
     params: Mapping[str, Any] | Any = None,
     tags: Mapping[str, Any] | None = None,
     parent_id: str | None = None,
-    inputs: Iterable[str] = (),
+    inputs: Iterable[DatasetRecord] = (),
     description: str | None = None,
     artifact_location: str | None = None,
+    start_time: float | None = None,
 ) -> str:
     """Create a RUNNING run and return its id. Under ``parent_id`` it goes into the parent's
     experiment, nested; else into ``experiment`` (created if missing, see ``experiment_id``).
-    ``params`` are logged masked (``mlflow_params``), ``inputs`` as catalog dataset inputs."""
+    ``params`` are logged masked (``mlflow_params``), ``inputs`` as dataset inputs,
+    ``description`` as the run's note (``mlflow.note.content``, Markdown in the UI).
+    ``start_time`` (seconds since the epoch; default now) is when the work began: a run
+    written after its work passes it so the UI shows the duration the work took."""
     c = client(tracking_uri)
     run_tags = {str(k): truncate(str(v), MLFLOW_TAG_LIMIT) for k, v in (tags or {}).items()}
     if parent_id:
@@ -157,20 +196,25 @@ def start_run(
         exp_id = experiment_id(c, experiment, tracking_uri, artifact_location)
     if description:
         run_tags["mlflow.note.content"] = truncate(description, MLFLOW_TAG_LIMIT)
-    run_id = c.create_run(exp_id, run_name=name, tags=run_tags).info.run_id
+    start_ms = None if start_time is None else int(start_time * 1000)
+    run_id = c.create_run(exp_id, start_time=start_ms, run_name=name, tags=run_tags).info.run_id
     try:
         if params is not None:
             log_params(c, run_id, params)
-        log_inputs(tracking_uri, run_id, list(inputs))
+        log_datasets(tracking_uri, run_id, inputs)
     except BaseException:
         c.set_terminated(run_id, "FAILED")
         raise
     return run_id
 
 
-def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """End the run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
-    client(tracking_uri).set_terminated(run_id, status)
+def finish_run(
+    tracking_uri: str, run_id: str, status: str = "FINISHED", end_time: float | None = None
+) -> None:
+    """End the run: ``FINISHED``, ``FAILED`` or ``KILLED``, at ``end_time`` (seconds since the
+    epoch; default now)."""
+    end_ms = None if end_time is None else int(end_time * 1000)
+    client(tracking_uri).set_terminated(run_id, status, end_time=end_ms)
 
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:
@@ -217,20 +261,197 @@ def log_dict(tracking_uri: str, run_id: str, data: Any, name: str) -> None:
     client(tracking_uri).log_dict(run_id, json.loads(json.dumps(data, default=str)), name)
 
 
-def log_inputs(tracking_uri: str, run_id: str, refs: list[str], context: str = "training") -> None:
-    """Catalog dataset versions (``catalog://name@version``) as the run's dataset inputs."""
-    if not refs:
-        return
+def set_description(tracking_uri: str, run_id: str, text: str) -> None:
+    """The run's description (``mlflow.note.content``: the UI's "Description", Markdown)."""
+    set_tags(tracking_uri, run_id, {"mlflow.note.content": text})
+
+
+def metric_histories(
+    tracking_uri: str, run_id: str, keep: Callable[[str], bool]
+) -> dict[str, list[tuple[int, float]]]:
+    """Every value of the run's metrics whose key ``keep`` accepts: key -> [(step, value)] in
+    step order (the store holds each step once, also across resumes: ``MetricLogger``)."""
+    c = client(tracking_uri)
+    keys = sorted(k for k in c.get_run(run_id).data.metrics if keep(k))
+    out = {}
+    for key in keys:
+        history = sorted(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = [(m.step, m.value) for m in history]
+    return out
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What a run holds, as plain data: its name, status, tags and latest metric values."""
+
+    name: str
+    status: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def read_run(tracking_uri: str, run_id: str) -> RunView:
+    run = client(tracking_uri).get_run(run_id)
+    return RunView(run.info.run_name, run.info.status, dict(run.data.tags), dict(run.data.metrics))
+
+
+# -- datasets -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A dataset as a run's "Datasets" show it: ``name`` (a catalog version:
+    ``catalog://NAME@VERSION``, what recipes name), ``digest`` (short; the same version logs
+    the same digest everywhere, so MLflow keeps one dataset for it), ``source`` (where the
+    data is: the version's index folder or URI), ``profile`` (counts) and the ``context`` it
+    is used in (``training``, ``output``...)."""
+
+    name: str
+    digest: str
+    source: str
+    profile: Mapping[str, Any] = field(default_factory=dict)
+    context: str = "training"
+
+    def source_type(self) -> str:
+        """``local`` for a path or ``file:`` URI, else the URI's scheme (``s3``, ``gs``...):
+        the types of MLflow's own filesystem dataset sources, whose JSON is ``{"uri": ...}``."""
+        scheme = urlparse(self.source).scheme
+        return "local" if scheme in ("", "file") else scheme
+
+
+def catalog_dataset(version: Any, context: str = "training") -> DatasetRecord:
+    """The record of a committed catalog version (``catalog.records.VersionInfo``: read by its
+    attributes, ``core`` does not import the catalog). Digest: the version's config hash
+    (config + input listing), else a hash of its reference."""
+    ref = str(version.ref)
+    digest = version.config_hash or hashlib.sha256(ref.encode()).hexdigest()
+    profile = {
+        "samples": version.num_samples,
+        "bytes": version.num_bytes,
+        "shards": version.num_shards,
+        **{f"status.{k}": v for k, v in sorted((version.counts or {}).items())},
+    }
+    source = version.index_uri or version.root_uri or ref
+    return DatasetRecord(ref, digest[:12], mask_urls(str(source)), profile, context)
+
+
+def log_datasets(tracking_uri: str, run_id: str, datasets: Iterable[DatasetRecord]) -> None:
+    """``datasets`` as the run's dataset inputs, each tagged with its context (what
+    ``mlflow.log_input`` logs, without the process-wide active run)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    datasets = [
+    items = [
         DatasetInput(
-            Dataset(name=ref, digest=ref[-36:], source_type="omniforge-catalog", source=ref),
-            tags=[InputTag("mlflow.data.context", context)],
+            Dataset(
+                name=d.name,
+                digest=truncate(d.digest, MLFLOW_DIGEST_LIMIT),
+                source_type=d.source_type(),
+                source=json.dumps({"uri": d.source}),
+                profile=json.dumps(dict(d.profile), default=str) if d.profile else None,
+            ),
+            tags=[InputTag("mlflow.data.context", d.context)],
         )
-        for ref in refs
+        for d in datasets
     ]
-    client(tracking_uri).log_inputs(run_id, datasets=datasets)
+    if items:
+        client(tracking_uri).log_inputs(run_id, datasets=items)
+
+
+def run_datasets(tracking_uri: str, run_id: str) -> list[DatasetRecord]:
+    """The dataset inputs a run holds, as records (a stage run reuses its parent's)."""
+    out = []
+    for item in client(tracking_uri).get_run(run_id).inputs.dataset_inputs:
+        d = item.dataset
+        context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
+        source = json.loads(d.source).get("uri", d.source) if d.source.startswith("{") else d.source
+        profile = json.loads(d.profile) if d.profile else {}
+        out.append(DatasetRecord(d.name, d.digest, source, profile, context))
+    return out
+
+
+# -- where a run comes from -----------------------------------------------------------------------
+
+
+def unique_run_name(base: str) -> str:
+    """``base-YYYYMMDD-HHMMSS-xxxx``: MLflow allows one name for many runs; ours never share
+    one (the UI lists runs by name)."""
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def command_argv(argv: list[str] | None = None) -> list[str]:
+    """The command line that started this process, the CLI shown as ``omniforge`` (also when
+    run as ``python -m orchestration.cli``), secrets masked: ``--set a.token=x`` and
+    ``--api-key x`` become ``***``, passwords in URLs too."""
+    argv = list(sys.argv if argv is None else argv) or ["python"]
+    prog = Path(argv[0])
+    cli = prog.name == "omniforge" or prog.parts[-2:] == ("orchestration", "cli.py")
+    out = ["omniforge" if cli else prog.name]
+    mask_next = False
+    for arg in argv[1:]:
+        key, eq, _ = arg.partition("=")
+        if mask_next:
+            arg, mask_next = MASK, False
+        elif eq and SECRET_KEY.search(key.lstrip("-").replace("-", "_")):
+            arg = f"{key}={MASK}"
+        elif arg.startswith("--") and SECRET_KEY.search(arg[2:].replace("-", "_")):
+            mask_next = True
+        out.append(mask_urls(arg))
+    return out
+
+
+def source_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """Where a run comes from, in MLflow's standard tags (the UI's "Source", "User" and git
+    commit) and ours: ``mlflow.source.name`` (the command: ``omniforge train run``),
+    ``mlflow.source.type`` (``JOB`` in a submitted job, else ``LOCAL``), ``mlflow.user``,
+    ``mlflow.source.git.commit`` / ``git.branch`` / ``git.repoURL`` of the omniforge code
+    that runs (``omniforge.git.dirty``: ``true`` when tracked files differ from the commit;
+    no git tags outside a git checkout), ``omniforge.command`` (the whole command line)."""
+    words = command_argv(argv)
+    name = [words[0]]
+    for word in words[1:3]:  # the program and its subcommands: "omniforge train run"
+        if not re.fullmatch(r"[a-z][a-z-]*", word):
+            break
+        name.append(word)
+    tags = {
+        "mlflow.source.name": " ".join(name),
+        "mlflow.source.type": "JOB" if os.environ.get(ENV_JOB_ID) else "LOCAL",
+        "omniforge.command": shlex.join(words),
+    }
+    with contextlib.suppress(KeyError, OSError):  # a container user without a name
+        tags["mlflow.user"] = getpass.getuser()
+    return {**tags, **git_tags(SOURCE_ROOT)}
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """``mlflow.source.git.*`` and ``omniforge.git.dirty`` of the checkout at ``root`` ({}
+    when it is not one, or git is missing)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(root), *args],
+                capture_output=True,
+                text=True,
+                timeout=GIT_TIMEOUT_S,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    tags = {"mlflow.source.git.commit": commit}
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        tags["mlflow.source.git.branch"] = branch
+    remote = git("config", "--get", "remote.origin.url")
+    if remote:
+        tags["mlflow.source.git.repoURL"] = mask_urls(remote)
+    status = git("status", "--porcelain", "--untracked-files=no")
+    if status is not None:
+        tags["omniforge.git.dirty"] = "true" if status else "false"
+    return tags
 
 
 def run_link(tracking_uri: str | None, run_id: str | None) -> str:

@@ -366,6 +366,7 @@ def _finish(
             report_path,
             extra_artifacts=[out / "config.yaml"],
             tags={"omniforge.catalog": version.ref, "omniforge.config_hash": version.config_hash},
+            output=version,
         )
     if console is not None:
         print_summary(summary, console)

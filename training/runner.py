@@ -154,7 +154,9 @@ def run_training(
     state["recipe"] = recipe.model_dump(mode="json")
     (out / "recipe.yaml").write_text(dump_yaml(recipe))
     if tracking_uri and not state.get("mlflow_parent"):
-        state["mlflow_parent"] = tracking.start_parent(tracking_uri, recipe)
+        state["mlflow_parent"] = tracking.start_parent(
+            tracking_uri, recipe, catalog=catalog, output=out
+        )
     elif tracking_uri:
         reopen_run(tracking_uri, state["mlflow_parent"])  # FAILED by an earlier stage
     state_file.write_text(json.dumps(state, indent=1))
@@ -193,6 +195,11 @@ def run_training(
         for index in chosen:
             done = _train_stage(run, index, previous)
             summary["stages"].append(done)
+            if tracking_uri and "elapsed_s" in done and not done.get("skipped"):
+                stage_run, took = state["stages"][str(index)]["mlflow_run"], done["elapsed_s"]
+                tracking.log_stage_summary(
+                    tracking_uri, state["mlflow_parent"], stage_run, recipe, index, took
+                )
             if "stopped_at" in done:
                 break
             previous = Path(done["weights"])

@@ -147,3 +147,94 @@ def test_metric_logger_logs_each_step_once_across_resumes(tmp_path):
     assert [[m.step for m in b] for b in whole_steps(metrics, 7)] == [[0, 0, 0, 1, 1, 1],
                                                                       [2, 2, 2, 3, 3, 3]]  # fmt: skip
     assert [len(b) for b in whole_steps(metrics[:3] * 3, 4)] == [4, 4, 1]
+
+
+def test_experiments_open_in_the_model_training_layout(tmp_path, workdir):
+    """The MLflow 3 UI reads ``mlflow.experimentKind``: ours are set on creation and on an
+    existing experiment that has none; a kind a user chose stays."""
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    new = experiment_id(client, "new", uri)
+    old = client.create_experiment("old")
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert experiment_id(client, "old", uri) == old
+    assert experiment_id(client, "chosen", uri) == chosen
+    kinds = [client.get_experiment(e).tags.get(EXPERIMENT_KIND_TAG) for e in (new, old, chosen)]
+    assert kinds == [EXPERIMENT_KIND, EXPERIMENT_KIND, "genai_development"]
+
+
+def test_a_run_spans_the_given_times_and_holds_its_datasets(tmp_path, workdir):
+    from mlflow.tracking import MlflowClient
+
+    from core.tracking import DatasetRecord, finish_run, read_run, run_datasets, start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    index = DatasetRecord(
+        "catalog://demo@3", "0123456789ab", str(tmp_path / "index"), {"samples": 5}, "output"
+    )
+    remote = DatasetRecord("catalog://other@1", "fedcba987654", "s3://bucket/other/index")
+    run_id = start_run(
+        uri,
+        "exp",
+        "a run",
+        inputs=[index, remote],
+        description="**what** ran",
+        start_time=1_700_000_000.25,
+    )
+    finish_run(uri, run_id, end_time=1_700_000_090.5)
+    run = MlflowClient(uri).get_run(run_id)
+    assert (run.info.start_time, run.info.end_time) == (1_700_000_000_250, 1_700_000_090_500)
+    assert run.data.tags["mlflow.note.content"] == "**what** ran"
+    assert {d.dataset.name: d.dataset.source_type for d in run.inputs.dataset_inputs} == {
+        "catalog://demo@3": "local",
+        "catalog://other@1": "s3",
+    }
+    assert sorted(run_datasets(uri, run_id), key=lambda d: d.name) == [index, remote]
+    view = read_run(uri, run_id)
+    assert (view.name, view.status) == ("a run", "FINISHED")
+
+
+def test_command_line_masks_secrets_and_names_the_cli():
+    from core.tracking import command_argv, source_tags
+
+    argv = ["/x/.venv/bin/omniforge", "train", "run", "omni_video_tiny", "--set",
+            "recaption.api_key=sk-1", "--token", "t0k", "--tracking-uri", "http://u:pw@h:5000",
+            "--set", "stages.0.token_budget=4096"]  # fmt: skip
+    assert command_argv(argv) == ["omniforge", "train", "run", "omni_video_tiny", "--set",
+                                  "recaption.api_key=***", "--token", "***", "--tracking-uri",
+                                  "http://u:***@h:5000", "--set", "stages.0.token_budget=4096"]  # fmt: skip
+    module = ["/repo/orchestration/cli.py", "curate", "run", "in", "out"]
+    assert command_argv(module)[:3] == ["omniforge", "curate", "run"]
+    tags = source_tags(argv)
+    assert tags["mlflow.source.name"] == "omniforge train run"
+    assert "sk-1" not in tags["omniforge.command"] and "pw@" not in tags["omniforge.command"]
+    assert source_tags(["/usr/bin/pytest", "-q"])["mlflow.source.name"] == "pytest"
+
+
+def test_git_tags_name_the_commit_and_whether_the_tree_differs(tmp_path):
+    from core.tracking import git_tags
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+    assert git_tags(tmp_path) == {}  # not a checkout
+    git("init", "-q", "-b", "main")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    git("remote", "add", "origin", "https://me:secret@example.com/r.git")
+    tags = git_tags(tmp_path)
+    assert tags == {
+        "mlflow.source.git.commit": git("rev-parse", "HEAD"),
+        "mlflow.source.git.branch": "main",
+        "mlflow.source.git.repoURL": "https://me:***@example.com/r.git",
+        "omniforge.git.dirty": "false",
+    }
+    (tmp_path / "a.py").write_text("x = 2\n")
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert git_tags(tmp_path)["omniforge.git.dirty"] == "true"

@@ -31,7 +31,8 @@ def curated(corpus, tmp_path_factory, ray_session):
     work = tmp_path_factory.mktemp("curated")
     cat = Catalog(f"sqlite:///{work / 'catalog.db'}")
     cfg = load_config(CurationConfig, None, TEST_SETTINGS)
-    result = run_curation(str(root), work / "out", cfg, catalog=cat)
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    result = run_curation(str(root), work / "out", cfg, catalog=cat, tracking_uri=tracking)
     index = read_index(str(work / "out" / "index"))
     return result, index, cat, work
 
@@ -165,6 +166,23 @@ def test_report_is_written(curated):
     result = curated[0]
     html = result.report.read_text()
     assert "<html" in html and "text_overlay" in html
+
+
+def test_the_mlflow_run_spans_the_work_and_logs_the_version(curated):
+    from mlflow.tracking import MlflowClient
+
+    result, _, cat, work = curated
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.end_time - run.info.start_time >= result.summary["elapsed_s"] * 1000
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == result.version.ref == run.data.tags["omniforge.catalog"]
+    assert json.loads(dataset.dataset.source) == {"uri": result.version.index_uri}
+    assert dataset.tags[0].value == "output"
+    assert run.data.metrics["samples/accepted"] == result.summary["accepted"]
+    assert run.data.metrics["inputs/total"] == result.summary["inputs"]
+    assert cat.get_run(result.version.run_id).mlflow_run_id == result.mlflow_run_id
 
 
 def test_select_changes_statuses_without_recomputing_scores(curated, tmp_path):

@@ -1,4 +1,5 @@
-"""Curation run summary (numbers, console tables), the self-contained HTML page, MLflow."""
+"""Curation run summary (numbers, console tables), the self-contained HTML page, MLflow params
+(the MLflow run itself: tests/curation/test_tracking.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import re
 from collections import Counter
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,6 @@ from curation.config import SelectConfig
 from curation.report import readable_reason, write_report
 from curation.sink import ACCEPTED_THUMBS_PER_GROUP, thumb_group
 from curation.summary import print_summary, reason_tag, summarize
-from curation.tracking import log_to_mlflow, mlflow_metrics
 
 HOSTILE_URI = '/data/raw/<script>alert("x")</script> & "quotes" \ufffd\ufffd.mp4'
 HOSTILE_REASON = "bad_file: <img src=x onerror=alert(1)>"
@@ -814,105 +813,6 @@ def test_mlflow_params_are_flat_masked_and_limited():
     assert all(len(k) <= MLFLOW_KEY_LIMIT for k in out)
     assert all(re.fullmatch(r"[\w.\- /]+", k) and ".." not in k.split("/") for k in out)
     assert len(out) == len(params) + 3  # nested sections flattened, nothing lost
-
-
-def test_mlflow_metrics_name_reasons():
-    m = mlflow_metrics(
-        {
-            "inputs": 3,
-            "accepted": 1,
-            "rejected": 1,
-            "errors": 1,
-            "shards": 1,
-            "bytes": 10,
-            "elapsed_s": 2.5,
-            "rejected_by_reason": {"too_small": 1, "a/../b": 2},
-            "errors_by_reason": {"decode_error": 1},
-        }
-    )
-    assert m["rejected.too_small"] == 1 and m["error.decode_error"] == 1
-    assert m["rejected.a____b"] == 2
-    took = m["elapsed_s"]
-    assert m["inputs"] == 3 and took == 2.5 and m["bytes"] == 10
-
-
-def test_log_to_mlflow_against_a_local_sqlite_store(tmp_path, monkeypatch, report):
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)  # nothing may land in the working directory
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    (extra / "plan.txt").write_text("probe -> select\n")
-    index_file = tmp_path / "index.parquet"
-    index_file.write_bytes(b"PAR1")
-    params = {
-        "select": SelectConfig().model_dump(),
-        "recaption": {"api_key_env": "OPENAI_API_KEY", "endpoint": "http://u:hunter2@vllm:8000"},
-        "s3": {"secret_access_key": "hunter2", "token": "hunter2"},
-        "note": "n" * 900,
-    }
-    summary = report["summary"]
-    run_id = log_to_mlflow(
-        uri,
-        "curation-tests",
-        "curate sample-corpus",
-        params,
-        summary,
-        report["path"],
-        extra_artifacts=[extra, index_file],
-        tags={
-            "catalog_ref": "catalog://sample-corpus@2",
-            "config_hash": "abc123",
-            "hf_token": "hunter2",
-            "omniforge.config_hash": None,
-        },
-    )
-    assert list(workdir.iterdir()) == []
-
-    client = MlflowClient(uri)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "curate sample-corpus"
-    assert client.get_experiment(run.info.experiment_id).name == "curation-tests"
-    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
-
-    p = run.data.params
-    assert p["select.min_aesthetic"] == str(SelectConfig().min_aesthetic)
-    assert p["recaption.api_key_env"] == "OPENAI_API_KEY"
-    assert p["s3.secret_access_key"] == "***" and p["s3.token"] == "***"
-    assert p["recaption.endpoint"] == "http://u:***@vllm:8000"
-    assert len(p["note"]) == 500
-    assert not any("hunter2" in v for v in p.values())
-
-    m = run.data.metrics
-    assert m["inputs"] == summary["inputs"] and m["accepted"] == summary["accepted"]
-    assert m["rejected"] == summary["rejected"] and m["errors"] == summary["errors"]
-    assert m["rejected.low_aesthetic"] == summary["rejected_by_reason"]["low_aesthetic"]
-    assert m["rejected.too_small"] == 2 and m["error.decode_error"] == summary["errors"]
-    took = m["elapsed_s"]
-    assert m["shards"] == 3 and m["bytes"] == 6700 and took == 42.5
-
-    t = run.data.tags
-    assert t["catalog_ref"] == "catalog://sample-corpus@2" and t["config_hash"] == "abc123"
-    assert t["hf_token"] == "***" and "omniforge.config_hash" not in t
-    assert "weights not found" in t["stage_skipped.aesthetic"]
-
-    top = {a.path for a in client.list_artifacts(run_id)}
-    assert {"report.html", "summary.json", "params.json", "extra", "index.parquet"} <= top
-    assert {a.path for a in client.list_artifacts(run_id, "extra")} == {"extra/plan.txt"}
-    got = Path(client.download_artifacts(run_id, "report.html", str(tmp_path / "dl")))
-    assert got.read_bytes() == report["path"].read_bytes()
-    logged = json.loads(
-        Path(client.download_artifacts(run_id, "params.json", str(tmp_path))).read_text()
-    )
-    assert logged["s3.token"] == "***" and len(logged["note"]) == 900
-    assert "hunter2" not in json.dumps(logged)
-    assert json.loads(
-        Path(client.download_artifacts(run_id, "summary.json", str(tmp_path))).read_text()
-    ) == json.loads(json.dumps(summary))
 
 
 def _b64(src: str) -> bytes:

@@ -161,6 +161,13 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
     parent = client.get_run(summary["mlflow_parent"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["stages.0.optimizer.lr"] == str(r.stages[0].optimizer.lr)
+    # the parent summarizes every stage (training.tracking.log_stage_summary)
+    assert parent.data.metrics["stages_done"] == len(r.stages)
+    for i, (stage, done) in enumerate(zip(r.stages, summary["stages"], strict=True)):
+        final = parent.data.metrics[f"{i + 1}-{stage.name}/loss/final"]
+        assert final == pytest.approx(done["final_loss"])
+        assert parent.data.metrics[f"{i + 1}-{stage.name}/steps"] == stage.steps
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["catalog://sample-corpus@1"]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")  # fmt: skip
     assert sorted(c.data.tags["omniforge.stage"] for c in children) == sorted(
