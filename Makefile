@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # DeepSpeed compiles a shared-memory op on first use: cache it inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: install install-dev demo test lint format clean bench
+.PHONY: install install-dev demo test lint format clean bench screenshots
 
 $(BIN)/python:
 	@echo ">>> creating the virtual environment $(VENV)"
@@ -64,3 +64,10 @@ clean:
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# docs/screenshots/: the MLflow runs and report.html of the demo's output (run `make demo` first),
+# taken with headless Chromium (installed from the system packages when missing).
+screenshots: install
+	@command -v chromium >/dev/null || { echo ">>> installing chromium (apt-get)"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y --no-install-recommends chromium; }
+	$(BIN)/python docs/screenshots.py $(DEMO_OUT)
