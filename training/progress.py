@@ -89,7 +89,7 @@ class StepReporter:
         self.send(
             "notice",
             text=f"compiling DeepSpeed's shared-memory op once into {folder} "
-            "(1-2 min on 2 CPUs; later runs reuse it)",
+            "(up to about 2 min on 2 CPUs; later runs reuse it)",
         )
         start = time.monotonic()
         yield
@@ -381,13 +381,16 @@ class StageProgress:
         )
 
     def _render(self) -> Any:
-        from rich.console import Group
         from rich.progress_bar import ProgressBar
+        from rich.table import Table
         from rich.text import Text
 
         done = self.last["step"] if self.last else 0
-        bar = ProgressBar(total=max(self.steps, 1), completed=done, width=40)
-        return Group(bar, Text(" " + self.line()))  # one line: the bar, then the figures
+        row = Table.grid(padding=(0, 1))  # one line: the bar, then the figures (wrapped)
+        row.add_column(width=30, no_wrap=True)
+        row.add_column()
+        row.add_row(ProgressBar(total=max(self.steps, 1), completed=done), Text(self.line()))
+        return row
 
 
 class StageFeed:
