@@ -58,8 +58,12 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
     catalog: str | None = CatalogOption,
+    progress_every: int = typer.Option(
+        10, "--progress-every", min=1, help="off a terminal: a progress line every N steps"
+    ),
 ) -> None:
-    """Train the recipe's stages; each stage starts from the previous stage's final weights."""
+    """Train the recipe's stages; each stage starts from the previous stage's final weights.
+    On a terminal a live line shows step, loss, task, bucket, samples/s, data wait and ETA."""
     from training.recipe import Recipe
     from training.runner import run_training
 
@@ -74,6 +78,7 @@ def run(
         catalog=open_catalog(catalog),
         resume=resume,
         console=console,
+        progress_every=progress_every,
     )
     table = Table(title=f"training {r.name}")
     for col in ("stage", "steps", "final loss", "time", "weights"):

@@ -1,6 +1,8 @@
 """A stage inside Ray Train: the ``TorchTrainer`` run of one stage, its per-worker loop, what
-the driver tells the workers about itself, and which checkpoint a resumed stage starts from
-(``resume_point``; a damaged one is skipped for the one before it, see ``training.runner``).
+the driver tells the workers about itself, which checkpoint a resumed stage starts from
+(``resume_point``; a damaged one is skipped for the one before it, see ``training.runner``),
+and what Ray Train's controller decided when a worker failed (``FailureWatch``, shown by
+``training.progress``).
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ import json
 import logging
 import os
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from training import checkpoint as ckpt
+from training.progress import describe_failure
 from training.trainer import HOLD_ENV, StageSpec, Trainer, process_group
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ class RayTrainContext:
 
     def __init__(self) -> None:
         self.resume_note = ""  # which checkpoints were skipped and why (empty: none)
+        self.resumed_from: str | None = None  # the checkpoint's folder name (None: fresh)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -86,6 +90,7 @@ class RayTrainContext:
                 f"no usable checkpoint to resume from in {experiment}: {note}; "
                 f"remove {experiment} to start the stage over"
             )
+        self.resumed_from = Path(candidates[index].path).name
         if index > 0:
             self.resume_note = note
             if rank == 0:
@@ -100,6 +105,66 @@ def stage_loop(config: dict[str, Any]) -> None:
         Trainer(StageSpec(**config), RayTrainContext()).train()
 
 
+def failure_watch_class():
+    """``FailureWatch``, built on first use: Ray Train's ``ControllerCallback`` (a developer
+    API of Ray Train v2) is imported only where a stage runs."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class FailureWatch(ControllerCallback):
+        """Runs in Ray Train's controller: when the worker group failed, sends the stage's
+        progress channel each failed rank in words and what Ray Train decided (restart the
+        workers, or give up), as the controller moves to its next state."""
+
+        def __init__(self, address: dict[str, str], max_failures: int):
+            self.address, self.max_failures, self.count = address, max_failures, 0
+
+        def after_controller_state_update(self, previous_state, current_state) -> None:
+            # an exception here would fail the run (Ray Train turns it into a ControllerError)
+            try:
+                self._report(current_state)
+            except Exception as e:  # the display only; Ray Train's own handling goes on
+                log.warning("could not send the failure to the progress display: %s", e)
+
+        def _report(self, current_state) -> None:
+            from ray.train.v2._internal.execution.controller.state import (
+                ReschedulingState,
+                RestartingState,
+                ShuttingDownState,
+            )
+
+            if isinstance(current_state, (RestartingState, ReschedulingState)):
+                retry, error = True, current_state.training_failed_error
+            elif isinstance(current_state, ShuttingDownState):
+                error = getattr(current_state.next_state, "training_failed_error", None)
+                retry = False
+            else:
+                return
+            if error is None:  # shutting down after success
+                return
+            failures = getattr(error, "worker_failures", None)
+            if failures is not None:
+                self.count += 1
+                described = {rank: describe_failure(e) for rank, e in sorted(failures.items())}
+            else:  # the controller's own error
+                cause = getattr(error, "controller_failure", error)
+                described = {"controller": describe_failure(cause)}
+            record = {
+                "kind": "failure",
+                "retry": retry,
+                "retryable": failures is not None,
+                "count": self.count,
+                "max_failures": self.max_failures,
+                "failures": described,
+            }
+            import ray
+
+            # waited for: the driver must see it before fit() returns or raises
+            channel = ray.get_actor(self.address["name"], namespace=self.address["namespace"])
+            ray.get(channel.push.remote(record), timeout=30)
+
+    return FailureWatch
+
+
 def run_stage(
     spec: StageSpec,
     workers: int,
@@ -107,10 +172,16 @@ def run_stage(
     storage: Path,
     use_gpu: bool,
     max_failures: int = 3,
+    progress: dict[str, str] | None = None,
 ):
+    """``progress``: a ``StageFeed.address`` that rank 0 and the controller report to."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    callbacks = []
+    if progress is not None:
+        spec = replace(spec, extra={**spec.extra, "progress": progress})
+        callbacks.append(failure_watch_class()(progress, max_failures))
     trainer = TorchTrainer(
         stage_loop,
         train_loop_config=asdict(spec),
@@ -121,6 +192,7 @@ def run_stage(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

@@ -20,6 +20,11 @@ run message before the stage starts, rank 0 in the worker log and as the MLflow 
 ``omniforge.resume`` (also after a worker restart within a run). When none is usable the stage
 stops with one message naming each and why, without Ray Train's retries.
 
+While a stage runs, rank 0 reports every step to the driver (``training.progress``: a live
+line on a terminal, a plain line every ``progress_every`` steps off one), and Ray Train's
+controller reports a failed worker and whether it restarts the workers; the restarted rank 0
+says which checkpoint it resumed from.
+
 Workers stop with the driver: every worker on the driver's node watches the driver process
 (``trainer.DriverWatch``) and exits when it is gone, checking again before each checkpoint,
 so a killed driver leaves no worker training and no checkpoint beyond ``num_to_keep``. (With
@@ -33,6 +38,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ from core.secrets import ensure_ray_token
 from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
 from training import preflight
+from training.progress import PLAIN_EVERY_STEPS, StageFeed, StageProgress
 from training.ray_stage import (
     checkpoint_failure,
     driver_identity,
@@ -105,6 +112,7 @@ class _Run:
     use_gpu: bool
     extra: dict[str, Any]  # StageSpec.extra: trace, driver identity, test hold
     stop_after: int | None
+    progress_every: int = PLAIN_EVERY_STEPS  # off a terminal: a progress line every N steps
 
     def save_state(self) -> None:
         (self.out / "run.json").write_text(json.dumps(self.state, indent=1))
@@ -127,8 +135,10 @@ def run_training(
     console: Any = None,
     stop_after: int | None = None,
     trace: bool = False,
+    progress_every: int = PLAIN_EVERY_STEPS,
 ) -> dict[str, Any]:
-    """Run the recipe's stages (0-based indices; default all) and return a summary."""
+    """Run the recipe's stages (0-based indices; default all) and return a summary. With a
+    ``console``, each stage shows the workers' progress (``training.progress``)."""
     from training import tracking
 
     out = Path(output).resolve()
@@ -190,6 +200,7 @@ def run_training(
             use_gpu,
             {"trace": trace, "driver": driver_identity(), "hold": hold_request()},
             stop_after,
+            progress_every,
         )
         summary: dict[str, Any] = {"output": str(out), "inputs": refs, "stages": []}
         for index in chosen:
@@ -280,7 +291,10 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
             log.warning("%s: %s", label, point[1])
             lifecycle.note(point[1])
         try:
-            result = run_stage(spec, run.workers, run_name, run.out / "ray", run.use_gpu)
+            with _progress(run, label, stage.steps) as progress:
+                result = run_stage(
+                    spec, run.workers, run_name, run.out / "ray", run.use_gpu, progress=progress
+                )
         except Exception as e:
             failure = checkpoint_failure(e)
             if failure is None:
@@ -308,6 +322,18 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
     (folder / "done.json").write_text(json.dumps(done, indent=1))
     run.save_state()
     return done
+
+
+@contextmanager
+def _progress(run: _Run, label: str, steps: int):
+    """The stage's progress display while Ray Train runs it: the channel's address for the
+    workers, or None without a console."""
+    if run.console is None:
+        yield None
+        return
+    display = StageProgress(run.console, label, steps, every_steps=run.progress_every)
+    with StageFeed(display) as feed:
+        yield feed.address
 
 
 def _link_catalog(run: _Run, info: dict[str, Any], index: int) -> None:

@@ -8,8 +8,9 @@ one ``checkpoint.Checkpointer`` and restores the latest checkpoint if there is o
 step: take the batch read in the background during the previous step (its task and bucket
 came from rank 0), start reading the next one, forward, check the loss is finite, backward,
 check the gradient norm is finite, optimizer step (clipping in DeepSpeed), EMA, log,
-checkpoint. A non-finite loss or gradient norm on any rank stops every rank before the
-optimizer step, so it is never applied. With ``hybrid`` batching the broadcast names a task
+checkpoint; rank 0 reports each step to the driver's display (``training/progress.py``). A
+non-finite loss or gradient norm on any rank stops every rank before the optimizer step, so
+it is never applied. With ``hybrid`` batching the broadcast names a task
 group and the batch mixes that group's tasks (``training/data/hybrid.py``). At stage end rank
 0 writes the final weights and, for a family that can generate, samples from fixed prompts
 (``training/artifacts.py``: held-out loss, input grids and samples).
@@ -50,6 +51,7 @@ from training import checkpoint as ckpt
 from training.artifacts import StageArtifacts
 from training.data.batch import TaskBatch
 from training.ema import EMA
+from training.progress import StepReporter
 from training.recipe import Recipe, StageConfig
 from training.sampler import StepData
 
@@ -282,6 +284,7 @@ class Trainer(StageArtifacts):
         self.recipe = Recipe.model_validate(spec.recipe)
         self.stage = self.recipe.stages[spec.stage_index]
         self.rank, self.world_size = ensure_process_group()
+        self.progress = StepReporter.build(spec.extra.get("progress"), self.rank)
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
@@ -311,11 +314,12 @@ class Trainer(StageArtifacts):
         seed = self.recipe.seed * 1009 + spec.stage_index
         self.data = StepData(self.stage, self.loaders, seed, self.model.geometry)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model.to(self.device),
-            model_parameters=params,
-            config=deepspeed_config(self.recipe, self.stage, self.device.type == "cuda"),
-        )
+        with self.progress.building_engine():  # says so when DeepSpeed compiles its op first
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=self.model.to(self.device),
+                model_parameters=params,
+                config=deepspeed_config(self.recipe, self.stage, self.device.type == "cuda"),
+            )
         self.engine.checkpoint_engine = ckpt.safe_checkpoint_engine()
         self.ema = EMA(self.model, self.stage.ema.decay) if self.stage.ema else None
         self.step = 0
@@ -351,6 +355,9 @@ class Trainer(StageArtifacts):
         self.stop_at = self.stage.steps
         if self.spec.stop_after is not None:
             self.stop_at = min(self.stop_at, self.step + self.spec.stop_after)
+        self.progress.start(
+            self.step, self.stage.steps, getattr(self.context, "resumed_from", None)
+        )
         if self.step == 0:
             self.evaluate("start")
         try:
@@ -365,6 +372,7 @@ class Trainer(StageArtifacts):
                 self.hold()
         finally:
             self.data.close()
+            self.progress.close(self.step)
         if self.step == self.stage.steps and self.rank == 0:
             self.export_final()
             self.log_samples()
@@ -405,6 +413,7 @@ class Trainer(StageArtifacts):
             **{k: float(v) for k, v in out.items() if k.startswith("loss/")},
         }
         self.tracker.log(metrics, self.step)
+        self.progress.step(self.step, task, bucket, metrics, batch.size * self.world_size)
         if self.spec.extra.get("trace"):  # what every rank did at every step (tests, audits)
             record = {
                 "step": self.step,
@@ -468,6 +477,7 @@ class Trainer(StageArtifacts):
             record["registered"] = [
                 Path(c.path).name for c in self.context.registered_checkpoints()
             ]
+        self.progress.flush()  # a held run has shown every step it took
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".held-rank{self.rank}.tmp"
         tmp.write_text(json.dumps(record))

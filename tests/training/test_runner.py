@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -267,6 +268,9 @@ def test_resume_skips_a_damaged_checkpoint_and_logs_each_step_once(catalog, tmp_
         f"is {size // 2} bytes, {size} when written; resuming from {kept[0].name} (step 4)"
     )
     assert f"stage 1 (align): {note}" in console.lines
+    # the workers' progress: where they resumed, then a line every 10 steps and at the last
+    assert f"stage 1 (align): resuming from checkpoint {kept[0].name} (step 4)" in console.lines
+    assert shown_steps(console.lines, 12) == [5, 10, 12]
     records = trace(out, "align", 0)
     assert [t["step"] for t in records] == list(range(1, 9)) + list(range(5, 13))
     for first, again in zip(records[4:8], records[8:12], strict=True):  # exact from step 4
@@ -284,6 +288,12 @@ def test_resume_skips_a_damaged_checkpoint_and_logs_each_step_once(catalog, tmp_
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 13))
     assert [m.value for m in client.get_metric_history(run_id, "tasks/t2i")] == list(range(1, 13))
     assert client.get_run(run_id).data.tags["omniforge.resume"] == note
+
+
+def shown_steps(lines: list[str], steps: int) -> list[int]:
+    """The steps of the progress lines the driver printed."""
+    pattern = re.compile(rf"stage 1 \(align\): step (\d+)/{steps} ")
+    return [int(m.group(1)) for line in lines if (m := pattern.match(line))]
 
 
 def held(folder: Path, world_size: int = 2, proc=None, log: Path | None = None) -> list[dict]:
@@ -333,7 +343,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    run_training(r, out, stages=[0], workers=2, catalog=catalog, trace=True)
+    console = Lines()
+    run_training(r, out, stages=[0], workers=2, catalog=catalog, trace=True, console=console,
+                 progress_every=1)  # fmt: skip
     thread.join()
     assert killed, "no training worker was killed"
     assert len(killed[0]["registered"]) == 1, killed  # the step-8 checkpoint, registered
@@ -341,6 +353,22 @@ def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_
     steps = [t["step"] for t in records]
     # steps 9 and 10 ran twice: rank 0 died after 10 and the run restarted from checkpoint 8
     assert steps == list(range(1, 11)) + list(range(9, 17)), steps
+    # the driver showed every step rank 0 took, what died, Ray Train's retry and where the
+    # restarted workers resumed
+    assert shown_steps(console.lines, 16) == steps, console.lines
+    label = "stage 1 (align): "
+    (failure,) = [line for line in console.lines if "training worker failure" in line]
+    assert failure.startswith(f"{label}training worker failure after step 10: "), failure
+    assert f"rank 0 died (pid {killed[0]['pid']}, node " in failure, failure
+    assert (
+        f"{label}Ray Train restarts the workers from the last checkpoint (failure 1 of 3 allowed)"
+        in console.lines
+    )
+    checkpoint = killed[0]["registered"][0]
+    assert (
+        f"{label}workers restarted; resumed from checkpoint {checkpoint} (step 8), "
+        "steps 9-10 run again" in console.lines
+    ), console.lines
     for first, again in zip(records[8:10], records[10:12], strict=True):  # the same batches
         same = ("task", "bucket", "keys", "parts", "drop")
         assert [first[k] for k in same] == [again[k] for k in same]
