@@ -42,7 +42,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	@echo ">>> running the demo into $(DEMO_OUT)/ (minutes: about 10 on a busy 2-CPU machine the first time)"
+	@echo ">>> running the demo into $(DEMO_OUT)/ (about 75 s; on a fresh clone add the install and a DeepSpeed op compile: 3-10 min)"
 	$(BIN)/omniforge demo --output $(DEMO_OUT)
 
 test: install-dev

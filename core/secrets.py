@@ -7,8 +7,9 @@ Object-store keys, database passwords and API tokens reach omniforge in two ways
 
 Whatever is printed, logged to MLflow, stored on a catalog run or sent as Ray job metadata goes
 through ``masked`` / ``mask_urls`` first: a value whose key (last segment of a flattened key)
-names a secret becomes ``***``, and a password inside a URL (``scheme://user:pw@host``)
-becomes ``scheme://user:***@host``.
+names a secret becomes ``***``, and credentials inside a URL are masked: a password
+(``scheme://user:pw@host`` -> ``scheme://user:***@host``), a token as the user of an http(s)
+URL (``https://***@host``) and secret query parameters (``?token=***``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from core.config import flatten
 # access_key, secret_key...). Not token_budget or api_key_env (the name of a variable).
 SECRET_KEY = re.compile(r"(^|[._])(password|passwd|secret|token|[a-z]*_?key)$", re.IGNORECASE)
 URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@")
+# A user name alone in an http(s) URL is how tokens travel (https://TOKEN@github.com/...)
+URL_TOKEN_USER = re.compile(r"(https?://)[^/\s:@]+@", re.IGNORECASE)
+# Query parameters that carry credentials (?token=..., presigned URLs' X-Amz-Signature, ...)
+URL_QUERY = re.compile(r"([?&])([^=&\s#]+)=([^&\s#]*)")
+QUERY_SECRETS = {"sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token"}
 MASK = "***"
 
 
@@ -43,14 +49,23 @@ def read_secret(name: str, default: str | None = None) -> str | None:
     return default
 
 
+def _secret_query(name: str) -> bool:
+    return bool(SECRET_KEY.search(name)) or name.lower() in QUERY_SECRETS
+
+
 def mask_urls(text: str) -> str:
-    """``https://user:pw@host/x`` -> ``https://user:***@host/x``."""
-    return URL_PASSWORD.sub(r"\1:" + MASK + "@", text)
+    """Credentials inside URLs masked: ``https://user:pw@host/x`` -> ``https://user:***@host/x``,
+    ``https://TOKEN@host/x`` -> ``https://***@host/x``, ``?token=T`` -> ``?token=***``."""
+    text = URL_PASSWORD.sub(r"\1:" + MASK + "@", text)
+    text = URL_TOKEN_USER.sub(r"\1" + MASK + "@", text)
+    return URL_QUERY.sub(
+        lambda m: f"{m[1]}{m[2]}={MASK}" if _secret_query(m[2]) and m[3] else m[0], text
+    )
 
 
 def has_secret(text: str) -> bool:
-    """True when ``text`` holds a URL with a password."""
-    return bool(URL_PASSWORD.search(text))
+    """True when ``text`` holds a URL carrying a credential (see ``mask_urls``)."""
+    return mask_urls(text) != text
 
 
 def masked(value: Any) -> Any:

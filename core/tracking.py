@@ -388,15 +388,23 @@ def command_argv(argv: list[str] | None = None) -> list[str]:
     out = ["omniforge" if cli else prog.name]
     mask_next = False
     for arg in argv[1:]:
-        key, eq, _ = arg.partition("=")
         if mask_next:
             arg, mask_next = MASK, False
-        elif eq and SECRET_KEY.search(key.lstrip("-").replace("-", "_")):
-            arg = f"{key}={MASK}"
-        elif arg.startswith("--") and SECRET_KEY.search(arg[2:].replace("-", "_")):
-            mask_next = True
-        out.append(mask_urls(arg))
+        elif "=" not in arg and arg.startswith("--"):
+            mask_next = bool(SECRET_KEY.search(arg[2:].replace("-", "_")))
+        out.append(mask_urls(_mask_assignment(arg)))
     return out
+
+
+def _mask_assignment(arg: str) -> str:
+    """``a.token=x`` and ``--api-key=x`` -> ``...=***``; ``--set=a.token=x`` ->
+    ``--set=a.token=***``."""
+    key, eq, value = arg.partition("=")
+    if not eq:
+        return arg
+    if SECRET_KEY.search(key.lstrip("-").replace("-", "_")):
+        return f"{key}={MASK}"
+    return f"{key}={_mask_assignment(value)}" if key.startswith("--") else arg
 
 
 def source_tags(argv: list[str] | None = None) -> dict[str, str]:

@@ -91,7 +91,7 @@ def start_head(
         env=env,
         timeout=timeout,
         info={"gcs_address": f"127.0.0.1:{port}", "temp_dir": str(temp)},
-        headers=_auth_headers(),
+        headers=auth_headers(),
     )
     _wait_for_jobs_api(url, timeout)
     return service
@@ -107,7 +107,7 @@ def _free_or_any(port: int) -> int:
         return s.getsockname()[1]
 
 
-def _auth_headers() -> dict[str, str]:
+def auth_headers() -> dict[str, str]:
     token = ray_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 

@@ -97,13 +97,17 @@ def check_ray() -> Check:
     """The Jobs API of the configured cluster answers (none configured: fine, each command
     starts a local Ray)."""
     from orchestration import jobs
-    from orchestration.cluster_cmd import _auth_headers
+    from orchestration.cluster_cmd import auth_headers
 
     try:
         url = jobs.resolve_address(None)
     except jobs.JobError:
+        joins = os.environ.get("RAY_ADDRESS", "")
+        if joins and not joins.startswith(("http://", "https://")):
+            # ray.init() joins the cluster RAY_ADDRESS names (HOST:PORT of its GCS, or auto)
+            return Check("ray cluster", OK, f"RAY_ADDRESS={joins}: commands join that cluster")
         return Check("ray cluster", OK, "none configured: each command starts a local Ray")
-    if services.http_ok(f"{url}/api/version", HTTP_TIMEOUT_S, headers=_auth_headers()):
+    if services.http_ok(f"{url}/api/version", HTTP_TIMEOUT_S, headers=auth_headers()):
         return Check("ray cluster", OK, f"Jobs API at {url} answers")
     return Check(
         "ray cluster",

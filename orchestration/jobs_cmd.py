@@ -16,7 +16,6 @@ from orchestration.common import (
     Column,
     OutputFormat,
     OutputOption,
-    catalog_url,
     command_prefix,
     console,
     fitted_table,
@@ -38,8 +37,8 @@ AddressOption = typer.Option(
 JobCatalogOption = typer.Option(
     None,
     "--catalog",
-    help="catalog URL the job uses, or a SQLite path as the cluster sees it (made absolute "
-    "here); default: the cluster's environment",
+    help="catalog URL the job uses, or the absolute path of a SQLite file as the cluster sees "
+    "it; default: the cluster's environment",
 )
 
 
@@ -53,6 +52,20 @@ def _finish(job_id: str, address: str | None, wait: bool, follow: bool) -> None:
             raise typer.Exit(1)
     else:
         console.print(f"follow with: {command_prefix()} jobs logs {job_id} --follow")
+
+
+def job_catalog(value: str | None) -> str | None:
+    """``--catalog`` of a job: a URL, or a SQLite file's absolute path as the cluster sees it
+    (taken as written: resolving it here would follow this machine's links). A relative path
+    would be resolved against this machine's folder, which names nothing on a cluster."""
+    if not value or "://" in value:
+        return value
+    if not Path(value).is_absolute():
+        raise ValueError(
+            f"--catalog {value}: a relative path names no file on the cluster; give the "
+            "SQLite file's absolute path as the cluster sees it, or a database URL"
+        )
+    return f"sqlite:///{value}"
 
 
 @submit_app.command("curate")
@@ -77,7 +90,7 @@ def submit_curate(
     cfg = load_config(CurationConfig, config, set_)
     if allow_input:
         cfg = cfg.model_copy(update={"allow_inputs": [*cfg.allow_inputs, *allow_input]})
-    catalog = catalog_url(catalog)
+    catalog = job_catalog(catalog)
     spec = jobs.curate_spec(cfg, input, output, catalog=catalog, tracking_uri=tracking_uri)
     job_id = jobs.submit(spec, address, package=package)
     _finish(job_id, address, wait, follow)
@@ -111,7 +124,7 @@ def submit_train(
         stages=stages,
         workers=workers,
         resume=resume,
-        catalog=catalog_url(catalog),
+        catalog=job_catalog(catalog),
         tracking_uri=tracking_uri,
     )
     job_id = jobs.submit(spec, address, package=package, num_gpus=num_gpus)

@@ -120,7 +120,7 @@ def plan(
         r,
         world_size=max(1, r.workers if workers is None else workers),
         geometry=model.geometry,
-        catalog=open_catalog(catalog) if uses_catalog else None,
+        catalog=open_catalog(catalog, create=False) if uses_catalog else None,
     )
     for table in data_tables(check):
         console.print(table)

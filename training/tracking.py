@@ -72,9 +72,10 @@ def start_stage(
     stage = recipe.stages[stage_index]
     parent = tracking.read_run(tracking_uri, parent_id)
     logged = {d.name: d for d in tracking.run_datasets(tracking_uri, parent_id)}
-    reads = list(dict.fromkeys(recipe.data[task.data].uri for task in stage.tasks.values()))
+    # dataset names are masked URIs (uri_dataset): compare masked with masked
+    reads = list(dict.fromkeys(mask_urls(recipe.data[t.data].uri) for t in stage.tasks.values()))
     datasets = [logged[u] for u in reads if u in logged]
-    datasets += [uri_dataset(u) for u in inputs if u in reads and u not in logged]
+    datasets += [uri_dataset(u) for u in inputs if mask_urls(u) in reads and u not in logged]
     count = len(recipe.stages)
     params = {"stage": stage.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
     tags = {
@@ -86,7 +87,7 @@ def start_stage(
         "omniforge.inputs": ",".join(d.name for d in datasets),
     }
     tasks = ", ".join(
-        f"{name} (weight {task.weight:g}, data `{recipe.data[task.data].uri}`)"
+        f"{name} (weight {task.weight:g}, data `{mask_urls(recipe.data[task.data].uri)}`)"
         for name, task in stage.tasks.items()
     )
     description = (

@@ -207,6 +207,10 @@ def test_command_line_masks_secrets_and_names_the_cli():
     assert command_argv(argv) == ["omniforge", "train", "run", "omni_video_tiny", "--set",
                                   "recaption.api_key=***", "--token", "***", "--tracking-uri",
                                   "http://u:***@h:5000", "--set", "stages.0.token_budget=4096"]  # fmt: skip
+    inline = ["omniforge", "train", "run", "--set=model.api_key=sk-2", "--api-key=k3",
+              "--tracking-uri", "https://h/?token=t4&page=2"]  # fmt: skip
+    assert command_argv(inline)[3:] == ["--set=model.api_key=***", "--api-key=***",
+                                        "--tracking-uri", "https://h/?token=***&page=2"]  # fmt: skip
     module = ["/repo/orchestration/cli.py", "curate", "run", "in", "out"]
     assert command_argv(module)[:3] == ["omniforge", "curate", "run"]
     tags = source_tags(argv)

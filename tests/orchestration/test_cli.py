@@ -181,6 +181,10 @@ def test_job_addresses_fail_at_once_with_what_to_do(tmp_path):
         assert "is the cluster running?" in line
     line = one_line_error(run_in(tmp_path, "jobs", "ls"))  # no cluster configured or running
     assert "no Ray cluster given: pass --address http://HOST:8265" in line
+    # a job's catalog path is the cluster's: a relative one names nothing there
+    args = ("submit", "curate", "--input", "/data/raw", "--output", "/data/out")
+    line = one_line_error(run_in(tmp_path, *args, "--catalog", "rel/catalog.db"))
+    assert "--catalog rel/catalog.db: a relative path names no file on the cluster" in line
 
 
 def test_catalog_takes_a_path_and_read_only_commands_create_nothing(tmp_path, cat, catalog_url):
@@ -197,6 +201,7 @@ def test_catalog_takes_a_path_and_read_only_commands_create_nothing(tmp_path, ca
         ("catalog", "lineage", "nothing@1"),
         ("catalog", "verify", "nothing@1"),
         ("config", "show"),
+        ("train", "plan", "omni_video_tiny", "--catalog", "elsewhere/catalog.db"),
         ("plan", "status", str(plan)),
         ("plan", "status", str(plan), "--output", "json"),
         ("jobs", "ls"),

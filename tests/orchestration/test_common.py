@@ -1,5 +1,7 @@
 """Tables that fit the terminal: ids whole on one line, optional columns dropped first."""
 
+import io
+
 from rich.console import Console
 
 from orchestration.common import Column, catalog_url, fitted_table
@@ -19,7 +21,7 @@ COLUMNS = (
 
 
 def render(width: int) -> str:
-    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(width=width, record=True, file=io.StringIO())
     console.print(fitted_table("jobs", COLUMNS, ROWS, width=width))
     return console.export_text()
 
@@ -46,7 +48,7 @@ def test_plan_status_keeps_its_ids_whole_at_80_columns():
 
     row = ["curate", "curation", "done", "62 accepted / 30 rejected / 8 error", "4 (succeeded)",
            "sample-curated@1", "0a1b2c3d4e5f60718293a4b5c6d7e8f9"]  # fmt: skip
-    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(width=80, record=True, file=io.StringIO())
     console.print(fitted_table("plan", [c for _, c in STATUS_COLUMNS], [row], width=80))
     text = console.export_text()
     assert "4 (succeeded)" in text and "sample-curated@1" in text

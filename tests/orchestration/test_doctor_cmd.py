@@ -32,7 +32,14 @@ def test_doctor_checks_this_machine_and_fails_on_an_unreachable_service(tmp_path
     assert "omniforge doctor" in out.stdout
     for name in ("ray ", "deepspeed ", "mlflow ", "weights: aesthetic", "catalog ", "disk: "):
         assert name in out.stdout, out.stdout
-    assert out.returncode == (1 if " fail " in out.stdout else 0), out.stdout
+    # libraries import, nothing is configured, HOME is writable: a fail could only be this
+    # machine's disk (under 1 GiB free), which the test then names
+    disk_fail = [
+        ln for ln in out.stdout.splitlines() if ln.lstrip().startswith("disk") and " fail " in ln
+    ]
+    assert out.returncode == (1 if disk_fail else 0), out.stdout
+    if not disk_fail:
+        assert " fail " not in out.stdout, out.stdout
 
     checks = json.loads(doctor(tmp_path, "--output", "json", OMNIFORGE_MODELS=str(models)).stdout)
     by_name = {c["name"]: c for c in checks}

@@ -75,3 +75,21 @@ def test_jobs_refuse_to_carry_secrets():
     assert spec.args[:2] == ["curate", "run"] and "postgresql://me@db/c" in spec.args
     assert spec.metadata["omniforge.kind"] == "curate"
     assert "curate.yaml" in spec.files
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("https://u:pw@h/x", "https://u:***@h/x"),
+        ("https://ghp_abc123@github.com/o/r.git", "https://***@github.com/o/r.git"),
+        ("https://h/a?token=T&page=2", "https://h/a?token=***&page=2"),
+        ("s3://b/k?X-Amz-Signature=abc&X-Amz-Date=1", "s3://b/k?X-Amz-Signature=***&X-Amz-Date=1"),
+        ("postgresql://user@host/db", "postgresql://user@host/db"),  # a user name alone
+        ("git@github.com:o/r.git", "git@github.com:o/r.git"),
+    ],
+)
+def test_credentials_inside_urls_are_masked(text, shown):
+    from core.secrets import has_secret, mask_urls
+
+    assert mask_urls(text) == shown
+    assert has_secret(text) == (shown != text)
