@@ -549,7 +549,9 @@ def _html_reason(reason: str) -> str:
 def _has_thumbnail(index: pa.Table, thumbnails: Mapping[str, bytes]) -> np.ndarray:
     if not thumbnails or index.num_rows == 0:
         return np.zeros(index.num_rows, dtype=bool)
-    keys = pa.array([k for k, v in thumbnails.items() if v], pa.string())
+    # keys only (a lazy ``sink.Thumbnails`` lists no empty file; a plain dict may hold one)
+    lazy = not isinstance(thumbnails, dict)
+    keys = pa.array([k for k in thumbnails if lazy or thumbnails[k]], pa.string())
     mask = pc.fill_null(pc.is_in(index_column(index, "key"), value_set=keys), False)
     return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
 

@@ -32,7 +32,7 @@ import contextlib
 import errno as errno_codes
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,11 +270,31 @@ def _prune(fs, folder: str, limit: int) -> None:
                 fs.rm_file(path)
 
 
-def read_thumbnails(output: str | os.PathLike) -> dict[str, bytes]:
-    """Every thumbnail a run left under ``OUTPUT/_thumbs`` (for the report): ``KEY`` -> the
-    sample's (source) thumbnail, ``KEY.target`` -> an edit pair's target thumbnail."""
-    root = Path(output) / THUMBS
-    return {p.stem: p.read_bytes() for p in sorted(root.rglob("*.jpg")) if p.is_file()}
+class Thumbnails(Mapping[str, bytes]):
+    """The thumbnails a run left under ``OUTPUT/_thumbs`` (for the report): ``KEY`` -> the
+    sample's (source) thumbnail, ``KEY.target`` -> an edit pair's target thumbnail. Listed
+    once, read when asked for: a large run leaves a thumbnail per reject, and the report shows
+    a few per reason, so they are never all in memory. Empty files are not listed."""
+
+    def __init__(self, output: str | os.PathLike):
+        root = Path(output) / THUMBS
+        self.paths = {
+            p.stem: p for p in sorted(root.rglob("*.jpg")) if p.is_file() and p.stat().st_size
+        }
+
+    def __getitem__(self, key: str) -> bytes:
+        return self.paths[key].read_bytes()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_thumbnails(output: str | os.PathLike) -> Thumbnails:
+    """``Thumbnails`` of the run at ``output`` (read lazily)."""
+    return Thumbnails(output)
 
 
 def index_table(rows: list[Row]) -> pa.Table:
