@@ -11,17 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from core.fmt import clock
 from curation.adapter import StepInfo
 from curation.journal import BlockRecord
 
 PLAIN_INTERVAL_S = 10.0
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class Progress:
@@ -117,8 +111,8 @@ class Progress:
             f"curate: {done}/{self.total} inputs ({pct:.0f}%)"
             + (f", {self.skipped} from earlier runs" if self.skipped else "")
             + f" | {c['accepted']} accepted, {c['rejected']} rejected, {c['error']} error"
-            + f" | {rate:.2f} samples/s | elapsed {_clock(time.monotonic() - self.start_t)}"
-            + (f", ETA {_clock(eta)}" if eta is not None and done < self.total else "")
+            + f" | {rate:.2f} samples/s | elapsed {clock(time.monotonic() - self.start_t)}"
+            + (f", ETA {clock(eta)}" if eta is not None and done < self.total else "")
         )
 
     def _render(self) -> Any:

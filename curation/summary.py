@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.schema import SAMPLE_SCHEMA, STATUSES
+from core.fmt import human_bytes
 
 REASON_NOTE = (
     "reasons are grouped by tag (text before the first ':'); a row rejected or errored for "
@@ -295,17 +296,7 @@ def _rich_safe(text: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# helpers shared with curation.report
-
-
-def human_bytes(n: float) -> str:
-    """``6700`` -> ``"6.5 KiB"`` (binary units)."""
-    n = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PiB"
+# helpers shared with curation.report (it imports ``human_bytes`` from here too)
 
 
 def duration(seconds: float) -> str:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from catalog.store import ENV_URL, Catalog
+from core.fmt import human_bytes as human_bytes  # the CLI's commands import it here
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -144,14 +145,3 @@ def shown_path(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def human_bytes(n: int | None) -> str:
-    if not n:
-        return "0 B"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"

@@ -5,7 +5,8 @@ Each stage's tasks are resolved as the workers will resolve them (``sources.reso
 once per data entry, then ``loaders.build_task_loaders`` for rank 0 of the real world size;
 no sample is decoded), so the buckets and counts seen here are the ones training draws from.
 Catalog data opens no shard (counts and texts come from the index); shard paths are scanned
-(tar headers and the small JSON / txt members), as every rank scans them today.
+(tar headers and the small JSON / txt members), as every rank scans them today. Texts are
+counted in one pass per data entry, for every kind its tasks read.
 
 Problems, each naming its stage, task, bucket or data entry:
 
@@ -197,7 +198,8 @@ def check_data(
             f"bucket sizes not checked: size {recipe.model.size!r} takes its geometry from its "
             "checkpoints; `omniforge train plan` builds the model and checks them"
         )
-    texts: dict[tuple[str, str], tuple[int, int]] = {}  # (data, kind) -> (without text, all)
+    kinds = _kinds_read(recipe, chosen)
+    texts: dict[str, dict[str, tuple[int, int]]] = {}  # data -> kind -> (without text, all)
     for index in chosen:
         stage = recipe.stages[index]
         label = f"{index + 1} ({stage.name})"
@@ -221,12 +223,21 @@ def check_data(
                     )
                 )
                 continue
-            if (tc.data, kind) not in texts:
-                texts[(tc.data, kind)] = _text_counts(src, kind, catalog)
-            _text_problems(check, label, task, tc.data, *texts[(tc.data, kind)])
+            if tc.data not in texts:  # one pass over the entry, whichever task asks first
+                texts[tc.data] = _text_counts(src, kinds[tc.data], catalog)
+            _text_problems(check, label, task, tc.data, *texts[tc.data].get(kind, (0, 0)))
             if geometry is not None:
                 _bucket_problems(check, recipe, index, label, task, src, geometry)
     return check
+
+
+def _kinds_read(recipe: Recipe, chosen: list[int]) -> dict[str, frozenset[str]]:
+    """Data entry -> the sample kinds the chosen stages' tasks read from it."""
+    kinds: dict[str, set[str]] = {}
+    for index in chosen:
+        for task, tc in recipe.stages[index].tasks.items():
+            kinds.setdefault(tc.data, set()).add(task_spec(task).kind)
+    return {data: frozenset(k) for data, k in kinds.items()}
 
 
 def _resolve(
@@ -359,29 +370,33 @@ def _text_problems(
     check.problems.append(Problem("warning", "missing_text", message, label, task, data=data))
 
 
-def _text_counts(src: DataSource, kind: str, catalog: Any) -> tuple[int, int]:
-    """(samples of ``kind`` without text, all samples of ``kind``) in the source, as
-    ``decode.sample_text`` finds text: a ``txt`` member, else the index row's fields."""
+def _text_counts(src: DataSource, kinds: Iterable[str], catalog: Any) -> dict[str, tuple[int, int]]:
+    """Per kind of ``kinds``: (samples without text, all samples) in the source, as
+    ``decode.sample_text`` finds text: a ``txt`` member, else the index row's fields. One pass
+    over the source (the shards of path data are opened once, whichever tasks read them)."""
+    wanted = set(kinds)
+    counts: Counter = Counter()  # (kind, has text) -> samples
     if is_catalog_uri(src.uri):
-        return _index_text_counts(src, kind, catalog)
-    counts: Counter = Counter()
-    for uri, _ in src.shards:
-        with open_shard(uri) as reader:
-            for key, members in reader:
-                if src.keys is not None and key not in src.keys:
-                    continue
-                meta, found = meta_and_kind(reader, members)
-                if found != kind:
-                    continue
-                text = reader.read(members["txt"]) if "txt" in members else b""
-                has = bool(text.strip()) or _has_text(meta)
-                counts[has] += 1
-    return counts[False], counts[False] + counts[True]
+        for kind, has in _index_texts(src, wanted, catalog):
+            counts[(kind, has)] += 1
+    else:
+        for uri, _ in src.shards:
+            with open_shard(uri) as reader:
+                for key, members in reader:
+                    if src.keys is not None and key not in src.keys:
+                        continue
+                    meta, kind = meta_and_kind(reader, members)
+                    if kind not in wanted:
+                        continue
+                    text = reader.read(members["txt"]) if "txt" in members else b""
+                    counts[(kind, bool(text.strip()) or _has_text(meta))] += 1
+    return {k: (counts[(k, False)], counts[(k, False)] + counts[(k, True)]) for k in wanted}
 
 
-def _index_text_counts(src: DataSource, kind: str, catalog: Any) -> tuple[int, int]:
-    """``_text_counts`` of catalog data, from its index (the curation sink writes the ``txt``
-    member from these same fields)."""
+def _index_texts(src: DataSource, kinds: set[str], catalog: Any) -> Iterable[tuple[str, bool]]:
+    """(kind, has text) of each accepted sample of ``kinds`` in catalog data, from its index
+    (the curation sink writes the ``txt`` member from these same fields)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from catalog.index import open_index
@@ -389,16 +404,13 @@ def _index_text_counts(src: DataSource, kind: str, catalog: Any) -> tuple[int, i
     ref = DatasetRef.parse(src.uri)
     version = catalog.get_version(ref.name, ref.version)
     table = open_index(version.index_uri).to_table(
-        columns=["key", *TEXT_FIELDS],
-        filter=(pc.field("status") == "accepted") & (pc.field("kind") == kind),
+        columns=["key", "kind", *TEXT_FIELDS],
+        filter=(pc.field("status") == "accepted")
+        & pc.field("kind").isin(pa.array(sorted(kinds), pa.string())),
     )
-    missing = total = 0
     for row in table.to_pylist():
-        if src.keys is not None and row["key"] not in src.keys:
-            continue
-        total += 1
-        missing += not _has_text(row)
-    return missing, total
+        if src.keys is None or row["key"] in src.keys:
+            yield row["kind"], _has_text(row)
 
 
 def _has_text(row: dict[str, Any]) -> bool:

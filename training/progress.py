@@ -13,7 +13,12 @@ they happen in both modes.
 
 Records are plain dicts (they cross processes); ``kind`` says which: ``notice`` (text),
 ``start`` (step the workers start from, steps, checkpoint), ``step``, ``failure`` (Ray Train's
-decision and each failed rank), ``end``.
+decision and each failed rank), ``end`` (rank 0 left the training loop: done, stopped on
+purpose or failed; the line shows its last step and drops the ETA).
+
+The display never fails the stage: the driver's thread survives a transient error (it gives up
+after ``MAX_POLL_ERRORS`` in a row, saying so), and leaving ``StageFeed`` keeps ``fit()``'s
+exception, stopping the display whatever else fails.
 """
 
 from __future__ import annotations
@@ -29,19 +34,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from core.fmt import clock
+
 log = logging.getLogger(__name__)
 
 PLAIN_EVERY_STEPS = 10
 PLAIN_INTERVAL_S = 60.0  # off a terminal, slow steps still show a line this often
 POLL_S = 0.5
+MAX_POLL_ERRORS = 20  # errors in a row after which the driver's thread stops polling
 WINDOW = 10  # steps the samples/s and data wait figures are averaged over
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 # -- the workers' side -------------------------------------------------------------------------
@@ -81,8 +82,15 @@ class StepReporter:
     @contextmanager
     def building_engine(self):
         """Around ``deepspeed.initialize``: says so before DeepSpeed compiles its shared-memory
-        op (about 100 s on 2 CPUs, once per ``TORCH_EXTENSIONS_DIR``) and how long it took."""
-        folder = shm_op_build_dir() if self.channel is not None else None
+        op (about 100 s on 2 CPUs, once per ``TORCH_EXTENSIONS_DIR``) and how long it took.
+        Whether it will compile is read from DeepSpeed's internals (``shm_op_build_dir``): if
+        they changed, there is no notice, and training goes on."""
+        folder = None
+        if self.channel is not None:
+            try:
+                folder = shm_op_build_dir()
+            except Exception as e:  # a display nicety: never a reason to fail the stage
+                log.debug("cannot tell whether DeepSpeed compiles its op: %r", e)
         if folder is None:
             yield
             return
@@ -232,8 +240,7 @@ class StageProgress:
         self.start_step: int | None = None  # where the workers (re)started
         self.attempt_first: dict[str, Any] | None = None  # first step record of this attempt
         self.window: deque[dict[str, Any]] = deque(maxlen=WINDOW)
-        self.steps_seen: list[int] = []  # every step reported, in order (restarts repeat some)
-        self.failures = 0
+        self.ended = False  # rank 0 left the training loop (an "end" record), until a restart
         self.failed_at: int | None = None  # last step before a failure, until the restart
         self.printed: tuple[int, float] | None = None  # (step, worker time) of the last line
         tty = bool(console is not None and getattr(console, "is_terminal", False))
@@ -259,6 +266,8 @@ class StageProgress:
             self._stepped(record)
         elif kind == "failure":
             self._failed(record)
+        elif kind == "end":
+            self._ended()
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -270,10 +279,12 @@ class StageProgress:
 
     def stop(self) -> None:
         if self._live is not None:
-            self._live.update(self._render())
-            self._live.stop()
-            self._live = None
-        elif self.last is not None and self.printed and self.printed[0] != self.last["step"]:
+            live, self._live = self._live, None
+            try:
+                live.update(self._render())
+            finally:  # the terminal gets its cursor back whatever the last render did
+                live.stop()
+        elif self.last is not None and self.printed and not self._last_printed():
             self._print_line()
 
     # -- state ---------------------------------------------------------------------------------
@@ -281,6 +292,7 @@ class StageProgress:
     def _started(self, record: dict[str, Any]) -> None:
         step, checkpoint = record["step"], record.get("checkpoint")
         self.attempt_first, self.printed, self.start_step = None, None, step
+        self.ended = False
         self.window.clear()
         if self.failed_at is not None:  # Ray Train restarted the workers
             if checkpoint is None:
@@ -296,7 +308,6 @@ class StageProgress:
             self.say(f"resuming from checkpoint {checkpoint} (step {step})")
 
     def _stepped(self, record: dict[str, Any]) -> None:
-        self.steps_seen.append(record["step"])
         if self.attempt_first is None:
             self.attempt_first = record
         self.last = record
@@ -304,8 +315,22 @@ class StageProgress:
         if not self.live_mode and self._line_due(record):
             self._print_line()
 
+    def _ended(self) -> None:
+        """Rank 0 left the loop: no ETA from here (a run stopped by ``stop_after`` has steps
+        left that nobody trains now), and off a terminal its last step is shown at once, not
+        when the driver stops the display."""
+        self.ended = True
+        if not self.live_mode and self.last is not None and not self._last_printed():
+            self._print_line()
+
+    def _last_printed(self) -> bool:
+        return (
+            self.printed is not None
+            and self.last is not None
+            and (self.printed[0] == self.last["step"])
+        )
+
     def _failed(self, record: dict[str, Any]) -> None:
-        self.failures += 1
         self.failed_at = self.last["step"] if self.last else 0
         at = f" after step {self.failed_at}" if self.last else " before its first step"
         failures = record["failures"]
@@ -363,7 +388,7 @@ class StageProgress:
         return rate, wait, eta
 
     def line(self) -> str:
-        elapsed = f"elapsed {_clock(self.clock() - self.start_t)}"
+        elapsed = f"elapsed {clock(self.clock() - self.start_t)}"
         r = self.last
         if r is None and self.start_step is None:
             return f"{self.label}: starting the workers | {elapsed}"
@@ -377,8 +402,11 @@ class StageProgress:
             + (f" | {rate:.1f} samples/s" if rate is not None else "")
             + (f" | data wait {100 * wait:.0f}%" if wait is not None else "")
             + f" | {elapsed}"
-            + (f", ETA {_clock(eta)}" if eta is not None and r["step"] < self.steps else "")
+            + (f", ETA {clock(eta)}" if eta is not None and self._eta_due(r) else "")
         )
+
+    def _eta_due(self, record: dict[str, Any]) -> bool:
+        return not self.ended and record["step"] < self.steps
 
     def _render(self) -> Any:
         from rich.progress_bar import ProgressBar
@@ -399,7 +427,8 @@ class StageFeed:
     ``with StageFeed(display) as feed:`` starts a named Ray actor (no CPU) whose ``address``
     goes to the workers (``StageSpec.extra["progress"]``) and to Ray Train's controller; on
     exit the thread stops, the last records are shown, the actor is killed and the display
-    stops (also when ``fit()`` raised: a failure's records come first)."""
+    stops (also when ``fit()`` raised: a failure's records come first, and ``fit()``'s error is
+    the one that propagates, whatever the display's own teardown runs into)."""
 
     def __init__(self, display: StageProgress, poll_s: float = POLL_S):
         self.display, self.poll_s = display, poll_s
@@ -425,29 +454,63 @@ class StageFeed:
         return self
 
     def _run(self) -> None:
+        """Polls until ``__exit__``. An error (a slow or restarting actor, a record the display
+        cannot show) is logged once per run of errors and polling goes on; after
+        ``MAX_POLL_ERRORS`` in a row (Ray going away under us: the stage's own error tells)
+        the thread gives up and says so."""
+        errors = 0
         while not self._stop.wait(self.poll_s):
             try:
                 self.pump()
-            except Exception as e:  # Ray going away under us: the stage's own error tells
-                log.warning("training progress display stopped: %s", e)
-                return
+            except Exception as e:
+                errors += 1
+                if errors == 1:
+                    log.warning("training progress display: %r; polling on", e)
+                if errors >= MAX_POLL_ERRORS:
+                    log.warning(
+                        "training progress display gave up after %d errors in a row: %r",
+                        errors,
+                        e,
+                    )
+                    return
+            else:
+                errors = 0
 
     def pump(self) -> None:
+        """Shows the records sent since the last call. A record the display cannot show does
+        not hold back the ones after it (they are drained already): the first such error is
+        raised once all are handled."""
         import ray
 
+        error: Exception | None = None
         with self._lock:
             for record in ray.get(self._actor.drain.remote(), timeout=30):
-                self.display.handle(record)
+                try:
+                    self.display.handle(record)
+                except Exception as e:
+                    error = error or e
             self.display.tick()
+        if error is not None:
+            raise error
 
     def __exit__(self, *exc: Any) -> None:
+        """Each step of the teardown on its own: an error here is logged, never raised (it
+        would replace ``fit()``'s exception, which the runner reads), and the display always
+        stops (rich's live line would otherwise stay on the terminal)."""
         import ray
 
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         try:
-            self.pump()
-        finally:
+            self.pump()  # the records sent since the last poll (a failure's come last)
+        except Exception as e:
+            log.warning("training progress display, its last records: %r", e)
+        try:
             ray.kill(self._actor)
+        except Exception as e:
+            log.warning("training progress display: its actor could not be ended: %r", e)
+        try:
             self.display.stop()
+        except Exception as e:  # its live line is stopped all the same (StageProgress.stop)
+            log.warning("training progress display: its last line failed: %r", e)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from catalog.db import CatalogError
 from catalog.lifecycle import run_lifecycle
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
@@ -69,17 +70,26 @@ def stage_dir(output: Path, recipe: Recipe, index: int) -> Path:
     return output / "stages" / f"{index + 1}-{recipe.stages[index].name}"
 
 
-def pin_data(recipe: Recipe, catalog) -> tuple[Recipe, list[str]]:
+def pin_data(recipe: Recipe, catalog, *, strict: bool = True) -> tuple[Recipe, list[str]]:
     """Replace ``@latest`` by the concrete committed version, so every rank and every resume
-    reads the same data; returns the recipe and the dataset references it reads."""
+    reads the same data; returns the recipe and the dataset references it reads. Reads the
+    catalog, writes nothing. ``strict=False`` leaves an entry that does not resolve (no
+    catalog, unknown dataset or version) as it is, for the data check to report with every
+    other problem."""
     data, refs = {}, []
     for name, source in recipe.data.items():
         uri = source.uri
         if is_catalog_uri(uri):
-            if catalog is None:
-                raise ValueError(f"data.{name}.uri is {uri!r} but no catalog is configured")
-            ref = DatasetRef.parse(uri)
-            version = catalog.get_version(ref.name, ref.version)
+            try:
+                if catalog is None:
+                    raise ValueError(f"data.{name}.uri is {uri!r} but no catalog is configured")
+                ref = DatasetRef.parse(uri)
+                version = catalog.get_version(ref.name, ref.version)
+            except (ValueError, CatalogError):
+                if strict:
+                    raise
+                data[name] = source.model_dump(mode="json")
+                continue
             uri = version.ref
             refs.append(uri)
         data[name] = {**source.model_dump(mode="json"), "uri": uri}
@@ -148,7 +158,10 @@ def run_training(
             f"{out} holds a previous training run: pass --resume to continue it, "
             "or choose another --output"
         )
-    # the data against the recipe, every problem at once, before anything is written or started
+    # the data pinned first (catalog://NAME@latest read once: the version checked is the one
+    # trained on), then checked against the recipe, every problem at once, before anything is
+    # written or started
+    recipe, _ = pin_data(recipe, catalog, strict=False)
     preflight.run_check(
         recipe,
         world_size=max(1, recipe.workers if workers is None else workers),
@@ -156,8 +169,9 @@ def run_training(
         stages=stages,
         say=lambda line: console.print(line, highlight=False) if console else log.warning(line),
     )
-    out.mkdir(parents=True, exist_ok=True)
+    # an entry no chosen stage reads is not checked: one that does not resolve fails here
     recipe, refs = pin_data(recipe, catalog)
+    out.mkdir(parents=True, exist_ok=True)
     state = json.loads(state_file.read_text()) if state_file.exists() else {"stages": {}}
     if state.get("recipe") and state["recipe"] != recipe.model_dump(mode="json"):
         raise ValueError(f"{out} was trained with a different recipe; resume needs the same one")

@@ -69,12 +69,14 @@ def store(tmp_path, monkeypatch) -> tuple[str, str]:
 class Stage(StageArtifacts):
     """What the mixin reads of a ``Trainer``: rank 0, its model, settings and tracker."""
 
-    def __init__(self, out: Path, uri: str, run_id: str, model, step: int = 0):
+    def __init__(self, out: Path, uri: str, run_id: str, model, step: int = 0,
+                 size: str = "tiny", world_size: int = 2):  # fmt: skip
         self.rank, self.step, self.device, self.ema = 0, step, "cpu", None
+        self.world_size = world_size
         out.mkdir(parents=True, exist_ok=True)  # the runner creates the stage folder
         self.model = model
         self.spec = SimpleNamespace(output=str(out), tracking_uri=uri, mlflow_run_id=run_id)
-        self.recipe = SimpleNamespace(seed=3)
+        self.recipe = SimpleNamespace(seed=3, model=SimpleNamespace(size=size))
         self.stage = SimpleNamespace(condition_dropout=0.0)
         self.tracker = MetricLogger(uri, run_id)
 
@@ -193,3 +195,25 @@ def test_samples_are_logged_at_each_evaluation_for_step_comparison(shards, model
     host._held_out = {"t2i": t2i.next_batch(one, size=3)}  # one sample, three times
     (cell,) = host.log_samples()["t2i"].cells
     assert cell.label[1] == "tall0"
+
+
+@pytest.mark.parametrize(("size", "world_size", "sampled"), [("7b", 2, False), ("7b", 1, True)])
+def test_a_large_model_on_several_ranks_samples_only_at_the_end(shards, model, store, tmp_path,
+                                                                size, world_size, sampled):  # fmt: skip
+    """Rank 0 would sample alone while the other ranks wait: at the start only where it is
+    cheap (one worker; the tiny size: the test above); the stage end samples at every size."""
+    uri, run_id = store
+    host = Stage(tmp_path / "stage", uri, run_id, model, size=size, world_size=world_size)
+    t2i = loader("t2i", shards, model)
+    (five,) = [b for b, n in t2i.bucket_weights().items() if n == 5]
+    host._held_out = {"t2i": t2i.next_batch(five, size=4)}
+
+    assert set(host.evaluate("start")) == {"eval_loss/t2i"}  # the held-out loss all the same
+    folder = tmp_path / "stage" / "samples"
+    start = folder / f"t2i-{five}-step0.png"
+    assert start.exists() == sampled
+    host.step = 5
+    assert set(host.log_samples()) == {"t2i"}  # the trainer's call at stage end
+    assert {p.name for p in folder.glob("*.png")} == {f"t2i-{five}-step5.png"} | (
+        {start.name} if sampled else set()
+    )

@@ -192,27 +192,50 @@ def test_enough_data_passes_and_warnings_are_summed_up_for_train_run(cat, tmp_pa
     ]
 
 
-def test_shard_paths_are_checked_from_their_txt_members(tmp_path):
-    """Path data (no index): captions come from the shards' txt members, as training reads them."""
+def test_shard_paths_are_checked_from_their_txt_members(tmp_path, monkeypatch):
+    """Path data (no index): captions come from the shards' txt members, as training reads them;
+    the shards are opened once for the texts of all the tasks that read them."""
+    import training.preflight as preflight
+
     rows = [row(f"sq{i}", "image", 96, 96, caption="x" if i < 2 else None) for i in range(4)]
-    with ShardWriter(str(tmp_path / "shards"), prefix="p", max_samples=100) as writer:
+    rows += [row(f"ed{i}", "image_edit", 96, 96, instruction="y" if i else None) for i in range(3)]
+    with ShardWriter(str(tmp_path / "shards"), prefix="p", max_samples=3) as writer:
         for r in rows:
-            text = (r.get("caption") or "").encode()
+            text = (r.get("caption") or r.get("instruction") or "").encode()
+            media = (
+                {"src.jpg": b"x", "tgt.jpg": b"x"} if r["kind"] == "image_edit" else {"jpg": b"x"}
+            )
             writer.write(
                 r["bucket"],
                 r["key"],
-                {"json": sample_json({"kind": "image"}), "txt": text, "jpg": b"x"},
+                {"json": sample_json({"kind": r["kind"]}), "txt": text, **media},
             )
+    opened: list[str] = []
+
+    def open_shard(uri):  # the real reader, noting each opening
+        opened.append(uri)
+        return real_open(uri)
+
+    real_open = preflight.open_shard
+    monkeypatch.setattr(preflight, "open_shard", open_shard)
     data = copy.deepcopy(RECIPE)
     data["data"] = {"main": {"uri": str(tmp_path / "shards")}}
-    data["stages"] = data["stages"][:1]
-    data["stages"][0]["tasks"] = {"t2i": {"weight": 1, "data": "main"}}
+    data["stages"][0]["tasks"] = {"t2i": {"weight": 1, "data": "main"},
+                                  "i2i_edit": {"weight": 1, "data": "main"}}  # fmt: skip
+    data["stages"][1]["tasks"] = {"image_understanding": {"weight": 1, "data": "main"}}
     check = check_data(validate(Recipe, data), world_size=1, geometry=None)
     assert [str(p) for p in check.problems] == [
         "warning: stage 1 (first), task t2i, data 'main': 2 of 4 image samples have no caption "
         "(the condition it generates from; recaption / instruction / caption in the index, or a "
-        "txt member)"
+        "txt member)",
+        "warning: stage 1 (first), task i2i_edit, data 'main': 1 of 3 image_edit samples have no "
+        "instruction (the condition it generates from; recaption / instruction / caption in the "
+        "index, or a txt member)",
+        "warning: stage 2 (second), task image_understanding, data 'main': 2 of 4 image samples "
+        "have no caption (the text it learns to write; recaption / instruction / caption in the "
+        "index, or a txt member)",
     ]
+    assert len(writer.finished) > 1 and sorted(opened) == sorted(s.uri for s in writer.finished)
     assert check.notes and "bucket sizes not checked" in check.notes[0]  # no geometry given
 
 
@@ -229,6 +252,40 @@ def test_train_run_refuses_before_any_run_starts(cat, small, tmp_path):
     assert cat.list_runs(kind="training_stage") == []
     assert MlflowClient(tracking).search_experiments()[0].name == "Default"  # no run anywhere
     assert MlflowClient(tracking).search_runs(["0"]) == []
+
+
+def test_train_run_trains_on_the_version_it_checked(cat, tmp_path):
+    """``catalog://small@latest`` is read once, before the check: a version committed while the
+    check runs (here: as it reports its warning) is neither checked nor trained on."""
+    from training.runner import run_training
+
+    rows = [row(f"wide{i}", "image", 160, 90, caption=f"wide {i}") for i in range(22)]
+    rows.append(row("wide22", "image", 160, 90))  # no caption: the check warns
+    checked = write_version(cat, tmp_path / "v1", "small", rows)
+
+    class Console:
+        """Prints lines; a curation job commits small's next version during the check's."""
+
+        lines: list[str] = []
+
+        def print(self, text: str, **kwargs) -> None:
+            self.lines.append(text)
+            if text.startswith("data check on"):
+                write_version(cat, tmp_path / "v2", "small", rows[:22])
+
+    data = copy.deepcopy(RECIPE)
+    data["data"] = {"main": {"uri": "catalog://small@latest"}}
+    for stage in data["stages"]:
+        stage["tasks"] = {"t2i": {"weight": 1, "data": "main"}}
+    console = Console()
+    # stage 2 alone, without stage 1's weights: it stops after writing its recipe, before Ray
+    with pytest.raises(ValueError, match="run the earlier stages first"):
+        run_training(validate(Recipe, data), tmp_path / "out", stages=[1], catalog=cat,
+                     console=console)  # fmt: skip
+    assert console.lines[0].startswith("data check on 2 worker(s): 1 task(s) with samples lacking")
+    assert cat.get_version("small").version == checked.version + 1  # committed meanwhile
+    written = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert written["data"]["main"]["uri"] == checked.ref
 
 
 # -- the CLI ------------------------------------------------------------------------------------

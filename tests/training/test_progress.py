@@ -1,6 +1,7 @@
 """The training progress display: plain lines every N steps, rates and ETA from the workers'
 records, what a failed and restarted worker group looks like, Ray's failures in words, and
-whether DeepSpeed is about to compile its op. (The driver receiving a real run's records:
+whether DeepSpeed is about to compile its op; the driver's feed (a real Ray actor) surviving
+errors and never replacing ``fit()``'s. (The driver receiving a real run's records:
 ``tests/training/test_runner.py``.)"""
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ import io
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from training.progress import (
+    MAX_POLL_ERRORS,
+    StageFeed,
     StageProgress,
+    StepReporter,
     describe_failure,
     ninja_up_to_date,
     shm_op_build_dir,
@@ -24,13 +29,21 @@ LABEL = "stage 1 (align)"
 
 
 class Lines:
-    """A console that keeps what is printed (not a terminal: plain lines)."""
+    """A console that keeps what is printed (not a terminal: plain lines); ``wait_for`` waits
+    until a line arrives (printed by the feed's thread)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self._printed = threading.Condition()
 
     def print(self, text: str = "", **kwargs) -> None:
-        self.lines.append(str(text))
+        with self._printed:
+            self.lines.append(str(text))
+            self._printed.notify_all()
+
+    def wait_for(self, line: str, timeout: float = 60.0) -> None:
+        with self._printed:
+            assert self._printed.wait_for(lambda: line in self.lines, timeout), self.lines
 
 
 def step(n: int, t: float, samples: int = 4, wait: float = 0.1, task: str = "t2i") -> dict:
@@ -53,7 +66,6 @@ def test_plain_lines_every_n_steps_and_at_the_first_and_last():
     assert shown_steps(console.lines) == [1, 5, 10, 12]
     assert console.lines[0].startswith(f"{LABEL}: step 1/12 (8%) | loss 1.0000 | task t2i")
     assert "| bucket 1x64x64" in console.lines[0]
-    assert progress.steps_seen == list(range(1, 13))
 
 
 def test_slow_steps_still_show_a_line_every_interval():
@@ -65,13 +77,27 @@ def test_slow_steps_still_show_a_line_every_interval():
     assert shown_steps(console.lines) == [1, 3, 5, 7]
 
 
-def test_a_stopped_run_shows_its_last_step_once():
+def test_a_stopped_run_shows_its_last_step_once_when_the_workers_end():
     console = Lines()
     progress = StageProgress(console, LABEL, steps=24, every_steps=10)
     for n in range(1, 7):  # stopped after 6 steps (stop_after)
         progress.handle(step(n, t=float(n)))
+    assert progress.line().endswith(", ETA 18s")
+    progress.handle({"kind": "end", "t": 6.5, "step": 6})
+    assert shown_steps(console.lines) == [1, 6]  # at once, not when the driver stops
+    assert "ETA" not in progress.line()  # nobody trains the steps left now
     progress.stop()
     assert shown_steps(console.lines) == [1, 6]
+
+
+def test_a_display_stopped_without_an_end_shows_the_last_step():
+    """Rank 0 killed: no ``end`` record; the driver's stop shows the last step it had."""
+    console = Lines()
+    progress = StageProgress(console, LABEL, steps=24, every_steps=10)
+    for n in range(1, 4):
+        progress.handle(step(n, t=float(n)))
+    progress.stop()
+    assert shown_steps(console.lines) == [1, 3]
 
 
 def test_rates_and_eta_come_from_the_workers_clock():
@@ -182,9 +208,84 @@ def test_ray_failures_in_one_line():
     assert describe_failure(raised) == "failed: ValueError: bad bucket"
 
 
+def deepspeed_on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
+cpu_deepspeed = pytest.mark.skipif(
+    not deepspeed_on_cpu(),
+    reason="DeepSpeed's shared-memory op (ShareMemCommBuilder) exists for its CPU accelerator "
+    "only; on this machine DeepSpeed uses another, so it compiles no such op",
+)
+
+
+@cpu_deepspeed
 def test_deepspeed_compiles_its_op_into_an_empty_extensions_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     assert shm_op_build_dir() == tmp_path / "ext" / "deepspeed_shm_comm"
+
+
+@cpu_deepspeed
+def test_the_op_check_failing_does_not_fail_the_engine_build(tmp_path, monkeypatch, ray_session):
+    """A TORCH_EXTENSIONS_DIR that is a file: torch's build folder cannot be made, so the check
+    (DeepSpeed's and torch's internals) raises; the engine build goes on without a notice."""
+    blocker = tmp_path / "ext"
+    blocker.write_text("a file, not a folder")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker))
+    with pytest.raises(OSError):
+        shm_op_build_dir()
+    console, built = Lines(), []
+    with StageFeed(StageProgress(console, LABEL, steps=1)) as feed:
+        reporter = StepReporter.build(feed.address, rank=0)
+        with reporter.building_engine():
+            built.append(True)
+        reporter.flush()
+    assert built == [True] and console.lines == []
+
+
+def test_the_feed_keeps_polling_after_a_record_it_cannot_show(ray_session, caplog):
+    console = Lines()
+    with StageFeed(StageProgress(console, LABEL, steps=4), poll_s=0.01) as feed:
+        reporter = StepReporter.build(feed.address, rank=0)
+        reporter.send("notice")  # no text: the display raises on it
+        reporter.send("notice", text="shown all the same")  # drained with it or after it
+        console.wait_for(f"{LABEL}: shown all the same")
+        reporter.send("notice", text="the thread polls on")
+        console.wait_for(f"{LABEL}: the thread polls on")
+        assert feed._thread is not None and feed._thread.is_alive()
+    warned = [r.getMessage() for r in caplog.records if r.name == "training.progress"]
+    assert warned == ["training progress display: KeyError('text'); polling on"]
+
+
+def test_a_gone_feed_gives_up_and_leaves_fits_error_and_the_terminal_alone(ray_session, caplog):
+    """The actor gone (Ray going down): the thread gives up after ``MAX_POLL_ERRORS`` in a
+    row, the last poll on exit fails too, and yet ``fit()``'s error is the one raised and the
+    live line is stopped."""
+    import ray
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
+    display = StageProgress(console, LABEL, steps=4)
+    with (
+        pytest.raises(RuntimeError, match="the stage's own error"),
+        StageFeed(display, poll_s=0.01) as feed,
+    ):
+        assert display._live is not None and display._live.is_started
+        ray.kill(feed._actor)
+        assert feed._thread is not None
+        feed._thread.join(timeout=120)
+        assert not feed._thread.is_alive()
+        raise RuntimeError("the stage's own error")
+    assert display._live is None  # stopped: the terminal is the user's again
+    warned = [r.getMessage() for r in caplog.records if r.name == "training.progress"]
+    assert warned[0].startswith("training progress display: ")
+    assert warned[1].startswith(
+        f"training progress display gave up after {MAX_POLL_ERRORS} errors in a row: "
+    )
+    assert warned[2].startswith("training progress display, its last records: ")
+    assert len(warned) == 3
 
 
 def test_a_build_is_up_to_date_when_ninja_has_nothing_to_do(tmp_path):
