@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -80,6 +80,40 @@ def trainable_problems(family: str, patterns: list[str]) -> list[str]:
     return out
 
 
+def selected_groups(family: str, patterns: list[str]) -> list[str]:
+    """The trainable module groups of ``family`` that ``patterns`` select, in family order."""
+    spec = FAMILIES[family]
+    return [
+        g
+        for g in spec.groups
+        if g not in spec.frozen and any(fnmatch.fnmatchcase(g, p) for p in patterns)
+    ]
+
+
+def optimizer_group_problems(family: str, stage: StageConfig) -> list[tuple[str, str]]:
+    """(path under ``optimizer.groups``, message) for each glob of the stage's
+    ``optimizer.groups`` that matches none of its trainable groups, and each group that two
+    globs match (its settings would depend on their order)."""
+    trains = selected_groups(family, stage.trainable)
+    out, matched = [], {}
+    for glob in stage.optimizer.groups:
+        hits = [g for g in trains if fnmatch.fnmatchcase(g, glob)]
+        if not hits:
+            out.append(
+                (
+                    f".{glob}",
+                    f"{glob!r} matches no module group this stage trains; it trains: "
+                    f"{', '.join(trains) or 'nothing'}",
+                )
+            )
+        for g in hits:
+            matched.setdefault(g, []).append(glob)
+    for g, globs in matched.items():
+        if len(globs) > 1:
+            out.append(("", f"module group {g!r} is matched by {globs}: give each group one glob"))
+    return out
+
+
 class ModelConfig(StrictModel):
     family: Family
     size: str = Field(
@@ -118,19 +152,45 @@ class DataConfig(StrictModel):
         return self
 
 
+def _check_betas(v: tuple[float, float] | None) -> tuple[float, float] | None:
+    if v is not None and not all(0 <= b < 1 for b in v):
+        raise ValueError(f"betas must each be in [0, 1), got {list(v)}")
+    return v
+
+
+class GroupOptimizerConfig(StrictModel):
+    """Settings of the module groups one glob of ``optimizer.groups`` matches; a field left
+    unset takes the stage optimizer's value (the schedule scales each group from its own lr)."""
+
+    lr: float | None = Field(None, gt=0, le=1)
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = Field(None, ge=0, le=1)
+    eps: float | None = Field(None, gt=0)
+
+    _betas = field_validator("betas")(_check_betas)
+
+
 class OptimizerConfig(StrictModel):
     name: Literal["adamw"] = "adamw"
     lr: float = Field(gt=0, le=1)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0, le=1)
     eps: float = Field(1e-8, gt=0)
+    groups: dict[str, GroupOptimizerConfig] = Field(
+        default_factory=dict,
+        description="glob over the stage's trainable module groups -> lr / betas / "
+        "weight_decay / eps of those groups (the rest keep the values above)",
+    )
 
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError(f"betas must each be in [0, 1), got {list(v)}")
-        return v
+    _betas = field_validator("betas")(_check_betas)
+
+    def settings(self, glob: str | None = None) -> dict[str, Any]:
+        """lr, betas, weight_decay and eps of the groups ``glob`` matches (None: the others)."""
+        own = {"lr": self.lr, "betas": self.betas, "weight_decay": self.weight_decay}
+        own["eps"] = self.eps
+        if glob is not None:
+            own.update(self.groups[glob].model_dump(exclude_none=True))
+        return own
 
 
 class ScheduleConfig(StrictModel):
@@ -163,12 +223,26 @@ class StageConfig(StrictModel):
     timestep_shift: float = Field(1.0, gt=0)
     condition_dropout: float = Field(0.1, ge=0, lt=1, description="per modality, independent")
     token_budget: int = Field(gt=0, description="latent tokens per local batch")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="samples per GPU per micro-batch: a cap on what token_budget packs "
+        "(unset: the budget alone)",
+    )
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
     hybrid: bool = Field(
         False, description="batches mix the tasks of one group (image | video) sharing a shape"
     )
     tasks: dict[TaskName, TaskConfig] = Field(min_length=1)
     steps: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
+
+    def global_batch(self, workers: int) -> int | None:
+        """Samples per optimizer step over every worker when ``batch_size`` is set (None: the
+        token budget decides, per bucket)."""
+        if self.batch_size is None:
+            return None
+        return self.batch_size * workers * self.grad_accumulation
 
     def problems(self) -> list[tuple[str, str]]:
         """(path relative to the stage, message) of each inconsistent setting."""
@@ -225,6 +299,10 @@ class Recipe(StrictModel):
             problems += [(f"stages.{i}.{path}", msg) for path, msg in stage.problems()]
             for message in trainable_problems(family, stage.trainable):
                 problems.append((f"stages.{i}.trainable", message))
+            problems += [
+                (f"stages.{i}.optimizer.groups{path}", message)
+                for path, message in optimizer_group_problems(family, stage)
+            ]
             for task_name, task in stage.tasks.items():
                 if task_name not in supported:
                     problems.append(

@@ -70,7 +70,7 @@ def test_valid_recipe():
         ),
         (
             {"stages__0__lr": 1e-4},
-            "stages.0.lr: unknown key; allowed keys here: checkpoint_every, condition_dropout",
+            "stages.0.lr: unknown key; allowed keys here: batch_size, checkpoint_every, condition_dropout",
         ),
         (
             {"data__main__uri": "catalog://demo@zero"},
