@@ -144,6 +144,7 @@ class StepData:
                 stage.token_budget,
                 geometry.spatial_factor,
                 geometry.temporal_factor,
+                stage.batch_size,
             )
             units, buckets = self.mixer.group_weights(), self.mixer.group_buckets()
         else:

@@ -8,10 +8,14 @@ one ``checkpoint.Checkpointer`` and restores the latest checkpoint if there is o
 step: take the batch read in the background during the previous step (its task and bucket
 came from rank 0), start reading the next one, forward, check the loss is finite, backward,
 check the gradient norm is finite, optimizer step (clipping in DeepSpeed), EMA, log,
-checkpoint; rank 0 reports each step to the driver's display (``training/progress.py``). A
-non-finite loss or gradient norm on any rank stops every rank before the optimizer step, so
-it is never applied. With ``hybrid`` batching the broadcast names a task
-group and the batch mixes that group's tasks (``training/data/hybrid.py``). At stage end rank
+checkpoint. With ``grad_accumulation`` > 1 a step takes that many micro-batches (each its own
+draw of task and bucket), each forward and backward (DeepSpeed divides each loss by the
+count), and the gradient-norm check and optimizer step follow the last. The optimizer's param
+groups and their lr per step come from ``training.optim`` (``optimizer.groups``). Rank 0
+reports each step to the driver's display (``training/progress.py``). A non-finite loss or
+gradient norm on any rank stops every rank before the optimizer step, so it is never applied.
+With ``hybrid`` batching the broadcast names a task group and the batch mixes that group's
+tasks (``training/data/hybrid.py``). At stage end rank
 0 writes the final weights and, for a family that can generate, samples from fixed prompts
 (``training/artifacts.py``: held-out loss, input grids and samples).
 
@@ -42,6 +46,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean as mean
 from typing import Any
 
 import torch
@@ -51,6 +56,7 @@ from training import checkpoint as ckpt
 from training.artifacts import StageArtifacts
 from training.data.batch import TaskBatch
 from training.ema import EMA
+from training.optim import DEFAULT, lr_at, param_groups, set_lrs
 from training.progress import StepReporter
 from training.recipe import Recipe, StageConfig
 from training.sampler import StepData
@@ -200,12 +206,17 @@ def process_group():
 
 
 def deepspeed_config(recipe: Recipe, stage: StageConfig, on_gpu: bool) -> dict[str, Any]:
-    """ZeRO-1/2 config from the recipe. CPU: fp32 + torch AdamW; GPU: bf16 (unless fp32)."""
+    """ZeRO-1/2 config from the recipe. CPU: fp32 + torch AdamW; GPU: bf16 (unless fp32).
+
+    The optimizer's values are the stage's; the param groups passed to ``deepspeed.initialize``
+    (``training.optim.param_groups``) carry each group's own. ``engine.backward`` divides each
+    micro-batch's loss by ``gradient_accumulation_steps`` and ``engine.step`` steps the
+    optimizer after the last micro-batch of a step only."""
     bf16 = on_gpu and recipe.precision in ("auto", "bf16")
     opt = stage.optimizer
     return {
         "train_micro_batch_size_per_gpu": 1,  # batches are pre-formed per bucket
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": stage.grad_accumulation,
         "gradient_clipping": stage.grad_clip,
         "zero_optimization": {"stage": stage.zero_stage},
         "bf16": {"enabled": bf16},
@@ -222,23 +233,6 @@ def deepspeed_config(recipe: Recipe, stage: StageConfig, on_gpu: bool) -> dict[s
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def lr_at(stage: StageConfig, step: int) -> float:
-    """Learning rate of ``step`` (0-based): warmup, then constant / cosine / linear decay."""
-    import math
-
-    base, sched = stage.optimizer.lr, stage.schedule
-    if step < sched.warmup_steps:
-        return base * (step + 1) / sched.warmup_steps
-    if sched.kind == "constant":
-        return base
-    span = max(1, stage.steps - sched.warmup_steps)
-    progress = min(1.0, (step - sched.warmup_steps) / span)
-    floor = base * sched.min_lr_ratio
-    if sched.kind == "cosine":
-        return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return base - (base - floor) * progress
 
 
 class TaskCounts(Counter):
@@ -313,11 +307,11 @@ class Trainer(StageArtifacts):
         )
         seed = self.recipe.seed * 1009 + spec.stage_index
         self.data = StepData(self.stage, self.loaders, seed, self.model.geometry)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_groups = param_groups(self.model, self.stage)
         with self.progress.building_engine():  # says so when DeepSpeed compiles its op first
             self.engine, _, _, _ = deepspeed.initialize(
                 model=self.model.to(self.device),
-                model_parameters=params,
+                model_parameters=[group.torch() for group in self.param_groups],
                 config=deepspeed_config(self.recipe, self.stage, self.device.type == "cuda"),
             )
         self.engine.checkpoint_engine = ckpt.safe_checkpoint_engine()
@@ -380,53 +374,78 @@ class Trainer(StageArtifacts):
         return last
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accumulation`` micro-batches (each its own draw of
+        task and bucket); the gradient-norm check and the optimizer step follow the last."""
         t0 = time.perf_counter()
-        # read while the previous step computed; the next read starts now
-        task, bucket, batch = self.data.take(self.device, read_next=self.step + 1 < self.stop_at)
-        t_data = time.perf_counter() - t0
-
-        torch.manual_seed(step_seed(self.recipe.seed, self.spec.stage_index, self.step, self.rank))
-        lr = lr_at(self.stage, self.step)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        out = self.engine(batch.to(self.device))
-        loss = out["loss"]
-        self._check_finite("loss", loss.detach(), task, batch.keys)
-        self.engine.backward(loss)
-        norm = grad_norm(self.engine)
-        self._check_finite("gradient norm", norm, task, batch.keys, agreed=True)
-        self.engine.step()  # clips to stage.grad_clip, then the optimizer step
+        micro = self.stage.grad_accumulation
+        lrs = set_lrs(self.engine.optimizer, self.param_groups, self.stage, self.step)
+        losses: list[tuple[str, float]] = []
+        parts: dict[str, list[float]] = {}
+        tasks, keys, samples, t_data = [], [], 0, 0.0
+        for i in range(micro):
+            last = i == micro - 1
+            t_read = time.perf_counter()
+            # read while the previous micro-batch computed; the next read starts now
+            read_next = not last or self.step + 1 < self.stop_at
+            task, bucket, batch = self.data.take(self.device, read_next=read_next)
+            t_data += time.perf_counter() - t_read
+            if i == 0:  # noise and timesteps: a pure function of the step (micro-batches in turn)
+                seed = step_seed(self.recipe.seed, self.spec.stage_index, self.step, self.rank)
+                torch.manual_seed(seed)
+            out = self.engine(batch.to(self.device))
+            loss = out["loss"]
+            self._check_finite("loss", loss.detach(), task, batch.keys)
+            self.engine.backward(loss)  # divided by grad_accumulation
+            if last:
+                norm = grad_norm(self.engine)
+                self._check_finite("gradient norm", norm, task, batch.keys, agreed=True)
+            self.engine.step()  # after the last micro-batch: clip to grad_clip, optimizer step
+            losses.append((task, float(loss.detach())))
+            for k, v in out.items():
+                if k.startswith("loss/"):
+                    parts.setdefault(k, []).append(float(v))
+            self.task_counts.update(part.task for part in batch.parts)
+            tasks.append(task)
+            keys += batch.keys
+            samples += batch.size
+            self._trace(task, bucket, batch, losses[-1][1], i)
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        self.task_counts.update(part.task for part in batch.parts)
 
         elapsed = time.perf_counter() - t0
+        task = ",".join(dict.fromkeys(tasks))
         metrics = {
-            "loss": float(loss.detach()),
-            f"loss/{task}": float(loss.detach()),
-            "lr": lr,
+            "loss": sum(v for _, v in losses) / micro,  # what the step's gradient is of
+            **{f"loss/{t}": mean(v for u, v in losses if u == t) for t in dict.fromkeys(tasks)},
+            "lr": lr_at(self.stage, self.step - 1),
+            **{f"lr/{name}": lr for name, lr in lrs.items() if name != DEFAULT},
             "grad_norm": float(norm),
-            "samples_per_s": batch.size * self.world_size / elapsed,
+            "samples_per_s": samples * self.world_size / elapsed,
             "data_wait_fraction": t_data / elapsed,
             **{f"tasks/{t}": n for t, n in self.task_counts.items()},
-            **{k: float(v) for k, v in out.items() if k.startswith("loss/")},
+            **{k: mean(v) for k, v in parts.items()},
         }
         self.tracker.log(metrics, self.step)
-        self.progress.step(self.step, task, bucket, metrics, batch.size * self.world_size)
-        if self.spec.extra.get("trace"):  # what every rank did at every step (tests, audits)
-            record = {
-                "step": self.step,
-                "task": task,
-                "bucket": str(bucket),
-                "keys": batch.keys,
-                "parts": {part.task: part.size for part in batch.parts},
-                "loss": metrics["loss"],
-                "drop": {k: v.tolist() for k, v in batch.drop.items()},
-            }
-            with open(Path(self.spec.output) / f"trace-rank{self.rank}.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        return {**metrics, "step": self.step, "task": task, "keys": batch.keys}
+        self.progress.step(self.step, task, bucket, metrics, samples * self.world_size)
+        return {**metrics, "step": self.step, "task": task, "keys": keys}
+
+    def _trace(self, task: str, bucket: Any, batch: Any, loss: float, micro: int) -> None:
+        """What every rank did at every micro-batch (tests, audits), when asked for."""
+        if not self.spec.extra.get("trace"):
+            return
+        record = {
+            "step": self.step + 1,
+            "micro": micro,
+            "task": task,
+            "bucket": str(bucket),
+            "keys": batch.keys,
+            "parts": {part.task: part.size for part in batch.parts},
+            "loss": loss,
+            "drop": {k: v.tolist() for k, v in batch.drop.items()},
+        }
+        with open(Path(self.spec.output) / f"trace-rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _check_finite(
         self, what: str, value: torch.Tensor, task: str, keys: list[str], agreed: bool = False

@@ -167,13 +167,16 @@ def batch_size_for(
     spatial_factor: int,
     temporal_factor: int,
     media_per_sample: int = 1,
+    max_batch: int | None = None,
 ) -> int:
-    """Samples per local batch: ``max(1, token_budget // (tokens * media_per_sample))``.
+    """Samples per local batch: ``max(1, token_budget // (tokens * media_per_sample))``, at
+    most ``max_batch`` (a stage's ``batch_size``) when given.
 
     ``media_per_sample`` is 2 for edit tasks (source and target are both encoded to latents).
     """
     per_sample = tokens(shape, spatial_factor, temporal_factor) * max(1, media_per_sample)
-    return max(1, int(token_budget) // per_sample)
+    packed = max(1, int(token_budget) // per_sample)
+    return packed if max_batch is None else min(packed, int(max_batch))
 
 
 def crop_fraction(width: float, height: float, shape: BucketShape) -> float:

@@ -12,7 +12,8 @@ video_understanding); a batch never mixes groups. With ``hybrid: true`` on a sta
    lockstep (no collective): sample by sample a task is drawn among the group's tasks with data
    in that bucket, with probability proportional to ``weight * P(bucket | task)`` (the
    posterior of the task given the bucket, so the samples follow the stage mixture), until the
-   stage's token budget is used: a sample costs the bucket's latent tokens, twice for edits
+   stage's token budget is used or the batch holds the stage's ``batch_size`` samples (when
+   set): a sample costs the bucket's latent tokens, twice for edits
    (source + target); a task whose next sample does not fit is left out of the rest of the draw.
    A batch holds at least one sample;
 3. each task's part is that task loader's next batch of the bucket with the drawn size (so
@@ -56,9 +57,12 @@ class HybridMixer:
         token_budget: int,
         spatial_factor: int,
         temporal_factor: int,
+        max_batch: int | None = None,
     ):
         self.loaders = loaders
         self.token_budget = int(token_budget)
+        self.max_batch = max_batch  # the stage's batch_size: samples per batch, all parts
+
         self.spatial_factor, self.temporal_factor = int(spatial_factor), int(temporal_factor)
         self.rng = np.random.default_rng([seed, 2])  # every rank, in lockstep
         total = sum(weights.values())
@@ -98,8 +102,8 @@ class HybridMixer:
         if not candidates:
             raise ValueError(f"no task of group {group!r} has data in bucket {shape}")
         counts: dict[str, int] = {}
-        used = 0
-        while candidates:
+        used = used_samples = 0
+        while candidates and (self.max_batch is None or used_samples < self.max_batch):
             p = np.array([self.weights[t] * self.bucket_p[t][shape] for t in candidates])
             task = candidates[int(self.rng.choice(len(candidates), p=p / p.sum()))]
             cost = self.cost(task, shape)
@@ -108,6 +112,7 @@ class HybridMixer:
                 continue
             counts[task] = counts.get(task, 0) + 1
             used += cost
+            used_samples += 1
         return {t: counts[t] for t in sorted(counts)}
 
     def next_batch(

@@ -74,6 +74,7 @@ class TaskLoader:
         geometry: Any,
         frame_area: int,
         token_budget: int,
+        max_batch: int | None = None,
         num_frames: int | None = None,
         fps: float | None = None,
         rank: int = 0,
@@ -94,6 +95,7 @@ class TaskLoader:
         self.temporal_factor = int(geometry.temporal_factor)
         self.frame_area = int(frame_area)
         self.token_budget = int(token_budget)
+        self.max_batch = max_batch  # the stage's batch_size: a cap on what the budget packs
         self.is_video = spec.group == "video"
         self.num_frames = frames_for(num_frames if self.is_video else 1, self.temporal_factor)
         self.fps = fps
@@ -170,7 +172,12 @@ class TaskLoader:
 
     def batch_size(self, shape: BucketShape) -> int:
         return batch_size_for(
-            shape, self.token_budget, self.spatial_factor, self.temporal_factor, self.spec.num_media
+            shape,
+            self.token_budget,
+            self.spatial_factor,
+            self.temporal_factor,
+            self.spec.num_media,
+            self.max_batch,
         )
 
     def next_batch(self, shape: BucketShape, size: int | None = None) -> TaskBatch:
@@ -330,6 +337,7 @@ def build_task_loaders(
             geometry=geometry,
             frame_area=stage.frame_area,
             token_budget=stage.token_budget,
+            max_batch=stage.batch_size,
             num_frames=tc.num_frames,
             fps=tc.fps,
             rank=rank,
