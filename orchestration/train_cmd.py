@@ -100,21 +100,24 @@ def plan(
     recipe: str = typer.Argument(..., help="recipe YAML or built-in name"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
     workers: int | None = typer.Option(
-        None, "--workers", help="world size to check the data for (default: the recipe's)"
+        None,
+        "--workers",
+        help="world size of the global batch and the data check (default: the recipe's)",
     ),
     catalog: str | None = CatalogOption,
 ) -> None:
-    """Per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO; then the
-    data check against the real data (the one `train run` does before starting): each task's
-    buckets, and every problem. Exit status 2 when the data has an error."""
+    """Per stage: trainable groups and parameter counts, the global batch, tasks, buckets,
+    steps, ZeRO; then the data check against the real data (the one `train run` does before
+    starting): each task's buckets, and every problem. Exit status 2 when the data has an
+    error."""
     from training.plan import build, data_tables, describe
     from training.preflight import check_data
     from training.recipe import Recipe
 
     r = load_config(Recipe, recipe_path(recipe), set_)
     model = build(r)
-    for table in describe(r, model):
-        console.print(table)
+    for part in describe(r, model, max(1, r.workers if workers is None else workers)):
+        console.print(part)
     uses_catalog = any(is_catalog_uri(d.uri) for d in r.data.values())
     check = check_data(
         r,

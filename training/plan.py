@@ -1,16 +1,20 @@
 """``train plan``: what each stage of a recipe will do, without training anything: module
-groups and parameters, tasks and bucket shapes (``describe``), and the data check against the
-real data (``training.preflight``; ``data_tables``: each task's buckets, samples and batch)."""
+groups and parameters (with each group's own optimizer settings), the global batch, tasks and
+bucket shapes (``describe``), and the data check against the real data
+(``training.preflight``; ``data_tables``: each task's buckets, samples and batch)."""
 
 from __future__ import annotations
 
+import fnmatch
+
 from rich.table import Table
+from rich.text import Text
 
 from catalog.shards import ASPECT_CLASSES
 from training.data.buckets import batch_size_for, bucket_for
 from training.data.hybrid import group_of
 from training.preflight import DataCheck
-from training.recipe import FAMILIES, Recipe
+from training.recipe import FAMILIES, Recipe, StageConfig
 from training.tasks import IMAGE_TASKS, task_spec
 
 
@@ -23,8 +27,67 @@ def build(recipe: Recipe):
     return build_model(m.family, m.size, m.pretrained, recipe.stages[0].timestep_shift)
 
 
-def describe(recipe: Recipe, model=None) -> list[Table]:
+def widest_batches(stage: StageConfig, geo) -> dict[str, int]:
+    """Task -> samples per GPU at its widest bucket (the smallest batch the stage packs)."""
+    out = {}
+    for name, task in stage.tasks.items():
+        frames = 1 if name in IMAGE_TASKS else task.num_frames
+        shapes = [
+            bucket_for(w, h, frames, stage.frame_area, geo.spatial_factor, geo.temporal_factor)
+            for w, h in ASPECT_CLASSES
+        ]
+        out[name] = min(
+            batch_size_for(
+                shape,
+                stage.token_budget,
+                geo.spatial_factor,
+                geo.temporal_factor,
+                task_spec(name).num_media,
+                stage.batch_size,
+            )
+            for shape in shapes
+        )
+    return out
+
+
+def batch_line(stage: StageConfig, workers: int, geo) -> str:
+    """The stage's global batch: batch_size x workers x grad_accumulation, or with no
+    batch_size what the token budget packs per GPU at each task's widest bucket."""
+    widest = widest_batches(stage, geo)
+    times = f"{workers} worker(s) x {stage.grad_accumulation} accumulation step(s)"
+    if stage.batch_size is None:
+        per_gpu = ", ".join(f"{t} {b}" for t, b in widest.items())
+        return (
+            f"global batch: the token budget's per-GPU batch x {times}; per GPU at the widest "
+            f"bucket: {per_gpu}"
+        )
+    line = f"global batch {stage.global_batch(workers)} = {stage.batch_size} per GPU x {times}"
+    short = {t: b for t, b in widest.items() if b < stage.batch_size}
+    if short:
+        fewer = ", ".join(f"{t} {b}" for t, b in short.items())
+        line += f" [yellow](the token budget packs fewer at the widest bucket: {fewer})[/]"
+    return line
+
+
+def group_settings(stage: StageConfig, group: str) -> str:
+    """``trains`` cell: a module group's own optimizer settings (``optimizer.groups``)."""
+    for glob, own in stage.optimizer.groups.items():
+        if fnmatch.fnmatchcase(group, glob):
+            values = own.model_dump(exclude_none=True)
+            shown = ", ".join(
+                f"{k} {'/'.join(f'{x:g}' for x in v) if k == 'betas' else f'{v:g}'}"
+                for k, v in values.items()
+            )
+            return f"yes ({shown})" if shown else "yes"
+    return "yes"
+
+
+def describe(recipe: Recipe, model=None, workers: int | None = None) -> list[Table | Text]:
+    """Per stage: a table of module groups (parameters, trains, own optimizer settings) titled
+    with steps, ZeRO and lr; a line with the global batch on ``workers`` (default: the
+    recipe's); a table of tasks and their bucket shapes with the per-GPU batch of each."""
     model = build(recipe) if model is None else model
+    workers = recipe.workers if workers is None else workers
     frozen = FAMILIES[recipe.model.family].frozen
     counts = {name: sum(p.numel() for p in g.parameters()) for name, g in model.groups.items()}
     geo = model.geometry
@@ -34,6 +97,7 @@ def describe(recipe: Recipe, model=None) -> list[Table]:
         t = Table(
             title=f"stage {i + 1}: {stage.name}  ({stage.steps} steps, ZeRO-{stage.zero_stage}, "
             f"lr {stage.optimizer.lr:g} {stage.schedule.kind}"
+            + (f", warmup {stage.schedule.warmup_steps}" if stage.schedule.warmup_steps else "")
             + (f", EMA {stage.ema.decay}" if stage.ema else "")
             + ")"
         )
@@ -41,13 +105,16 @@ def describe(recipe: Recipe, model=None) -> list[Table]:
         t.add_column("parameters", justify="right")
         t.add_column("trains")
         for name, n in counts.items():
-            t.add_row(name, f"{n:,}", "yes" if name in trainable else "frozen")
+            trains = group_settings(stage, name) if name in trainable else "frozen"
+            t.add_row(name, f"{n:,}", trains)
         total = sum(counts[n] for n in trainable)
         t.add_row("[bold]trainable[/]", f"[bold]{total:,}[/]", f"of {sum(counts.values()):,}")
-        tables.append(t)
+        tables += [t, Text.from_markup(f"stage {i + 1} {batch_line(stage, workers, geo)}")]
         tasks = Table(
             title=f"stage {i + 1} tasks (frame area {stage.frame_area} px, "
-            f"token budget {stage.token_budget}, shift {stage.timestep_shift}"
+            f"token budget {stage.token_budget}"
+            + (f", at most {stage.batch_size} per batch" if stage.batch_size else "")
+            + f", shift {stage.timestep_shift}"
             + (
                 ", hybrid: a batch mixes one group's tasks of one shape, budget shared"
                 if stage.hybrid
@@ -74,6 +141,7 @@ def describe(recipe: Recipe, model=None) -> list[Table]:
                     geo.spatial_factor,
                     geo.temporal_factor,
                     media_per_sample=media,
+                    max_batch=stage.batch_size,
                 )
                 shapes.append(f"{shape}:{b}")
             tasks.add_row(

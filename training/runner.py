@@ -264,7 +264,9 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
     info = run.state["stages"].setdefault(str(index), {})
     if run.tracking_uri and not info.get("mlflow_run"):
         parent = run.state["mlflow_parent"]
-        info["mlflow_run"] = tracking.start_stage(run.tracking_uri, parent, recipe, index, run.refs)
+        info["mlflow_run"] = tracking.start_stage(
+            run.tracking_uri, parent, recipe, index, run.refs, max(run.workers, 1)
+        )
     elif run.tracking_uri:
         reopen_run(run.tracking_uri, info["mlflow_run"])
     if run.catalog is not None and not info.get("catalog_run"):
@@ -293,9 +295,11 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
             stop_after=run.stop_after,
             extra=run.extra,
         )
+        global_batch = stage.global_batch(max(run.workers, 1))
         run.say(
             f"{label}: {stage.steps} steps on {max(run.workers, 1)} worker(s), "
-            f"trains {', '.join(stage.trainable)}"
+            + (f"global batch {global_batch}, " if global_batch else "")
+            + f"trains {', '.join(stage.trainable)}"
         )
         start = time.monotonic()
         run_name = f"{recipe.name}-{index + 1}-{stage.name}"

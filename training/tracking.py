@@ -64,11 +64,18 @@ def start_parent(
 
 
 def start_stage(
-    tracking_uri: str, parent_id: str, recipe, stage_index: int, inputs: Sequence[str]
+    tracking_uri: str,
+    parent_id: str,
+    recipe,
+    stage_index: int,
+    inputs: Sequence[str],
+    workers: int | None = None,
 ) -> str:
-    """A nested run for stage ``stage_index``: its params (``stage.*``, ``model.*``), the
-    datasets its tasks read, as the parent logged them (``inputs``: the catalog references
-    of the run, for a parent that has none logged), a description and the source tags."""
+    """A nested run for stage ``stage_index``: its params (``stage.*``, ``model.*``, and
+    ``stage.global_batch`` on ``workers``, default the recipe's, when the stage sets
+    ``batch_size``; otherwise the token budget decides it per bucket), the datasets its tasks
+    read, as the parent logged them (``inputs``: the catalog references of the run, for a
+    parent that has none logged), a description and the source tags."""
     stage = recipe.stages[stage_index]
     parent = tracking.read_run(tracking_uri, parent_id)
     logged = {d.name: d for d in tracking.run_datasets(tracking_uri, parent_id)}
@@ -78,6 +85,9 @@ def start_stage(
     datasets += [uri_dataset(u) for u in inputs if mask_urls(u) in reads and u not in logged]
     count = len(recipe.stages)
     params = {"stage": stage.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
+    global_batch = stage.global_batch(max(1, recipe.workers if workers is None else workers))
+    if global_batch is not None:
+        params["stage"]["global_batch"] = global_batch
     tags = {
         **tracking.source_tags(),
         "omniforge.kind": "training_stage",

@@ -151,3 +151,17 @@ def test_finished_stages_are_summarized_on_the_parent(uri, tmp_path):
     assert m["2-unified/loss/t2v/best"] == 0.6 and "2-unified/loss/t2i/final" not in m
     assert (m["steps"], m["wall_time_s"], m["stages_done"]) == (16, 20.0, 2)
     assert [h.value for h in client.get_metric_history(parent, "stages_done")] == [1, 2]
+
+
+def test_a_stage_logs_its_global_batch_when_it_sets_a_batch_size(uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    recipe = two_stage_recipe("/data/shards/*.tar")
+    first = recipe.stages[0].model_copy(update={"batch_size": 3, "grad_accumulation": 2})
+    recipe = recipe.model_copy(update={"stages": [first, recipe.stages[1]]})
+    parent = tracking.start_parent(uri, recipe, output=tmp_path / "run")
+    runs = [tracking.start_stage(uri, parent, recipe, i, [], workers=4) for i in (0, 1)]
+    params = [MlflowClient(uri).get_run(r).data.params for r in runs]
+    assert params[0]["stage.global_batch"] == "24"  # 3 per GPU x 4 workers x 2 micro-batches
+    assert params[0]["stage.batch_size"] == "3" and params[0]["stage.grad_accumulation"] == "2"
+    assert "stage.global_batch" not in params[1]  # no batch_size: the token budget decides
