@@ -108,6 +108,11 @@ def test_production_template_shape(name):
                 for w, h in ASPECT_CLASSES
             )
             assert largest * media <= stage.token_budget, (stage.name, task_name)
+            if stage.batch_size is not None:  # the batch a paper states holds for every task
+                assert largest * media * stage.batch_size <= stage.token_budget, (
+                    stage.name,
+                    task_name,
+                )
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
@@ -144,7 +149,7 @@ NO_PAPERS = (
 )
 CITE = re.compile(r"([A-Za-z0-9_.-]+\.txt):(\d+)(?:-(\d+))?")
 # pseudo-fields of the table -> the recipe field that sets them
-FIELD_LINE = {"global_batch": "token_budget", "local_batch": "token_budget"}
+FIELD_LINE = {"global_batch": "batch_size", "local_batch": "batch_size"}
 
 
 def entries(name: str):
@@ -155,7 +160,8 @@ def entries(name: str):
 
 
 def widest_batch(stage: StageConfig, task_name: str) -> int:
-    """Samples per local batch of ``task_name`` at its widest bucket (the smallest batch)."""
+    """Samples per local batch of ``task_name`` at its widest bucket (the smallest batch): the
+    stage's ``batch_size``, or fewer where the token budget packs fewer."""
     task = stage.tasks[task_name]
     frames = 1 if task_name in IMAGE_TASKS else task.num_frames
     shapes = [
@@ -164,7 +170,18 @@ def widest_batch(stage: StageConfig, task_name: str) -> int:
     ]
     widest = max(shapes, key=lambda s: tokens(s, SPATIAL_7B, TEMPORAL_7B))
     media = task_spec(task_name).num_media
-    return batch_size_for(widest, stage.token_budget, SPATIAL_7B, TEMPORAL_7B, media)
+    return batch_size_for(
+        widest, stage.token_budget, SPATIAL_7B, TEMPORAL_7B, media, stage.batch_size
+    )
+
+
+def local_batch(stage: StageConfig, entry: dict) -> int | dict[str, int]:
+    """The local batch of the entry's ``task``, or without one the batch every task of the
+    stage gets (task -> batch when they differ: the paper's one batch does not hold)."""
+    if "task" in entry:
+        return widest_batch(stage, entry["task"])
+    batches = {name: widest_batch(stage, name) for name in stage.tasks}
+    return batches.popitem()[1] if len(set(batches.values())) == 1 else batches
 
 
 def template_value(recipe: Recipe, stage: StageConfig, field: str, entry: dict):
@@ -178,10 +195,11 @@ def template_value(recipe: Recipe, stage: StageConfig, field: str, entry: dict):
         ]
     if field == "tasks":
         return sorted(stage.tasks)
-    if field == "local_batch":
-        return widest_batch(stage, entry["task"])
-    if field == "global_batch":
-        return recipe.workers * widest_batch(stage, entry["task"])
+    if field in ("local_batch", "global_batch"):
+        local = local_batch(stage, entry)
+        if field == "local_batch" or isinstance(local, dict):
+            return local
+        return local * recipe.workers * stage.grad_accumulation
     value = stage
     for key in field.split("."):
         value = value[key] if isinstance(value, dict) else getattr(value, key)
