@@ -1,15 +1,20 @@
 """Training recipe (YAML, validated): a model family + size, named data, and ordered stages.
 
-Each stage names the module groups it trains (globs over the family's groups), its optimizer,
-schedule, EMA, ZeRO stage, frame area, timestep shift, condition-dropout rate, a task
-mixture (task -> weight + data + frames/fps) and whether batches mix tasks (``hybrid``: tasks
-of one group, image or video, that share a bucket shape; see ``training/data/hybrid.py``).
+Each stage names the module groups it trains (globs over the family's groups), its optimizer
+(with ``optimizer.groups``: globs over those groups -> their own lr / betas / weight decay /
+eps, see ``training/optim.py``), schedule, EMA, ZeRO stage, frame area, timestep shift,
+condition-dropout rate, its batch (a token budget per GPU, optionally capped at ``batch_size``
+samples, and ``grad_accumulation`` micro-batches per optimizer step: the global batch is
+batch_size x workers x grad_accumulation), a task mixture (task -> weight + data +
+frames/fps) and whether batches mix tasks (``hybrid``: tasks of one group, image or video,
+that share a bucket shape; see ``training/data/hybrid.py``).
 Data is ``catalog://NAME@VERSION`` (+ a filter on
 index columns) or shard paths/globs.
 
 Validation reports every cross-field problem at once (``core.config.ConfigProblems``, one line
 each): task data keys, video frame counts, ``trainable`` globs against the family's module
-groups (``FAMILIES``, no model is built) and tasks the family cannot train. Whether the data
+groups (``FAMILIES``, no model is built), ``optimizer.groups`` globs against the groups the
+stage trains, and tasks the family cannot train. Whether the data
 itself can feed the stages (samples per bucket, captions) needs the data: ``training.preflight``.
 """
 
@@ -268,6 +273,12 @@ class StageConfig(StrictModel):
                 f"stages.{self.name}.hybrid",
                 "no image or video group has two tasks in this stage, so no batch can mix tasks",
             )
+        for glob, own in self.optimizer.groups.items():
+            if not own.model_dump(exclude_none=True):
+                warn_ineffective(
+                    f"stages.{self.name}.optimizer.groups.{glob}",
+                    "it sets nothing, so its groups keep the stage optimizer's values",
+                )
         if self.checkpoint_every > self.steps:
             warn_ineffective(
                 f"stages.{self.name}.checkpoint_every",

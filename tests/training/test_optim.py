@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from catalog.shards import ShardWriter, bucket_name, sample_json
-from core.config import load_config
+from core.config import ConfigWarning, load_config
 from training.models.registry import build_model
 from training.optim import DEFAULT, lr_factor, param_groups, set_lrs
 from training.recipe import Recipe, StageConfig
@@ -90,7 +90,14 @@ def test_every_bad_glob_and_overlap_is_reported_at_once_by_field():
         "'vision_*']: give each group one glob",
     ]:
         assert line in text, text
-    recipe(stage(optimizer={"lr": 1e-3, "groups": {"dit": {"lr": 1e-4}, "*apter": {}}}))
+    recipe(stage(optimizer={"lr": 1e-3, "groups": {"dit": {"lr": 1e-4}, "*apter": {"eps": 1}}}))
+
+
+def test_a_glob_that_sets_nothing_is_warned_about():
+    with pytest.warns(
+        ConfigWarning, match=r"'stages\.s\.optimizer\.groups\.dit' has no effect: it sets nothing"
+    ):
+        stage(optimizer={"lr": 1e-3, "groups": {"dit": {}}})
 
 
 @pytest.mark.parametrize(
