@@ -17,7 +17,7 @@ from PIL import Image
 from catalog.shards import ShardWriter, bucket_name, sample_json
 from training.data.batch import MixedBatch
 from training.data.buckets import tokens
-from training.data.hybrid import group_of
+from training.data.hybrid import HybridMixer, group_of
 from training.data.loaders import TaskLoader
 from training.models.base import Geometry
 from training.recipe import StageConfig
@@ -199,6 +199,17 @@ def test_the_budget_counts_every_sample_of_the_mixed_batch(shards):
         counts = mixer.compose("image", shape)
         cost = sum(n * mixer.cost(t, shape) for t, n in counts.items())
         assert cost <= BUDGET and BUDGET - cost < per_image  # nothing else would fit
+
+
+def test_a_batch_size_caps_the_mixed_batch_below_the_budget(shards):
+    """With ``batch_size`` 2 a batch holds 2 samples where the budget would pack 3 images."""
+    loaders = Rank(shards).loaders
+    capped = HybridMixer(loaders, WEIGHTS, 3, BUDGET, 16, 4, max_batch=2)
+    shape = next(b for b, _ in capped.group_buckets()["image"] if b.height == b.width)
+    sizes = Counter(sum(capped.compose("image", shape).values()) for _ in range(30))
+    assert set(sizes) == {2}
+    uncapped = HybridMixer(loaders, WEIGHTS, 3, BUDGET, 16, 4)
+    assert max(sum(uncapped.compose("image", shape).values()) for _ in range(30)) == 3
 
 
 def test_every_rank_composes_the_same_batch_from_its_own_samples(shards):
