@@ -95,6 +95,17 @@ def run(
         console.print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
 
 
+def print_memory(recipe, model, world_size: int, address: str | None) -> None:
+    """The memory table of ``train plan`` and a warning per stage that does not fit."""
+    from training.memory import find_gpus, model_shape
+    from training.plan import memory_table
+
+    table, warnings = memory_table(recipe, model_shape(model), world_size, find_gpus(address))
+    console.print(table)
+    for warning in warnings:
+        err_console.print(Text.assemble(("warning:", "bold yellow"), " memory: "), Text(warning))
+
+
 @app.command("plan")
 def plan(
     recipe: str = typer.Argument(..., help="recipe YAML or built-in name"),
@@ -103,10 +114,17 @@ def plan(
         None, "--workers", help="world size to check the data for (default: the recipe's)"
     ),
     catalog: str | None = CatalogOption,
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="Ray cluster whose GPUs the memory estimate is checked against "
+        "(default: RAY_ADDRESS, else this machine's GPUs)",
+    ),
 ) -> None:
-    """Per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO; then the
-    data check against the real data (the one `train run` does before starting): each task's
-    buckets, and every problem. Exit status 2 when the data has an error."""
+    """Per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO; the
+    estimated memory per GPU rank, with a warning for each stage that does not fit the GPUs
+    found; then the data check against the real data (the one `train run` does before
+    starting): each task's buckets, and every problem. Exit status 2 when the data has an error."""
     from training.plan import build, data_tables, describe
     from training.preflight import check_data
     from training.recipe import Recipe
@@ -115,6 +133,7 @@ def plan(
     model = build(r)
     for table in describe(r, model):
         console.print(table)
+    print_memory(r, model, max(1, r.workers if workers is None else workers), address)
     uses_catalog = any(is_catalog_uri(d.uri) for d in r.data.values())
     check = check_data(
         r,
