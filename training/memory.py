@@ -76,34 +76,40 @@ class GpuInfo:
 
 
 def _hidden(block) -> int:
-    """A block's hidden size: its first normalisation layer's width, else from its parameters
-    (a transformer layer holds about 12 h^2 of them)."""
+    """A block's hidden size: its widest normalisation layer (narrower ones normalise a head's
+    queries and keys), else from its parameters (a transformer layer holds about 12 h^2)."""
+    widths = []
     for m in block.modules():
         shape = getattr(m, "normalized_shape", None)
         if shape:
-            return int(shape[-1])
-        if type(m).__name__.endswith("Norm") and getattr(m, "weight", None) is not None:
-            return int(m.weight.shape[-1])
+            widths.append(int(shape[-1]))
+        elif type(m).__name__.endswith("Norm") and getattr(m, "weight", None) is not None:
+            widths.append(int(m.weight.shape[-1]))
+    if widths:
+        return max(widths)
     return max(1, round(math.sqrt(sum(p.numel() for p in block.parameters()) / 12)))
 
 
 def model_shape(model) -> ModelShape:
     """Parameters per group and block widths of a built model (tiny, or production whose
     weights are on disk; any device, ``meta`` included)."""
+    params = {name: sum(p.numel() for p in g.parameters()) for name, g in model.groups.items()}
+    return ModelShape(params, {name: block_widths(g) for name, g in model.groups.items()})
+
+
+def block_widths(module) -> list[int]:
+    """The hidden size of each block of ``module``: the children of each ``nn.ModuleList``
+    (a list inside a block is part of that block)."""
     from torch import nn
 
-    params = {name: sum(p.numel() for p in g.parameters()) for name, g in model.groups.items()}
-    blocks: dict[str, list[int]] = {}
-    for name, group in model.groups.items():
-        seen: set[int] = set()
-        widths = []
-        for m in group.modules():
-            if isinstance(m, nn.ModuleList) and id(m) not in seen:
-                for block in m:
-                    widths.append(_hidden(block))
-                    seen.update(id(x) for x in block.modules())  # nested lists are in the block
-        blocks[name] = widths
-    return ModelShape(params, blocks)
+    seen: set[int] = set()
+    widths = []
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList) and id(m) not in seen:
+            for block in m:
+                widths.append(_hidden(block))
+                seen.update(id(x) for x in block.modules())
+    return widths
 
 
 def run_dtype_bytes(precision: str, on_gpu: bool) -> int:

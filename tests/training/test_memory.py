@@ -13,6 +13,7 @@ from training.memory import (
     GIB,
     GpuInfo,
     activation_bytes,
+    block_widths,
     find_gpus,
     model_shape,
     stage_memory,
@@ -120,6 +121,43 @@ def test_model_shape_counts_every_group_and_finds_the_blocks(omni_video):
     # the tiny sizes: two 64-wide blocks in the language model and in the DiT
     assert omni_video.blocks["mllm"] == omni_video.blocks["dit"] == [64, 64]
     assert omni_video.blocks["adapter"] == []
+
+
+def test_block_widths_of_the_production_backbone_classes():
+    """The layer stacks of a transformers LM and a diffusers MMDiT, built on the meta device
+    (no memory): one width per block, the hidden size, not a head's q/k norm."""
+    import core.compat  # noqa: F401  (torchvision with CPU torch)
+
+    # isort: split
+    from diffusers import HunyuanVideoTransformer3DModel
+    from transformers import Qwen2Config, Qwen2Model
+
+    with torch.device("meta"):
+        lm = Qwen2Model(
+            Qwen2Config(
+                vocab_size=64,
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
+        mmdit = HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            num_single_layers=3,
+            num_refiner_layers=1,
+            mlp_ratio=2.0,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 4),
+        )
+    assert block_widths(lm) == [48] * 3
+    assert block_widths(mmdit) == [16] * (1 + 2 + 3)  # refiner, dual and single blocks
 
 
 def test_stage_memory_of_a_tiny_recipe(omni_video):
