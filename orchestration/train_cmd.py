@@ -100,7 +100,15 @@ def print_memory(recipe, model, world_size: int, address: str | None) -> None:
     from training.memory import find_gpus, model_shape
     from training.plan import memory_table
 
-    table, warnings = memory_table(recipe, model_shape(model), world_size, find_gpus(address))
+    try:
+        gpus = find_gpus(address)
+    except (ConnectionError, RuntimeError, TimeoutError) as e:  # the estimate still prints
+        err_console.print(
+            Text.assemble(("warning:", "bold yellow"), " memory: "),
+            Text(f"cannot read the GPUs of the Ray cluster ({e}); nothing to compare against"),
+        )
+        gpus = None
+    table, warnings = memory_table(recipe, model_shape(model), world_size, gpus)
     console.print(table)
     for warning in warnings:
         err_console.print(Text.assemble(("warning:", "bold yellow"), " memory: "), Text(warning))
