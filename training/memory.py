@@ -174,6 +174,8 @@ def knobs(stage: StageConfig) -> str:
     if not stage.gradient_checkpointing:
         out.append("gradient_checkpointing: true")
     out.append(f"a smaller token_budget (now {stage.token_budget})")
+    if stage.ema:
+        out.append("no ema (its fp32 copy of the trainable parameters is on every rank)")
     out.append("fewer trainable groups, or more workers (partitions the ZeRO states)")
     return "; ".join(out)
 

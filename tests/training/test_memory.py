@@ -195,7 +195,12 @@ def test_the_table_warns_for_a_stage_that_does_not_fit(omni_video):
     assert warning.startswith("stage 1 (s): about ")
     for knob in ("zero_stage: 2 (now 1)", "gradient_checkpointing: true", "token_budget (now 768)"):
         assert knob in warning
+    assert "ema" not in warning
     assert memory_table(r, omni_video, 2, GpuInfo(8, need, "Big GPU", "test"))[1] == []
+    with_ema = recipe(zero_stage=2, gradient_checkpointing=True, ema={"decay": 0.99})
+    (warning,) = memory_table(with_ema, omni_video, 2, GpuInfo(1, 1, "Tiny GPU", "test"))[1]
+    assert "zero_stage" not in warning and "gradient_checkpointing" not in warning
+    assert "no ema (its fp32 copy of the trainable parameters is on every rank)" in warning
     table, warnings = memory_table(r, omni_video, 2, None)
     assert warnings == [] and table.title.endswith("no GPU found to compare against")
     assert table.row_count == 1
