@@ -15,7 +15,7 @@ Per rank, in bytes, for a stage on ``world_size`` data-parallel ranks:
     transformer layer's stored activations as ``s b h (34 + 5 a s / h)`` bytes at 16-bit; with
     SDPA / flash attention the ``a s^2`` terms (scores, softmax, dropout mask) are not stored,
     leaving ``34`` bytes per token per hidden unit per layer. With full recomputation (gradient
-    checkpointing) a layer keeps only its input, ``2 s b h`` bytes (their section 4.1), plus one
+    checkpointing) a layer keeps only its input, ``2 s b h`` bytes (same paper), plus one
     layer's full activations while it is recomputed. Here ``s b`` is the stage's token budget
     (latent tokens per local batch) and the layers are the blocks (children of each
     ``nn.ModuleList``) of every group that is not frozen by the family, whether it trains or
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from training.recipe import FAMILIES, Recipe, StageConfig
 
 ACTIVATION_BYTES = 34  # per token x hidden unit x layer at 16 bit (Korthikanti et al., eq. 1)
-CHECKPOINTED_BYTES = 2  # a checkpointed layer keeps only its 16-bit input (ibid., section 4.1)
+CHECKPOINTED_BYTES = 2  # a checkpointed layer keeps only its 16-bit input (ibid.)
 GIB = 1024**3
 
 
