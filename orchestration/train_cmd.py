@@ -129,10 +129,9 @@ def plan(
         "(default: RAY_ADDRESS, else this machine's GPUs)",
     ),
 ) -> None:
-    """Per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO; the
-    estimated memory per GPU rank, with a warning for each stage that does not fit the GPUs
-    found; then the data check against the real data (the one `train run` does before
-    starting): each task's buckets, and every problem. Exit status 2 when the data has an error."""
+    """Per stage: trainable groups and parameter counts, tasks, buckets, steps, ZeRO; then the
+    data check against the real data (the one `train run` does before starting): each task's
+    buckets, and every problem. Exit status 2 when the data has an error."""
     from training.plan import build, data_tables, describe
     from training.preflight import check_data
     from training.recipe import Recipe
@@ -141,8 +140,9 @@ def plan(
     model = build(r)
     for table in describe(r, model):
         console.print(table)
-    print_memory(r, model, max(1, r.workers if workers is None else workers), address)
     uses_catalog = any(is_catalog_uri(d.uri) for d in r.data.values())
+    # the memory per GPU rank of each stage, a warning for each that does not fit
+    print_memory(r, model, max(1, r.workers if workers is None else workers), address)
     check = check_data(
         r,
         world_size=max(1, r.workers if workers is None else workers),
