@@ -95,6 +95,25 @@ def run(
         console.print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
 
 
+def print_memory(recipe, model, world_size: int, address: str | None) -> None:
+    """The memory table of ``train plan`` and a warning per stage that does not fit."""
+    from training.memory import find_gpus, model_shape
+    from training.plan import memory_table
+
+    try:
+        gpus = find_gpus(address)
+    except (ConnectionError, RuntimeError, TimeoutError) as e:  # the estimate still prints
+        err_console.print(
+            Text.assemble(("warning:", "bold yellow"), " memory: "),
+            Text(f"cannot read the GPUs of the Ray cluster ({e}); nothing to compare against"),
+        )
+        gpus = None
+    table, warnings = memory_table(recipe, model_shape(model), world_size, gpus)
+    console.print(table)
+    for warning in warnings:
+        err_console.print(Text.assemble(("warning:", "bold yellow"), " memory: "), Text(warning))
+
+
 @app.command("plan")
 def plan(
     recipe: str = typer.Argument(..., help="recipe YAML or built-in name"),
@@ -105,6 +124,12 @@ def plan(
         help="world size of the global batch and the data check (default: the recipe's)",
     ),
     catalog: str | None = CatalogOption,
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="Ray cluster whose GPUs the memory estimate is checked against "
+        "(default: RAY_ADDRESS, else this machine's GPUs)",
+    ),
 ) -> None:
     """Per stage: trainable groups and parameter counts, the global batch, tasks, buckets,
     steps, ZeRO; then the data check against the real data (the one `train run` does before
@@ -119,6 +144,8 @@ def plan(
     for part in describe(r, model, max(1, r.workers if workers is None else workers)):
         console.print(part)
     uses_catalog = any(is_catalog_uri(d.uri) for d in r.data.values())
+    # the memory per GPU rank of each stage, a warning for each that does not fit
+    print_memory(r, model, max(1, r.workers if workers is None else workers), address)
     check = check_data(
         r,
         world_size=max(1, r.workers if workers is None else workers),

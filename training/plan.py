@@ -177,3 +177,38 @@ def data_tables(check: DataCheck) -> list[Table]:
             note = "[yellow]smaller than a full batch: samples repeat[/]"
         t.add_row(b.task, b.bucket, str(b.samples), str(b.batch), str(full), note)
     return list(tables.values())
+
+
+def memory_table(recipe: Recipe, shape, world_size: int, gpus) -> tuple[Table, list[str]]:
+    """Per stage, the estimated memory per GPU rank on ``world_size`` ranks
+    (``training.memory``), and a warning for each stage whose total exceeds ``gpus``' memory
+    (a ``GpuInfo``; None: no GPU to compare with) naming the settings to change."""
+    from training.memory import gib, knobs, run_dtype_bytes, stage_memory
+
+    dtype = "bf16" if run_dtype_bytes(recipe.precision, on_gpu=True) == 2 else "fp32"
+    against = (
+        f"{gpus.count} x {gpus.name}, {gib(gpus.memory)} each ({gpus.source})"
+        if gpus
+        else "no GPU found to compare against"
+    )
+    t = Table(
+        title=f"memory per GPU rank on {world_size} worker(s), {dtype} weights "
+        f"(activations: a rough estimate, see training/memory.py); {against}"
+    )
+    for col in ("stage", "ZeRO", "ckpt", "weights", "grads", "optimizer", "EMA", "activations"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    t.add_column("total", justify="right")
+    warnings = []
+    for i, stage in enumerate(recipe.stages):
+        m = stage_memory(recipe, i, shape, world_size, on_gpu=True)
+        over = gpus is not None and m.total > gpus.memory
+        total = f"[bold red]{gib(m.total)}[/]" if over else gib(m.total)
+        parts = (m.weights, m.grads, m.optimizer, m.ema, m.activations)
+        ckpt = "yes" if stage.gradient_checkpointing else "no"
+        t.add_row(f"{i + 1} {stage.name}", str(stage.zero_stage), ckpt, *map(gib, parts), total)
+        if over:
+            warnings.append(
+                f"stage {i + 1} ({stage.name}): about {gib(m.total)} per rank does not fit the "
+                f"{gib(gpus.memory)} of a {gpus.name}; try {knobs(stage)}"
+            )
+    return t, warnings

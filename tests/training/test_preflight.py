@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import cli
 
@@ -313,6 +314,12 @@ def test_train_plan_prints_every_problem_and_exits_2(small, catalog_url, tmp_pat
         assert any(line.startswith(expected) for line in lines), (expected, lines)
     assert lines[-1] == "data check: 3 error(s), 5 warning(s); `train run` refuses to start"
     assert "stage 1 (first) data on 2 worker(s)" in out.stdout  # the bucket table
+    # the memory estimate per GPU rank, one row per stage, before the data check
+    memory = out.stdout.split("memory per GPU rank on 2 worker(s), bf16 weights")[1]
+    assert "no GPU found to compare against" in memory or torch.cuda.is_available()
+    rows = [line.split("│")[1:-1] for line in memory.splitlines() if "│ 1 first" in line]
+    assert [cell.strip() for cell in rows[0][:3]] == ["1 first", "1", "no"]
+    assert "│ 2 second" in memory
     rows = [line.split("│")[1:-1] for line in out.stdout.splitlines() if "│ t2i " in line]
     assert [" ".join(cell.split()) for cell in rows[-1]] == [
         "t2i", "1x64x64", "1", "12", "24", "left out: fewer samples than the 2 workers"
