@@ -64,11 +64,19 @@ def start_parent(
 
 
 def start_stage(
-    tracking_uri: str, parent_id: str, recipe, stage_index: int, inputs: Sequence[str]
+    tracking_uri: str,
+    parent_id: str,
+    recipe,
+    stage_index: int,
+    inputs: Sequence[str],
+    holdout: Mapping[str, Any] | None = None,
 ) -> str:
-    """A nested run for stage ``stage_index``: its params (``stage.*``, ``model.*``), the
-    datasets its tasks read, as the parent logged them (``inputs``: the catalog references
-    of the run, for a parent that has none logged), a description and the source tags."""
+    """A nested run for stage ``stage_index``: its params (``stage.*``, ``model.*``, and
+    ``holdout.DATA.*``: each data entry's held-out split, ``Split.record()``: fraction, salt,
+    min_samples, cutoff, train and held-out counts per kind; ``none`` for an entry without
+    one), the datasets its tasks read, as the parent logged them (``inputs``: the catalog
+    references of the run, for a parent that has none logged), a description and the source
+    tags."""
     stage = recipe.stages[stage_index]
     parent = tracking.read_run(tracking_uri, parent_id)
     logged = {d.name: d for d in tracking.run_datasets(tracking_uri, parent_id)}
@@ -78,6 +86,8 @@ def start_stage(
     datasets += [uri_dataset(u) for u in inputs if mask_urls(u) in reads and u not in logged]
     count = len(recipe.stages)
     params = {"stage": stage.model_dump(mode="json"), "model": recipe.model.model_dump(mode="json")}
+    if holdout:
+        params["holdout"] = {k: "none" if v is None else v for k, v in holdout.items()}
     tags = {
         **tracking.source_tags(),
         "omniforge.kind": "training_stage",
