@@ -106,31 +106,28 @@ class StageArtifacts:
                 )
 
             self._held_out = {}
-            for task, train in loaders("train").items():
-                with train:  # its decode threads end here
-                    self._log_input_grids(task, train, _ranked(train)[:GRID_BUCKETS])
-            for task, loader in loaders("eval").items():
+            train, held = loaders("train"), loaders("eval")
+            for task, loader in held.items():
                 split = sources[self.stage.tasks[task].data].split
-                if loader.num_samples() == 0 or split is None:
-                    why = (
-                        "its data has no held-out split"
-                        if split is None
-                        else (f"no {loader.kind} sample of its data is held out")
-                    )
+                source = "held-out samples"
+                if split is None or loader.num_samples() == 0:
+                    why = f"no {loader.kind} sample of its data is held out"
+                    if split is None:
+                        why = "its data has no held-out split"
                     warnings.warn(
-                        f"eval_loss/{task} is measured on training samples: {why} "
-                        "(recipe data holdout)",
+                        f"eval_loss/{task} is measured on training samples: {why} (the recipe "
+                        "data entry's holdout)",
                         stacklevel=2,
                     )
-                    self.tracker.set_tag(f"omniforge.eval_data.{task}", f"training samples: {why}")
                     loader.close()
-                    loader = loaders("train")[task]
-                else:
-                    self.tracker.set_tag(f"omniforge.eval_data.{task}", "held-out samples")
-                with loader:
+                    loader, source = train[task], f"training samples: {why}"
+                self.tracker.set_tag(f"omniforge.eval_data.{task}", source)
+                with loader:  # its decode threads end here
                     bucket = _ranked(loader)[0]
                     size = min(loader.batch_size(bucket), loader.bucket_weights()[bucket])
                     self._held_out[task] = loader.next_batch(bucket, size)
+                with train[task]:
+                    self._log_input_grids(task, train[task], _ranked(train[task])[:GRID_BUCKETS])
         return self._held_out
 
     def _log_input_grids(self, task: str, loader: Any, buckets: list) -> dict[Any, Grid]:

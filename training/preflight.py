@@ -228,7 +228,7 @@ def check_data(
             if src is None:  # its resolution problem is reported once, for the data entry
                 continue
             kind = task_spec(task).kind
-            if sum(src.counts_for(task).values()) == 0:
+            if sum(src.counts_for(task, "all").values()) == 0:
                 what = src.uri
                 if src.keys is not None:
                     what += f" with filter {recipe.data[tc.data].filter!r}"

@@ -18,6 +18,9 @@ What a reviewer finds on the parent run (named ``RECIPE-YYYYMMDD-HHMMSS-xxxx``):
   stages ``steps``, ``wall_time_s`` and ``stages_done``.
 
 Stage runs are named ``stage N/COUNT: NAME (PARENT NAME)``, so their order shows in any list.
+Their params include ``holdout.DATA.*``, the held-out split of each data entry the stage reads
+(``training/data/holdout.py``), and their tags ``omniforge.eval_data.TASK``: whether a task's
+``eval_loss`` is measured on held-out samples or, lacking any, on training samples.
 """
 
 from __future__ import annotations
