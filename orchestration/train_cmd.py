@@ -135,6 +135,7 @@ def plan(
     steps, ZeRO; then the data check against the real data (the one `train run` does before
     starting): each task's buckets, and every problem. Exit status 2 when the data has an
     error."""
+    from training.data import holdout
     from training.plan import build, data_tables, describe
     from training.preflight import check_data
     from training.recipe import Recipe
@@ -154,6 +155,12 @@ def plan(
     )
     for table in data_tables(check):
         console.print(table)
+    if check.splits:  # the held-out split of each data entry (training/data/holdout.py)
+        console.print("held-out split (evaluation only, never trained on):", highlight=False)
+        for line in holdout.describe(check.splits).splitlines():
+            console.print(f"  {line}", highlight=False)
+    for note in check.notes:
+        console.print(f"note: {note}", highlight=False)
     for problem in check.problems:  # bucket warnings: the tables' note column, counted below
         if problem.severity == "warning" and problem.bucket is not None:
             continue

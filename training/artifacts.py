@@ -76,28 +76,58 @@ class StageArtifacts:
         return self.world_size == 1 or self.recipe.model.size == "tiny"
 
     def held_out(self) -> dict[str, TaskBatch]:
-        """Fixed held-out batches per task (rank 0, built once, from a loader of its own): the
-        most common bucket of each task; input grids of the top buckets are logged on the way."""
+        """Fixed held-out batches per task (rank 0, built once, from loaders of its own): the
+        held-out samples (``training/data/holdout.py``) of the task's most common held-out
+        bucket, at most one batch and no sample twice. A task whose data has no held-out
+        sample (no split, or none of its kind held out) is evaluated on training samples: a
+        warning and the MLflow tag ``omniforge.eval_data.TASK`` say so. Input grids of the
+        top training buckets are logged on the way."""
         if self._held_out is None:
             from training.data.loaders import build_task_loaders
+            from training.data.sources import resolve_data
 
-            loaders = build_task_loaders(
-                self.stage,
-                self.recipe.data,
-                self.catalog,
-                0,
-                1,
-                self.recipe.seed + 1,
-                self.model.geometry,
-                self.model.tokenize,
-            )
+            sources = {
+                tc.data: resolve_data(self.recipe.data[tc.data], self.catalog)
+                for tc in self.stage.tasks.values()
+            }
+
+            def loaders(part: str) -> dict[str, Any]:
+                return build_task_loaders(
+                    self.stage,
+                    self.recipe.data,
+                    None,
+                    0,
+                    1,
+                    self.recipe.seed + 1,
+                    self.model.geometry,
+                    self.model.tokenize,
+                    sources=sources,
+                    part=part,
+                )
+
             self._held_out = {}
-            for task, loader in loaders.items():
-                weights = loader.bucket_weights()
-                ranked = sorted(weights, key=lambda b: (-weights[b], str(b)))
+            train, held = loaders("train"), loaders("eval")
+            for task, loader in held.items():
+                split = sources[self.stage.tasks[task].data].split
+                source = "held-out samples"
+                if split is None or loader.num_samples() == 0:
+                    why = f"no {loader.kind} sample of its data is held out"
+                    if split is None:
+                        why = "its data has no held-out split"
+                    warnings.warn(
+                        f"eval_loss/{task} is measured on training samples: {why} (the recipe "
+                        "data entry's holdout)",
+                        stacklevel=2,
+                    )
+                    loader.close()
+                    loader, source = train[task], f"training samples: {why}"
+                self.tracker.set_tag(f"omniforge.eval_data.{task}", source)
                 with loader:  # its decode threads end here
-                    self._held_out[task] = loader.next_batch(ranked[0])
-                    self._log_input_grids(task, loader, ranked[:GRID_BUCKETS])
+                    bucket = _ranked(loader)[0]
+                    size = min(loader.batch_size(bucket), loader.bucket_weights()[bucket])
+                    self._held_out[task] = loader.next_batch(bucket, size)
+                with train[task]:
+                    self._log_input_grids(task, train[task], _ranked(train[task])[:GRID_BUCKETS])
         return self._held_out
 
     def _log_input_grids(self, task: str, loader: Any, buckets: list) -> dict[Any, Grid]:
@@ -201,3 +231,9 @@ class StageArtifacts:
             with torch.no_grad():
                 for name, value in saved.items():
                     params[name].copy_(value)
+
+
+def _ranked(loader: Any) -> list[Any]:
+    """The loader's drawable buckets, most samples first."""
+    weights = loader.bucket_weights()
+    return sorted(weights, key=lambda b: (-weights[b], str(b)))

@@ -158,24 +158,28 @@ def describe(recipe: Recipe, model=None, workers: int | None = None) -> list[Tab
 
 
 def data_tables(check: DataCheck) -> list[Table]:
-    """One table per stage: each task's training buckets in the real data, their samples, the
-    per-rank batch, what a full batch on every worker needs, and the bucket's warning."""
+    """One table per stage: each task's training buckets in the real data, their training
+    samples, the samples held out for evaluation (``training/data/holdout.py``), the per-rank
+    batch, what a full batch on every worker needs, and the bucket's warning."""
     tables: dict[str, Table] = {}
     ws = check.world_size
     for b in check.buckets:
         t = tables.get(b.stage)
         if t is None:
             t = tables[b.stage] = Table(title=f"stage {b.stage} data on {ws} worker(s)")
-            for col in ("task", "bucket", "samples", "batch / rank", f"full batch x {ws}"):
+            full_col = f"full batch x {ws}"
+            for col in ("task", "bucket", "samples", "held out", "batch / rank", full_col):
                 t.add_column(col, justify="left" if col == "task" else "right")
             t.add_column("note")
         full = ws * b.batch
         note = ""
-        if not b.drawable:
+        if not b.drawable and b.samples == 0:
+            note = "[yellow]every sample held out[/]"
+        elif not b.drawable:
             note = f"[yellow]left out: fewer samples than the {ws} workers[/]"
         elif b.samples < full:
             note = "[yellow]smaller than a full batch: samples repeat[/]"
-        t.add_row(b.task, b.bucket, str(b.samples), str(b.batch), str(full), note)
+        t.add_row(b.task, b.bucket, str(b.samples), str(b.held_out), str(b.batch), str(full), note)
     return list(tables.values())
 
 

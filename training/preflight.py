@@ -18,7 +18,14 @@ Problems, each naming its stage, task, bucket or data entry:
 - warning: a bucket with fewer samples than a full batch on every worker (world size x the
   bucket's per-rank batch): its batches repeat samples;
 - warning: samples of a task without their text (generation and understanding: a caption,
-  edits: an instruction); empty text trains, but teaches nothing about text.
+  edits: an instruction); empty text trains, but teaches nothing about text;
+- error: the held-out split (``training/data/holdout.py``) leaves a task no training sample.
+
+Counts are of training samples: each data entry's held-out samples are left out of them and
+counted apart (``BucketCount.held_out``, ``DataCheck.splits``: the rule and counts per entry,
+which the runner records on the stage's catalog run and MLflow run). A task with no held-out
+sample (no split, or none of its kind held out) is a note: its evaluation reads training
+samples.
 
 Bucket shapes depend on the model's geometry. A tiny size is built to read it (~20 ms);
 a production size takes it from its checkpoints, so ``train run`` checks its buckets only
@@ -34,6 +41,7 @@ from typing import Any, Literal
 
 from catalog.db import CatalogError
 from catalog.names import DatasetRef, is_catalog_uri
+from training.data.holdout import FLOOR_DIVISOR
 from training.data.loaders import build_task_loaders
 from training.data.samples import meta_and_kind, open_shard
 from training.data.sources import DataSource, resolve_data
@@ -59,6 +67,7 @@ Code = Literal[
     "bucket_left_out",  # a bucket with fewer samples than workers
     "partial_batch",  # a bucket with fewer samples than a full batch on every worker
     "missing_text",  # samples without caption / instruction
+    "all_held_out",  # the held-out split leaves no training sample
 ]
 TEXT_FIELDS = ("recaption", "instruction", "caption")  # what decode.sample_text falls back to
 
@@ -99,6 +108,7 @@ class BucketCount:
     samples: int  # usable samples, all ranks together
     batch: int  # samples per rank and step
     drawable: bool  # at least one sample per worker
+    held_out: int = 0  # samples of the bucket held out for evaluation (not in ``samples``)
 
 
 @dataclass
@@ -110,6 +120,10 @@ class DataCheck:
     problems: list[Problem] = field(default_factory=list)
     buckets: list[BucketCount] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # data key -> the held-out split's record (``Split.record()``), None: the entry has none
+    splits: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # (stage label, task) -> (training samples, held-out samples)
+    task_counts: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -193,6 +207,12 @@ def check_data(
     check = DataCheck(recipe.name, world_size)
     chosen = list(range(len(recipe.stages)) if stages is None else stages)
     sources = _resolve(recipe, chosen, catalog, check)
+    check.splits = {k: None if s.split is None else s.split.record() for k, s in sources.items()}
+    for key in sorted(k for k, rec in check.splits.items() if rec is None):
+        check.notes.append(
+            f"data {key!r} has no held-out split (holdout: null or fraction 0): evaluation "
+            "reads training samples"
+        )
     if geometry is None:
         check.notes.append(
             f"bucket sizes not checked: size {recipe.model.size!r} takes its geometry from its "
@@ -208,7 +228,7 @@ def check_data(
             if src is None:  # its resolution problem is reported once, for the data entry
                 continue
             kind = task_spec(task).kind
-            if sum(src.counts_for(task).values()) == 0:
+            if sum(src.counts_for(task, "all").values()) == 0:
                 what = src.uri
                 if src.keys is not None:
                     what += f" with filter {recipe.data[tc.data].filter!r}"
@@ -223,12 +243,46 @@ def check_data(
                     )
                 )
                 continue
+            train = sum(src.counts_for(task, "train").values())
+            held = sum(src.counts_for(task, "eval").values()) if src.split else 0
+            check.task_counts[(label, task)] = (train, held)
+            if src.split is not None and _holdout_problems(check, label, task, tc.data, src):
+                continue
             if tc.data not in texts:  # one pass over the entry, whichever task asks first
                 texts[tc.data] = _text_counts(src, kinds[tc.data], catalog)
             _text_problems(check, label, task, tc.data, *texts[tc.data].get(kind, (0, 0)))
             if geometry is not None:
                 _bucket_problems(check, recipe, index, label, task, src, geometry)
     return check
+
+
+def _holdout_problems(check: DataCheck, label: str, task: str, data: str, src: Any) -> bool:
+    """An error when the split leaves the task no training sample (True: nothing more to
+    check), a note when it holds none of the task's samples out."""
+    kind = task_spec(task).kind
+    train, held = check.task_counts[(label, task)]
+    rule = src.split.config
+    if train == 0:
+        check.problems.append(
+            Problem(
+                "error",
+                "all_held_out",
+                f"all {held} {kind} sample(s) are held out for evaluation (holdout fraction "
+                f"{rule.fraction:g}, min_samples {rule.min_samples}): no training data left; "
+                f"add data or lower data.{data}.holdout",
+                label,
+                task,
+                data=data,
+            )
+        )
+        return True
+    if held == 0:
+        check.notes.append(
+            f"stage {label} task {task}: none of the {train} {kind} sample(s) of data {data!r} "
+            f"is held out (fraction {rule.fraction:g}; the min_samples floor needs "
+            f"{FLOOR_DIVISOR} samples or more): its evaluation reads training samples"
+        )
+    return False
 
 
 def _kinds_read(recipe: Recipe, chosen: list[int]) -> dict[str, frozenset[str]]:
@@ -280,27 +334,38 @@ def _bucket_problems(
     worker (drawable at all) and a full batch per worker (no sample repeated in a step)."""
     stage = recipe.stages[index]
     only = stage.model_copy(update={"tasks": {task: stage.tasks[task]}})
-    (loader,) = build_task_loaders(
-        only,
-        recipe.data,
-        None,
-        0,
-        check.world_size,
-        recipe.seed,
-        geometry,
-        _no_tokenizer,
-        sources={stage.tasks[task].data: src},
-    ).values()
-    with loader:  # nothing is open (no batch read): closing is for form
-        _judge_buckets(check, label, task, loader)
+
+    def build(part: str, world_size: int) -> Any:
+        (loader,) = build_task_loaders(
+            only,
+            recipe.data,
+            None,
+            0,
+            world_size,
+            recipe.seed,
+            geometry,
+            _no_tokenizer,
+            sources={stage.tasks[task].data: src},
+            part=part,
+        ).values()
+        return loader
+
+    held: dict[Any, int] = {}
+    if src.split is not None:
+        with build("eval", 1) as evaluation:  # one rank: every held-out sample counts
+            held = evaluation.bucket_weights()
+    with build("train", check.world_size) as loader:  # nothing is open: closing is for form
+        _judge_buckets(check, label, task, loader, held)
 
 
-def _judge_buckets(check: DataCheck, label: str, task: str, loader: Any) -> None:
+def _judge_buckets(
+    check: DataCheck, label: str, task: str, loader: Any, held: dict[Any, int]
+) -> None:
     ws = check.world_size
     drawable = loader.bucket_weights()
     for shape, n in sorted(drawable.items()):
         b = loader.batch_size(shape)
-        check.buckets.append(BucketCount(label, task, str(shape), n, b, True))
+        check.buckets.append(BucketCount(label, task, str(shape), n, b, True, held.get(shape, 0)))
         if n < ws * b:
             check.problems.append(
                 Problem(
@@ -315,7 +380,10 @@ def _judge_buckets(check: DataCheck, label: str, task: str, loader: Any) -> None
             )
     for shape, n in sorted(loader.excluded.items()):
         b = loader.batch_size(shape)
-        check.buckets.append(BucketCount(label, task, str(shape), n, b, False))
+        check.buckets.append(BucketCount(label, task, str(shape), n, b, False, held.get(shape, 0)))
+    for shape in sorted(set(held) - set(drawable) - set(loader.excluded)):  # all held out
+        b = loader.batch_size(shape)
+        check.buckets.append(BucketCount(label, task, str(shape), 0, b, False, held[shape]))
     if not drawable:
         listed = ", ".join(f"{s} has {n}" for s, n in sorted(loader.excluded.items()))
         check.problems.append(

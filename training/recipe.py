@@ -9,7 +9,8 @@ batch_size x workers x grad_accumulation), a task mixture (task -> weight + data
 frames/fps) and whether batches mix tasks (``hybrid``: tasks of one group, image or video,
 that share a bucket shape; see ``training/data/hybrid.py``).
 Data is ``catalog://NAME@VERSION`` (+ a filter on
-index columns) or shard paths/globs.
+index columns) or shard paths/globs, each with a held-out split (``holdout``: samples that only
+evaluation reads; ``training/data/holdout.py``).
 
 Validation reports every cross-field problem at once (``core.config.ConfigProblems``, one line
 each): task data keys, video frame counts, ``trainable`` globs against the family's module
@@ -28,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 
 from catalog.names import DatasetRef, is_catalog_uri
 from core.config import StrictModel, raise_problems, warn_ineffective
+from training.data.holdout import HoldoutConfig
 from training.tasks import GENERATION_TASKS, TASK_GROUPS, TASKS, TaskName, task_spec
 
 Family = Literal["omni_video", "haplo_omni", "vino"]
@@ -138,6 +140,10 @@ class ModelConfig(StrictModel):
 class DataConfig(StrictModel):
     uri: str = Field(description="catalog://NAME@VERSION, or a shard path / glob / fsspec URI")
     filter: str | None = Field(None, description="expression on index columns, e.g. aesthetic > 5")
+    holdout: HoldoutConfig | None = Field(
+        HoldoutConfig(),
+        description="held-out split for evaluation (training/data/holdout.py); null: none",
+    )
 
     @field_validator("uri")
     @classmethod

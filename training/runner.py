@@ -9,7 +9,10 @@ Output layout::
 
 Before anything is written or started, ``training.preflight`` checks the chosen stages' data
 on the driver (samples per bucket against the world size and batch, captions) and refuses with
-every problem in one message.
+every problem in one message. The check also plans each data entry's held-out split
+(``training/data/holdout.py``); a stage records the split of the entries it reads (rule, cutoff
+and train / held-out counts per kind) as ``holdout`` in its catalog run's params and as
+``holdout.DATA.*`` params of its MLflow run.
 
 A stage boundary builds a new engine (the trainable set changes) from the previous stage's
 final weights. Rerunning with ``--resume`` skips finished stages and resumes the first
@@ -122,6 +125,7 @@ class _Run:
     use_gpu: bool
     extra: dict[str, Any]  # StageSpec.extra: trace, driver identity, test hold
     stop_after: int | None
+    splits: dict[str, Any]  # data key -> held-out split record (preflight.DataCheck.splits)
     progress_every: int = PLAIN_EVERY_STEPS  # off a terminal: a progress line every N steps
 
     def save_state(self) -> None:
@@ -162,7 +166,7 @@ def run_training(
     # trained on), then checked against the recipe, every problem at once, before anything is
     # written or started
     recipe, _ = pin_data(recipe, catalog, strict=False)
-    preflight.run_check(
+    check = preflight.run_check(
         recipe,
         world_size=max(1, recipe.workers if workers is None else workers),
         catalog=catalog,
@@ -214,6 +218,7 @@ def run_training(
             use_gpu,
             {"trace": trace, "driver": driver_identity(), "hold": hold_request()},
             stop_after,
+            check.splits,
             progress_every,
         )
         summary: dict[str, Any] = {"output": str(out), "inputs": refs, "stages": []}
@@ -262,10 +267,18 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
         return {**json.loads((folder / "done.json").read_text()), "skipped": True}
     folder.mkdir(parents=True, exist_ok=True)
     info = run.state["stages"].setdefault(str(index), {})
+    reads = sorted({tc.data for tc in stage.tasks.values()})
+    holdout = {key: run.splits.get(key) for key in reads}
     if run.tracking_uri and not info.get("mlflow_run"):
         parent = run.state["mlflow_parent"]
         info["mlflow_run"] = tracking.start_stage(
-            run.tracking_uri, parent, recipe, index, run.refs, max(run.workers, 1)
+            run.tracking_uri,
+            parent,
+            recipe,
+            index,
+            run.refs,
+            max(run.workers, 1),
+            holdout=holdout,
         )
     elif run.tracking_uri:
         reopen_run(run.tracking_uri, info["mlflow_run"])
@@ -276,7 +289,7 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
         "training_stage",
         f"{recipe.name} {label}",
         resume=info.get("catalog_run"),
-        params={"output": str(folder)},
+        params={"output": str(folder), "holdout": holdout},
         tracking_uri=run.tracking_uri,
         mlflow_run_id=info.get("mlflow_run"),
     ) as lifecycle:

@@ -18,6 +18,9 @@ What a reviewer finds on the parent run (named ``RECIPE-YYYYMMDD-HHMMSS-xxxx``):
   stages ``steps``, ``wall_time_s`` and ``stages_done``.
 
 Stage runs are named ``stage N/COUNT: NAME (PARENT NAME)``, so their order shows in any list.
+Their params include ``holdout.DATA.*``, the held-out split of each data entry the stage reads
+(``training/data/holdout.py``), and their tags ``omniforge.eval_data.TASK``: whether a task's
+``eval_loss`` is measured on held-out samples or, lacking any, on training samples.
 """
 
 from __future__ import annotations
@@ -70,11 +73,14 @@ def start_stage(
     stage_index: int,
     inputs: Sequence[str],
     workers: int | None = None,
+    holdout: Mapping[str, Any] | None = None,
 ) -> str:
-    """A nested run for stage ``stage_index``: its params (``stage.*``, ``model.*``, and
+    """A nested run for stage ``stage_index``: its params (``stage.*``, ``model.*``,
     ``stage.global_batch`` on ``workers``, default the recipe's, when the stage sets
-    ``batch_size``; otherwise the token budget decides it per bucket), the datasets its tasks
-    read, as the parent logged them (``inputs``: the catalog references of the run, for a
+    ``batch_size`` (otherwise the token budget decides it per bucket), and ``holdout.DATA.*``:
+    each data entry's held-out split, ``Split.record()``: fraction, salt, min_samples, cutoff,
+    train and held-out counts per kind; ``none`` for an entry without one), the datasets its
+    tasks read, as the parent logged them (``inputs``: the catalog references of the run, for a
     parent that has none logged), a description and the source tags."""
     stage = recipe.stages[stage_index]
     parent = tracking.read_run(tracking_uri, parent_id)
@@ -88,6 +94,8 @@ def start_stage(
     global_batch = stage.global_batch(max(1, recipe.workers if workers is None else workers))
     if global_batch is not None:
         params["stage"]["global_batch"] = global_batch
+    if holdout:
+        params["holdout"] = {k: "none" if v is None else v for k, v in holdout.items()}
     tags = {
         **tracking.source_tags(),
         "omniforge.kind": "training_stage",

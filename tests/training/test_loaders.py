@@ -455,9 +455,9 @@ def test_build_task_loaders_through_a_catalog(ds, cat):
             "t2v": {"weight": 1, "data": "all", "num_frames": 9, "fps": 12},
         }
     )
-    data = {
-        "good": DataConfig(uri="catalog://mixed@1", filter="aesthetic >= 6"),
-        "all": DataConfig(uri="catalog://mixed@latest"),
+    data = {  # every sample trains (the held-out split: tests/training/test_heldout.py)
+        "good": DataConfig(uri="catalog://mixed@1", filter="aesthetic >= 6", holdout=None),
+        "all": DataConfig(uri="catalog://mixed@latest", holdout=None),
     }
     loaders = [build_task_loaders(stage, data, cat, r, 2, 0, GEOM, tokenize) for r in range(2)]
     assert set(loaders[0]) == {"t2i", "i2i_edit", "t2v"}
@@ -482,9 +482,9 @@ def test_build_task_loaders_through_a_catalog(ds, cat):
 
 def test_build_task_loaders_from_paths_and_globs(ds):
     stage = _stage({"t2i": {"weight": 1, "data": "glob"}, "i2i_edit": {"weight": 2, "data": "dir"}})
-    data = {
-        "glob": DataConfig(uri=str(ds.root / "shards" / "*" / "*.tar")),
-        "dir": DataConfig(uri=str(ds.root)),
+    data = {  # every sample trains (the held-out split: tests/training/test_heldout.py)
+        "glob": DataConfig(uri=str(ds.root / "shards" / "*" / "*.tar"), holdout=None),
+        "dir": DataConfig(uri=str(ds.root), holdout=None),
     }
     loaders = build_task_loaders(stage, data, None, 0, 1, 0, GEOM, tokenize)
     assert loaders["t2i"].bucket_weights() == {WIDE: 10, SQUARE: 5, TALL: 1}

@@ -35,7 +35,12 @@ RECIPE = {
     "name": "check",
     "workers": WORLD,
     "model": {"family": "omni_video", "size": "tiny"},
-    "data": {"main": {"uri": "catalog://small@latest"}, "gone": {"uri": "catalog://nope@latest"}},
+    # no held-out split: the bucket counts below are every sample (the split's counts:
+    # tests/training/test_heldout.py)
+    "data": {
+        "main": {"uri": "catalog://small@latest", "holdout": None},
+        "gone": {"uri": "catalog://nope@latest"},
+    },
     "stages": [
         {
             "name": "first",
@@ -50,6 +55,12 @@ RECIPE = {
         {"name": "second", **STAGE, "tasks": {"t2i": {"weight": 1, "data": "gone"}}},
     ],
 }
+
+
+NO_SPLIT = (
+    "data 'main' has no held-out split (holdout: null or fraction 0): evaluation reads training "
+    "samples"
+)
 
 
 def row(key: str, kind: str, w: int, h: int, frames: int = 1, **text) -> dict:
@@ -179,7 +190,7 @@ def test_enough_data_passes_and_warnings_are_summed_up_for_train_run(cat, tmp_pa
     data["stages"][0]["tasks"] = {"t2i": {"weight": 1, "data": "main"}}
     recipe = validate(Recipe, data)
     check = check_data(recipe, world_size=WORLD, geometry=geometry(), catalog=cat)
-    assert check.problems == [] and check.notes == []  # 22 = 2 workers x 11
+    assert check.problems == [] and check.notes == [NO_SPLIT]  # 22 = 2 workers x 11
     assert [(b.bucket, b.samples, b.batch) for b in check.buckets] == [("1x48x88", 22, 11)]
 
     rows += [row("square0", "image", 96, 96, caption="square"), row("wide22", "image", 160, 90)]
@@ -189,7 +200,8 @@ def test_enough_data_passes_and_warnings_are_summed_up_for_train_run(cat, tmp_pa
     assert said == [
         "data check on 2 worker(s): 1 bucket(s) left out (fewer samples than workers; 1 sample(s)); "
         "1 task(s) with samples lacking text: stage 1 (first) t2i; `omniforge train plan` shows "
-        "each"
+        "each",
+        f"data check: {NO_SPLIT}",
     ]
 
 
@@ -275,7 +287,7 @@ def test_train_run_trains_on_the_version_it_checked(cat, tmp_path):
                 write_version(cat, tmp_path / "v2", "small", rows[:22])
 
     data = copy.deepcopy(RECIPE)
-    data["data"] = {"main": {"uri": "catalog://small@latest"}}
+    data["data"] = {"main": {"uri": "catalog://small@latest", "holdout": None}}
     for stage in data["stages"]:
         stage["tasks"] = {"t2i": {"weight": 1, "data": "main"}}
     console = Console()
@@ -322,7 +334,7 @@ def test_train_plan_prints_every_problem_and_exits_2(small, catalog_url, tmp_pat
     assert "│ 2 second" in memory
     rows = [line.split("│")[1:-1] for line in out.stdout.splitlines() if "│ t2i " in line]
     assert [" ".join(cell.split()) for cell in rows[-1]] == [
-        "t2i", "1x64x64", "1", "12", "24", "left out: fewer samples than the 2 workers"
+        "t2i", "1x64x64", "1", "0", "12", "24", "left out: fewer samples than the 2 workers"
     ]  # fmt: skip
 
 

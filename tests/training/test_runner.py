@@ -19,15 +19,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from catalog.index import open_index
 from catalog.records import Node
 from catalog.store import Catalog
 from core.config import load_config
 from curation.sample_data import generate
 from curation.sample_data.register import register_sample_corpus
 from training.checkpoint import CheckpointError
+from training.data.sources import resolve_data
 from training.models.registry import build_model
 from training.recipe import Recipe
-from training.runner import run_training
+from training.runner import pin_data, run_training
 from training.tasks import TASK_GROUPS
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
@@ -216,6 +218,25 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
     runs = {e.child.id for e in down if e.child.type == "run"}
     assert len(runs) >= len(r.stages)
     assert sum(e.relation == "init" for e in down) >= len(r.stages) - 1
+
+    # the held-out split (training/data/holdout.py): no rank of any stage trained on a held-out
+    # sample; each stage run records the split in the catalog and MLflow
+    split = resolve_data(pin_data(r, catalog)[0].data["curated"], catalog).split
+    index = open_index(version.index_uri).to_table(columns=["key", "kind"]).to_pylist()
+    held = {row["key"] for row in index if split.held_out(row["key"], row["kind"])}
+    assert held  # the corpus has enough images and videos for the min_samples floor
+    for stage in r.stages:
+        for rank in (0, 1):
+            assert (
+                not {k for t in trace(tmp_path / "run", stage.name, rank) for k in t["keys"]} & held
+            )
+    records = [catalog.get_run(i).params["holdout"] for i in runs]
+    assert all(rec == {"curated": split.record()} for rec in records), records
+    for child in children:
+        assert child.data.params["holdout.curated.fraction"] == "0.02"
+        assert child.data.params["holdout.curated.held_out.image"] == str(
+            split.record()["held_out"]["image"]
+        )
 
 
 class Lines:

@@ -12,6 +12,10 @@ headers and JSON members at construction. They are computed from the full shard 
 ``bucket_weights()`` is identical on every rank; a bucket with fewer usable samples than
 ``world_size`` is excluded from it and ``next_batch`` refuses it.
 
+The held-out split (``holdout.py``): a loader of ``part="train"`` skips the held-out samples of
+its kind (``holdout``: the kind's rule), one of ``part="eval"`` reads only them; counts are
+the part's. ``build_task_loaders`` takes both from the data entry's split.
+
 Samples are decoded (``decode.py``) in a small thread pool and text tokenised by the callable
 given. A sample that fails to decode is skipped, counted in ``skipped`` and reported with a
 ``SampleDecodeWarning`` naming key and shard; the batch is filled from the next samples.
@@ -19,9 +23,9 @@ given. A sample that fails to decode is skipped, counted in ``skipped`` and repo
 State (``state_dict``): per bucket stream ``{"epoch", "shard" (position in the epoch's shard
 order), "offset" (samples of that shard already consumed), "j" (usable samples seen in the
 epoch), "taken" (samples this rank took in the epoch), "data" (fingerprint of the stream's
-shards)}`` plus task, rank, world size, seed and the skip count. Loading it into a loader built
-on the same data, rank and world size continues with exactly the batches an uninterrupted
-loader would have produced.
+shards)}`` plus task, rank, world size, seed, part and held-out rule, and the skip count.
+Loading it into a loader built on the same data, rank and world size continues with exactly
+the batches an uninterrupted loader would have produced.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from training.data.buckets import (
     shape_for_shard_bucket,
 )
 from training.data.decode import decode_sample
-from training.data.samples import RawSample, SampleDecodeWarning, scan_shard
+from training.data.holdout import KindCut
+from training.data.samples import RawSample, SampleDecodeWarning, scan_keys
 from training.data.sources import DataSource, resolve_data, shard_entry
 from training.data.streams import Selection, Stream, StreamShard, plan_stream
 from training.tasks import task_spec
@@ -63,6 +68,8 @@ class TaskLoader:
     ``None`` scans the shards, ``"records"`` trusts the records' ``num_samples`` (only right
     when every sample of every shard fits the task and no key filter applies).
     ``keys``: allowed sample keys (a catalog filter's result), or ``None`` for all.
+    ``holdout``: the task kind's held-out rule (None: no split); ``part``: ``"train"`` skips
+    held-out samples, ``"eval"`` reads only them.
     """
 
     def __init__(
@@ -83,6 +90,8 @@ class TaskLoader:
         keys: Iterable[str] | None = None,
         counts: Mapping[str, int] | str | None = None,
         decode_threads: int = 2,
+        holdout: KindCut | None = None,
+        part: str = "train",
     ):
         spec = task_spec(task)
         if not 0 <= rank < world_size:
@@ -101,8 +110,11 @@ class TaskLoader:
         self.fps = fps
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.keys = None if keys is None else frozenset(keys)
+        if part not in ("train", "eval"):
+            raise ValueError(f"part {part!r}; allowed: train, eval")
+        self.part, self.holdout = part, holdout
         self.selection = Selection(
-            task, self.kind, self.keys, self.rank, self.world_size, self.seed
+            task, self.kind, self.keys, self.rank, self.world_size, self.seed, holdout, part
         )
         self.decode_threads = max(1, int(decode_threads))
         self.skipped = 0
@@ -139,8 +151,7 @@ class TaskLoader:
         return frames is None or (frames > 1) == self.is_video
 
     def _scan(self, uri: str) -> int:
-        found = scan_shard(uri, self.keys)
-        return found.get(self.kind, 0)
+        return sum(self.selection.usable(key, kind) for key, kind in scan_keys(uri))
 
     def _add_stream(self, shape: BucketShape, shards: list[StreamShard]) -> None:
         stream = plan_stream(shape, shards, self.selection)
@@ -228,6 +239,8 @@ class TaskLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "seed": self.seed,
+            "part": self.part,
+            "holdout": self._holdout_ident,
             "skipped": self.skipped,
             "streams": {str(shape): s.position() for shape, s in sorted(self._streams.items())},
         }
@@ -236,11 +249,12 @@ class TaskLoader:
         """Restore every stream's position; refuses state from other data, rank or world."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state format {state.get('format')!r} != {STATE_FORMAT}")
-        for name in ("task", "rank", "world_size", "seed"):
-            if state.get(name) != getattr(self, name):
+        for name in ("task", "rank", "world_size", "seed", "part", "holdout"):
+            mine = self._holdout_ident if name == "holdout" else getattr(self, name)
+            if state.get(name, "train" if name == "part" else None) != mine:
                 raise ValueError(
                     f"loader state is for {name}={state.get(name)!r}, this loader has "
-                    f"{name}={getattr(self, name)!r}; positions would not match"
+                    f"{name}={mine!r}; positions would not match"
                 )
         streams = state.get("streams", {})
         positions = {}
@@ -271,6 +285,10 @@ class TaskLoader:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def _holdout_ident(self) -> str | None:
+        return None if self.holdout is None else self.holdout.ident
 
     def _stream(self, shape: BucketShape) -> Stream:
         stream = self._streams.get(shape)
@@ -314,6 +332,7 @@ def build_task_loaders(
     tokenize: Tokenize,
     decode_threads: int = 2,
     sources: Mapping[str, DataSource] | None = None,
+    part: str = "train",
 ) -> dict[str, TaskLoader]:
     """One ``TaskLoader`` per task of ``stage`` (a ``StageConfig``), data resolved once per
     data entry (``data``: the recipe's data section).
@@ -321,6 +340,9 @@ def build_task_loaders(
     Every rank must see the same data: either resolve on the driver with ``resolve_data`` and
     pass the results as ``sources`` (data name -> DataSource; no rank touches the catalog or
     scans shards), or pin ``@latest`` to a version before the workers start.
+
+    ``part``: ``"train"`` loaders skip each entry's held-out samples, ``"eval"`` loaders read
+    only them (an entry without a split: every sample, for both).
     """
     sources = dict(sources or {})
     loaders: dict[str, TaskLoader] = {}
@@ -330,6 +352,7 @@ def build_task_loaders(
                 raise ValueError(f"task {task} uses data {tc.data!r}, not in {sorted(data)}")
             sources[tc.data] = resolve_data(data[tc.data], catalog_or_none)
         src = sources[tc.data]
+        split = src.split
         loaders[task] = TaskLoader(
             task,
             src.shards,
@@ -344,7 +367,9 @@ def build_task_loaders(
             world_size=world_size,
             seed=seed,
             keys=src.keys,
-            counts=src.counts_for(task),
+            counts=src.counts_for(task, part),
             decode_threads=decode_threads,
+            holdout=None if split is None else split.cut(task_spec(task).kind),
+            part=part,
         )
     return loaders

@@ -27,6 +27,7 @@ __all__ = [
     "meta_and_kind",
     "open_shard",
     "read_sample",
+    "scan_keys",
     "scan_shard",
 ]
 
@@ -96,17 +97,16 @@ def read_sample(
     return RawSample(key, reader.uri, meta, data)
 
 
+def scan_keys(uri: str) -> list[tuple[str, str | None]]:
+    """(key, kind) of each sample of one shard, in order (tar headers + JSON members)."""
+    with open_shard(uri) as reader:
+        return [(key, meta_and_kind(reader, members)[1]) for key, members in reader]
+
+
 def scan_shard(uri: str, keys: Iterable[str] | None = None) -> Counter:
     """Samples per kind in one shard (tar headers + JSON members; media is not read).
 
     With ``keys``, only samples whose key is in ``keys`` count.
     """
     allowed = None if keys is None else (keys if isinstance(keys, (set, frozenset)) else set(keys))
-    counts: Counter = Counter()
-    with open_shard(uri) as reader:
-        for key, members in reader:
-            if allowed is not None and key not in allowed:
-                continue
-            _, kind = meta_and_kind(reader, members)
-            counts[kind] += 1
-    return counts
+    return Counter(kind for key, kind in scan_keys(uri) if allowed is None or key in allowed)

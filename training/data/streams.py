@@ -16,8 +16,11 @@ bucket (``plan_stream``):
   by a generator seeded with (seed, epoch, task, bucket) (the same on every rank); samples
   inside a shard keep their written order.
 
-Usable = the sample's kind is the task's and, when ``keys`` is given (a catalog filter), its
-key is allowed. The cursor (``position()``: epoch, shard position in the epoch's order,
+Usable = the sample's kind is the task's, when ``keys`` is given (a catalog filter) its key
+is allowed, and it is on the selection's side of the held-out split (``holdout.py``): a
+training stream skips held-out keys, an evaluation stream reads only them.
+
+The cursor (``position()``: epoch, shard position in the epoch's order,
 samples of that shard consumed, usable samples seen, samples taken, and a fingerprint of the
 stream's shards) is all a resumed stream needs to continue exactly.
 """
@@ -33,6 +36,7 @@ import numpy as np
 
 from catalog.shards import ShardReader
 from training.data.buckets import BucketShape
+from training.data.holdout import KindCut
 from training.data.samples import RawSample, meta_and_kind, open_shard, read_sample
 from training.tasks import TASKS
 
@@ -56,9 +60,17 @@ class Selection:
     rank: int
     world_size: int
     seed: int
+    cut: KindCut | None = None  # the kind's held-out rule, None = no split
+    part: str = "train"  # "train": held-out keys skipped; "eval": only held-out keys
+
+    def key_allowed(self, key: str) -> bool:
+        """The filter and the split, from the key alone (before the JSON member is read)."""
+        if self.keys is not None and key not in self.keys:
+            return False
+        return self.cut is None or self.cut.held_out(key) == (self.part == "eval")
 
     def usable(self, key: str, kind: str | None) -> bool:
-        return kind == self.kind and (self.keys is None or key in self.keys)
+        return kind == self.kind and self.key_allowed(key)
 
 
 @dataclass
@@ -138,7 +150,7 @@ class Stream:
                 continue
             self.offset += 1
             key, members = group
-            if sel.keys is not None and key not in sel.keys:
+            if not sel.key_allowed(key):
                 continue
             meta, kind = meta_and_kind(reader, members)
             if not sel.usable(key, kind):
