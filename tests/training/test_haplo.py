@@ -135,7 +135,7 @@ def test_distillation_is_finite_decreases_and_trains_only_the_stage_groups(teach
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     key = f"loss/distill_{group}"
     history = []
-    for _ in range(12):
+    for _ in range(6):
         torch.manual_seed(1)  # the same timesteps and noise every step
         out = model.task_loss(batch)
         assert torch.isfinite(out[key])
@@ -146,7 +146,7 @@ def test_distillation_is_finite_decreases_and_trains_only_the_stage_groups(teach
             grads = [p.grad is not None for p in g.parameters()]
             assert any(grads) if name == group else not any(grads), name
         opt.step()
-    assert history[-1] < 0.8 * history[0]
+    assert history[-1] < 0.8 * history[0], history
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
     assert not any(k.startswith("distiller") for k in model.state_dict())  # never saved
@@ -252,3 +252,16 @@ def test_a_missing_teacher_stops_the_trainer_before_training(shards, tmp_path):
     spec = StageSpec(recipe=recipe.model_dump(mode="json"), stage_index=0, output=str(tmp_path))
     with process_group(), pytest.raises(MissingWeights, match=str(missing)):
         Trainer(spec, Context())
+
+
+def test_the_7b_template_names_its_teachers_and_refuses_to_start_without_them():
+    recipe = load_config(Recipe, RECIPE.with_name("haplo_omni_7b.yaml"))
+    assert recipe.model.adaln_layers == 2
+    for stage in recipe.stages[:2]:  # the two warmup stages
+        ((group, cfg),) = stage.distill.items()
+        if Path(cfg.teacher).exists():
+            pytest.skip(f"placeholder teacher dir exists on this machine: {cfg.teacher}")
+        with pytest.raises(MissingWeights, match=cfg.teacher) as err:
+            load_distiller(stage.distill, f"stage {stage.name!r} distill", 4)
+        assert "hf download" in str(err.value)
+    assert not any(stage.distill for stage in recipe.stages[2:])
