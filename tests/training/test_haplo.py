@@ -18,7 +18,7 @@ from core.config import load_config
 from core.weights import MissingWeights
 from training.data.batch import TaskBatch
 from training.models.adaln import HaploBlock, MultimodalAdaLN
-from training.models.distill import load_distiller
+from training.models.distill import check_teachers, load_distiller
 from training.models.haplo_omni import build_tiny
 from training.models.registry import build_model
 from training.recipe import DistillConfig, Recipe
@@ -265,3 +265,7 @@ def test_the_7b_template_names_its_teachers_and_refuses_to_start_without_them():
             load_distiller(stage.distill, f"stage {stage.name!r} distill", 4)
         assert "hf download" in str(err.value)
     assert not any(stage.distill for stage in recipe.stages[2:])
+    with pytest.raises(MissingWeights) as err:  # the driver's check names both at once
+        check_teachers(recipe)
+    assert "clip-vit-large-patch14" in str(err.value) and "CogVideoX-2b" in str(err.value)
+    check_teachers(recipe, stages=[2, 3])  # stages without teachers need none

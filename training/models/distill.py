@@ -182,6 +182,17 @@ def teacher_weights(group: str, teacher: str | None, where: str):
     return pretrained_weights(spec, where, group, repo, subfolder)
 
 
+def check_teachers(recipe, stages: list[int] | None = None) -> None:
+    """``MissingWeights`` naming every teacher of the chosen stages (0-based; default all) that
+    is not on disk: the driver's check before any worker starts. Loads nothing."""
+    require_all(
+        teacher_weights(group, cfg.teacher, f"stage {stage.name!r} distill teacher")
+        for i, stage in enumerate(recipe.stages)
+        if stages is None or i in stages
+        for group, cfg in stage.distill.items()
+    )
+
+
 def load_distiller(
     distill: dict, where: str, temporal_factor: int, dtype: torch.dtype = torch.float32
 ) -> Distiller:
