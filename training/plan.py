@@ -24,7 +24,9 @@ def build(recipe: Recipe):
     from training.models.registry import build_model
 
     m = recipe.model
-    return build_model(m.family, m.size, m.pretrained, recipe.stages[0].timestep_shift)
+    return build_model(
+        m.family, m.size, m.pretrained, recipe.stages[0].timestep_shift, options=m.options()
+    )
 
 
 def widest_batches(stage: StageConfig, geo) -> dict[str, int]:

@@ -66,6 +66,10 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
+# Groups a warmup stage may distil a teacher into, per family (``training/models/distill.py``).
+DISTILL_TARGETS: dict[str, tuple[str, ...]] = {"haplo_omni": ("pre_decoder", "post_decoder")}
+
+
 def trainable_problems(family: str, patterns: list[str]) -> list[str]:
     """Why ``patterns`` (a stage's ``trainable`` globs) cannot select trainable groups of
     ``family``: a glob matching no group, or only frozen ones (the rule of
@@ -129,12 +133,23 @@ class ModelConfig(StrictModel):
     pretrained: dict[str, str] = Field(
         default_factory=dict, description="module group -> local weights dir (production sizes)"
     )
+    adaln_layers: int | None = Field(
+        None, ge=0, le=64, description="haplo_omni: multimodal AdaLN blocks (default 0: none)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.size == "tiny" and self.pretrained:
             warn_ineffective("model.pretrained", "size 'tiny' builds every module from scratch")
+        if self.adaln_layers is not None and self.family != "haplo_omni":
+            raise ValueError(
+                f"model.adaln_layers: only haplo_omni has multimodal AdaLN, not {self.family}"
+            )
         return self
+
+    def options(self) -> dict[str, int]:
+        """Family-specific build options (``registry.build_model(..., options=)``)."""
+        return {} if self.adaln_layers is None else {"adaln_layers": self.adaln_layers}
 
 
 class DataConfig(StrictModel):
@@ -221,6 +236,15 @@ class TaskConfig(StrictModel):
     fps: float | None = Field(None, gt=0, description="video tasks: sampling rate")
 
 
+class DistillConfig(StrictModel):
+    teacher: str | None = Field(
+        None,
+        description="teacher checkpoint folder or hf-hub:ORG/NAME; unset: the teacher's "
+        "repository name under the model roots",
+    )
+    weight: float = Field(1.0, gt=0, description="factor of the distillation loss")
+
+
 class StageConfig(StrictModel):
     name: str = Field(min_length=1)
     trainable: list[str] = Field(min_length=1, description="globs over the family's module groups")
@@ -245,6 +269,9 @@ class StageConfig(StrictModel):
         False, description="batches mix the tasks of one group (image | video) sharing a shape"
     )
     tasks: dict[TaskName, TaskConfig] = Field(min_length=1)
+    distill: dict[str, DistillConfig] = Field(
+        default_factory=dict, description="module group -> frozen teacher distilled into it"
+    )
     steps: int = Field(gt=0)
     checkpoint_every: int = Field(gt=0)
 
@@ -293,6 +320,20 @@ class StageConfig(StrictModel):
         return self
 
 
+def distill_problems(family: str, stage: StageConfig, index: int) -> list[tuple[str, str]]:
+    """A teacher for a group the family cannot distil into, or one the stage does not train."""
+    targets = DISTILL_TARGETS.get(family, ())
+    out = []
+    for group in stage.distill:
+        path = f"stages.{index}.distill.{group}"
+        if group not in targets:
+            allowed = ", ".join(targets) if targets else f"none ({family} has no teachers)"
+            out.append((path, f"no teacher can be distilled into {group!r}; allowed: {allowed}"))
+        elif not any(fnmatch.fnmatchcase(group, p) for p in stage.trainable):
+            out.append((path, f"{group} does not train in this stage; add it to trainable"))
+    return out
+
+
 class Recipe(StrictModel):
     name: str = Field(min_length=1)
     seed: int = 0
@@ -320,6 +361,7 @@ class Recipe(StrictModel):
                 (f"stages.{i}.optimizer.groups{path}", message)
                 for path, message in optimizer_group_problems(family, stage)
             ]
+            problems += distill_problems(family, stage, i)
             for task_name, task in stage.tasks.items():
                 if task_name not in supported:
                     problems.append(

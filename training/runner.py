@@ -166,6 +166,9 @@ def run_training(
     # trained on), then checked against the recipe, every problem at once, before anything is
     # written or started
     recipe, _ = pin_data(recipe, catalog, strict=False)
+    from training.models.distill import check_teachers
+
+    check_teachers(recipe, stages)  # distillation teachers on disk (MissingWeights), unloaded
     check = preflight.run_check(
         recipe,
         world_size=max(1, recipe.workers if workers is None else workers),

@@ -284,7 +284,19 @@ class Trainer(StageArtifacts):
         )
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         m = self.recipe.model
-        self.model = build_model(m.family, m.size, m.pretrained, self.stage.timestep_shift)
+        self.model = build_model(
+            m.family, m.size, m.pretrained, self.stage.timestep_shift, options=m.options()
+        )
+        if self.stage.distill:  # frozen teachers, checked and loaded before anything trains
+            from training.models.distill import load_distiller
+
+            self.model.set_distillation(
+                load_distiller(
+                    self.stage.distill,
+                    f"stage {self.stage.name!r} distill",
+                    self.model.geometry.temporal_factor,
+                )
+            )
         if spec.init_weights:
             ckpt.load_weights(self.model, Path(spec.init_weights))
         self.trainable = self.model.set_trainable(self.stage.trainable)

@@ -152,6 +152,9 @@ CITE = re.compile(r"([A-Za-z0-9_.-]+\.txt):(\d+)(?:-(\d+))?")
 FIELD_LINE = {"global_batch": "batch_size", "local_batch": "batch_size"}
 
 
+MODEL = "model"  # the table's key for the recipe's model section (no stage has that name)
+
+
 def entries(name: str):
     """(stage, field, entry) of every published value of recipe ``name``."""
     for stage, fields in PUBLISHED[name].items():
@@ -193,8 +196,8 @@ def template_value(recipe: Recipe, stage: StageConfig, field: str, entry: dict):
             for g in spec.groups
             if g not in spec.frozen and any(fnmatch.fnmatchcase(g, p) for p in stage.trainable)
         ]
-    if field == "tasks":
-        return sorted(stage.tasks)
+    if field in ("tasks", "distill"):
+        return sorted(getattr(stage, field))
     if field in ("local_batch", "global_batch"):
         local = local_batch(stage, entry)
         if field == "local_batch" or isinstance(local, dict):
@@ -217,14 +220,14 @@ def same(a, b) -> bool:
 
 def normalise(value, field: str):
     """The table's value in the form ``template_value`` returns."""
-    return sorted(value) if field == "tasks" else value
+    return sorted(value) if field in ("tasks", "distill") else value
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
 def test_table_lists_every_stage_of_the_template(name):
     """The table names the template's stages, in order: the paper's stage layout."""
     assert sorted(PUBLISHED) == PRODUCTION
-    assert list(PUBLISHED[name]) == [s.name for s in load(name).stages]
+    assert [k for k in PUBLISHED[name] if k != MODEL] == [s.name for s in load(name).stages]
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
@@ -232,6 +235,7 @@ def test_template_has_the_published_values(name):
     """Every value of the table is the template's value (never skipped: needs no papers)."""
     recipe = load(name)
     stages = {s.name: s for s in recipe.stages}
+    stages[MODEL] = recipe.model  # its fields are read like a stage's
     wrong = []
     for stage, field, entry in entries(name):
         want = normalise(entry["value"], field)
@@ -297,7 +301,7 @@ def test_cited_lines_hold_the_published_values(name):
             if value.lower() not in said.lower():
                 wrong.append(f"{where}: {value!r} not in the quote {said!r}")
             continue
-        if field in ("trainable", "tasks"):
+        if field in ("trainable", "tasks", "distill"):
             continue  # group / task names are ours; the quote names the paper's modules
         stated = numbers(said)
         for v in value if isinstance(value, list) else [value]:
@@ -319,7 +323,12 @@ def test_template_citations_exist(name):
 
 
 def stage_block(lines: list[str], stage: str) -> list[str]:
-    """The YAML lines of one stage: from its ``- name:`` to the next stage's."""
+    """The YAML lines of one stage: from its ``- name:`` to the next stage's (``model``: the
+    model section)."""
+    if stage == MODEL:
+        start = next(i for i, line in enumerate(lines) if line.startswith("model:"))
+        nxt = (j for j in range(start + 1, len(lines)) if re.match(r"[a-z]", lines[j]))
+        return lines[start : next(nxt, len(lines))]
     head = re.compile(rf"\s*- name: {re.escape(stage)}\s*(#.*)?$")
     start = next(i for i, line in enumerate(lines) if head.match(line))
     nxt = (j for j in range(start + 1, len(lines)) if re.match(r"\s*- name: ", lines[j]))

@@ -5,7 +5,9 @@ Groups (``self.groups``):
   embedding (already at the base width Db), the noisy-latent patch embedding and the timestep
   token embedding (width Dv);
 - ``pre_connector``: Dv -> Db for visual / latent / timestep tokens, with HaploOmni's feature
-  pre-scaling (a learned scale per modality, so their norms match the text embeddings);
+  pre-scaling (a learned scale per modality, so their norms match the text embeddings), and
+  ``adaln_layers`` HaploOmni blocks with multimodal AdaLN (``adaln.py``) that every sequence
+  passes through on its way into the base decoder (0 = none; the paper uses 2);
 - ``base_decoder``: the shared transformer (an LLM in production) + the LM head: text CE is
   read here, so understanding never runs the post decoder;
 - ``post_connector``: Db -> the post decoder's context width, on every base state;
@@ -27,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data.batch import TaskBatch
+from training.models.adaln import HaploBlock
 from training.models.base import Geometry
-from training.models.blocks import Block, mlp
+from training.models.blocks import Block, attention_mask, mlp
 from training.models.common import FamilyModel
 from training.models.flow import Velocity, flow_pair
 from training.models.geometry import group_frames, patchify, pos_embed_3d, sinusoid
@@ -76,10 +79,12 @@ class PreDecoder(nn.Module):
 
 
 class PreConnector(nn.Module):
-    def __init__(self, dim: int, base_dim: int):
+    def __init__(self, dim: int, base_dim: int, adaln_layers: int = 0, heads: int = 4):
         super().__init__()
         self.proj = nn.Sequential(nn.RMSNorm(dim), nn.Linear(dim, base_dim))
         self.scale = nn.Parameter(torch.ones(3))  # feature pre-scaling per modality
+        # multimodal-AdaLN blocks over the whole sequence; identity at initialisation
+        self.blocks = nn.ModuleList(HaploBlock(base_dim, heads) for _ in range(adaln_layers))
 
     def forward(self, x: torch.Tensor, modality: int) -> torch.Tensor:  # (B, N, Dv) -> (B, N, Db)
         return self.proj(x) * self.scale[modality]
@@ -109,13 +114,16 @@ class HaploOmni(FamilyModel):
         tokenizer,
         geometry: Geometry,
         timestep_shift: float = 1.0,
+        adaln_layers: int = 0,
+        adaln_heads: int = 4,
     ):
         super().__init__()
         ctx_dim = post_decoder.context_dim
+        pre_connector = PreConnector(pre_decoder.vit.dim, base_dim, adaln_layers, adaln_heads)
         self.groups = nn.ModuleDict(
             {
                 "pre_decoder": pre_decoder,
-                "pre_connector": PreConnector(pre_decoder.vit.dim, base_dim),
+                "pre_connector": pre_connector,
                 "base_decoder": base_decoder,
                 "post_connector": nn.Sequential(nn.RMSNorm(base_dim), nn.Linear(base_dim, ctx_dim)),
                 "post_decoder": post_decoder,
@@ -123,6 +131,13 @@ class HaploOmni(FamilyModel):
             }
         )
         self.tokenizer, self.geometry, self.timestep_shift = tokenizer, geometry, timestep_shift
+        self.distiller = None  # set by ``set_distillation`` (warmup stages)
+
+    def set_distillation(self, distiller) -> None:
+        """Warmup feature distillation (``training/models/distill.py``): its losses join the
+        task losses. The teachers live in the distiller, outside ``groups`` and the state dict,
+        so they never train and are never saved."""
+        self.distiller = distiller
 
     def task_loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         batch = self.prepare(batch)
@@ -132,18 +147,25 @@ class HaploOmni(FamilyModel):
         def add(tokens, keep, bidirectional):
             segments.append((tokens, keep.long(), bidirectional))
 
+        extra: dict[str, torch.Tensor] = {}
+        distill = self.distiller
+
         def visual(pixels):  # (B, N, Db)
-            return g["pre_connector"](pre.vit.encode(pixels).flatten(1, 2), VISUAL)
+            feats = pre.vit.encode(pixels)  # (B, T', N, Dv)
+            if distill is not None and "pre_decoder" in distill.groups and not extra:
+                extra.update(distill.pre_decoder(pixels, feats, pre.vit))
+            return g["pre_connector"](feats.flatten(1, 2), VISUAL)
 
         ones = torch.ones(b, dtype=torch.bool, device=batch.pixels.device)
         if batch.task in UNDERSTANDING_TASKS:
             vis = visual(batch.pixels)
             add(vis, ones[:, None].expand(b, vis.shape[1]), True)
             add(pre.text_embed(batch.input_ids), batch.attention_mask, False)
-            hidden, _ = self._base(segments)
+            hidden, _ = self._base(segments, torch.zeros(b, device=vis.device))
             nv, ids = segments[0][0].shape[1], batch.input_ids
             logits = g["base_decoder"].lm_head(hidden[:, nv - 1 : nv - 1 + ids.shape[1]])
-            return self._result({"text": next_token_loss(logits, ids, batch.attention_mask)})
+            text_loss = next_token_loss(logits, ids, batch.attention_mask)
+            return self._result({"text": text_loss, **extra})
 
         keep_text = ~self._drop(batch, "text")
         if batch.task in EDIT_TASKS:
@@ -158,8 +180,13 @@ class HaploOmni(FamilyModel):
         x0 = g["vae"].encode(batch.pixels)  # (B, T', C, h, w)
         t = self._sample_t(b, x0.device)
         xt, velocity = flow_pair(x0, t)
-        pred = self._velocity(segments, xt, t)
-        return self._result({"flow": F.mse_loss(pred.float(), velocity.float())})
+        if distill is not None and "post_decoder" in distill.groups:
+            with distill.capture_post(g["post_decoder"]) as student:
+                pred = self._velocity(segments, xt, t)
+            extra.update(distill.post_decoder(xt, t, student()))
+        else:
+            pred = self._velocity(segments, xt, t)
+        return self._result({"flow": F.mse_loss(pred.float(), velocity.float()), **extra})
 
     def _velocity(self, segments, xt, t) -> torch.Tensor:
         """The post decoder's velocity for noisy latents xt (B, T', C, h, w) at times t (B,):
@@ -172,7 +199,7 @@ class HaploOmni(FamilyModel):
             (g["pre_connector"](pre.timestep(t).to(xt.dtype), TIME), ones, False),
             (noisy, ones.expand(-1, noisy.shape[1]), True),
         ]
-        hidden, key_mask = self._base(segments)
+        hidden, key_mask = self._base(segments, t)
         context = g["post_connector"](hidden)  # (B, L, Dc)
         return g["post_decoder"](xt, t, context, key_mask)
 
@@ -182,8 +209,10 @@ class HaploOmni(FamilyModel):
         keep = {False: mask.long(), True: torch.zeros_like(mask, dtype=torch.long)}
         return lambda xt, t, uncond: self._velocity([(text, keep[uncond], False)], xt, t)
 
-    def _base(self, segments) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenate segments, build the hybrid block ids, run the base decoder."""
+    def _base(self, segments, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate segments, build the hybrid block ids, run the multimodal-AdaLN blocks
+        (conditioned on the flow time t (B,); 0, clean, for understanding), then the base
+        decoder."""
         ids, start = [], 0
         for tokens, _, bidirectional in segments:
             n = tokens.shape[1]
@@ -192,11 +221,17 @@ class HaploOmni(FamilyModel):
         seq = torch.cat([s[0] for s in segments], 1)
         key_mask = torch.cat([s[1] for s in segments], 1)
         block_ids = torch.cat(ids).to(seq.device)
+        blocks = self.groups["pre_connector"].blocks
+        if len(blocks):
+            mask = attention_mask(key_mask, block_ids)
+            for block in blocks:
+                seq = block(seq, t, mask)
         return self.groups["base_decoder"](seq, key_mask, block_ids), key_mask
 
 
-def build_tiny(timestep_shift: float = 1.0) -> HaploOmni:
-    """In-process, CPU-seconds model: 48-wide ViT, 2-layer 64-wide base, 2-block DiT."""
+def build_tiny(timestep_shift: float = 1.0, adaln_layers: int = 0) -> HaploOmni:
+    """In-process, CPU-seconds model: 48-wide ViT, 2-layer 64-wide base, 2-block DiT, and
+    ``adaln_layers`` 64-wide multimodal-AdaLN blocks."""
     geometry = Geometry(spatial_factor=8, temporal_factor=4, max_text_len=32)
     tok = ByteTokenizer(geometry.max_text_len)
     base_dim, latent_channels = 64, 8
@@ -218,4 +253,5 @@ def build_tiny(timestep_shift: float = 1.0) -> HaploOmni:
         tokenizer=tok,
         geometry=geometry,
         timestep_shift=timestep_shift,
+        adaln_layers=adaln_layers,
     )

@@ -122,7 +122,9 @@ def build_omni_video(size: str, pretrained: dict[str, str], shift: float, dtype:
     return model if dtype == torch.float32 else model.to(dtype)
 
 
-def build_haplo_omni(size: str, pretrained: dict[str, str], shift: float, dtype: torch.dtype):
+def build_haplo_omni(
+    size: str, pretrained: dict[str, str], shift: float, dtype: torch.dtype, adaln_layers: int = 0
+):
     where = f"haplo_omni size {size!r}"
     roots = locate_all(
         pretrained,
@@ -147,6 +149,8 @@ def build_haplo_omni(size: str, pretrained: dict[str, str], shift: float, dtype:
         tokenizer=tokenizer,
         geometry=_geometry(vae, post.patch),
         timestep_shift=shift,
+        adaln_layers=adaln_layers,  # fresh blocks, identity at initialisation (adaln.py)
+        adaln_heads=max(1, decoder.dim // 128),
     )
     return model if dtype == torch.float32 else model.to(dtype)
 

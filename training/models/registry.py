@@ -32,13 +32,16 @@ def build_model(
     timestep_shift: float = 1.0,
     *,
     dtype: torch.dtype = torch.float32,
+    options: dict | None = None,
 ) -> UnifiedModel:
-    """A family's model; ``dtype`` is the weights' dtype of production sizes (tiny: float32)."""
+    """A family's model; ``dtype`` is the weights' dtype of production sizes (tiny: float32);
+    ``options``: family-specific settings (``ModelConfig.options()``: haplo_omni
+    ``adaln_layers``)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(FAMILIES)}")
     if size not in SIZES[family]:
         raise ValueError(f"unknown size {size!r} for {family}; allowed: {', '.join(SIZES[family])}")
-    return FAMILIES[family](size, dict(pretrained or {}), timestep_shift, dtype)
+    return FAMILIES[family](size, dict(pretrained or {}), timestep_shift, dtype, **(options or {}))
 
 
 def _omni_video(size, pretrained, shift, dtype):
@@ -47,10 +50,10 @@ def _omni_video(size, pretrained, shift, dtype):
     return production.build_omni_video(size, pretrained, shift, dtype)
 
 
-def _haplo_omni(size, pretrained, shift, dtype):
+def _haplo_omni(size, pretrained, shift, dtype, adaln_layers: int = 0):
     if size == "tiny":
-        return haplo_omni.build_tiny(shift)
-    return production.build_haplo_omni(size, pretrained, shift, dtype)
+        return haplo_omni.build_tiny(shift, adaln_layers)
+    return production.build_haplo_omni(size, pretrained, shift, dtype, adaln_layers)
 
 
 def _vino(size, pretrained, shift, dtype):
