@@ -151,6 +151,28 @@ def build_haplo_omni(size: str, pretrained: dict[str, str], shift: float, dtype:
     return model if dtype == torch.float32 else model.to(dtype)
 
 
+VISION_MARKERS = ("<|vision_start|>", "<|vision_end|>")  # Qwen2.5 / Qwen3(-VL) special tokens
+
+
+def vision_token_ids(tokenizer, vocab_rows: int, root: Path) -> tuple[int, int]:
+    """The VLM's ids of ``<|vision_start|>`` / ``<|vision_end|>``: VINO wraps each visual
+    input in them and reuses their states as the boundary tokens of its latents (vino.txt:111).
+    A tokenizer without them (not a Qwen2.5 / Qwen3 family one) is refused."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_MARKERS]
+    bad = [
+        t
+        for t, i in zip(VISION_MARKERS, ids, strict=True)
+        if i is None or i == tokenizer.unk_token_id or not 0 <= i < vocab_rows
+    ]
+    if bad:
+        raise ValueError(
+            f"vino: the VLM tokenizer at {root} has no {' / '.join(bad)} token (VINO's boundary "
+            "tokens reuse the VLM's vision start / end tokens, vino.txt:111); use a Qwen2.5 or "
+            "Qwen3 checkpoint, whose vocabulary has them"
+        )
+    return ids[0], ids[1]
+
+
 def build_vino(size: str, pretrained: dict[str, str], shift: float, dtype: torch.dtype):
     where = f"vino size {size!r}"
     roots = locate_all(
@@ -176,6 +198,7 @@ def build_vino(size: str, pretrained: dict[str, str], shift: float, dtype: torch
         mmdit=mmdit,
         tokenizer=tokenizer,
         geometry=_geometry(vae, mmdit.patch),
+        vision_tokens=vision_token_ids(tokenizer.tok, embed.num_embeddings, roots["vlm"]),
         num_queries=NUM_TOKENS,
         timestep_shift=shift,
     )
