@@ -15,7 +15,8 @@ reference's latents take the steps between its markers; the target comes last (v
 "place the noised image/video latents at the end"). Without references the stream is the
 target alone at t = 0.., exactly the base text-to-video model's input. The target has no
 markers of its own: it has no VLM segment to share them with. A dropped reference (condition
-dropout) keeps its place but is masked out as a key, so no token attends to it.
+dropout) keeps its place (one layout per batch) but is masked out as a key, so no token
+attends to it; the target's place on the timeline still says a reference slot exists.
 """
 
 from __future__ import annotations
