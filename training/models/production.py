@@ -9,8 +9,8 @@ entry is looked up as ``<root>/<NAME>`` (the checkpoint's repository name, e.g.
 missing folder, config.json, weights file or shard raises ``MissingWeights`` naming the group,
 the path and the download command; a production size never falls back to random backbone
 weights. Dimensions come from the checkpoints' configs, so any compatible checkpoint works. The
-glue that the papers train from scratch (vision head, adapter, projector, connectors, queries)
-starts fresh.
+glue that the papers train from scratch (vision head, adapter, projector, connectors, queries,
+VINO's boundary connector) starts fresh.
 
 Production size "7b" (``pretrained`` key: class; checkpoint named in the error messages):
 - omni_video: mllm (+ text_head): AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct;
@@ -18,8 +18,9 @@ Production size "7b" (``pretrained`` key: class; checkpoint named in the error m
   to the dit dir): WanTransformer3DModel / AutoencoderKLWan, Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
 - haplo_omni: pre_decoder (its ViT): SiglipVisionModel, google/siglip-so400m-patch14-384;
   base_decoder: AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct; post_decoder / vae: Wan as above.
-- vino: vlm: AutoModelForCausalLM (penultimate-layer states), Qwen/Qwen2.5-7B-Instruct;
-  vision_encoder: SigLIP2 as above; mmdit / vae: HunyuanVideoTransformer3DModel /
+- vino: vlm: AutoModelForCausalLM (penultimate-layer states), Qwen/Qwen2.5-7B-Instruct, whose
+  tokenizer must have ``<|vision_start|>`` / ``<|vision_end|>`` (the boundary tokens reuse
+  them); vision_encoder: SigLIP2 as above; mmdit / vae: HunyuanVideoTransformer3DModel /
   AutoencoderKLHunyuanVideo, hunyuanvideo-community/HunyuanVideo.
 A diffusers folder may be given as the repo root (``transformer/``, ``vae/`` subfolders) or as
 the model folder itself.
