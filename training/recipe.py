@@ -59,7 +59,15 @@ FAMILIES: dict[str, FamilySpec] = {
         TASKS,
     ),
     "vino": FamilySpec(
-        ("vlm", "learnable_queries", "connector", "mmdit", "vae", "vision_encoder"),
+        (
+            "vlm",
+            "learnable_queries",
+            "connector",
+            "mmdit",
+            "boundary_connector",
+            "vae",
+            "vision_encoder",
+        ),
         ("vae", "vision_encoder"),
         GENERATION_TASKS,
     ),
@@ -234,6 +242,12 @@ class TaskConfig(StrictModel):
     data: str = Field(description="key of the recipe's data section")
     num_frames: int | None = Field(None, ge=1, description="video tasks: frames per sample")
     fps: float | None = Field(None, gt=0, description="video tasks: sampling rate")
+    vlm_fps: float | None = Field(
+        None, gt=0, description="video tasks of vino: the rate its VLM reads the clip at"
+    )
+    vlm_max_frames: int | None = Field(
+        None, ge=1, description="video tasks of vino: at most this many frames to the VLM"
+    )
 
 
 class DistillConfig(StrictModel):
@@ -291,6 +305,10 @@ class StageConfig(StrictModel):
                 out.append((f"tasks.{name}.num_frames", "required for a video task"))
             if group == "image" and task.num_frames not in (None, 1):
                 out.append((f"tasks.{name}.num_frames", "must be 1 or unset for an image task"))
+            if group == "video" and task.vlm_fps is not None and task.fps is None:
+                out.append((f"tasks.{name}.fps", "required with vlm_fps (the rate of the frames)"))
+            if task.vlm_max_frames is not None and task.vlm_fps is None:
+                out.append((f"tasks.{name}.vlm_fps", "required with vlm_max_frames"))
         return out
 
     @model_validator(mode="after")
@@ -299,6 +317,12 @@ class StageConfig(StrictModel):
         for name, task in self.tasks.items():
             if task_spec(name).group == "image" and task.fps is not None:
                 warn_ineffective(f"stages.{self.name}.tasks.{name}.fps", "image task")
+            vlm_video = task_spec(name).group == "video" and task_spec(name).edit
+            if task.vlm_fps is not None and not vlm_video:
+                warn_ineffective(
+                    f"stages.{self.name}.tasks.{name}.vlm_fps",
+                    "only a video edit shows the VLM a video (its source)",
+                )
         if self.hybrid and all(
             sum(t in self.tasks for t in group) < 2 for group in TASK_GROUPS.values()
         ):
@@ -363,6 +387,10 @@ class Recipe(StrictModel):
             ]
             problems += distill_problems(family, stage, i)
             for task_name, task in stage.tasks.items():
+                if task.vlm_fps is not None and family != "vino":
+                    warn_ineffective(
+                        f"stages.{stage.name}.tasks.{task_name}.vlm_fps", "only vino reads it"
+                    )
                 if task_name not in supported:
                     problems.append(
                         (

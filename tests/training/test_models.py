@@ -29,7 +29,15 @@ GROUPS = {
         "post_connector",
         "vae",
     },
-    "vino": {"vlm", "learnable_queries", "connector", "mmdit", "vae", "vision_encoder"},
+    "vino": {
+        "vlm",
+        "learnable_queries",
+        "connector",
+        "mmdit",
+        "boundary_connector",
+        "vae",
+        "vision_encoder",
+    },
 }
 SUBSET = {  # a stage's trainable globs
     "omni_video": ["vision_head", "adapter", "text_head"],
@@ -406,7 +414,14 @@ def tiny_checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    tok.add_special_tokens(
+        {
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            # Qwen's vision markers (VINO wraps visual inputs in them)
+            "additional_special_tokens": ["<|vision_start|>", "<|vision_end|>"],
+        }
+    )
     llm = Qwen2Config(
         vocab_size=len(tok),
         hidden_size=32,

@@ -110,10 +110,11 @@ def test_every_cross_field_problem_is_reported_at_once():
             for line in [
                 "stages.0.tasks.t2v.num_frames: required for a video task",
                 "stages.0.trainable: 'adapter' matches no module group of vino; groups: vlm, "
-                "learnable_queries, connector, mmdit, vae, vision_encoder",
+                "learnable_queries, connector, mmdit, boundary_connector, vae, "
+                "vision_encoder",
                 "stages.0.trainable: 'vae' matches only frozen group(s) vae of vino (fixed "
                 "pretrained components); trainable groups: vlm, learnable_queries, connector, "
-                "mmdit",
+                "mmdit, boundary_connector",
                 "stages.0.tasks.t2v.data: 'other' is not a key of the data section; allowed: main",
                 "stages.0.tasks.image_understanding: vino does not train image_understanding; "
                 "its tasks: t2i, t2v, i2i_edit, v2v_edit",

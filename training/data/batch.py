@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -24,6 +25,9 @@ class TaskBatch:
     # modality name ("text", "source") -> (B,) bool, True = drop this condition for the sample.
     drop: dict[str, torch.Tensor] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)  # the untokenised text (prompts for samples)
+    # Frames (indices into T) a VLM reads of a video condition, the same for every sample of
+    # the task (its vlm_fps / vlm_max_frames, ``vlm_frame_indices``); None: the model's default.
+    vlm_frames: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
@@ -46,6 +50,7 @@ class TaskBatch:
             source_pixels=move(self.source_pixels),
             drop={k: move(v) for k, v in self.drop.items()},
             texts=self.texts,
+            vlm_frames=self.vlm_frames,
         )
 
 
@@ -74,3 +79,22 @@ class MixedBatch:
 
     def to(self, device: torch.device | str) -> MixedBatch:
         return MixedBatch(self.group, [p.to(device) for p in self.parts])
+
+
+# Qwen3-VL's default ``min_frames`` (``Qwen3VLVideoProcessor``): VINO keeps Qwen3-VL's default
+# video preprocessing but for the rate and the cap (vino.txt:475).
+VLM_MIN_FRAMES = 4
+
+
+def vlm_frame_indices(
+    num_frames: int, fps: float, vlm_fps: float, max_frames: int | None = None
+) -> tuple[int, ...]:
+    """Which of a clip's ``num_frames`` frames (sampled at ``fps``) a VLM reads at ``vlm_fps``,
+    at most ``max_frames``: Qwen3-VL's rule (``Qwen3VLVideoProcessor.sample_frames``),
+    ``n = min(max(int(num_frames / fps * vlm_fps), 4), max_frames, num_frames)`` frames spread
+    evenly from the first to the last. It depends only on the task's settings, never on a
+    clip's own length or rate (the loader already brought every clip to ``num_frames`` at
+    ``fps``)."""
+    n = max(int(num_frames / fps * vlm_fps), VLM_MIN_FRAMES)
+    n = min(n, max_frames or num_frames, num_frames)
+    return tuple(int(i) for i in np.linspace(0, num_frames - 1, n).round())

@@ -16,6 +16,10 @@ The held-out split (``holdout.py``): a loader of ``part="train"`` skips the held
 its kind (``holdout``: the kind's rule), one of ``part="eval"`` reads only them; counts are
 the part's. ``build_task_loaders`` takes both from the data entry's split.
 
+A video task with ``vlm_fps`` (VINO) also names the frames its VLM reads
+(``TaskBatch.vlm_frames``, ``batch.vlm_frame_indices``): a subset of the decoded frames, fixed
+per task, so the stream positions and the resume state are unchanged.
+
 Samples are decoded (``decode.py``) in a small thread pool and text tokenised by the callable
 given. A sample that fails to decode is skipped, counted in ``skipped`` and reported with a
 ``SampleDecodeWarning`` naming key and shard; the batch is filled from the next samples.
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 
-from training.data.batch import TaskBatch
+from training.data.batch import TaskBatch, vlm_frame_indices
 from training.data.buckets import (
     BucketShape,
     batch_size_for,
@@ -84,6 +88,8 @@ class TaskLoader:
         max_batch: int | None = None,
         num_frames: int | None = None,
         fps: float | None = None,
+        vlm_fps: float | None = None,
+        vlm_max_frames: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
@@ -108,6 +114,12 @@ class TaskLoader:
         self.is_video = spec.group == "video"
         self.num_frames = frames_for(num_frames if self.is_video else 1, self.temporal_factor)
         self.fps = fps
+        # the frames a VLM reads of this task's videos (same for every batch; no loader state)
+        self.vlm_frames = None
+        if vlm_fps is not None and self.is_video:
+            if fps is None:
+                raise ValueError(f"{task}: vlm_fps needs the task's fps (the rate of its frames)")
+            self.vlm_frames = vlm_frame_indices(self.num_frames, fps, vlm_fps, vlm_max_frames)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
         self.keys = None if keys is None else frozenset(keys)
         if part not in ("train", "eval"):
@@ -230,6 +242,7 @@ class TaskLoader:
             attention_mask=attention_mask,
             source_pixels=source,
             texts=texts,
+            vlm_frames=self.vlm_frames,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -363,6 +376,8 @@ def build_task_loaders(
             max_batch=stage.batch_size,
             num_frames=tc.num_frames,
             fps=tc.fps,
+            vlm_fps=tc.vlm_fps,
+            vlm_max_frames=tc.vlm_max_frames,
             rank=rank,
             world_size=world_size,
             seed=seed,

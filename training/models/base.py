@@ -16,7 +16,8 @@ Backbone interfaces: tiny sizes build every backbone from scratch (``tiny``); pr
 - a *vision encoder* maps pixels ``(B, T, C, H, W)`` to frozen features ``(B, T', N, De)``;
 - a *VAE* maps pixels to latents ``(B, T', C_lat, H/8, W/8)``, ``T' = 1 + (T - 1) / tf``;
 - a *DiT* maps ``(x (B, T', C_in, h, w), t (B,), context (B, N, Dc), context_mask (B, N))`` to
-  a velocity ``(B, T', C_out, h, w)``.
+  a velocity ``(B, T', C_out, h, w)``; VINO's MMDiT also takes ``refs``, reference latents
+  wrapped in boundary tokens (``latent_stream``), and returns the target's velocity.
 Every random choice in ``forward`` uses torch's global RNG (the trainer seeds it).
 """
 

@@ -55,9 +55,14 @@ def sinusoid(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Te
 
 def pos_embed_3d(t: int, h: int, w: int, dim: int, device=None) -> torch.Tensor:
     """Fixed (t, y, x) sinusoidal position embedding -> (t*h*w, dim), frame-major like patchify."""
-    part = (dim // 3) // 2 * 2
     grid = torch.stack(
         torch.meshgrid(*(torch.arange(n, device=device) for n in (t, h, w)), indexing="ij"), -1
     ).reshape(-1, 3)  # (N, 3)
-    emb = torch.cat([sinusoid(grid[:, i], part) for i in range(3)], -1)
+    return pos_embed_at(grid, dim)
+
+
+def pos_embed_at(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """The same embedding at given (t, y, x) positions (N, 3) -> (N, dim)."""
+    part = (dim // 3) // 2 * 2
+    emb = torch.cat([sinusoid(positions[:, i], part) for i in range(3)], -1)
     return F.pad(emb, (0, dim - emb.shape[-1]))

@@ -13,6 +13,7 @@ from core.weights import MissingWeights
 from training.models.blocks import Frozen
 from training.models.checkpointing import checkpoint_ready
 from training.models.geometry import latent_frames
+from training.models.latent_stream import LatentStream, latent_stream
 
 
 class DiffusersVAE(Frozen):
@@ -93,39 +94,73 @@ class WanDiT(nn.Module):
 
 
 class HunyuanMMDiT(nn.Module):
-    """HunyuanVideo's dual/single-stream MMDiT behind the DiT interface. Its pooled (CLIP) text
-    input comes from a new projection of the context's masked mean; its mask wants the valid
-    context tokens first, so they are moved to the front (stable order)."""
+    """HunyuanVideo's dual/single-stream MMDiT behind the DiT interface, with VINO's reference
+    latents (``refs``, see ``latent_stream``): its forward is diffusers' own, step for step,
+    except that the latent tokens are the interleaved stream and RoPE is taken at the stream's
+    positions (without references both are diffusers' grid: the same output). Its pooled
+    (CLIP) text input comes from a new projection of the context's masked mean; its refiner
+    wants the valid context tokens first, so they are moved to the front (stable order)."""
 
     def __init__(self, model, guidance_scale: float = 6.0):
         super().__init__()
         cfg = model.config
+        if cfg.image_condition_type is not None or cfg.patch_size_t != 1:
+            raise ValueError(
+                "the VINO MMDiT needs a text-to-video HunyuanVideo transformer "
+                f"(image_condition_type None, patch_size_t 1), got {cfg.image_condition_type!r}, "
+                f"{cfg.patch_size_t}"
+            )
         self.model, self.guidance_scale = model, guidance_scale
         self.in_channels, self.out_channels = cfg.in_channels, cfg.out_channels
         self.context_dim, self.patch = cfg.text_embed_dim, cfg.patch_size
+        self.dim = cfg.num_attention_heads * cfg.attention_head_dim  # latent token width
         self.pool = nn.Linear(cfg.text_embed_dim, cfg.pooled_projection_dim, dtype=model.dtype)
 
-    def forward(self, x, t, context, context_mask):
+    def stream(self, x, refs=()) -> LatentStream:
+        embed = self.model.x_embedder  # (B, C, F, H, W) -> (B, F*H/p*W/p, D), frame-major
+        return latent_stream(lambda z: embed(z.transpose(1, 2)), x, refs, self.patch)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (N, head_dim) at (t, y, x) positions, as ``HunyuanVideoRotaryPosEmbed``."""
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        rope = self.model.rope
+        freqs = [
+            get_1d_rotary_pos_embed(rope.rope_dim[i], positions[:, i], rope.theta, use_real=True)
+            for i in range(3)
+        ]
+        return torch.cat([f[0] for f in freqs], 1), torch.cat([f[1] for f in freqs], 1)
+
+    def forward(self, x, t, context, context_mask, refs=()):
+        m = self.model
         order = torch.argsort((context_mask == 0).int(), dim=1, stable=True)
         context = context.gather(1, order[..., None].expand_as(context))
         mask = context_mask.gather(1, order)
         w = mask[..., None].to(context.dtype)
-        dtype = self.model.dtype
+        dtype = m.dtype
         pooled = self.pool(((context * w).sum(1) / w.sum(1).clamp(min=1)).to(dtype))
         guidance = None
-        if self.model.config.guidance_embeds:
+        if m.config.guidance_embeds:
             guidance = torch.full(
                 (x.shape[0],), self.guidance_scale * 1000, device=x.device, dtype=dtype
             )
-        out = self.model(
-            hidden_states=x.transpose(1, 2).to(dtype),
-            timestep=(t * 1000).to(dtype),
-            encoder_hidden_states=context.to(dtype),
-            encoder_attention_mask=mask,
-            pooled_projections=pooled,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        timestep = (t * 1000).to(dtype)
+        temb, _ = m.time_text_embed(timestep, pooled, guidance)
+        stream = self.stream(x.to(dtype), [r._replace(latents=r.latents.to(dtype)) for r in refs])
+        rotary = self.rope(stream.positions)
+        hidden = stream.tokens.to(dtype)
+        ctx = m.context_embedder(context.to(dtype), timestep, mask)
+        keys = torch.cat([stream.key_mask, mask.bool()], 1)[:, None, None]  # (B, 1, 1, N + M)
+        for block in [*m.transformer_blocks, *m.single_transformer_blocks]:
+            if torch.is_grad_enabled() and m.gradient_checkpointing:
+                hidden, ctx = m._gradient_checkpointing_func(block, hidden, ctx, temb, keys, rotary)
+            else:
+                hidden, ctx = block(hidden, ctx, temb, keys, rotary)
+        out = m.proj_out(m.norm_out(hidden[:, stream.target], temb))
+        b, f, _, h, w = x.shape
+        p = self.patch
+        out = out.reshape(b, f, h // p, w // p, -1, 1, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        out = out.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
         return out.transpose(1, 2)
 
 

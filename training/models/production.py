@@ -9,8 +9,8 @@ entry is looked up as ``<root>/<NAME>`` (the checkpoint's repository name, e.g.
 missing folder, config.json, weights file or shard raises ``MissingWeights`` naming the group,
 the path and the download command; a production size never falls back to random backbone
 weights. Dimensions come from the checkpoints' configs, so any compatible checkpoint works. The
-glue that the papers train from scratch (vision head, adapter, projector, connectors, queries)
-starts fresh.
+glue that the papers train from scratch (vision head, adapter, projector, connectors, queries,
+VINO's boundary connector) starts fresh.
 
 Production size "7b" (``pretrained`` key: class; checkpoint named in the error messages):
 - omni_video: mllm (+ text_head): AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct;
@@ -18,8 +18,9 @@ Production size "7b" (``pretrained`` key: class; checkpoint named in the error m
   to the dit dir): WanTransformer3DModel / AutoencoderKLWan, Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
 - haplo_omni: pre_decoder (its ViT): SiglipVisionModel, google/siglip-so400m-patch14-384;
   base_decoder: AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct; post_decoder / vae: Wan as above.
-- vino: vlm: AutoModelForCausalLM (penultimate-layer states), Qwen/Qwen2.5-7B-Instruct;
-  vision_encoder: SigLIP2 as above; mmdit / vae: HunyuanVideoTransformer3DModel /
+- vino: vlm: AutoModelForCausalLM (penultimate-layer states), Qwen/Qwen2.5-7B-Instruct, whose
+  tokenizer must have ``<|vision_start|>`` / ``<|vision_end|>`` (the boundary tokens reuse
+  them); vision_encoder: SigLIP2 as above; mmdit / vae: HunyuanVideoTransformer3DModel /
   AutoencoderKLHunyuanVideo, hunyuanvideo-community/HunyuanVideo.
 A diffusers folder may be given as the repo root (``transformer/``, ``vae/`` subfolders) or as
 the model folder itself.
@@ -155,6 +156,28 @@ def build_haplo_omni(
     return model if dtype == torch.float32 else model.to(dtype)
 
 
+VISION_MARKERS = ("<|vision_start|>", "<|vision_end|>")  # Qwen2.5 / Qwen3(-VL) special tokens
+
+
+def vision_token_ids(tokenizer, vocab_rows: int, root: Path) -> tuple[int, int]:
+    """The VLM's ids of ``<|vision_start|>`` / ``<|vision_end|>``: VINO wraps each visual
+    input in them and reuses their states as the boundary tokens of its latents (vino.txt:111).
+    A tokenizer without them (not a Qwen2.5 / Qwen3 family one) is refused."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_MARKERS]
+    bad = [
+        t
+        for t, i in zip(VISION_MARKERS, ids, strict=True)
+        if i is None or i == tokenizer.unk_token_id or not 0 <= i < vocab_rows
+    ]
+    if bad:
+        raise ValueError(
+            f"vino: the VLM tokenizer at {root} has no {' / '.join(bad)} token (VINO's boundary "
+            "tokens reuse the VLM's vision start / end tokens, vino.txt:111); use a Qwen2.5 or "
+            "Qwen3 checkpoint, whose vocabulary has them"
+        )
+    return ids[0], ids[1]
+
+
 def build_vino(size: str, pretrained: dict[str, str], shift: float, dtype: torch.dtype):
     where = f"vino size {size!r}"
     roots = locate_all(
@@ -180,6 +203,7 @@ def build_vino(size: str, pretrained: dict[str, str], shift: float, dtype: torch
         mmdit=mmdit,
         tokenizer=tokenizer,
         geometry=_geometry(vae, mmdit.patch),
+        vision_tokens=vision_token_ids(tokenizer.tok, embed.num_embeddings, roots["vlm"]),
         num_queries=NUM_TOKENS,
         timestep_shift=shift,
     )
