@@ -303,3 +303,70 @@ def auc(positives: list[float], negatives: list[float]) -> float:
     """Probability that a random positive outscores a random negative (ties count half)."""
     p, n = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
     return float(np.mean((p > n) + 0.5 * (p == n)))
+
+
+def save_tiny_vlm(path: Path, tokenizer, version: str = "qwen2_5_vl") -> Path:
+    """A tiny random Qwen2.5-VL or Qwen3-VL (``version`` "qwen3_vl") checkpoint folder, saved as
+    the real ones ship: ``AutoModelForImageTextToText`` weights + config, ``tokenizer`` and the
+    Qwen2-VL image processor (built offline; no chat template or video processor is needed by
+    ``training.models.hf_transformers.load_vlm``). Tied embeddings, 32-d LM, 2 layers."""
+    import core.compat  # noqa: F401
+
+    # isort: split
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    if version == "qwen3_vl":
+        patch = 16
+        config = Qwen3VLConfig(
+            text_config=dict(
+                text,
+                head_dim=8,
+                rope_scaling={
+                    "rope_type": "default",
+                    "mrope_section": [1, 1, 2],
+                    "mrope_interleaved": True,
+                },
+            ),
+            vision_config=dict(
+                vision,
+                depth=2,
+                patch_size=patch,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[1],
+            ),
+            tie_word_embeddings=True,
+        )
+        model = Qwen3VLForConditionalGeneration(config)
+    else:
+        patch = 14
+        config = Qwen2_5_VLConfig(
+            text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(
+                vision, depth=1, patch_size=patch, fullatt_block_indexes=[0], window_size=56
+            ),
+            tie_word_embeddings=True,
+        )
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2).save_pretrained(
+        path
+    )
+    return path

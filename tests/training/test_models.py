@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import save_tiny_vlm
 
 from core.weights import MissingWeights
 from training.data.batch import MixedBatch, TaskBatch
@@ -336,7 +337,7 @@ def test_production_size_refuses_missing_weights(tmp_path, offline, monkeypatch)
         build_model("omni_video", "7b", {"mllm": str(tmp_path / "nope")})
     msg = str(err.value)
     assert f"mllm directory {tmp_path / 'nope'} does not exist" in msg
-    assert "hf download Qwen/Qwen2.5-7B-Instruct --local-dir" in msg
+    assert "hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir" in msg
     # every problem at once; an unset entry names where it was looked up
     expected = roots / "siglip2-so400m-patch14-384"
     assert f"vision_encoder directory {expected} does not exist" in msg
@@ -386,7 +387,7 @@ def test_unset_pretrained_entries_are_found_under_the_model_roots(tmp_path, monk
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """Tiny random checkpoints saved the way the real ones are: a Qwen2 causal LM + tokenizer,
-    a SigLIP vision tower, Wan and HunyuanVideo transformers + VAEs (diffusers folders)."""
+    Qwen2.5-VL and Qwen3-VL (+ image processor), a SigLIP vision tower, Wan and HunyuanVideo transformers + VAEs (diffusers folders)."""
     from diffusers import (
         AutoencoderKLHunyuanVideo,
         AutoencoderKLWan,
@@ -420,6 +421,8 @@ def tiny_checkpoints(tmp_path_factory):
     )
     Qwen2ForCausalLM(llm).save_pretrained(root / "llm")
     tok.save_pretrained(root / "llm")
+    save_tiny_vlm(root / "qwen2_5_vl", tok)
+    save_tiny_vlm(root / "qwen3_vl", tok, "qwen3_vl")
     siglip = SiglipConfig(  # the full two-tower checkpoint, as google/siglip* ship it
         text_config=dict(
             vocab_size=64,
@@ -486,7 +489,7 @@ def tiny_checkpoints(tmp_path_factory):
     ).save_pretrained(root / "hunyuan" / "vae")
     return {
         "omni_video": {
-            "mllm": root / "llm",
+            "mllm": root / "qwen2_5_vl",
             "vision_encoder": root / "siglip",
             "dit": root / "wan",
         },
@@ -495,7 +498,7 @@ def tiny_checkpoints(tmp_path_factory):
             "base_decoder": root / "llm",
             "post_decoder": root / "wan",
         },
-        "vino": {"vlm": root / "llm", "vision_encoder": root / "siglip", "mmdit": root / "hunyuan"},
+        "vino": {"vlm": root / "qwen3_vl", "mmdit": root / "hunyuan"},
     }
 
 
@@ -542,6 +545,12 @@ def test_production_size_loads_local_checkpoints(family, tiny_checkpoints, offli
         )
         extra = model.groups["dit"].model.patch_embedding.weight[:, 4:]
         assert extra.shape[1] == 4 and math.isclose(extra.abs().sum().item(), 0.0, abs_tol=1e-3)
+    if family in ("omni_video", "vino"):  # the VLM's own tower reads pixels, no fresh projector
+        lm = model.groups["mllm" if family == "omni_video" else "vlm"]
+        tower = lm.vision if family == "omni_video" else model.groups["vision_encoder"]
+        assert lm.projector is None and type(tower).__name__ == "VLMVision"
+        feats = tower.encode(torch.rand(2, 5, 3, 40, 56) * 2 - 1)  # 5 frames -> 2 latent frames
+        assert feats.shape == (2, 2, 64, lm.dim) and torch.isfinite(feats).all()
 
 
 # -- hybrid batching: one loss over a mixed batch ---------------------------------------------

@@ -2,7 +2,8 @@
 
 Groups (``self.groups``):
 - ``mllm``: causal LM over [visual tokens; text; vision slots] (token embedding, decoder body,
-  projector from the vision encoder's features into the LM width, VILA style);
+  projector from the vision encoder's features into the LM width, VILA style; a pretrained
+  VLM instead reads input pixels with its own vision tower, no projector);
 - ``text_head``: LM head, next-token CE on captions / answers (understanding);
 - ``vision_head``: ``num_vision_tokens`` learned slots appended after the text, and an MLP
   from their hidden states to "vision tokens", regressed (MSE, or cosine) to the frozen vision
@@ -10,7 +11,8 @@ Groups (``self.groups``):
 - ``adapter``: vision tokens -> DiT conditioning tokens, + a learned null condition;
 - ``dit``: diffusion transformer on VAE latents, flow matching; edits concatenate the source
   latents on channels (zeros when there is no source), Wan-I2V style;
-- ``vae``, ``vision_encoder``: frozen.
+- ``vae``, ``vision_encoder``: frozen; the vision encoder gives the vision head's targets (and
+  the MLLM's visual inputs when the MLLM has no tower of its own).
 
 Losses: understanding -> ``text`` (CE); generation -> ``flow`` (velocity MSE) +
 ``vision_weight * vision`` (regression). Condition dropout: ``drop["text"]`` replaces the
@@ -110,8 +112,10 @@ class OmniVideo(FamilyModel):
         return self._generate(batch)
 
     def _visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.groups["vision_encoder"].encode(pixels)  # (B, T', N, De), no grad
-        return self.groups["mllm"].embed_visual(feats.flatten(1, 2))  # (B, T'N, D)
+        mllm = self.groups["mllm"]  # a pretrained VLM reads pixels with its own tower
+        encoder = mllm.vision if mllm.vision is not None else self.groups["vision_encoder"]
+        feats = encoder.encode(pixels)  # (B, T', N, De), no grad
+        return mllm.embed_visual(feats.flatten(1, 2))  # (B, T'N, D)
 
     def _understand(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         mllm, ids, mask = self.groups["mllm"], batch.input_ids, batch.attention_mask
