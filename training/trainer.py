@@ -199,6 +199,13 @@ def process_group():
                 os.environ[key] = value
 
 
+def weights_dtype(recipe: Recipe, on_gpu: bool) -> torch.dtype:
+    """The dtype production backbones load in: bf16 on GPU unless ``precision: fp32`` (as the
+    DeepSpeed bf16 engine runs them; a 7B never passes through fp32 host memory), fp32 on CPU.
+    Tiny sizes always build in fp32."""
+    return torch.bfloat16 if on_gpu and recipe.precision in ("auto", "bf16") else torch.float32
+
+
 def deepspeed_config(recipe: Recipe, stage: StageConfig, on_gpu: bool) -> dict[str, Any]:
     """ZeRO-1/2 config from the recipe. CPU: fp32 + torch AdamW; GPU: bf16 (unless fp32)."""
     bf16 = on_gpu and recipe.precision in ("auto", "bf16")
@@ -290,7 +297,13 @@ class Trainer(StageArtifacts):
         )
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         m = self.recipe.model
-        self.model = build_model(m.family, m.size, m.pretrained, self.stage.timestep_shift)
+        self.model = build_model(
+            m.family,
+            m.size,
+            m.pretrained,
+            self.stage.timestep_shift,
+            dtype=weights_dtype(self.recipe, self.device.type == "cuda"),
+        )
         if spec.init_weights:
             ckpt.load_weights(self.model, Path(spec.init_weights))
         self.trainable = self.model.set_trainable(self.stage.trainable)
