@@ -103,6 +103,20 @@ def test_every_task_gives_a_finite_scalar_loss(family):
         assert expected <= set(parts), (task, parts)
 
 
+def test_omni_video_heads_stage_has_no_flow_loss_through_the_frozen_adapter():
+    """Stage 1 (omni-video.txt:141) trains the heads on the vision and text losses only: with
+    the adapter and DiT frozen no flow loss back-propagates through the adapter."""
+    torch.manual_seed(0)
+    model = build_model("omni_video", "tiny")
+    model.set_trainable(["text_head", "vision_head"])
+    out = model(make_batch(model, "t2v"))
+    assert set(out) == {"loss", "loss/vision"}
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.groups["vision_head"].parameters())
+    model.set_trainable(["vision_head", "adapter"])
+    assert set(model(make_batch(model, "t2v"))) == {"loss", "loss/flow", "loss/vision"}
+
+
 def test_omni_video_generation_regresses_vision_tokens():
     """``loss/vision`` is the vision head's tokens regressed (MSE, or cosine) to the frozen
     vision encoder's features of the target pixels, pooled to the head's slots, times

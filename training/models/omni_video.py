@@ -15,9 +15,11 @@ Groups (``self.groups``):
   the MLLM's visual inputs when the MLLM has no tower of its own).
 
 Losses: understanding -> ``text`` (CE); generation -> ``flow`` (velocity MSE) +
-``vision_weight * vision`` (regression). Condition dropout: ``drop["text"]`` replaces the
-sample's DiT conditioning by the null condition; ``drop["source"]`` hides the source from the
-MLLM (masked out) and zeroes its latents.
+``vision_weight * vision`` (regression); ``flow`` only while the adapter or the DiT trains
+(stage 1 trains the heads on the vision and text losses alone, omni-video.txt:141).
+Condition dropout: ``drop["text"]`` replaces the sample's DiT conditioning by the null
+condition; ``drop["source"]`` hides the source from the MLLM (masked out) and zeroes its
+latents.
 """
 
 from __future__ import annotations
@@ -166,6 +168,10 @@ class OmniVideo(FamilyModel):
         else:
             vision_loss = 1 - F.cosine_similarity(vision.float(), target.float(), -1).mean()
 
+        if not any(p.requires_grad for n in ("adapter", "dit") for p in g[n].parameters()):
+            # stage 1 (omni-video.txt:141): the heads learn from the vision and text losses
+            # only; a flow loss would train the vision head through the frozen, fresh adapter
+            return self._result({"vision": self.vision_weight * vision_loss})
         context = g["adapter"](vision, drop_text)  # (B, Nq, Dc)
         t = self._sample_t(b, x0.device)
         xt, velocity = flow_pair(x0, t)
