@@ -30,6 +30,15 @@ RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 PRODUCTION = ("omni_video_7b", "haplo_omni_7b", "vino_7b")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; one thread is steadier on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     return save_tiny_backbones(tmp_path_factory.mktemp("checkpoints"))
@@ -94,3 +103,20 @@ def test_every_stage_of_the_7b_recipe_trains_a_step(name, tiny_checkpoints, offl
         after = snapshot(model)
         changed = {g for g in before if not torch.equal(before[g], after[g])}
         assert changed == set(trainable), (stage.name, sorted(changed), trainable)
+
+
+def test_production_weights_load_in_bf16_on_gpu(tiny_checkpoints, offline):
+    """``precision: auto`` loads the backbones in bf16 on GPU (fp32 on CPU, or when asked);
+    the bf16 model (here on CPU) runs the VLM's own vision tower and the LM end to end."""
+    recipe = load_config(Recipe, RECIPES / "vino_7b.yaml")
+    assert weights_dtype(recipe, on_gpu=True) == torch.bfloat16
+    assert weights_dtype(recipe, on_gpu=False) == torch.float32
+    fp32 = recipe.model_copy(update={"precision": "fp32"})
+    assert weights_dtype(fp32, on_gpu=True) == torch.float32
+    for family, task in (("omni_video", "video_understanding"), ("vino", "v2v_edit")):
+        pretrained = {k: str(v) for k, v in tiny_checkpoints[family].items()}
+        model = build_model(family, "7b", pretrained, 5.0, dtype=torch.bfloat16)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        torch.manual_seed(0)
+        loss = model(synthetic(model, task, 0))["loss"]
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
