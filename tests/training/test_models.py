@@ -450,6 +450,7 @@ def test_production_size_loads_local_checkpoints(family, tiny_checkpoints, offli
         lm = model.groups["mllm" if family == "omni_video" else "vlm"]
         tower = lm.vision if family == "omni_video" else model.groups["vision_encoder"]
         assert lm.projector is None and type(tower).__name__ == "VLMVision"
+        assert not any(p.requires_grad for p in tower.parameters())  # after set_trainable(*)
         feats = tower.encode(torch.rand(2, 5, 3, 40, 56) * 2 - 1)  # 5 frames -> 2 latent frames
         assert feats.shape == (2, 2, 64, lm.dim) and torch.isfinite(feats).all()
 

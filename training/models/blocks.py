@@ -118,6 +118,12 @@ class MultimodalLM(nn.Module):
         self.projector = mlp(vision_dim, dim, dim) if projector else None
         self.dim = dim
 
+    def requires_grad_(self, requires_grad: bool = True) -> MultimodalLM:
+        super().requires_grad_(requires_grad)
+        if self.vision is not None:  # its own tower stays frozen when the LM trains
+            self.vision.requires_grad_(False)
+        return self
+
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
         return self.embed(ids)
 

@@ -152,8 +152,9 @@ class VLMVision(nn.Module):
     Qwen2.5-VL, 256 for Qwen3-VL), so each frame gives ``grid**2`` tokens as the SigLIP path
     does; the VLM's image processor normalises and patchifies them (``image_grid_thw``) and the
     tower with its merger maps them into the LM width (``dim``). Per latent frame as in
-    ``group_frames``. Always frozen. Qwen3-VL's deepstack features are not injected (the
-    decoder is fed ``inputs_embeds`` only)."""
+    ``group_frames``. Always frozen. The decoder is fed ``inputs_embeds`` only: visual tokens
+    take sequential positions (not the VLM's 3D M-RoPE ones) and Qwen3-VL's deepstack features
+    are not injected."""
 
     def __init__(self, visual: nn.Module, processor, temporal_factor: int, grid: int, dim: int):
         super().__init__()
