@@ -1,4 +1,5 @@
-"""Tiny open_clip models and heads for tests (CPU, seconds), written to disk in the real formats.
+"""Tiny open_clip models and heads for tests (CPU, seconds), written to disk in the real formats;
+tiny transformers / diffusers backbones of the production model sizes (``save_tiny_backbones``).
 
 Nothing here is used by the pipeline. Tests build models, save them where a real run would find
 real weights (``<models_dir>/open_clip/<ARCH>.safetensors``, ...) and load them back through
@@ -303,3 +304,191 @@ def auc(positives: list[float], negatives: list[float]) -> float:
     """Probability that a random positive outscores a random negative (ties count half)."""
     p, n = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
     return float(np.mean((p > n) + 0.5 * (p == n)))
+
+
+def save_tiny_vlm(path: Path, tokenizer, version: str = "qwen2_5_vl") -> Path:
+    """A tiny random Qwen2.5-VL or Qwen3-VL (``version`` "qwen3_vl") checkpoint folder, saved as
+    the real ones ship: ``AutoModelForImageTextToText`` weights + config, ``tokenizer`` and the
+    Qwen2-VL image processor (built offline; no chat template or video processor is needed by
+    ``training.models.hf_transformers.load_vlm``). Tied embeddings, 32-d LM, 2 layers."""
+    import core.compat  # noqa: F401
+
+    # isort: split
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    if version == "qwen3_vl":
+        patch = 16
+        config = Qwen3VLConfig(
+            text_config=dict(
+                text,
+                head_dim=8,
+                rope_scaling={
+                    "rope_type": "default",
+                    "mrope_section": [1, 1, 2],
+                    "mrope_interleaved": True,
+                },
+            ),
+            vision_config=dict(
+                vision,
+                depth=2,
+                patch_size=patch,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[1],
+            ),
+            tie_word_embeddings=True,
+        )
+        model = Qwen3VLForConditionalGeneration(config)
+    else:
+        patch = 14
+        config = Qwen2_5_VLConfig(
+            text_config=dict(text, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(
+                vision, depth=1, patch_size=patch, fullatt_block_indexes=[0], window_size=56
+            ),
+            tie_word_embeddings=True,
+        )
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2).save_pretrained(
+        path
+    )
+    return path
+
+
+def save_tiny_backbones(root: Path) -> dict[str, dict[str, Path]]:
+    """Tiny random checkpoints under ``root``, saved the way the real ones are: a Qwen2 causal
+    LM + tokenizer, Qwen2.5-VL and Qwen3-VL (+ image processor), a SigLIP vision tower, Wan and
+    HunyuanVideo transformers + VAEs (diffusers folders). Returns each family's
+    ``model.pretrained`` for its 7b size. Seeded: the same weights every time."""
+    import core.compat  # noqa: F401
+
+    # isort: split
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        AutoencoderKLWan,
+        HunyuanVideoTransformer3DModel,
+        WanTransformer3DModel,
+    )
+    from tokenizers import pre_tokenizers
+    from transformers import (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen2Tokenizer,
+        SiglipConfig,
+        SiglipModel,
+    )
+
+    torch.manual_seed(0)
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    llm = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    Qwen2ForCausalLM(llm).save_pretrained(root / "llm")
+    tok.save_pretrained(root / "llm")
+    save_tiny_vlm(root / "qwen2_5_vl", tok)
+    save_tiny_vlm(root / "qwen3_vl", tok, "qwen3_vl")
+    siglip = SiglipConfig(  # the full two-tower checkpoint, as google/siglip* ship it
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+    )
+    SiglipModel(siglip).save_pretrained(root / "siglip")
+    WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=1,
+        rope_max_seq_len=32,
+    ).save_pretrained(root / "wan" / "transformer")
+    AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).save_pretrained(root / "wan" / "vae")
+    HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),
+    ).save_pretrained(root / "hunyuan" / "transformer")
+    AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+    ).save_pretrained(root / "hunyuan" / "vae")
+    return {
+        "omni_video": {
+            "mllm": root / "qwen2_5_vl",
+            "vision_encoder": root / "siglip",
+            "dit": root / "wan",
+        },
+        "haplo_omni": {
+            "pre_decoder": root / "siglip",
+            "base_decoder": root / "llm",
+            "post_decoder": root / "wan",
+        },
+        "vino": {"vlm": root / "qwen3_vl", "mmdit": root / "hunyuan"},
+    }

@@ -15,7 +15,8 @@ evaluation reads; ``training/data/holdout.py``).
 Validation reports every cross-field problem at once (``core.config.ConfigProblems``, one line
 each): task data keys, video frame counts, ``trainable`` globs against the family's module
 groups (``FAMILIES``, no model is built), ``optimizer.groups`` globs against the groups the
-stage trains, and tasks the family cannot train. Whether the data
+stage trains, tasks the family cannot train and, at production sizes, freshly initialised
+groups left frozen where a stage trains through them (``training.fresh``). Whether the data
 itself can feed the stages (samples per bucket, captions) needs the data: ``training.preflight``.
 """
 
@@ -30,6 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from catalog.names import DatasetRef, is_catalog_uri
 from core.config import StrictModel, raise_problems, warn_ineffective
 from training.data.holdout import HoldoutConfig
+from training.fresh import fresh_problems
 from training.tasks import GENERATION_TASKS, TASK_GROUPS, TASKS, TaskName, task_spec
 
 Family = Literal["omni_video", "haplo_omni", "vino"]
@@ -407,6 +409,9 @@ class Recipe(StrictModel):
                             f"{', '.join(sorted(self.data))}",
                         )
                     )
+        problems += fresh_problems(
+            family, self.model.size, [(s.name, s.trainable) for s in self.stages]
+        )
         raise_problems(problems)
         return self
 

@@ -205,6 +205,13 @@ def process_group():
                 os.environ[key] = value
 
 
+def weights_dtype(recipe: Recipe, on_gpu: bool) -> torch.dtype:
+    """The dtype production backbones load in: bf16 on GPU unless ``precision: fp32`` (as the
+    DeepSpeed bf16 engine runs them; a 7B never passes through fp32 host memory), fp32 on CPU.
+    Tiny sizes always build in fp32."""
+    return torch.bfloat16 if on_gpu and recipe.precision in ("auto", "bf16") else torch.float32
+
+
 def deepspeed_config(recipe: Recipe, stage: StageConfig, on_gpu: bool) -> dict[str, Any]:
     """ZeRO-1/2 config from the recipe. CPU: fp32 + torch AdamW; GPU: bf16 (unless fp32).
 
@@ -285,7 +292,12 @@ class Trainer(StageArtifacts):
         torch.manual_seed(self.recipe.seed)  # identical initial weights on every rank
         m = self.recipe.model
         self.model = build_model(
-            m.family, m.size, m.pretrained, self.stage.timestep_shift, options=m.options()
+            m.family,
+            m.size,
+            m.pretrained,
+            self.stage.timestep_shift,
+            dtype=weights_dtype(self.recipe, self.device.type == "cuda"),
+            options=m.options(),
         )
         if self.stage.distill:  # frozen teachers, checked and loaded before anything trains
             from training.models.distill import load_distiller

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import save_tiny_backbones
 
 from core.weights import MissingWeights
 from training.data.batch import MixedBatch, TaskBatch
@@ -108,6 +109,20 @@ def test_every_task_gives_a_finite_scalar_loss(family):
         assert torch.allclose(out["loss"].detach(), sum(parts.values()))
         expected = {"loss/text"} if task in UNDERSTANDING_TASKS else {"loss/flow"}
         assert expected <= set(parts), (task, parts)
+
+
+def test_omni_video_heads_stage_has_no_flow_loss_through_the_frozen_adapter():
+    """Stage 1 (omni-video.txt:141) trains the heads on the vision and text losses only: with
+    the adapter and DiT frozen no flow loss back-propagates through the adapter."""
+    torch.manual_seed(0)
+    model = build_model("omni_video", "tiny")
+    model.set_trainable(["text_head", "vision_head"])
+    out = model(make_batch(model, "t2v"))
+    assert set(out) == {"loss", "loss/vision"}
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.groups["vision_head"].parameters())
+    model.set_trainable(["vision_head", "adapter"])
+    assert set(model(make_batch(model, "t2v"))) == {"loss", "loss/flow", "loss/vision"}
 
 
 def test_omni_video_generation_regresses_vision_tokens():
@@ -344,7 +359,7 @@ def test_production_size_refuses_missing_weights(tmp_path, offline, monkeypatch)
         build_model("omni_video", "7b", {"mllm": str(tmp_path / "nope")})
     msg = str(err.value)
     assert f"mllm directory {tmp_path / 'nope'} does not exist" in msg
-    assert "hf download Qwen/Qwen2.5-7B-Instruct --local-dir" in msg
+    assert "hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir" in msg
     # every problem at once; an unset entry names where it was looked up
     expected = roots / "siglip2-so400m-patch14-384"
     assert f"vision_encoder directory {expected} does not exist" in msg
@@ -393,125 +408,7 @@ def test_unset_pretrained_entries_are_found_under_the_model_roots(tmp_path, monk
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
-    """Tiny random checkpoints saved the way the real ones are: a Qwen2 causal LM + tokenizer,
-    a SigLIP vision tower, Wan and HunyuanVideo transformers + VAEs (diffusers folders)."""
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        AutoencoderKLWan,
-        HunyuanVideoTransformer3DModel,
-        WanTransformer3DModel,
-    )
-    from tokenizers import pre_tokenizers
-    from transformers import (
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen2Tokenizer,
-        SiglipConfig,
-        SiglipModel,
-    )
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    torch.manual_seed(0)
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tok.add_special_tokens(
-        {
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            # Qwen's vision markers (VINO wraps visual inputs in them)
-            "additional_special_tokens": ["<|vision_start|>", "<|vision_end|>"],
-        }
-    )
-    llm = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    Qwen2ForCausalLM(llm).save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
-    siglip = SiglipConfig(  # the full two-tower checkpoint, as google/siglip* ship it
-        text_config=dict(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-    )
-    SiglipModel(siglip).save_pretrained(root / "siglip")
-    WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=1,
-        rope_max_seq_len=32,
-    ).save_pretrained(root / "wan" / "transformer")
-    AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).save_pretrained(root / "wan" / "vae")
-    HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        mlp_ratio=2.0,
-        patch_size=2,
-        patch_size_t=1,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 2, 4),
-    ).save_pretrained(root / "hunyuan" / "transformer")
-    AutoencoderKLHunyuanVideo(
-        latent_channels=4,
-        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-    ).save_pretrained(root / "hunyuan" / "vae")
-    return {
-        "omni_video": {
-            "mllm": root / "llm",
-            "vision_encoder": root / "siglip",
-            "dit": root / "wan",
-        },
-        "haplo_omni": {
-            "pre_decoder": root / "siglip",
-            "base_decoder": root / "llm",
-            "post_decoder": root / "wan",
-        },
-        "vino": {"vlm": root / "llm", "vision_encoder": root / "siglip", "mmdit": root / "hunyuan"},
-    }
+    return save_tiny_backbones(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.mark.parametrize("family", FAMS)
@@ -557,6 +454,13 @@ def test_production_size_loads_local_checkpoints(family, tiny_checkpoints, offli
         )
         extra = model.groups["dit"].model.patch_embedding.weight[:, 4:]
         assert extra.shape[1] == 4 and math.isclose(extra.abs().sum().item(), 0.0, abs_tol=1e-3)
+    if family in ("omni_video", "vino"):  # the VLM's own tower reads pixels, no fresh projector
+        lm = model.groups["mllm" if family == "omni_video" else "vlm"]
+        tower = lm.vision if family == "omni_video" else model.groups["vision_encoder"]
+        assert lm.projector is None and type(tower).__name__ == "VLMVision"
+        assert not any(p.requires_grad for p in tower.parameters())  # after set_trainable(*)
+        feats = tower.encode(torch.rand(2, 5, 3, 40, 56) * 2 - 1)  # 5 frames -> 2 latent frames
+        assert feats.shape == (2, 2, 64, lm.dim) and torch.isfinite(feats).all()
 
 
 # -- hybrid batching: one loss over a mixed batch ---------------------------------------------

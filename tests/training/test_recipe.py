@@ -157,3 +157,29 @@ def test_ineffective_settings_warn():
     assert "stages.align.checkpoint_every" in messages
     assert "stages.align.tasks.t2i.fps" in messages
     assert "model.pretrained" in messages
+
+
+def test_fresh_groups_must_train_before_a_stage_trains_through_them():
+    """At a production size a group the papers train from scratch may not sit frozen where a
+    stage trains through it; every such problem at once, naming the stage and the group."""
+    data = recipe(model__size="7b", stages__0__trainable=["dit"])  # DiT through a fresh adapter
+    data["stages"].append(copy.deepcopy(data["stages"][0]) | {"name": "joint"})
+    data["stages"][1]["trainable"] = ["adapter", "dit"]
+    assert problems(data) == [
+        "stages.0.trainable: stage 'align' trains dit through the module group 'vision_head', "
+        "which starts from random weights at size '7b' and is frozen in this stage: add "
+        "'vision_head' to its trainable groups (or train 'vision_head' in an earlier stage)",
+        "stages.1.trainable: stage 'joint' trains adapter, dit through the module group "
+        "'vision_head', which starts from random weights at size '7b' and is frozen in this "
+        "stage: add 'vision_head' to its trainable groups (or train 'vision_head' in an "
+        "earlier stage)",
+        "stages: the module group 'vision_head' starts from random weights at size '7b' but "
+        "no stage trains it",
+        "stages.0.trainable: stage 'align' trains dit through the module group 'adapter', "
+        "which starts from random weights at size '7b' and is frozen in this stage: add "
+        "'adapter' to its trainable groups (or train 'adapter' in an earlier stage)",
+    ]
+    validate(Recipe, recipe(model__size="7b"))  # the base trains both fresh groups first
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        validate(Recipe, recipe(stages__0__trainable=["dit"]))  # tiny: everything starts fresh

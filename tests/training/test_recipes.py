@@ -33,7 +33,7 @@ EXPECTED_WARNINGS: dict[str, list[str]] = {}
 PRETRAINED_KEYS = {
     "omni_video": {"mllm", "vision_encoder", "dit", "vae"},
     "haplo_omni": {"pre_decoder", "base_decoder", "post_decoder", "vae"},
-    "vino": {"vlm", "vision_encoder", "mmdit", "vae"},
+    "vino": {"vlm", "mmdit", "vae"},  # the VLM brings its own vision tower
 }
 # 7b geometry: Wan / HunyuanVideo VAE 8x spatial * patch 2, 4x temporal
 SPATIAL_7B, TEMPORAL_7B = 16, 4

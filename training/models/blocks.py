@@ -100,18 +100,36 @@ class Frozen(nn.Module):
 class MultimodalLM(nn.Module):
     """A causal LM that also reads visual features: token embedding + decoder body + an MLP
     projector from vision-encoder features into the LM width (LLaVA / VILA style).
-    The LM head lives elsewhere (``text_head``)."""
+    The LM head lives elsewhere (``text_head``). A pretrained VLM (production sizes) has no
+    projector (``projector=False``: its vision tower already ends in the LM width) and may
+    carry its own vision tower (``vision``, frozen), which then reads the inputs' pixels."""
 
-    def __init__(self, embed: nn.Module, decoder: nn.Module, vision_dim: int, dim: int):
+    def __init__(
+        self,
+        embed: nn.Module,
+        decoder: nn.Module,
+        vision_dim: int,
+        dim: int,
+        projector: bool = True,
+        vision: nn.Module | None = None,
+    ):
         super().__init__()
-        self.embed, self.decoder = embed, decoder
-        self.projector = mlp(vision_dim, dim, dim)
+        self.embed, self.decoder, self.vision = embed, decoder, vision
+        self.projector = mlp(vision_dim, dim, dim) if projector else None
         self.dim = dim
+
+    def requires_grad_(self, requires_grad: bool = True) -> MultimodalLM:
+        super().requires_grad_(requires_grad)
+        if self.vision is not None:  # its own tower stays frozen when the LM trains
+            self.vision.requires_grad_(False)
+        return self
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
         return self.embed(ids)
 
     def embed_visual(self, feats: torch.Tensor) -> torch.Tensor:  # (B, N, De) -> (B, N, D)
+        if self.projector is None:
+            return feats.to(self.embed.weight.dtype)
         return self.projector(feats.to(self.projector[0].weight.dtype))
 
     def forward(self, embeds, key_mask, block_ids=None):

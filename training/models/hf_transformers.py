@@ -1,6 +1,8 @@
 """transformers backbones behind the family interfaces (``base``): a causal LM as token
-embedding + decoder body + LM head + tokenizer, SigLIP as the vision encoder. Loaded from
-local directories only (``local_files_only``).
+embedding + decoder body + LM head + tokenizer; a vision-language model (Qwen2.5-VL, Qwen3-VL)
+as the same plus its own vision tower (``VLMVision``, with its pretrained merger into the LM
+width, so no projector starts fresh); SigLIP as the vision encoder. Loaded from local
+directories only (``local_files_only``).
 """
 
 from __future__ import annotations
@@ -139,3 +141,94 @@ def load_siglip(root: Path, dtype, temporal_factor: int, grid: int, trainable=Fa
     stats = json.loads(pre.read_text()) if pre.is_file() else {}
     mean, std = stats.get("image_mean", [0.5] * 3), stats.get("image_std", [0.5] * 3)
     return HFVisionEncoder(model, temporal_factor, grid, mean, std, trainable)
+
+
+VLM_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+class VLMVision(nn.Module):
+    """A VLM's own vision tower behind the vision-encoder interface. Frames are resized to a
+    square of ``grid`` x ``grid`` merged patches (``grid * patch * merge`` pixels, 224 px for
+    Qwen2.5-VL, 256 for Qwen3-VL), so each frame gives ``grid**2`` tokens as the SigLIP path
+    does; the VLM's image processor normalises and patchifies them (``image_grid_thw``) and the
+    tower with its merger maps them into the LM width (``dim``). Per latent frame as in
+    ``group_frames``. Always frozen. The decoder is fed ``inputs_embeds`` only: visual tokens
+    take sequential positions (not the VLM's 3D M-RoPE ones) and Qwen3-VL's deepstack features
+    are not injected."""
+
+    def __init__(self, visual: nn.Module, processor, temporal_factor: int, grid: int, dim: int):
+        super().__init__()
+        self.visual, self.processor = visual, processor
+        self.temporal_factor, self.grid, self.dim = temporal_factor, grid, dim
+        cfg = visual.config
+        self.patch, self.merge = cfg.patch_size, cfg.spatial_merge_size
+        self.side = grid * self.patch * self.merge
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, T, C, H, W) -> (B, T', N, D)
+        b, t = pixels.shape[:2]
+        x = F.interpolate(
+            pixels.flatten(0, 1).float(), (self.side, self.side), mode="bilinear", antialias=True
+        )
+        inputs = self.processor(
+            images=list(((x + 1) / 2).clamp(0, 1)),
+            do_resize=False,
+            do_rescale=False,
+            patch_size=self.patch,
+            merge_size=self.merge,
+            return_tensors="pt",
+        )
+        dtype = next(self.visual.parameters()).dtype
+        h = self.visual(
+            inputs["pixel_values"].to(pixels.device, dtype),
+            grid_thw=inputs["image_grid_thw"].to(pixels.device),
+        ).pooler_output  # (B*T*grid*grid, D), merged patches in raster order per frame
+        return group_frames(h.reshape(b, t, self.grid * self.grid, -1), self.temporal_factor)
+
+
+def load_vlm(
+    root: Path,
+    dtype: torch.dtype,
+    max_text_len: int,
+    temporal_factor: int,
+    grid: int,
+    hidden_layer: int = -1,
+):
+    """-> (token embedding, HFDecoder over the language model, LM head, HFTokenizer,
+    VLMVision) of a Qwen2-VL-family checkpoint (``AutoModelForImageTextToText``); a tied head
+    is untied (copied) as in ``load_causal_lm``."""
+    import core.compat  # noqa: F401
+
+    # isort: split
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    kind = json.loads((root / "config.json").read_text()).get("model_type")
+    if kind not in VLM_TYPES:
+        raise ValueError(
+            f"{root}: the VLM must be a Qwen2-VL family checkpoint (model_type one of "
+            f"{', '.join(VLM_TYPES)}), got {kind!r}"
+        )
+    model = checkpoint_ready(
+        AutoModelForImageTextToText.from_pretrained(
+            root, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
+        )
+    )
+    tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(root, local_files_only=True)
+    body = model.model.language_model
+    embed, head = body.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+        untied = nn.Linear(head.in_features, head.out_features, bias=False, dtype=dtype)
+        untied.weight = nn.Parameter(embed.weight.detach().clone())
+        head = untied
+    body.set_input_embeddings(None)
+    vision = VLMVision(
+        model.model.visual, processor, temporal_factor, grid, body.config.hidden_size
+    )
+    decoder = HFDecoder(body, hidden_layer)
+    return embed, decoder, head, HFTokenizer(tokenizer, max_text_len), vision

@@ -2,7 +2,8 @@
 
 Groups (``self.groups``):
 - ``mllm``: causal LM over [visual tokens; text; vision slots] (token embedding, decoder body,
-  projector from the vision encoder's features into the LM width, VILA style);
+  projector from the vision encoder's features into the LM width, VILA style; a pretrained
+  VLM instead reads input pixels with its own vision tower, no projector);
 - ``text_head``: LM head, next-token CE on captions / answers (understanding);
 - ``vision_head``: ``num_vision_tokens`` learned slots appended after the text, and an MLP
   from their hidden states to "vision tokens", regressed (MSE, or cosine) to the frozen vision
@@ -10,12 +11,15 @@ Groups (``self.groups``):
 - ``adapter``: vision tokens -> DiT conditioning tokens, + a learned null condition;
 - ``dit``: diffusion transformer on VAE latents, flow matching; edits concatenate the source
   latents on channels (zeros when there is no source), Wan-I2V style;
-- ``vae``, ``vision_encoder``: frozen.
+- ``vae``, ``vision_encoder``: frozen; the vision encoder gives the vision head's targets (and
+  the MLLM's visual inputs when the MLLM has no tower of its own).
 
 Losses: understanding -> ``text`` (CE); generation -> ``flow`` (velocity MSE) +
-``vision_weight * vision`` (regression). Condition dropout: ``drop["text"]`` replaces the
-sample's DiT conditioning by the null condition; ``drop["source"]`` hides the source from the
-MLLM (masked out) and zeroes its latents.
+``vision_weight * vision`` (regression); ``flow`` only while the adapter or the DiT trains
+(stage 1 trains the heads on the vision and text losses alone, omni-video.txt:141).
+Condition dropout: ``drop["text"]`` replaces the sample's DiT conditioning by the null
+condition; ``drop["source"]`` hides the source from the MLLM (masked out) and zeroes its
+latents.
 """
 
 from __future__ import annotations
@@ -110,8 +114,10 @@ class OmniVideo(FamilyModel):
         return self._generate(batch)
 
     def _visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.groups["vision_encoder"].encode(pixels)  # (B, T', N, De), no grad
-        return self.groups["mllm"].embed_visual(feats.flatten(1, 2))  # (B, T'N, D)
+        mllm = self.groups["mllm"]  # a pretrained VLM reads pixels with its own tower
+        encoder = mllm.vision if mllm.vision is not None else self.groups["vision_encoder"]
+        feats = encoder.encode(pixels)  # (B, T', N, De), no grad
+        return mllm.embed_visual(feats.flatten(1, 2))  # (B, T'N, D)
 
     def _understand(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         mllm, ids, mask = self.groups["mllm"], batch.input_ids, batch.attention_mask
@@ -162,6 +168,10 @@ class OmniVideo(FamilyModel):
         else:
             vision_loss = 1 - F.cosine_similarity(vision.float(), target.float(), -1).mean()
 
+        if not any(p.requires_grad for n in ("adapter", "dit") for p in g[n].parameters()):
+            # stage 1 (omni-video.txt:141): the heads learn from the vision and text losses
+            # only; a flow loss would train the vision head through the frozen, fresh adapter
+            return self._result({"vision": self.vision_weight * vision_loss})
         context = g["adapter"](vision, drop_text)  # (B, Nq, Dc)
         t = self._sample_t(b, x0.device)
         xt, velocity = flow_pair(x0, t)

@@ -8,20 +8,34 @@ entry is looked up as ``<root>/<NAME>`` (the checkpoint's repository name, e.g.
 ``~/.cache/omniforge/models``. Loading is ``local_files_only``: nothing is ever downloaded. A
 missing folder, config.json, weights file or shard raises ``MissingWeights`` naming the group,
 the path and the download command; a production size never falls back to random backbone
-weights. Dimensions come from the checkpoints' configs, so any compatible checkpoint works. The
-glue that the papers train from scratch (vision head, adapter, projector, connectors, queries,
-VINO's boundary connector) starts fresh.
+weights. Dimensions come from the checkpoints' configs, so any compatible checkpoint works.
+Weights load in the dtype asked for (the trainer: bf16 on GPU unless ``precision: fp32``,
+fp32 on CPU).
+
+The papers' model families are used where transformers / diffusers can load them: Omni-Video
+and VINO read images and video frames with a vision-language model's own vision tower and
+merger (``image_grid_thw`` through its image processor), not a fresh projector over a separate
+encoder. Only the glue the papers train from scratch starts fresh (Omni-Video: vision head,
+adapter; HaploOmni: pre-/post-connector; VINO: learnable queries, connector, boundary
+connector), and
+``training.recipe`` refuses a 7b recipe whose first stage using such a group keeps it frozen.
 
 Production size "7b" (``pretrained`` key: class; checkpoint named in the error messages):
-- omni_video: mllm (+ text_head): AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct;
-  vision_encoder: SiglipVisionModel, google/siglip2-so400m-patch14-384; dit / vae (vae defaults
-  to the dit dir): WanTransformer3DModel / AutoencoderKLWan, Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
+- omni_video: mllm (+ text_head, + its vision tower for the inputs): AutoModelForImageText-
+  ToText, Qwen/Qwen2.5-VL-7B-Instruct (the paper's VILA, omni-video-report.txt:408, has no
+  transformers class); vision_encoder (the vision head's targets, SigLIP-v2 as in
+  omni-video.txt:66): SiglipVisionModel, google/siglip2-so400m-patch14-384; dit / vae (vae
+  defaults to the dit dir): WanTransformer3DModel / AutoencoderKLWan,
+  Wan-AI/Wan2.1-T2V-1.3B-Diffusers.
 - haplo_omni: pre_decoder (its ViT): SiglipVisionModel, google/siglip-so400m-patch14-384;
-  base_decoder: AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct; post_decoder / vae: Wan as above.
-- vino: vlm: AutoModelForCausalLM (penultimate-layer states), Qwen/Qwen2.5-7B-Instruct, whose
-  tokenizer must have ``<|vision_start|>`` / ``<|vision_end|>`` (the boundary tokens reuse
-  them); vision_encoder: SigLIP2 as above; mmdit / vae: HunyuanVideoTransformer3DModel /
-  AutoencoderKLHunyuanVideo, hunyuanvideo-community/HunyuanVideo.
+  base_decoder: AutoModelForCausalLM, Qwen/Qwen2.5-7B-Instruct (a plain LLM, as in
+  haplo-omni.txt:211); post_decoder / vae: Wan as above.
+- vino: vlm (penultimate-layer states; its vision tower is the ``vision_encoder`` group):
+  AutoModelForImageTextToText, Qwen/Qwen3-VL-4B-Instruct (vino.txt:154), whose tokenizer
+  must have ``<|vision_start|>`` / ``<|vision_end|>`` (the boundary tokens reuse them); mmdit /
+  vae:
+  HunyuanVideoTransformer3DModel / AutoencoderKLHunyuanVideo,
+  hunyuanvideo-community/HunyuanVideo.
 A diffusers folder may be given as the repo root (``transformer/``, ``vae/`` subfolders) or as
 the model folder itself.
 """
@@ -37,10 +51,12 @@ from training.models import haplo_omni, omni_video, vino
 from training.models.base import Geometry
 from training.models.blocks import MultimodalLM
 from training.models.hf_diffusers import DiffusersVAE, HunyuanMMDiT, WanDiT, load_diffusers
-from training.models.hf_transformers import load_causal_lm, load_siglip
+from training.models.hf_transformers import load_causal_lm, load_siglip, load_vlm
 
 MAX_TEXT_LEN = 512  # production captions / instructions, in backbone tokens
 QWEN = "Qwen/Qwen2.5-7B-Instruct"
+QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
+QWEN3_VL = "Qwen/Qwen3-VL-4B-Instruct"
 SIGLIP = "google/siglip-so400m-patch14-384"
 SIGLIP2 = "google/siglip2-so400m-patch14-384"
 WAN = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -99,7 +115,7 @@ def build_omni_video(size: str, pretrained: dict[str, str], shift: float, dtype:
         pretrained,
         where,
         [
-            ("mllm", QWEN, None, None),
+            ("mllm", QWEN_VL, None, None),
             ("vision_encoder", SIGLIP2, None, None),
             ("dit", WAN, "transformer", None),
             ("vae", WAN, "vae", "dit"),
@@ -108,9 +124,11 @@ def build_omni_video(size: str, pretrained: dict[str, str], shift: float, dtype:
     vae = DiffusersVAE(load_diffusers("AutoencoderKLWan", roots["vae"], dtype))
     dit = WanDiT(load_diffusers("WanTransformer3DModel", roots["dit"], dtype), vae.latent_channels)
     encoder = load_siglip(roots["vision_encoder"], dtype, vae.temporal_factor, GRID)
-    embed, decoder, head, tokenizer = load_causal_lm(roots["mllm"], dtype, MAX_TEXT_LEN)
+    embed, decoder, head, tokenizer, tower = load_vlm(
+        roots["mllm"], dtype, MAX_TEXT_LEN, vae.temporal_factor, GRID
+    )
     model = omni_video.OmniVideo(
-        mllm=MultimodalLM(embed, decoder, encoder.dim, decoder.dim),
+        mllm=MultimodalLM(embed, decoder, tower.dim, decoder.dim, projector=False, vision=tower),
         text_head=head,
         vision_encoder=encoder,
         vae=vae,
@@ -184,21 +202,19 @@ def build_vino(size: str, pretrained: dict[str, str], shift: float, dtype: torch
         pretrained,
         where,
         [
-            ("vlm", QWEN, None, None),
-            ("vision_encoder", SIGLIP2, None, None),
+            ("vlm", QWEN3_VL, None, None),
             ("mmdit", HUNYUAN, "transformer", None),
             ("vae", HUNYUAN, "vae", "mmdit"),
         ],
     )
     vae = DiffusersVAE(load_diffusers("AutoencoderKLHunyuanVideo", roots["vae"], dtype))
     mmdit = HunyuanMMDiT(load_diffusers("HunyuanVideoTransformer3DModel", roots["mmdit"], dtype))
-    encoder = load_siglip(roots["vision_encoder"], dtype, vae.temporal_factor, GRID)
-    embed, decoder, _, tokenizer = load_causal_lm(
-        roots["vlm"], dtype, MAX_TEXT_LEN, hidden_layer=-2
+    embed, decoder, _, tokenizer, tower = load_vlm(
+        roots["vlm"], dtype, MAX_TEXT_LEN, vae.temporal_factor, GRID, hidden_layer=-2
     )
     model = vino.Vino(
-        vlm=MultimodalLM(embed, decoder, encoder.dim, decoder.dim),
-        vision_encoder=encoder,
+        vlm=MultimodalLM(embed, decoder, tower.dim, decoder.dim, projector=False),
+        vision_encoder=tower,
         vae=vae,
         mmdit=mmdit,
         tokenizer=tokenizer,

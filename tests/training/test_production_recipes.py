@@ -1,0 +1,122 @@
+"""Every stage of every production (7b) recipe trains one step at tiny size, through the
+production path: the recipe's ``model.pretrained`` points at tiny random checkpoints of the
+same transformers / diffusers classes (``tiny_models.save_tiny_backbones``), the model loads in
+the trainer's dtype, each stage's trainable groups, gradient checkpointing and DeepSpeed config
+(ZeRO level, AdamW settings) are the recipe's, and the step is one hybrid batch per task group
+(image / video) holding one synthetic sample of each of the stage's tasks. What shrinks: the
+backbones (tiny checkpoints), the media (32 x 48 pixels, 9 frames) and the batch (one sample per
+task). Checked: a finite loss, every trainable group changes, no frozen group does."""
+
+from __future__ import annotations
+
+import core.compat  # noqa: F401  (before transformers / diffusers)
+
+# isort: split
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny_backbones
+
+from core.config import load_config
+from training.data.batch import MixedBatch, TaskBatch
+from training.models.registry import build_model
+from training.recipe import Recipe
+from training.tasks import EDIT_TASKS, IMAGE_TASKS, VIDEO_TASKS
+from training.trainer import deepspeed_config, process_group, weights_dtype
+
+RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
+PRODUCTION = ("omni_video_7b", "haplo_omni_7b", "vino_7b")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; one thread is steadier on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    return save_tiny_backbones(tmp_path_factory.mktemp("checkpoints"))
+
+
+def synthetic(model, task: str, seed: int) -> TaskBatch:
+    """One sample of ``task`` at 32 x 48 pixels (9 frames for video tasks)."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = 1 + 2 * model.geometry.temporal_factor if task in VIDEO_TASKS else 1
+    shape = (1, frames, 3, 32, 48)
+    ids, mask = model.tokenize([f"a red cat on a blue mat, sample {seed}"])
+    return TaskBatch(
+        task=task,
+        keys=[f"{task}-{seed}"],
+        pixels=torch.rand(shape, generator=gen) * 2 - 1,
+        input_ids=ids,
+        attention_mask=mask,
+        source_pixels=torch.rand(shape, generator=gen) * 2 - 1 if task in EDIT_TASKS else None,
+        drop={"text": torch.tensor([False]), "source": torch.tensor([False])},
+    )
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.cat([p.detach().float().flatten().clone() for p in group.parameters()])
+        for name, group in model.groups.items()
+    }
+
+
+@pytest.mark.parametrize("name", PRODUCTION)
+def test_every_stage_of_the_7b_recipe_trains_a_step(name, tiny_checkpoints, offline):
+    import deepspeed
+
+    pretrained = {k: str(v) for k, v in tiny_checkpoints[name.removesuffix("_7b")].items()}
+    recipe = load_config(Recipe, RECIPES / f"{name}.yaml")
+    recipe = recipe.model_copy(
+        update={"model": recipe.model.model_copy(update={"pretrained": pretrained})}
+    )
+    m = recipe.model
+    for index, stage in enumerate(recipe.stages):
+        torch.manual_seed(recipe.seed)
+        model = build_model(
+            m.family, m.size, m.pretrained, stage.timestep_shift, dtype=weights_dtype(recipe, False)
+        )
+        trainable = model.set_trainable(stage.trainable)
+        model.set_gradient_checkpointing(stage.gradient_checkpointing)
+        before = snapshot(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with process_group():
+            engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=params, config=deepspeed_config(recipe, stage, False)
+            )
+            for group, tasks in (("image", IMAGE_TASKS), ("video", VIDEO_TASKS)):
+                parts = [synthetic(model, t, index) for t in stage.tasks if t in tasks]
+                if not parts:
+                    continue
+                torch.manual_seed(index)
+                loss = engine(MixedBatch(group, parts))["loss"]
+                assert torch.isfinite(loss), (stage.name, group, loss)
+                engine.backward(loss)
+                engine.step()
+        after = snapshot(model)
+        changed = {g for g in before if not torch.equal(before[g], after[g])}
+        assert changed == set(trainable), (stage.name, sorted(changed), trainable)
+
+
+def test_production_weights_load_in_bf16_on_gpu(tiny_checkpoints, offline):
+    """``precision: auto`` loads the backbones in bf16 on GPU (fp32 on CPU, or when asked);
+    the bf16 model (here on CPU) runs the VLM's own vision tower and the LM end to end."""
+    recipe = load_config(Recipe, RECIPES / "vino_7b.yaml")
+    assert weights_dtype(recipe, on_gpu=True) == torch.bfloat16
+    assert weights_dtype(recipe, on_gpu=False) == torch.float32
+    fp32 = recipe.model_copy(update={"precision": "fp32"})
+    assert weights_dtype(fp32, on_gpu=True) == torch.float32
+    for family, task in (("omni_video", "video_understanding"), ("vino", "v2v_edit")):
+        pretrained = {k: str(v) for k, v in tiny_checkpoints[family].items()}
+        model = build_model(family, "7b", pretrained, 5.0, dtype=torch.bfloat16)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        torch.manual_seed(0)
+        loss = model(synthetic(model, task, 0))["loss"]
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
