@@ -24,6 +24,9 @@ class TaskBatch:
     # modality name ("text", "source") -> (B,) bool, True = drop this condition for the sample.
     drop: dict[str, torch.Tensor] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)  # the untokenised text (prompts for samples)
+    # (B, L) int64, 1 = a token the text loss reads: understanding batches with a conversation
+    # (the assistant's turns only); None = every token (attention_mask)
+    loss_mask: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -46,6 +49,7 @@ class TaskBatch:
             source_pixels=move(self.source_pixels),
             drop={k: move(v) for k, v in self.drop.items()},
             texts=self.texts,
+            loss_mask=move(self.loss_mask),
         )
 
 

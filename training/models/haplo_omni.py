@@ -143,7 +143,8 @@ class HaploOmni(FamilyModel):
             hidden, _ = self._base(segments)
             nv, ids = segments[0][0].shape[1], batch.input_ids
             logits = g["base_decoder"].lm_head(hidden[:, nv - 1 : nv - 1 + ids.shape[1]])
-            return self._result({"text": next_token_loss(logits, ids, batch.attention_mask)})
+            trained = batch.attention_mask if batch.loss_mask is None else batch.loss_mask
+            return self._result({"text": next_token_loss(logits, ids, trained)})
 
         keep_text = ~self._drop(batch, "text")
         if batch.task in EDIT_TASKS:
