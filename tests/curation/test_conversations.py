@@ -16,7 +16,7 @@ from catalog.shards import iter_shard
 from catalog.store import Catalog
 from core.config import load_config
 from curation.config import CurationConfig
-from curation.pipeline import run_curation
+from curation.pipeline import reselect, run_curation
 from curation.sources import list_inputs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -167,3 +167,22 @@ def test_broken_files_and_lines_are_error_rows(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     (row,) = list_inputs(str(tmp_path / "bad.json"), "conversation")
     assert row["status"] == "error" and str(tmp_path / "bad.json") in row["reasons"][0]
+
+
+def test_select_keeps_conversations_from_the_index(curated, tmp_path):
+    """Score once, select many: a new threshold re-selects from the index, and the new
+    version's shards carry the conversations (the index is their record)."""
+    result, index, cat = curated
+    cfg = load_config(CurationConfig, None, [*SETTINGS, "select.min_short_side=16"])
+    again = reselect(
+        result.version.root_uri, tmp_path / "out", cfg, catalog=cat, parent=result.version
+    )
+    assert again.version.counts == {"accepted": 5, "rejected": 1, "error": 4}
+    rows = by_record(read_index(str(tmp_path / "out" / "index")))
+    tiny = rows[9]
+    assert tiny["status"] == "accepted" and tiny["num_turns"] == 2
+    found = {}
+    for shard in cat.shards(again.version.id):
+        for key, members in iter_shard(shard.uri):
+            found[key] = json.loads(members["json"])["conversation"]
+    assert found[tiny["key"]] == tiny["conversation"]
