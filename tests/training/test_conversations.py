@@ -193,3 +193,17 @@ def check_two_steps(t: Trainer) -> None:
     assert math.isfinite(second["loss"])
     assert dict(t.task_counts) == {"image_understanding": 2}
     assert any(not torch.equal(a, b) for a, b in zip(before, head.parameters(), strict=True))
+
+
+def test_the_data_check_counts_a_conversation_as_text_for_understanding_only(qa_shards):
+    """Eight of the twelve samples have no caption, only a conversation: understanding has
+    text for all, text-to-image lacks it for eight."""
+    from training.preflight import check_data
+
+    tasks = "{image_understanding: {weight: 1.0, data: curated}, t2i: {weight: 1.0, data: curated}}"
+    recipe = load_config(
+        Recipe, RECIPE, [f"data.curated.uri={qa_shards}", f"stages.0.tasks={tasks}"]
+    )
+    check = check_data(recipe, world_size=1, geometry=None, stages=[0])
+    missing = {p.task: p.message for p in check.problems if p.code == "missing_text"}
+    assert set(missing) == {"t2i"} and missing["t2i"].startswith("8 of 12 image samples")
