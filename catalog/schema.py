@@ -27,6 +27,7 @@ VIDEO_KINDS = ("video", "video_edit")
 EDIT_KINDS = ("image_edit", "video_edit")
 
 SPAN_TYPE = pa.struct([pa.field("start", pa.float64()), pa.field("end", pa.float64())])
+TURNS_TYPE = pa.list_(pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())]))
 
 
 def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
@@ -55,6 +56,10 @@ SAMPLE_SCHEMA = pa.schema(
         _f("caption", pa.string(), "caption supplied with the input"),
         _f("recaption", pa.string(), "caption written by the recaption stage"),
         _f("instruction", pa.string(), "edit instruction (edit kinds only)"),
+        # conversation corpora (LLaVA-style QA; curation/sources/conversations.py)
+        _f("conversation", TURNS_TYPE, "turns {from: human | gpt, value} about the medium"),
+        _f("num_turns", pa.int32(), "turns in the conversation (human + gpt)"),
+        _f("record_uri", pa.string(), "the conversation's record: FILE#INDEX (0-based)"),
         # edit target medium
         _f("target_uri", pa.string(), "target medium of an edit pair"),
         _f("target_width", pa.int32(), "target display width"),
@@ -105,6 +110,7 @@ VALUE_RANGES: dict[str, tuple[float | None, float | None]] = {
     "target_width": (1, None),
     "target_height": (1, None),
     "num_frames": (1, None),
+    "num_turns": (1, None),
     "target_num_frames": (1, None),
     "fps": (0, None),
     "duration": (0, None),
@@ -132,15 +138,22 @@ class SchemaError(ValueError):
 
 
 def make_key(
-    source_uri: str, span: tuple[float, float] | None = None, target_uri: str | None = None
+    source_uri: str,
+    span: tuple[float, float] | None = None,
+    target_uri: str | None = None,
+    record: str | None = None,
 ) -> str:
-    """Stable sample key: sha1 of the source uri, the target uri (edits) and the clip span.
+    """Stable sample key: sha1 of the source uri, the target uri (edits), the record of a
+    conversation corpus (``FILE#INDEX``: two records may ask about one medium) and the clip
+    span.
 
     Span ends are rounded to milliseconds so that float noise cannot change a key.
     """
     parts = [source_uri]
     if target_uri is not None:
         parts.append(f"target={target_uri}")
+    if record is not None:
+        parts.append(f"record={record}")
     if span is not None:
         parts.append(f"span={span[0]:.3f}-{span[1]:.3f}")
     return hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()

@@ -17,7 +17,9 @@ from pydantic import Field, model_validator
 from catalog.names import DatasetName
 from core.config import ConfigWarning, StrictModel, warn_ineffective
 
-InputKind = Literal["auto", "image", "video", "image_edit", "video_edit"]
+# "conversation": LLaVA-style QA records (curation/sources/conversations.py); the others force
+# the sample kind of every input
+InputKind = Literal["auto", "image", "video", "image_edit", "video_edit", "conversation"]
 
 
 class ProbeConfig(StrictModel):

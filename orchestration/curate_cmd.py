@@ -13,7 +13,7 @@ from orchestration.common import CatalogOption, console, open_catalog
 
 app = typer.Typer(help="Curation: raw image/video/edit corpora -> curated, bucketed shards.")
 
-KINDS = ("auto", "image", "video", "image_edit", "video_edit")
+KINDS = ("auto", "image", "video", "image_edit", "video_edit", "conversation")
 
 
 @app.command("run")
@@ -22,7 +22,11 @@ def run(
     output: Path = typer.Option(..., "--output", help="shards/, index/, report.html go here"),
     config: Path | None = typer.Option(None, "--config", help="YAML curation config"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
-    kind: str | None = typer.Option(None, "--kind", help="auto|image|video|image_edit|video_edit"),
+    kind: str | None = typer.Option(
+        None,
+        "--kind",
+        help="auto|image|video|image_edit|video_edit|conversation (LLaVA-style QA JSON/JSONL)",
+    ),
     address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
     models_dir: Path | None = typer.Option(
         None, "--models-dir", envvar="OMNIFORGE_MODELS", help="model weights directory"

@@ -42,6 +42,7 @@ from typing import Any, Literal
 from catalog.db import CatalogError
 from catalog.names import DatasetRef, is_catalog_uri
 from training.data.holdout import FLOOR_DIVISOR
+from training.data.conversation import sample_conversation
 from training.data.loaders import build_task_loaders
 from training.data.samples import meta_and_kind, open_shard
 from training.data.sources import DataSource, resolve_data
@@ -250,7 +251,10 @@ def check_data(
                 continue
             if tc.data not in texts:  # one pass over the entry, whichever task asks first
                 texts[tc.data] = _text_counts(src, kinds[tc.data], catalog)
-            _text_problems(check, label, task, tc.data, *texts[tc.data].get(kind, (0, 0)))
+            no_caption, no_text, total = texts[tc.data].get(kind, (0, 0, 0))
+            # understanding tasks also learn conversations (training.data.conversation)
+            missing = no_caption if task_spec(task).generation else no_text
+            _text_problems(check, label, task, tc.data, missing, total)
             if geometry is not None:
                 _bucket_problems(check, recipe, index, label, task, src, geometry)
     return check
@@ -427,6 +431,8 @@ def _text_problems(
     what = "instruction" if spec.edit else "caption"
     role = "the condition it generates from" if spec.generation else "the text it learns to write"
     fields = "recaption / instruction / caption in the index, or a txt member"
+    if not spec.generation:
+        fields += "; or a conversation"
     if missing == total:
         article = "an" if spec.edit else "a"
         message = (
@@ -438,15 +444,19 @@ def _text_problems(
     check.problems.append(Problem("warning", "missing_text", message, label, task, data=data))
 
 
-def _text_counts(src: DataSource, kinds: Iterable[str], catalog: Any) -> dict[str, tuple[int, int]]:
-    """Per kind of ``kinds``: (samples without text, all samples) in the source, as
-    ``decode.sample_text`` finds text: a ``txt`` member, else the index row's fields. One pass
-    over the source (the shards of path data are opened once, whichever tasks read them)."""
+def _text_counts(
+    src: DataSource, kinds: Iterable[str], catalog: Any
+) -> dict[str, tuple[int, int, int]]:
+    """Per kind of ``kinds``: (samples without a caption, samples without a caption or a
+    conversation, all samples) in the source, as ``decode.sample_text`` finds a caption (a
+    ``txt`` member, else the index row's fields) and ``sample_conversation`` a conversation.
+    One pass over the source (the shards of path data are opened once, whichever tasks read
+    them)."""
     wanted = set(kinds)
-    counts: Counter = Counter()  # (kind, has text) -> samples
+    counts: Counter = Counter()  # (kind, has caption, has conversation) -> samples
     if is_catalog_uri(src.uri):
-        for kind, has in _index_texts(src, wanted, catalog):
-            counts[(kind, has)] += 1
+        for kind, has, chat in _index_texts(src, wanted, catalog):
+            counts[(kind, has, chat)] += 1
     else:
         for uri, _ in src.shards:
             with open_shard(uri) as reader:
@@ -457,13 +467,21 @@ def _text_counts(src: DataSource, kinds: Iterable[str], catalog: Any) -> dict[st
                     if kind not in wanted:
                         continue
                     text = reader.read(members["txt"]) if "txt" in members else b""
-                    counts[(kind, bool(text.strip()) or _has_text(meta))] += 1
-    return {k: (counts[(k, False)], counts[(k, False)] + counts[(k, True)]) for k in wanted}
+                    has = bool(text.strip()) or _has_text(meta)
+                    counts[(kind, has, sample_conversation(meta) is not None)] += 1
+    out = {}
+    for k in wanted:
+        n = {(has, chat): counts[(k, has, chat)] for has in (False, True) for chat in (False, True)}
+        out[k] = (n[False, False] + n[False, True], n[False, False], sum(n.values()))
+    return out
 
 
-def _index_texts(src: DataSource, kinds: set[str], catalog: Any) -> Iterable[tuple[str, bool]]:
-    """(kind, has text) of each accepted sample of ``kinds`` in catalog data, from its index
-    (the curation sink writes the ``txt`` member from these same fields)."""
+def _index_texts(
+    src: DataSource, kinds: set[str], catalog: Any
+) -> Iterable[tuple[str, bool, bool]]:
+    """(kind, has text, has a conversation) of each accepted sample of ``kinds`` in catalog
+    data, from its index (the curation sink writes the ``txt`` member from these same fields;
+    an index written before conversations existed has none)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -471,14 +489,16 @@ def _index_texts(src: DataSource, kinds: set[str], catalog: Any) -> Iterable[tup
 
     ref = DatasetRef.parse(src.uri)
     version = catalog.get_version(ref.name, ref.version)
-    table = open_index(version.index_uri).to_table(
-        columns=["key", "kind", *TEXT_FIELDS],
+    index = open_index(version.index_uri)
+    chats = ["num_turns"] if "num_turns" in index.schema.names else []
+    table = index.to_table(
+        columns=["key", "kind", *TEXT_FIELDS, *chats],
         filter=(pc.field("status") == "accepted")
         & pc.field("kind").isin(pa.array(sorted(kinds), pa.string())),
     )
     for row in table.to_pylist():
         if src.keys is None or row["key"] in src.keys:
-            yield row["kind"], _has_text(row)
+            yield row["kind"], _has_text(row), bool(row.get("num_turns"))
 
 
 def _has_text(row: dict[str, Any]) -> bool:

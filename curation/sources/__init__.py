@@ -8,6 +8,12 @@ Accepted inputs (``--input``):
 - a manifest (JSONL or Parquet): ``uri`` (+ ``caption``), or for edits ``source``, ``target``,
   ``instruction`` (+ ``kind``). Relative paths are relative to the manifest; a ``file://`` URL
   is listed as its local path.
+- a conversation corpus (LLaVA-style QA, ``curation.sources.conversations``): a ``.json`` list
+  or ``.jsonl`` file of records ``{"id", "image" | "video", "conversations"}``, given as
+  ``--input`` or found in a scanned folder (recognised by its first record); one row per
+  record, the media it names not listed twice. ``--kind conversation`` also reads a file whose
+  first record is broken, and rejects (``not_referenced``) the media of a scanned folder that
+  no record names.
 - WebDataset tars (a ``.tar`` file, a brace pattern ``data-{000..009}.tar``, or a directory of
   tars): regular members are unpacked into ``OUTPUT/_staging/``; members with absolute paths
   or ``..`` (``unsafe_member_path``) and links, devices or fifos (``unsafe_member_type``)
@@ -32,8 +38,8 @@ its output folder (the staging folder's parent) when they lie inside the input f
 rerun never reads its own shards.
 
 The package, one concept a module: ``listing`` (``list_inputs``, directories and single
-files), ``manifest``, ``tars`` (WebDataset), ``scope`` (the input root and the allow-list) and
-``rows`` (the row an input becomes).
+files), ``manifest``, ``tars`` (WebDataset), ``conversations`` (LLaVA-style QA), ``scope``
+(the input root and the allow-list) and ``rows`` (the row an input becomes).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import fsspec
 
 from catalog.schema import EDIT_KINDS
+from curation.sources.conversations import looks_like_conversations, read_conversations
 from curation.sources.manifest import looks_like_manifest, read_manifest
 from curation.sources.rows import error_input, input_row, rejected_input
 from curation.sources.scope import OUTSIDE, Scope, within
@@ -26,6 +27,7 @@ from curation.sources.tars import brace_expand, read_tar, require_staging
 
 SIDECAR_EXTENSIONS = {".json", ".txt", ".yaml", ".yml", ".csv", ".md", ".html"}
 MANIFEST_EXTENSIONS = {".jsonl", ".parquet"}
+CONVERSATION_EXTENSIONS = {".json", ".jsonl"}  # LLaVA-style records (sources/conversations.py)
 
 
 def list_inputs(
@@ -41,7 +43,8 @@ def list_inputs(
     folder. ``allow``: local folders or URI prefixes outside the input root that inputs may
     come from (the config's ``allow_inputs``).
     """
-    forced = None if kind == "auto" else kind
+    conversations_only = kind == "conversation"  # media no record names are not inputs
+    forced = None if kind in ("auto", "conversation") else kind
     allow = [str(a) for a in allow]
     fs, path = fsspec.core.url_to_fs(source)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -67,6 +70,17 @@ def list_inputs(
         referenced, plain, hidden, listed = set(), [], [], 0
         for fs_path, uri, hidden_part in entries:
             ext = PurePosixPath(uri).suffix.lower()
+            if (
+                hidden_part is None
+                and ext in CONVERSATION_EXTENSIONS
+                and looks_like_conversations(fs, fs_path)
+                and not (ext == ".jsonl" and looks_like_manifest(fs, fs_path))
+            ):
+                conversation_rows = read_conversations(uri, scope=scope)
+                rows += conversation_rows
+                listed += len(conversation_rows)
+                referenced.update(r["source_uri"] for r in conversation_rows)
+                continue
             if ext in SIDECAR_EXTENSIONS:
                 continue  # not an input, hidden or not
             if hidden_part is not None:
@@ -90,6 +104,15 @@ def list_inputs(
                 f"--kind {forced}: edit pairs need a manifest with source, target, instruction "
                 f"(JSONL or Parquet); {source} holds only plain files"
             )
+        if conversations_only and not listed:
+            raise ValueError(
+                f"--kind conversation: {source} holds no conversation file (LLaVA-style JSON "
+                "list or JSONL of records with 'conversations')"
+            )
+        if conversations_only:
+            why = "--kind conversation reads only the media the records name"
+            rows += [rejected_input(u, "not_referenced", why) for u in plain if u not in referenced]
+            plain = []
         rows += [input_row(u, kind=forced) for u in plain if u not in referenced]
         listed_uris = referenced | set(plain)
         rows += [
@@ -99,6 +122,12 @@ def list_inputs(
         ]
         return _finish(rows)
     ext = PurePosixPath(path).suffix.lower()
+    if ext in CONVERSATION_EXTENSIONS and (
+        conversations_only or looks_like_conversations(fs, path)
+    ):
+        return _finish(read_conversations(uri_of(path), allow=allow))
+    if conversations_only:
+        raise ValueError(f"--kind conversation: --input {source} is not a .json or .jsonl file")
     if ext in MANIFEST_EXTENSIONS:
         return _finish(read_manifest(uri_of(path), forced, allow=allow))
     if ext == ".tar":

@@ -13,8 +13,10 @@ VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v", ".ts", ".mp
 
 
 def input_row(uri: str, **fields: Any) -> dict[str, Any]:
+    """``fields``: contract columns; ``key_part`` (not a column) also goes into the key (a
+    conversation record's ``FILE#INDEX``)."""
     target = fields.get("target_uri")
-    key = make_key(uri, target_uri=target)
+    key = make_key(uri, target_uri=target, record=fields.pop("key_part", None))
     row = {
         "key": key,
         "input_id": key,

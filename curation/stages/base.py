@@ -29,7 +29,7 @@ Row = dict[str, Any]
 
 # Reasons the input listing (curation/sources/listing.py) rejects an input for without reading it:
 # such a row is final, nothing downstream probes, scores or re-selects it.
-LISTING_REASONS = frozenset({"skipped_hidden"})
+LISTING_REASONS = frozenset({"skipped_hidden", "text_only", "not_referenced"})
 
 
 def reason_tag(reason: str) -> str:

@@ -42,7 +42,8 @@ class ProbeStage(Stage):
 
     def __init__(self, cfg: ProbeConfig, kind: str = "auto"):
         self.limits = cfg
-        self.default_kind = None if kind == "auto" else kind
+        # a conversation corpus names each record's kind (image or video) on its row
+        self.default_kind = None if kind in ("auto", "conversation") else kind
 
     def process_batch(self, rows: list[Row]) -> list[Row]:
         out = super().process_batch(rows)

@@ -1,7 +1,8 @@
 """Scene split: one clip row per scene of each video (PySceneDetect's content detector).
 
-Only ``kind == "video"`` rows are split; images and edit pairs pass through unchanged (an edit
-pair is one sample whatever its length). Cuts come from PySceneDetect's content detector at
+Only ``kind == "video"`` rows are split; images, edit pairs and the videos of conversation
+records pass through unchanged (an edit pair is one sample whatever its length, and a
+conversation is about the whole video). Cuts come from PySceneDetect's content detector at
 ``split.threshold`` on frames scaled to ``DETECT_WIDTH`` pixels wide; scenes longer
 than ``split.max_clip_s`` are cut into consecutive strides of that length (the last one is the
 remainder). Every scene becomes a clip, short ones included: ``select`` rejects clips shorter
@@ -135,8 +136,8 @@ class SceneSplitStage(Stage):
         return [round(t * fps) for t in cut_times], frames_read, {}
 
     def process_row(self, row: Row) -> Row | list[Row]:
-        if row.get("kind") != "video":
-            return row
+        if row.get("kind") != "video" or row.get("conversation") is not None:
+            return row  # a conversation is about its whole video: never cut
         fps = float(row.get("fps") or 0.0)
         num_frames = int(row.get("num_frames") or 0)
         if not (fps > 0 and math.isfinite(fps)):  # checked before decoding anything

@@ -37,7 +37,7 @@ def test_defaults_are_valid_and_documented():
         ),
         (
             ["kind=gif"],
-            "kind: Input should be 'auto', 'image', 'video', 'image_edit' or 'video_edit' (got 'gif')",
+            "kind: Input should be 'auto', 'image', 'video', 'image_edit', 'video_edit' or 'conversation' (got 'gif')",
         ),
     ],
 )

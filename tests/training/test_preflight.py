@@ -246,7 +246,7 @@ def test_shard_paths_are_checked_from_their_txt_members(tmp_path, monkeypatch):
         "index, or a txt member)",
         "warning: stage 2 (second), task image_understanding, data 'main': 2 of 4 image samples "
         "have no caption (the text it learns to write; recaption / instruction / caption in the "
-        "index, or a txt member)",
+        "index, or a txt member; or a conversation)",
     ]
     assert len(writer.finished) > 1 and sorted(opened) == sorted(s.uri for s in writer.finished)
     assert check.notes and "bucket sizes not checked" in check.notes[0]  # no geometry given

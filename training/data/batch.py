@@ -28,6 +28,9 @@ class TaskBatch:
     # Frames (indices into T) a VLM reads of a video condition, the same for every sample of
     # the task (its vlm_fps / vlm_max_frames, ``vlm_frame_indices``); None: the model's default.
     vlm_frames: tuple[int, ...] | None = None
+    # (B, L) int64, 1 = a token the text loss reads: understanding batches with a conversation
+    # (the assistant's turns only); None = every token (attention_mask)
+    loss_mask: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -51,6 +54,7 @@ class TaskBatch:
             drop={k: move(v) for k, v in self.drop.items()},
             texts=self.texts,
             vlm_frames=self.vlm_frames,
+            loss_mask=move(self.loss_mask),
         )
 
 

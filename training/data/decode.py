@@ -7,7 +7,9 @@ fps), looping the clip (frame ``k * stride mod n``) when it is too short. Each f
 to cover the bucket and centre-cropped, RGB, float32 in [-1, 1], layout (T, C, H, W) per
 sample. Edit samples give the source (``src.*``) besides the target (``tgt.*``). Text is the
 ``txt`` member (understanding tasks: the answer; generation: the condition), else the index
-row's recaption / instruction / caption.
+row's recaption / instruction / caption. A conversation (LLaVA-style QA data) comes from the
+index row's ``conversation`` (``training.data.conversation``): understanding tasks learn its
+assistant turns instead of the caption.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from catalog.schema import EDIT_KINDS
 from training.data.buckets import BucketShape
 from training.data.samples import IMAGE_EXTS, VIDEO_EXTS, RawSample, kind_from_members
 
-__all__ = ["decode_image", "decode_sample", "decode_video", "sample_text", "to_tensor"]
+__all__ = [
+    "decode_image",
+    "decode_sample",
+    "decode_video",
+    "sample_text",
+    "to_tensor",
+]
 
 
 def decode_sample(

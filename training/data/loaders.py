@@ -21,7 +21,12 @@ A video task with ``vlm_fps`` (VINO) also names the frames its VLM reads
 per task, so the stream positions and the resume state are unchanged.
 
 Samples are decoded (``decode.py``) in a small thread pool and text tokenised by the callable
-given. A sample that fails to decode is skipped, counted in ``skipped`` and reported with a
+given. Understanding tasks learn a sample's conversation when it has one (LLaVA-style QA data):
+a batch holding one is tokenised by ``tokenize.chat`` (captions and conversations together),
+which sets ``TaskBatch.loss_mask`` to the assistant's tokens (``training.data.conversation``);
+captions remain the text of samples without one.
+
+A sample that fails to decode is skipped, counted in ``skipped`` and reported with a
 ``SampleDecodeWarning`` naming key and shard; the batch is filled from the next samples.
 
 State (``state_dict``): per bucket stream ``{"epoch", "shard" (position in the epoch's shard
@@ -49,6 +54,7 @@ from training.data.buckets import (
     frames_for,
     shape_for_shard_bucket,
 )
+from training.data.conversation import render_chat, sample_conversation
 from training.data.decode import decode_sample
 from training.data.holdout import KindCut
 from training.data.samples import RawSample, SampleDecodeWarning, scan_keys
@@ -233,7 +239,9 @@ class TaskLoader:
         pixels = torch.stack([r[0] for _, r in done])
         source = torch.stack([r[1] for _, r in done]) if self.spec.edit else None
         texts = [r[2] for _, r in done]
-        input_ids, attention_mask = self.tokenize(texts)
+        input_ids, attention_mask, loss_mask, texts = self._tokenize(
+            [raw for raw, _ in done], texts
+        )
         return TaskBatch(
             task=self.task,
             keys=[raw.key for raw, _ in done],
@@ -243,7 +251,23 @@ class TaskLoader:
             source_pixels=source,
             texts=texts,
             vlm_frames=self.vlm_frames,
+            loss_mask=loss_mask,
         )
+
+    def _tokenize(self, raws: list[RawSample], texts: list[str]) -> tuple:
+        """(ids, mask, loss mask or None, texts): conversations for understanding tasks."""
+        chats = [None if self.spec.generation else sample_conversation(r.meta) for r in raws]
+        if all(c is None for c in chats):
+            return (*self.tokenize(texts), None, texts)
+        chat = getattr(self.tokenize, "chat", None)
+        if chat is None:
+            raise TypeError(
+                f"{self.task}: samples with a conversation need a tokenizer with "
+                "chat(items) -> (ids, mask, loss_mask) (training.models.text)"
+            )
+        items = [t if c is None else c for c, t in zip(chats, texts, strict=True)]
+        rendered = [t if c is None else render_chat(c) for c, t in zip(chats, texts, strict=True)]
+        return (*chat(items), rendered)
 
     def state_dict(self) -> dict[str, Any]:
         return {

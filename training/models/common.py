@@ -31,8 +31,11 @@ class FamilyModel(UnifiedModel):
     timestep_shift: float = 1.0
     timestep_sampling: str = "logit_normal"
 
-    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tokenizer(list(texts))
+    @property
+    def tokenize(self):
+        """The family's tokenizer: ``tokenize(texts)`` -> (ids, mask); ``tokenize.chat(items)``
+        -> (ids, mask, loss_mask) for conversations (``training.models.text``)."""
+        return self.tokenizer
 
     def supported_tasks(self) -> tuple[str, ...]:
         return TASKS

@@ -164,7 +164,8 @@ class HaploOmni(FamilyModel):
             hidden, _ = self._base(segments, torch.zeros(b, device=vis.device))
             nv, ids = segments[0][0].shape[1], batch.input_ids
             logits = g["base_decoder"].lm_head(hidden[:, nv - 1 : nv - 1 + ids.shape[1]])
-            text_loss = next_token_loss(logits, ids, batch.attention_mask)
+            trained = batch.attention_mask if batch.loss_mask is None else batch.loss_mask
+            text_loss = next_token_loss(logits, ids, trained)
             return self._result({"text": text_loss, **extra})
 
         keep_text = ~self._drop(batch, "text")

@@ -17,7 +17,7 @@ from torch import nn
 from training.models.blocks import attention_mask
 from training.models.checkpointing import checkpoint_ready
 from training.models.geometry import group_frames
-from training.models.text import pad_sequences
+from training.models.text import chat_ids, pad_chat, pad_sequences
 
 
 class HFDecoder(nn.Module):
@@ -59,6 +59,23 @@ class HFTokenizer:
                 ids = ids[: self.max_len - 1] + [self.eos]
             seqs.append(ids[: self.max_len])
         return pad_sequences(seqs, self.pad)
+
+    def chat(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Captions and conversations -> (ids, mask, loss_mask) (``text`` module docstring);
+        a conversation starts with what the tokenizer puts before a text (e.g. bos)."""
+        prefix = [i for i in self.tok("", add_special_tokens=True)["input_ids"] if i != self.eos]
+        seqs = []
+        for item in items:
+            if isinstance(item, str):
+                ids, mask = self([item])
+                ids = ids[0][mask[0].bool()].tolist()
+                seqs.append((ids, [1] * len(ids)))
+            else:
+                seqs.append(chat_ids(item, self._encode, prefix, self.eos))
+        return pad_chat(seqs, self.pad, self.max_len)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
 def load_causal_lm(root: Path, dtype: torch.dtype, max_text_len: int, hidden_layer: int = -1):

@@ -127,7 +127,8 @@ class OmniVideo(FamilyModel):
         hidden = mllm(seq, key_mask)
         nv = vis.shape[1]
         logits = self.groups["text_head"](hidden[:, nv - 1 : nv - 1 + ids.shape[1]])  # predicts ids
-        return self._result({"text": next_token_loss(logits, ids, mask)})
+        loss_mask = mask if batch.loss_mask is None else batch.loss_mask  # answers only
+        return self._result({"text": next_token_loss(logits, ids, loss_mask)})
 
     def _vision(self, ids, mask, source=None, source_keep=None) -> torch.Tensor:
         """Vision-head tokens (B, Nq, De) from the MLLM over [source (edits); text; slots]."""
