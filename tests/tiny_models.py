@@ -399,7 +399,14 @@ def save_tiny_backbones(root: Path) -> dict[str, dict[str, Path]]:
     torch.manual_seed(0)
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    tok.add_special_tokens(
+        {
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            # Qwen's vision markers (VINO wraps visual inputs in them)
+            "additional_special_tokens": ["<|vision_start|>", "<|vision_end|>"],
+        }
+    )
     llm = Qwen2Config(
         vocab_size=len(tok),
         hidden_size=32,

@@ -41,8 +41,8 @@ from typing import Any, Literal
 
 from catalog.db import CatalogError
 from catalog.names import DatasetRef, is_catalog_uri
-from training.data.holdout import FLOOR_DIVISOR
 from training.data.conversation import sample_conversation
+from training.data.holdout import FLOOR_DIVISOR
 from training.data.loaders import build_task_loaders
 from training.data.samples import meta_and_kind, open_shard
 from training.data.sources import DataSource, resolve_data
