@@ -132,9 +132,10 @@ def plan(
     ),
 ) -> None:
     """Per stage: trainable groups and parameter counts, the global batch, tasks, buckets,
-    steps, ZeRO; then the data check against the real data (the one `train run` does before
-    starting): each task's buckets, and every problem. Exit status 2 when the data has an
-    error."""
+    steps, ZeRO, and the estimated memory per GPU rank, with a warning for each stage that
+    does not fit the GPUs found; then the data check against the real data (the one `train
+    run` does before starting): each task's buckets and held-out counts, and every problem.
+    Exit status 2 when the data has an error."""
     from training.data import holdout
     from training.plan import build, data_tables, describe
     from training.preflight import check_data

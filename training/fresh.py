@@ -33,6 +33,8 @@ LINKED: dict[str, dict[str, tuple[str, ...]]] = {
     "vino": {  # vino.txt:148-150 (Table 1: stage 1 trains the connector and learnable tokens)
         "learnable_queries": ("vlm", "connector", "mmdit"),
         "connector": ("vlm", "learnable_queries", "mmdit"),
+        # the MLP over the VLM's vision start / end states (vino.txt:111): new, like the connector
+        "boundary_connector": ("vlm", "mmdit"),
     },
 }
 

@@ -135,7 +135,8 @@ def test_a_resume_compares_the_settings_an_exact_resume_depends_on(tmp_path):
         "stages.0.optimizer.lr: 0.001 in the checkpoint, 0.002 now",
         "stages.0.ema: None in the checkpoint, {'decay': 0.99} now",
         "stages.0.tasks.t2v: (absent) in the checkpoint, "
-        "{'weight': 1.0, 'data': 'curated', 'num_frames': 9, 'fps': None} now",
+        "{'weight': 1.0, 'data': 'curated', 'num_frames': 9, 'fps': None, 'vlm_fps': None, "
+        "'vlm_max_frames': None} now",
         "data.curated.uri: '/d' in the checkpoint, '/elsewhere' now",
     ]
     assert "stages.1.steps: 24 in the checkpoint, 99 now" in ckpt.resume_mismatch(saved, other, 1)

@@ -22,6 +22,7 @@ from tiny_models import save_tiny_backbones
 from core.config import load_config
 from training.data.batch import MixedBatch, TaskBatch
 from training.models.registry import build_model
+from training.optim import param_groups
 from training.recipe import Recipe
 from training.tasks import EDIT_TASKS, IMAGE_TASKS, VIDEO_TASKS
 from training.trainer import deepspeed_config, process_group, weights_dtype
@@ -81,25 +82,32 @@ def test_every_stage_of_the_7b_recipe_trains_a_step(name, tiny_checkpoints, offl
     for index, stage in enumerate(recipe.stages):
         torch.manual_seed(recipe.seed)
         model = build_model(
-            m.family, m.size, m.pretrained, stage.timestep_shift, dtype=weights_dtype(recipe, False)
+            m.family,
+            m.size,
+            m.pretrained,
+            stage.timestep_shift,
+            dtype=weights_dtype(recipe, False),
+            options=m.options(),
         )
         trainable = model.set_trainable(stage.trainable)
         model.set_gradient_checkpointing(stage.gradient_checkpointing)
         before = snapshot(model)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [g.torch() for g in param_groups(model, stage)]  # as the Trainer passes them
         with process_group():
             engine, *_ = deepspeed.initialize(
                 model=model, model_parameters=params, config=deepspeed_config(recipe, stage, False)
             )
-            for group, tasks in (("image", IMAGE_TASKS), ("video", VIDEO_TASKS)):
-                parts = [synthetic(model, t, index) for t in stage.tasks if t in tasks]
-                if not parts:
-                    continue
-                torch.manual_seed(index)
-                loss = engine(MixedBatch(group, parts))["loss"]
-                assert torch.isfinite(loss), (stage.name, group, loss)
-                engine.backward(loss)
-                engine.step()
+            # one optimizer step: the stage's grad_accumulation micro-batches of each group
+            for _ in range(stage.grad_accumulation):
+                for group, tasks in (("image", IMAGE_TASKS), ("video", VIDEO_TASKS)):
+                    parts = [synthetic(model, t, index) for t in stage.tasks if t in tasks]
+                    if not parts:
+                        continue
+                    torch.manual_seed(index)
+                    loss = engine(MixedBatch(group, parts))["loss"]
+                    assert torch.isfinite(loss), (stage.name, group, loss)
+                    engine.backward(loss)
+                    engine.step()
         after = snapshot(model)
         changed = {g for g in before if not torch.equal(before[g], after[g])}
         assert changed == set(trainable), (stage.name, sorted(changed), trainable)

@@ -221,8 +221,17 @@ cpu_deepspeed = pytest.mark.skipif(
 )
 
 
+def fresh_process(monkeypatch) -> None:
+    """As in a fresh worker process: no op loaded yet (an earlier test of this pytest process
+    may have built a DeepSpeed engine, which loads the op and makes the check say "no build")."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    monkeypatch.setattr(OpBuilder, "_loaded_ops", {})
+
+
 @cpu_deepspeed
 def test_deepspeed_compiles_its_op_into_an_empty_extensions_dir(tmp_path, monkeypatch):
+    fresh_process(monkeypatch)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     assert shm_op_build_dir() == tmp_path / "ext" / "deepspeed_shm_comm"
 
@@ -231,6 +240,7 @@ def test_deepspeed_compiles_its_op_into_an_empty_extensions_dir(tmp_path, monkey
 def test_the_op_check_failing_does_not_fail_the_engine_build(tmp_path, monkeypatch, ray_session):
     """A TORCH_EXTENSIONS_DIR that is a file: torch's build folder cannot be made, so the check
     (DeepSpeed's and torch's internals) raises; the engine build goes on without a notice."""
+    fresh_process(monkeypatch)
     blocker = tmp_path / "ext"
     blocker.write_text("a file, not a folder")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker))

@@ -131,8 +131,9 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
     assert [s["stage"] for s in summary["stages"]] == [s.name for s in r.stages]
 
     torch.manual_seed(r.seed)
-    before = build_model(r.model.family, r.model.size).state_dict()
-    model = build_model(r.model.family, r.model.size)
+    options = r.model.options()
+    before = build_model(r.model.family, r.model.size, options=options).state_dict()
+    model = build_model(r.model.family, r.model.size, options=options)
     for stage, done in zip(r.stages, summary["stages"], strict=True):
         # loss falls in every stage: the stage's objective (the task mixture) on fixed
         # held-out batches with fixed noise; single tasks may trade off against each other
