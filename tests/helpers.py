@@ -235,3 +235,40 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def write_image_shards(root: Path, prefix: str, n: int) -> Path:
+    """``n`` 96x96 images (one bucket) captioned ``picture I``, three to a shard."""
+    import io
+
+    from PIL import Image
+
+    writer = ShardWriter(str(root), prefix=prefix, max_samples=3)
+    for i in range(n):
+        png = io.BytesIO()
+        Image.new("RGB", (96, 96), (30 * i, 200 - 20 * i, 90)).save(png, format="PNG")
+        row = {"key": f"img{i}", "kind": "image", "status": "accepted", "width": 96,
+               "height": 96, "num_frames": 1, "fps": None}  # fmt: skip
+        writer.write(bucket_name(96, 96, 1), f"img{i}",
+                     {"json": sample_json(row), "txt": f"picture {i}".encode(),
+                      "png": png.getvalue()})  # fmt: skip
+    writer.close()
+    return root
+
+
+class Kept:
+    """What a Trainer needs from Ray Train, in-process: every reported checkpoint is kept (a
+    copy: the trainer removes its own directory once reported); resumes from ``resume``."""
+
+    def __init__(self, folder: Path, resume: Path | None = None):
+        self.folder, self.resume = folder, resume
+        self.kept: list[Path] = []
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:
+            self.kept.append(self.folder / f"checkpoint_{len(self.kept)}")
+            shutil.copytree(checkpoint_dir, self.kept[-1])
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        yield self.resume

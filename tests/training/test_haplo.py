@@ -6,14 +6,12 @@ through the real trainer (DeepSpeed on CPU)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from helpers import write_image_shards
 
-from catalog.shards import ShardWriter, bucket_name, sample_json
 from core.config import load_config
 from core.weights import MissingWeights
 from training.data.batch import TaskBatch
@@ -180,18 +178,7 @@ def test_a_teacher_for_a_group_the_stage_does_not_train_is_a_recipe_error(teache
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("haplo-shards")
-    writer = ShardWriter(str(root), prefix="h", max_samples=3)
-    for i in range(6):
-        png = io.BytesIO()
-        Image.new("RGB", (96, 96), (30 * i, 200 - 20 * i, 90)).save(png, format="PNG")
-        row = {"key": f"img{i}", "kind": "image", "status": "accepted", "width": 96,
-               "height": 96, "num_frames": 1, "fps": None}  # fmt: skip
-        writer.write(bucket_name(96, 96, 1), f"img{i}",
-                     {"json": sample_json(row), "txt": f"picture {i}".encode(),
-                      "png": png.getvalue()})  # fmt: skip
-    writer.close()
-    return root
+    return write_image_shards(tmp_path_factory.mktemp("haplo-shards"), "h", 6)
 
 
 class Context:

@@ -7,19 +7,16 @@ with two param groups and accumulation resumes to the weights of an uninterrupte
 
 from __future__ import annotations
 
-import io
 import math
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from helpers import Kept, write_image_shards
 from pydantic import ValidationError
 
-from catalog.shards import ShardWriter, bucket_name, sample_json
 from core.config import ConfigWarning, load_config
 from training.models.registry import build_model
 from training.optim import DEFAULT, lr_factor, param_groups, set_lrs
@@ -198,34 +195,7 @@ def test_every_group_follows_the_schedule_from_its_own_lr(model, kind, step, fac
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Eight square images (one bucket) with captions of one length, in small shards."""
-    root = tmp_path_factory.mktemp("optim-shards")
-    writer = ShardWriter(str(root), prefix="o", max_samples=3)
-    for i in range(8):
-        png = io.BytesIO()
-        Image.new("RGB", (96, 96), (30 * i, 200 - 20 * i, 90)).save(png, format="PNG")
-        row = {"key": f"img{i}", "kind": "image", "status": "accepted", "width": 96,
-               "height": 96, "num_frames": 1, "fps": None}  # fmt: skip
-        writer.write(bucket_name(96, 96, 1), f"img{i}",
-                     {"json": sample_json(row), "txt": f"picture {i}".encode(),
-                      "png": png.getvalue()})  # fmt: skip
-    writer.close()
-    return root
-
-
-class Kept:
-    """Ray Train's part, in-process: keeps a copy of every reported checkpoint."""
-
-    def __init__(self, folder: Path, resume: Path | None = None):
-        self.folder, self.resume, self.kept = folder, resume, []
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir:
-            self.kept.append(self.folder / f"checkpoint_{len(self.kept)}")
-            shutil.copytree(checkpoint_dir, self.kept[-1])
-
-    @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        yield self.resume
+    return write_image_shards(tmp_path_factory.mktemp("optim-shards"), "o", 8)
 
 
 @contextmanager

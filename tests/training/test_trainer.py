@@ -8,13 +8,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import Kept
 from PIL import Image
 
 from catalog.shards import ShardWriter, bucket_name, sample_json
@@ -50,24 +50,6 @@ def shards(tmp_path_factory) -> Path:
                       "png": png.getvalue()})  # fmt: skip
     writer.close()
     return root
-
-
-class Kept:
-    """What a Trainer needs from Ray Train, in-process: every reported checkpoint is kept (a
-    copy: the trainer removes its own directory once reported); resumes from ``resume``."""
-
-    def __init__(self, folder: Path, resume: Path | None = None):
-        self.folder, self.resume = folder, resume
-        self.kept: list[Path] = []
-
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        if checkpoint_dir:
-            self.kept.append(self.folder / f"checkpoint_{len(self.kept)}")
-            shutil.copytree(checkpoint_dir, self.kept[-1])
-
-    @contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        yield self.resume
 
 
 @contextmanager
