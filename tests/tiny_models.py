@@ -499,3 +499,29 @@ def save_tiny_backbones(root: Path) -> dict[str, dict[str, Path]]:
         },
         "vino": {"vlm": root / "qwen3_vl", "mmdit": root / "hunyuan"},
     }
+
+
+def save_tiny_teachers(root: Path, latent_channels: int = 8, patch: int = 1) -> dict[str, Path]:
+    """Tiny random HaploOmni warmup teachers of the paper's classes (haplo-omni.txt:271), saved
+    as their libraries save them: a transformers ``CLIPVisionModel`` and a diffusers
+    ``CogVideoXTransformer3DModel`` (in a repo's ``transformer/`` subfolder) reading
+    ``latent_channels``-channel latents. Returns each warmup group's teacher folder."""
+    import core.compat  # noqa: F401
+
+    # isort: split
+    from diffusers import CogVideoXTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8)
+    )  # fmt: skip
+    clip.save_pretrained(root / "clip")
+    cog = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=latent_channels,
+        out_channels=latent_channels, time_embed_dim=32, text_embed_dim=16, num_layers=1,
+        sample_width=8, sample_height=8, sample_frames=1, patch_size=patch, max_text_seq_length=4,
+    )  # fmt: skip
+    cog.save_pretrained(root / "cogvideox" / "transformer")  # a diffusers repo layout
+    return {"pre_decoder": root / "clip", "post_decoder": root / "cogvideox"}

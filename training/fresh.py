@@ -24,11 +24,11 @@ LINKED: dict[str, dict[str, tuple[str, ...]]] = {
         "adapter": ("dit",),
     },
     "haplo_omni": {
-        # the pre-/post-decoder warm-up (haplo-omni.txt:162) is meant to be feature
-        # distillation, which bypasses the connectors; issue #13 tracks it: until then those
-        # stages train the decoders through the fresh connectors, unchecked here
-        "pre_connector": ("base_decoder",),
-        "post_connector": ("base_decoder",),
+        # every connected pass runs pre -> pre_connector -> base (-> post_connector -> post);
+        # the warmup stages (those with distill teachers) train the decoders independently,
+        # bypassing both connectors (haplo-omni.txt:162, ``HaploOmni._warmup_loss``): exempt
+        "pre_connector": ("pre_decoder", "base_decoder", "post_decoder"),
+        "post_connector": ("pre_decoder", "base_decoder", "post_decoder"),
     },
     "vino": {  # vino.txt:148-150 (Table 1: stage 1 trains the connector and learnable tokens)
         "learnable_queries": ("vlm", "connector", "mmdit"),
@@ -40,16 +40,20 @@ LINKED: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 def fresh_problems(
-    family: str, size: str, stages: list[tuple[str, list[str]]]
+    family: str, size: str, stages: list[tuple[str, list[str]]], independent: set[int] = frozenset()
 ) -> list[tuple[str, str]]:
     """(field path, message) for each fresh group a stage keeps frozen while training through
-    it, and each fresh group no stage trains. ``stages``: (name, trainable globs) in order."""
+    it, and each fresh group no stage trains. ``stages``: (name, trainable globs) in order;
+    ``independent``: the indices of stages that train their groups on their own, through no
+    other group (HaploOmni's warmup), which are not checked."""
     if size == "tiny":
         return []
     problems = []
     for group, linked in LINKED.get(family, {}).items():
         trained = False
         for i, (name, patterns) in enumerate(stages):
+            if i in independent:
+                continue
             trains = {
                 g for g in (group, *linked) if any(fnmatch.fnmatchcase(g, p) for p in patterns)
             }

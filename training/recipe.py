@@ -32,7 +32,15 @@ from catalog.names import DatasetRef, is_catalog_uri
 from core.config import StrictModel, raise_problems, warn_ineffective
 from training.data.holdout import HoldoutConfig
 from training.fresh import fresh_problems
-from training.tasks import GENERATION_TASKS, TASK_GROUPS, TASKS, TaskName, task_spec
+from training.tasks import (
+    EDIT_TASKS,
+    GENERATION_TASKS,
+    TASK_GROUPS,
+    TASKS,
+    UNDERSTANDING_TASKS,
+    TaskName,
+    task_spec,
+)
 
 Family = Literal["omni_video", "haplo_omni", "vino"]
 
@@ -347,7 +355,9 @@ class StageConfig(StrictModel):
 
 
 def distill_problems(family: str, stage: StageConfig, index: int) -> list[tuple[str, str]]:
-    """A teacher for a group the family cannot distil into, or one the stage does not train."""
+    """A teacher for a group the family cannot distil into, or one the stage does not train;
+    and in a warmup stage (one with teachers: the decoders train independently, see
+    ``HaploOmni._warmup_loss``), a trainable group or a task the warmup cannot train."""
     targets = DISTILL_TARGETS.get(family, ())
     out = []
     for group in stage.distill:
@@ -357,6 +367,39 @@ def distill_problems(family: str, stage: StageConfig, index: int) -> list[tuple[
             out.append((path, f"no teacher can be distilled into {group!r}; allowed: {allowed}"))
         elif not any(fnmatch.fnmatchcase(group, p) for p in stage.trainable):
             out.append((path, f"{group} does not train in this stage; add it to trainable"))
+    if not stage.distill or not targets:
+        return out
+    groups = FAMILIES[family].groups
+    outside = [
+        g
+        for g in groups
+        if g not in targets and any(fnmatch.fnmatchcase(g, p) for p in stage.trainable)
+    ]
+    if outside:
+        out.append(
+            (
+                f"stages.{index}.trainable",
+                f"a warmup stage (one with distill teachers) trains the decoders independently "
+                f"and never runs {', '.join(outside)}; trainable may hold {', '.join(targets)}",
+            )
+        )
+    for task in stage.tasks:
+        if task in UNDERSTANDING_TASKS and "pre_decoder" not in stage.distill:
+            out.append(
+                (
+                    f"stages.{index}.tasks.{task}",
+                    "in a warmup stage understanding tasks train only by distillation into the "
+                    "pre-decoder: add a pre_decoder teacher to distill, or move the task",
+                )
+            )
+        elif task in EDIT_TASKS:
+            out.append(
+                (
+                    f"stages.{index}.tasks.{task}",
+                    "a warmup stage cannot train edits (the source reaches the post-decoder "
+                    "only through the connectors): move the task to a later stage",
+                )
+            )
     return out
 
 
@@ -410,7 +453,10 @@ class Recipe(StrictModel):
                         )
                     )
         problems += fresh_problems(
-            family, self.model.size, [(s.name, s.trainable) for s in self.stages]
+            family,
+            self.model.size,
+            [(s.name, s.trainable) for s in self.stages],
+            {i for i, s in enumerate(self.stages) if s.distill},  # warmups: no connected pass
         )
         raise_problems(problems)
         return self

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import write_image_shards
+from tiny_models import save_tiny_teachers
 
 from core.config import load_config
 from core.weights import MissingWeights
@@ -28,26 +29,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "haplo_o
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict[str, Path]:
     """Tiny random CLIP-ViT and CogVideoX transformer, saved as their libraries save them."""
-    import core.compat  # noqa: F401
-
-    # isort: split
-    from diffusers import CogVideoXTransformer3DModel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    root = tmp_path_factory.mktemp("teachers")
-    torch.manual_seed(0)
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, image_size=32, patch_size=8)
-    )  # fmt: skip
-    clip.save_pretrained(root / "clip")
-    cog = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=8,
-        time_embed_dim=32, text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8,
-        sample_frames=1, patch_size=1, max_text_seq_length=4,
-    )  # fmt: skip
-    cog.save_pretrained(root / "cogvideox" / "transformer")  # a diffusers repo layout
-    return {"pre_decoder": root / "clip", "post_decoder": root / "cogvideox"}
+    return save_tiny_teachers(tmp_path_factory.mktemp("teachers"))
 
 
 def make_batch(model, task: str, b: int = 2) -> TaskBatch:
@@ -150,6 +132,61 @@ def test_distillation_is_finite_decreases_and_trains_only_the_stage_groups(teach
     assert not any(k.startswith("distiller") for k in model.state_dict())  # never saved
 
 
+def test_the_warmup_trains_each_decoder_on_its_own(teachers):
+    """haplo-omni.txt:162: the decoders are "fine-tuned independently": no warmup pass runs the
+    connectors (fresh at production size) or the base decoder; understanding trains by
+    distillation alone, generation by unconditional flow matching plus distillation."""
+    torch.manual_seed(0)
+    model = build_tiny(adaln_layers=2)
+    model.set_distillation(distiller(teachers))
+    ran: list[str] = []
+    for name in ("pre_connector", "base_decoder", "post_connector"):
+        model.groups[name].register_forward_hook(lambda *_, n=name: ran.append(n))
+    model.groups["post_decoder"].register_forward_hook(lambda *_: ran.append("post_decoder"))
+    out = model.task_loss(make_batch(model, "image_understanding"))
+    assert set(out) == {"loss", "loss/distill_pre_decoder"} and ran == []
+    out = model.task_loss(make_batch(model, "t2i"))
+    assert set(out) == {"loss", "loss/flow", "loss/distill_post_decoder"}
+    assert ran == ["post_decoder"]
+    edit = make_batch(model, "i2i_edit")
+    edit.source_pixels = edit.pixels.flip(0)
+    with pytest.raises(ValueError, match="i2i_edit needs the connectors"):
+        model.task_loss(edit)
+    model.set_distillation(distiller(teachers, groups=("post_decoder",)))
+    with pytest.raises(ValueError, match="no pre_decoder teacher"):
+        model.task_loss(make_batch(model, "image_understanding"))
+    model.set_distillation(None)  # the connected model again: text CE through the base
+    assert set(model.task_loss(make_batch(model, "image_understanding"))) == {"loss", "loss/text"}
+    assert "base_decoder" in ran and "pre_connector" in ran
+
+
+def test_a_warmup_stage_trains_only_what_the_warmup_can(teachers):
+    """A stage with teachers may train only the decoders, no edit task, and understanding
+    only with a pre-decoder teacher; at 7b it is exempt from the fresh-connector rule, while a
+    stage training a decoder through the fresh connectors without teachers is refused."""
+    with pytest.raises(ValueError) as err:
+        load_config(
+            Recipe,
+            RECIPE,
+            [
+                "stages.0.trainable=[pre_decoder, post_decoder, pre_connector]",
+                "stages.0.distill={post_decoder: {teacher: /x}}",
+                "stages.0.tasks.i2i_edit={weight: 1.0, data: curated}",
+            ],
+        )
+    text = str(err.value)
+    assert "stages.0.trainable" in text and "never runs pre_connector" in text
+    assert "stages.0.tasks.image_understanding" in text and "add a pre_decoder teacher" in text
+    assert "stages.0.tasks.i2i_edit" in text and "cannot train edits" in text
+    seven = load_config(Recipe, RECIPE.with_name("haplo_omni_7b.yaml"))
+    assert [bool(s.distill) for s in seven.stages[:3]] == [True, True, False]
+    with pytest.raises(ValueError) as err:  # the same warmup without teachers: connected
+        load_config(Recipe, RECIPE.with_name("haplo_omni_7b.yaml"), ["stages.0.distill={}"])
+    text = str(err.value)
+    assert "stage 'warmup_pre_decoder' trains pre_decoder through the module group" in text
+    assert "'pre_connector'" in text and "'post_connector'" in text
+
+
 def test_a_missing_teacher_fails_at_start_up_naming_the_path(tmp_path):
     missing = tmp_path / "no-clip-here"
     with pytest.raises(MissingWeights) as err:
@@ -234,6 +271,7 @@ def test_a_missing_teacher_stops_the_trainer_before_training(shards, tmp_path):
         [
             f"data.curated.uri={shards}",
             f"stages.0.distill={{post_decoder: {{teacher: {missing}}}}}",
+            "stages.0.tasks={t2i: {weight: 1.0, data: curated}}",  # no pre-decoder teacher
         ],
     )
     spec = StageSpec(recipe=recipe.model_dump(mode="json"), stage_index=0, output=str(tmp_path))

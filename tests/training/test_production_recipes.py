@@ -5,7 +5,8 @@ the trainer's dtype, each stage's trainable groups, gradient checkpointing and D
 (ZeRO level, AdamW settings) are the recipe's, and the step is one hybrid batch per task group
 (image / video) holding one synthetic sample of each of the stage's tasks. What shrinks: the
 backbones (tiny checkpoints), the media (32 x 48 pixels, 9 frames) and the batch (one sample per
-task). Checked: a finite loss, every trainable group changes, no frozen group does."""
+task), and the warmup's teachers (tiny CLIP / CogVideoX checkpoints). Checked: a finite loss,
+every trainable group changes, no frozen group does."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_backbones
+from tiny_models import save_tiny_backbones, save_tiny_teachers
 
 from core.config import load_config
 from training.data.batch import MixedBatch, TaskBatch
+from training.models.distill import load_distiller
 from training.models.registry import build_model
 from training.optim import param_groups
 from training.recipe import Recipe
@@ -43,6 +45,12 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     return save_tiny_backbones(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory):
+    """HaploOmni's warmup teachers, reading the tiny Wan VAE's 4-channel latents."""
+    return save_tiny_teachers(tmp_path_factory.mktemp("teachers"), latent_channels=4, patch=2)
 
 
 def synthetic(model, task: str, seed: int) -> TaskBatch:
@@ -70,7 +78,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", PRODUCTION)
-def test_every_stage_of_the_7b_recipe_trains_a_step(name, tiny_checkpoints, offline):
+def test_every_stage_of_the_7b_recipe_trains_a_step(name, tiny_checkpoints, tiny_teachers, offline):
     import deepspeed
 
     pretrained = {k: str(v) for k, v in tiny_checkpoints[name.removesuffix("_7b")].items()}
@@ -89,6 +97,14 @@ def test_every_stage_of_the_7b_recipe_trains_a_step(name, tiny_checkpoints, offl
             dtype=weights_dtype(recipe, False),
             options=m.options(),
         )
+        if stage.distill:  # a warmup, as the Trainer sets it up, with tiny teachers
+            teachers = {
+                g: cfg.model_copy(update={"teacher": str(tiny_teachers[g])})
+                for g, cfg in stage.distill.items()
+            }
+            dtype = weights_dtype(recipe, False)
+            tf = model.geometry.temporal_factor
+            model.set_distillation(load_distiller(teachers, stage.name, tf, dtype))
         trainable = model.set_trainable(stage.trainable)
         model.set_gradient_checkpointing(stage.gradient_checkpointing)
         before = snapshot(model)
@@ -104,8 +120,11 @@ def test_every_stage_of_the_7b_recipe_trains_a_step(name, tiny_checkpoints, offl
                     if not parts:
                         continue
                     torch.manual_seed(index)
-                    loss = engine(MixedBatch(group, parts))["loss"]
+                    out = engine(MixedBatch(group, parts))
+                    loss = out["loss"]
                     assert torch.isfinite(loss), (stage.name, group, loss)
+                    for g in stage.distill:  # the warmup's teacher took part
+                        assert f"loss/distill_{g}" in out, (stage.name, sorted(out))
                     engine.backward(loss)
                     engine.step()
         after = snapshot(model)

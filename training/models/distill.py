@@ -5,8 +5,8 @@ the multimodal warmup, "to preserve visual knowledge". A stage names its teacher
 (``StageConfig.distill``); ``load_distiller`` finds them by the local-weights policy (a path,
 ``hf-hub:ORG/NAME``, or the repository's name under the model roots; missing weights raise
 ``MissingWeights`` naming the path and the download command, before anything trains), loads
-them frozen in eval mode, and the model adds ``weight * loss`` per group to its task losses,
-logged as ``loss/distill_<group>``.
+them frozen in eval mode, and the model's warmup loss adds ``weight * loss`` per group, logged
+as ``loss/distill_<group>``.
 
 The loss. The paper names a distillation loss but gives no formula. Student and teacher widths
 differ (any compatible checkpoint may sit in a group), so the features are compared by their
@@ -26,10 +26,12 @@ parameters and checkpoints are the same with or without distillation.
   the timestep is the flow time mapped to 1000 t (CogVideoX trains a DDPM schedule); the
   teacher's text input is the null (all-zero) T5 sequence, since its T5-XXL encoder is not part
   of this model. The teacher's latent channel count must equal the student's.
-- No separate identity loss: in this model the pre-decoder's text path is the embedding table
-  that feeds the base decoder directly, and the post-decoder reads text only through
-  cross-attention, so text passes both unchanged; the stage's task losses (text CE through the
-  frozen base decoder, flow matching) train the rest.
+- The warmup trains each decoder on its own (``HaploOmni._warmup_loss``): the pre-decoder by
+  distillation alone, the post-decoder by distillation plus unconditional flow matching (the
+  null context, as the teacher reads the null prompt). Nothing passes the connectors, which
+  start from random weights and train only from the alignment stage on. No separate identity
+  loss: in this model the pre-decoder's text path is the embedding table, and the
+  post-decoder reads text only through cross-attention, so text passes both unchanged.
 """
 
 from __future__ import annotations

@@ -134,27 +134,25 @@ class HaploOmni(FamilyModel):
         self.distiller = None  # set by ``set_distillation`` (warmup stages)
 
     def set_distillation(self, distiller) -> None:
-        """Warmup feature distillation (``training/models/distill.py``): its losses join the
-        task losses. The teachers live in the distiller, outside ``groups`` and the state dict,
-        so they never train and are never saved."""
+        """Make this a multimodal-warmup model (haplo-omni.txt:162): the pre- and post-decoder
+        train independently, with feature distillation from frozen teachers
+        (``training/models/distill.py``); see ``_warmup_loss``. The teachers live in the
+        distiller, outside ``groups`` and the state dict, so they never train and are never
+        saved. ``None`` returns to the connected model."""
         self.distiller = distiller
 
     def task_loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         batch = self.prepare(batch)
+        if self.distiller is not None:
+            return self._warmup_loss(batch)
         segments = []  # (tokens (B, n, Db), key mask (B, n), bidirectional)
         g, b, pre = self.groups, batch.size, self.groups["pre_decoder"]
 
         def add(tokens, keep, bidirectional):
             segments.append((tokens, keep.long(), bidirectional))
 
-        extra: dict[str, torch.Tensor] = {}
-        distill = self.distiller
-
         def visual(pixels):  # (B, N, Db)
-            feats = pre.vit.encode(pixels)  # (B, T', N, Dv)
-            if distill is not None and "pre_decoder" in distill.groups and not extra:
-                extra.update(distill.pre_decoder(pixels, feats, pre.vit))
-            return g["pre_connector"](feats.flatten(1, 2), VISUAL)
+            return g["pre_connector"](pre.vit.encode(pixels).flatten(1, 2), VISUAL)
 
         ones = torch.ones(b, dtype=torch.bool, device=batch.pixels.device)
         if batch.task in UNDERSTANDING_TASKS:
@@ -166,7 +164,7 @@ class HaploOmni(FamilyModel):
             logits = g["base_decoder"].lm_head(hidden[:, nv - 1 : nv - 1 + ids.shape[1]])
             trained = batch.attention_mask if batch.loss_mask is None else batch.loss_mask
             text_loss = next_token_loss(logits, ids, trained)
-            return self._result({"text": text_loss, **extra})
+            return self._result({"text": text_loss})
 
         keep_text = ~self._drop(batch, "text")
         if batch.task in EDIT_TASKS:
@@ -181,13 +179,47 @@ class HaploOmni(FamilyModel):
         x0 = g["vae"].encode(batch.pixels)  # (B, T', C, h, w)
         t = self._sample_t(b, x0.device)
         xt, velocity = flow_pair(x0, t)
-        if distill is not None and "post_decoder" in distill.groups:
-            with distill.capture_post(g["post_decoder"]) as student:
-                pred = self._velocity(segments, xt, t)
-            extra.update(distill.post_decoder(xt, t, student()))
+        pred = self._velocity(segments, xt, t)
+        return self._result({"flow": F.mse_loss(pred.float(), velocity.float())})
+
+    def _warmup_loss(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """The multimodal warmup (haplo-omni.txt:162): the pre- and post-decoder "fine-tuned
+        independently", so nothing passes the connectors or the base decoder (the connectors
+        start from random weights and train only in the alignment stage).
+
+        - Understanding: the pre-decoder's visual tokens against the teacher's (distillation
+          only). Its text path, the embedding table, passes text unchanged: the paper's identity
+          loss for the linguistic modality holds by construction.
+        - Generation: the post-decoder denoises the video on its own, conditioned on the null
+          context (one zero token: the empty prompt), flow-matching loss plus distillation
+          against the teacher on the same noisy latents (which also reads the null prompt).
+          The paper conditions this on the text; here the text would reach the post-decoder
+          only through the fresh connectors, so the warmup learns unconditional denoising."""
+        g, distill = self.groups, self.distiller
+        if batch.task in UNDERSTANDING_TASKS:
+            if "pre_decoder" not in distill.groups:
+                raise ValueError(
+                    f"warmup stage: {batch.task} trains only by distillation into the "
+                    "pre-decoder, and this stage has no pre_decoder teacher"
+                )
+            vit = g["pre_decoder"].vit
+            return self._result(distill.pre_decoder(batch.pixels, vit.encode(batch.pixels), vit))
+        if batch.task in EDIT_TASKS:
+            raise ValueError(f"warmup stage: {batch.task} needs the connectors; train it later")
+        post = g["post_decoder"]
+        x0 = g["vae"].encode(batch.pixels)  # (B, T', C, h, w)
+        t = self._sample_t(batch.size, x0.device)
+        xt, velocity = flow_pair(x0, t)
+        null = xt.new_zeros(batch.size, 1, post.context_dim)
+        keep = torch.ones(batch.size, 1, dtype=torch.long, device=xt.device)
+        parts: dict[str, torch.Tensor] = {}
+        if "post_decoder" in distill.groups:
+            with distill.capture_post(post) as student:
+                pred = post(xt, t, null, keep)
+            parts.update(distill.post_decoder(xt, t, student()))
         else:
-            pred = self._velocity(segments, xt, t)
-        return self._result({"flow": F.mse_loss(pred.float(), velocity.float()), **extra})
+            pred = post(xt, t, null, keep)
+        return self._result({"flow": F.mse_loss(pred.float(), velocity.float()), **parts})
 
     def _velocity(self, segments, xt, t) -> torch.Tensor:
         """The post decoder's velocity for noisy latents xt (B, T', C, h, w) at times t (B,):
