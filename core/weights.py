@@ -15,6 +15,10 @@
   no fallback to random weights anywhere.
 - A weights file that is there but cannot be used (corrupt, wrong format or architecture)
   raises ``WeightsError`` naming it.
+- Config only (``config_only()``): within it a checkpoint folder needs only its config.json
+  (and the tokenizer / processor files its loader reads), and the training loaders build their
+  models from the configs on the ``meta`` device: shapes and parameter counts without weights
+  or memory (``train plan`` of a recipe whose weights live on the cluster).
 
 This module imports no torch: a driver checks every path without loading a model.
 """
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,21 @@ DEFAULT_MODELS_DIR = Path("~/.cache/omniforge/models")
 HF_PREFIX = "hf-hub:"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 FILE, CHECKPOINT = "file", "checkpoint"  # LocalWeights kinds
+_CONFIG_ONLY: ContextVar[bool] = ContextVar("omniforge_config_only", default=False)
+
+
+@contextmanager
+def config_only() -> Iterator[None]:
+    """Within the block, checkpoints need only their configs and models build on ``meta``."""
+    token = _CONFIG_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CONFIG_ONLY.reset(token)
+
+
+def is_config_only() -> bool:
+    return _CONFIG_ONLY.get()
 
 
 class MissingWeights(FileNotFoundError):
@@ -135,6 +156,8 @@ class LocalWeights:
             return f"{self.what} directory {path} does not exist"
         if not (path / "config.json").is_file():
             return f"{self.what}: no config.json in {path}"
+        if is_config_only():
+            return None
         for index in sorted(path.glob("*.index.json")):
             shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
             missing = sorted(s for s in shards if not (path / s).is_file())

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from catalog.names import is_catalog_uri
 from core.config import load_config
+from core.weights import MissingWeights
 from orchestration.common import CatalogOption, console, err_console, open_catalog
 
 app = typer.Typer(help="Training: multi-stage recipes on Ray Train + DeepSpeed, tracked in MLflow.")
@@ -142,7 +143,20 @@ def plan(
     from training.recipe import Recipe
 
     r = load_config(Recipe, recipe_path(recipe), set_)
-    model = build(r)
+    try:
+        model = build(r)
+    except MissingWeights as e:  # weights elsewhere (the cluster): plan from the configs
+        try:
+            model = build(r, config_only=True)
+        except MissingWeights:
+            raise e from None
+        err_console.print(
+            Text.assemble(("note:", "bold"), " "),
+            Text(
+                "the backbone weights are not on this machine, so the plan is built from their "
+                f"configs alone (shapes and parameter counts; nothing loaded):\n{e}"
+            ),
+        )
     for part in describe(r, model, max(1, r.workers if workers is None else workers)):
         console.print(part)
     uses_catalog = any(is_catalog_uri(d.uri) for d in r.data.values())

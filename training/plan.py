@@ -18,15 +18,26 @@ from training.recipe import FAMILIES, Recipe, StageConfig
 from training.tasks import IMAGE_TASKS, task_spec
 
 
-def build(recipe: Recipe):
+def build(recipe: Recipe, config_only: bool = False):
     """The recipe's model as the first stage builds it (``describe`` and the data check's
-    geometry both need it)."""
+    geometry both need it). ``config_only``: from the backbones' configs alone, on the ``meta``
+    device (no weights read, no memory taken; the same shapes and parameter counts)."""
+    import contextlib
+
+    import torch
+
+    from core import weights
     from training.models.registry import build_model
 
     m = recipe.model
-    return build_model(
-        m.family, m.size, m.pretrained, recipe.stages[0].timestep_shift, options=m.options()
-    )
+    meta = contextlib.ExitStack()
+    if config_only:
+        meta.enter_context(weights.config_only())
+        meta.enter_context(torch.device("meta"))
+    with meta:
+        return build_model(
+            m.family, m.size, m.pretrained, recipe.stages[0].timestep_shift, options=m.options()
+        )
 
 
 def widest_batches(stage: StageConfig, geo) -> dict[str, int]:

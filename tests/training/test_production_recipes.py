@@ -147,3 +147,50 @@ def test_production_weights_load_in_bf16_on_gpu(tiny_checkpoints, offline):
         torch.manual_seed(0)
         loss = model(synthetic(model, task, 0))["loss"]
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_a_7b_plan_without_weights_is_built_from_the_configs(tiny_checkpoints, tmp_path):
+    """Weights on the cluster, configs here: ``train plan`` builds the model from the
+    backbones' configs on the meta device; shapes and parameter counts equal a real build's,
+    the memory table prints, and the note names what was missing."""
+    import json
+    import shutil
+
+    from helpers import cli
+
+    from core.weights import MissingWeights
+    from training.memory import model_shape
+    from training.plan import build
+
+    full = next(iter(tiny_checkpoints["vino"].values())).parent
+    configs = tmp_path / "configs"  # the folders without their weight files
+    shutil.copytree(full, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    for name in PRODUCTION:
+        family = name.removesuffix("_7b")
+        base = load_config(Recipe, RECIPES / f"{name}.yaml")
+
+        def pointed(root, base=base, family=family):
+            paths = {
+                k: str(root / v.relative_to(full)) for k, v in tiny_checkpoints[family].items()
+            }
+            return base.model_copy(
+                update={"model": base.model.model_copy(update={"pretrained": paths})}
+            )
+
+        with pytest.raises(MissingWeights, match="no weights"):
+            build(pointed(configs))
+        meta = build(pointed(configs), config_only=True)
+        assert {p.device.type for p in meta.parameters()} == {"meta"}
+        assert model_shape(meta) == model_shape(build(pointed(full))), name
+    paths = {
+        k: str(configs / v.relative_to(full)) for k, v in tiny_checkpoints["haplo_omni"].items()
+    }
+    out = cli(
+        "train", "plan", "haplo_omni_7b", "--set", f"model.pretrained={json.dumps(paths)}",
+        "--catalog", str(tmp_path / "no-catalog.db"),
+    )  # fmt: skip
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "memory per GPU rank on 8 worker(s), bf16 weights" in out.stdout
+    assert "unified_tuning" in out.stdout.split("memory per GPU rank")[1]
+    assert "built from their configs alone" in out.stderr
+    assert "hf download Qwen/Qwen2.5-7B-Instruct" in out.stderr

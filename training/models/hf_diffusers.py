@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.weights import MissingWeights
+from core.weights import MissingWeights, is_config_only
 from training.models.blocks import Frozen
 from training.models.checkpointing import checkpoint_ready
 from training.models.geometry import latent_frames
@@ -177,6 +177,10 @@ def load_diffusers(cls_name: str, root: Path, dtype):
     from safetensors.torch import load_file
 
     cls = getattr(diffusers, cls_name)
+    if is_config_only():  # the architecture only, on the meta device
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(root, local_files_only=True))
+        return checkpoint_ready(model.to(dtype).eval())
     if importlib.util.find_spec("accelerate") is not None:
         return checkpoint_ready(cls.from_pretrained(root, local_files_only=True, torch_dtype=dtype))
     model = cls.from_config(cls.load_config(root, local_files_only=True))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.weights import is_config_only
 from training.models.blocks import attention_mask
 from training.models.checkpointing import checkpoint_ready
 from training.models.geometry import group_frames
@@ -78,6 +79,23 @@ class HFTokenizer:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
 
+def hf_model(cls, root: Path, **kwargs):
+    """``cls.from_pretrained`` from the local folder; under ``core.weights.config_only`` the
+    same class built from the folder's config on the ``meta`` device (no weights read)."""
+    if not is_config_only():
+        return cls.from_pretrained(root, local_files_only=True, **kwargs)
+    config_cls = getattr(cls, "config_class", None)
+    if config_cls is not None:  # a concrete class (SiglipVisionModel): its own config
+        config = config_cls.from_pretrained(root, local_files_only=True)
+        with torch.device("meta"):
+            return cls(config).to(kwargs["dtype"])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(root, local_files_only=True)
+    with torch.device("meta"):
+        return cls.from_config(config, **kwargs)
+
+
 def load_causal_lm(root: Path, dtype: torch.dtype, max_text_len: int, hidden_layer: int = -1):
     """-> (token embedding, HFDecoder, LM head, HFTokenizer). The embedding and head leave the
     body so they can sit in other groups; a tied head is untied (copied)."""
@@ -87,9 +105,7 @@ def load_causal_lm(root: Path, dtype: torch.dtype, max_text_len: int, hidden_lay
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = checkpoint_ready(
-        AutoModelForCausalLM.from_pretrained(
-            root, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
-        )
+        hf_model(AutoModelForCausalLM, root, dtype=dtype, attn_implementation="sdpa")
     )
     tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -151,9 +167,7 @@ def load_siglip(root: Path, dtype, temporal_factor: int, grid: int, trainable=Fa
             f"{root}: vision encoder must be a fixed-resolution SigLIP / SigLIP2 checkpoint "
             f"(model_type siglip), got {config.get('model_type')!r}"
         )
-    model = checkpoint_ready(
-        SiglipVisionModel.from_pretrained(root, local_files_only=True, dtype=dtype)
-    )
+    model = checkpoint_ready(hf_model(SiglipVisionModel, root, dtype=dtype))
     pre = root / "preprocessor_config.json"
     stats = json.loads(pre.read_text()) if pre.is_file() else {}
     mean, std = stats.get("image_mean", [0.5] * 3), stats.get("image_std", [0.5] * 3)
@@ -231,9 +245,7 @@ def load_vlm(
             f"{', '.join(VLM_TYPES)}), got {kind!r}"
         )
     model = checkpoint_ready(
-        AutoModelForImageTextToText.from_pretrained(
-            root, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
-        )
+        hf_model(AutoModelForImageTextToText, root, dtype=dtype, attn_implementation="sdpa")
     )
     tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
     processor = AutoImageProcessor.from_pretrained(root, local_files_only=True)
