@@ -165,26 +165,24 @@ def test_a_7b_plan_without_weights_is_built_from_the_configs(tiny_checkpoints, t
     full = next(iter(tiny_checkpoints["vino"].values())).parent
     configs = tmp_path / "configs"  # the folders without their weight files
     shutil.copytree(full, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+
+    def moved(family: str, root) -> dict[str, str]:  # the family's folders under ``root``
+        return {k: str(root / v.relative_to(full)) for k, v in tiny_checkpoints[family].items()}
+
     for name in PRODUCTION:
         family = name.removesuffix("_7b")
         base = load_config(Recipe, RECIPES / f"{name}.yaml")
 
         def pointed(root, base=base, family=family):
-            paths = {
-                k: str(root / v.relative_to(full)) for k, v in tiny_checkpoints[family].items()
-            }
-            return base.model_copy(
-                update={"model": base.model.model_copy(update={"pretrained": paths})}
-            )
+            model = base.model.model_copy(update={"pretrained": moved(family, root)})
+            return base.model_copy(update={"model": model})
 
         with pytest.raises(MissingWeights, match="no weights"):
             build(pointed(configs))
         meta = build(pointed(configs), config_only=True)
         assert {p.device.type for p in meta.parameters()} == {"meta"}
         assert model_shape(meta) == model_shape(build(pointed(full))), name
-    paths = {
-        k: str(configs / v.relative_to(full)) for k, v in tiny_checkpoints["haplo_omni"].items()
-    }
+    paths = moved("haplo_omni", configs)
     out = cli(
         "train", "plan", "haplo_omni_7b", "--set", f"model.pretrained={json.dumps(paths)}",
         "--catalog", str(tmp_path / "no-catalog.db"),
