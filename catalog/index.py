@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog.schema import assert_valid, conform, validate_table
+from core import storage  # noqa: F401 - its object-store settings apply to every fsspec client
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds

@@ -25,6 +25,8 @@ from typing import Any
 
 import fsspec
 
+from core import storage  # noqa: F401 - its object-store settings apply to every fsspec client
+
 # Side lengths of square reference areas: a sample's area class is the nearest (in log area).
 AREA_CLASSES = (256, 512, 768, 1024, 1536, 2048)
 # Aspect classes w:h, nearest in log ratio.

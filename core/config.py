@@ -70,12 +70,17 @@ def warn_ineffective(path: str, why: str) -> None:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file and the line."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a YAML mapping (a local file or an object-store URI); errors name the file and
+    the line."""
+    from core import storage
+
+    remote = storage.is_remote(path)
+    path = str(path) if remote else Path(path)
+    if not (storage.exists(path) if remote else path.is_file()):
         raise ConfigError([f"config file not found: {path}"], str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = storage.read_text(path) if remote else path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise ConfigError([f"not UTF-8 text: {e}"], str(path)) from e
     except yaml.YAMLError as e:

@@ -133,6 +133,18 @@ def secure_token_file(path: Path | None = None) -> None:
         return  # none, or not ours to change (a mounted secret)
 
 
+def use_ray_token() -> None:
+    """Make Ray clients in this process send the token when one exists and ``RAY_AUTH_MODE``
+    is unset: a cluster with token authentication refuses a client without it, one without
+    authentication ignores it. Call before ``ray.init(address=...)`` or a Jobs API client."""
+    if "RAY_AUTH_MODE" in os.environ or ray_token() is None:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config  # Ray caches the mode: re-read it (as ray.init does)
+
+    Config.initialize("")
+
+
 def ensure_ray_token() -> str:
     """Token authentication unless ``RAY_AUTH_MODE=disabled``. A missing token is generated
     into the file Ray reads (``token_path()``) with mode 0600; a token file Ray created earlier

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.secrets import ensure_ray_token
+from core.secrets import ensure_ray_token, use_ray_token
 from curation.adapter import (
     ACTOR_RETRIES,
     Pool,
@@ -382,6 +382,8 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
         return
     if address is None and not os.environ.get("RAY_ADDRESS"):
         ensure_ray_token()  # a local Ray would write its token file with the umask's mode
+    else:
+        use_ray_token()  # a cluster (``cluster up``) with token authentication
     ray.init(
         address=address,
         include_dashboard=False,

@@ -12,17 +12,15 @@ engine and sink.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import re
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from rich.markup import escape
 
 from catalog.index import read_index
@@ -31,13 +29,14 @@ from catalog.records import Node, VersionInfo
 from catalog.shards import ShardInfo
 from catalog.store import Catalog
 from core.config import config_hash, flatten, load_yaml, validate
+from core.storage import Location, copy_tree, local_cache, location, put_file, read_text
 from curation.adapter import Step, plan_steps
 from curation.config import CurationConfig
 from curation.engine import CurationAborted, run_blocks
 from curation.journal import Journal
-from curation.output import LOCK, claim_output, output_lock
+from curation.output import LOCK, claim_output, output_location, output_lock, staging_folder
 from curation.pack import pack_one, plan_packs, write_final_index, write_shard_list
-from curation.sink import WORK, BlockSink, read_thumbnails, write_atomic, writing
+from curation.sink import THUMBS, WORK, BlockSink, read_thumbnails, write_atomic, writing
 from curation.sources import list_inputs
 from curation.stages.base import Resources, Row, Stage, check_required
 
@@ -134,17 +133,6 @@ def _clip_stages(cfg: CurationConfig, skipped: dict[str, str]) -> list[Stage]:
     return out
 
 
-def local_output(output: str | Path) -> Path:
-    """The output folder: local (or a mounted share). Object-store URIs are refused here
-    rather than turned into a local folder named ``s3:``."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(output)):
-        raise ValueError(
-            f"--output {output}: curation writes to a local folder (or a mounted share); "
-            "object-store outputs are not supported yet"
-        )
-    return Path(output).resolve()
-
-
 def run_identity(cfg: CurationConfig, inputs: list[dict]) -> str:
     """Config hash + input listing: a rerun with the same identity resumes."""
     h = hashlib.sha256(config_hash(cfg).encode())
@@ -157,7 +145,7 @@ def run_identity(cfg: CurationConfig, inputs: list[dict]) -> str:
 class _Job:
     """What one curation run works with, from its start to its report."""
 
-    out: Path
+    out: Location
     cfg: CurationConfig
     catalog: Catalog
     stages: list[Stage]
@@ -181,13 +169,14 @@ def run_curation(
     verbose: bool = False,
 ) -> CurationResult:
     start = time.monotonic()
-    out = local_output(output)
-    fresh = not out.exists()
+    out = output_location(output)
+    fresh = not out.fs.exists(out.path)
     with output_lock(out):
         try:
             stages, skipped = build_stages(cfg)
             check_required(stages)  # before any work: name every missing weights file
-            inputs = list_inputs(source, cfg.kind, staging=out / "_staging", allow=cfg.allow_inputs)
+            staging = staging_folder(out)
+            inputs = list_inputs(source, cfg.kind, staging=staging, allow=cfg.allow_inputs)
             if not inputs:  # checked before a version is begun: no pending version is left
                 raise ValueError(
                     f"--input {source}: no inputs found (no media files, manifests or tars); "
@@ -202,24 +191,25 @@ def run_curation(
         )
         identity = run_identity(cfg, inputs)
         claim_output(out, identity, source, cfg)
-        finished = catalog.find_committed(cfg.name, str(out), identity)
+        finished = catalog.find_committed(cfg.name, out.uri, identity)
         if finished is not None:  # the same run finished earlier: nothing to do
             if console is not None:
                 console.print(
                     f"{out} already holds {finished.ref} from this config and input", markup=False
                 )
             return _finish(replace(job, tracking_uri=None), finished, len(inputs))
-        version = catalog.begin_version(cfg.name, root_uri=str(out), config_hash=identity)
-        params = {"input": source, "output": str(out)}
+        version = catalog.begin_version(cfg.name, root_uri=out.uri, config_hash=identity)
+        params = {"input": source, "output": out.uri}
         return _run(job, version, inputs, f"curate {source} -> {out}", identity, params)
 
 
-def _forget_output(out: Path, fresh: bool) -> None:
+def _forget_output(out: Location, fresh: bool) -> None:
     """Remove an output folder this run created and did not use (only its lock and an empty
-    staging folder are in it), so a mistaken command leaves nothing behind."""
-    if not fresh:
+    staging folder are in it), so a mistaken command leaves nothing behind (an object-store
+    output has nothing written yet)."""
+    if not fresh or out.remote:
         return
-    for leftover in (out / "_staging", out):
+    for leftover in (out.local() / "_staging", out.local()):
         if not leftover.is_dir():
             continue
         (leftover / LOCK).unlink(missing_ok=True)
@@ -264,7 +254,7 @@ def _write_and_commit(
 ) -> tuple[VersionInfo, dict[str, Any]]:
     """Run the uncommitted inputs, pack, then commit the version (last)."""
     out, cfg = job.out, job.cfg
-    journal = Journal(str(out))
+    journal = Journal(out.uri)
     records = journal.records()
     journal.collect_garbage(records)
     done = journal.committed_inputs(records)
@@ -275,9 +265,7 @@ def _write_and_commit(
     }
     _print_plan(job.console, job.stages, job.skipped, len(inputs), len(inputs) - len(pending))
     if pending:
-        sink = BlockSink(
-            str(out), str(version.run_id), cfg.shards.max_samples, cfg.shards.max_bytes
-        )
+        sink = BlockSink(out.uri, str(version.run_id), cfg.shards.max_samples, cfg.shards.max_bytes)
         stats = run_blocks(
             pending,
             job.stages,
@@ -295,12 +283,13 @@ def _write_and_commit(
     missing = {r["input_id"] for r in inputs} - journal.committed_inputs(records)
     if missing:
         raise CurationAborted(f"{len(missing)} inputs were not committed; rerun to resume")
-    with writing(str(out)):  # a full disk here is one line too
-        shards = _pack(str(out), records, cfg)
+    with writing(out.uri):  # a full disk here is one line too
+        shards = _pack(out.uri, records, cfg)
     job.catalog.add_shards(version.id, shards)
-    version = job.catalog.commit_version(version.id, str(out / "index"))
+    version = job.catalog.commit_version(version.id, out.join("index"))
     job.catalog.add_edge(Node("run", version.run_id), Node("version", version.id), "output")
-    shutil.rmtree(out / WORK, ignore_errors=True)  # segments and block parts live on in shards/
+    with contextlib.suppress(OSError):  # segments and block parts live on in shards/
+        out.fs.rm(f"{out.path}/{WORK}", recursive=True)
     return version, run
 
 
@@ -339,7 +328,7 @@ def _finish(
     from curation.tracking import log_to_mlflow
 
     out, cfg, console = job.out, job.cfg, job.console
-    index = read_index(str(out / "index"))
+    index = read_index(out.join("index"))
     summary = summarize(
         index,
         stages_run=[s.name for s in job.stages],
@@ -350,11 +339,18 @@ def _finish(
         run=run,
     )
     summary["catalog"] = version.ref
-    fs = fsspec.filesystem("file")
-    write_atomic(fs, str(out / "summary.json"), json.dumps(summary, indent=1, default=str).encode())
-    thumbs = read_thumbnails(out)
-    with writing(str(out / "report.html")):
-        report_path = write_report(index, thumbs, cfg.select, summary, out / "report.html")
+    body = json.dumps(summary, indent=1, default=str).encode()
+    write_atomic(out.fs, f"{out.path}/summary.json", body)
+    thumbs = read_thumbnails(out.uri)
+    # the report is written locally (a copy under OMNIFORGE_HOME for an object store), then
+    # uploaded next to the shards; MLflow gets the local file
+    local = local_cache(out, "reports") if out.remote else out.local()
+    with writing(out.join("report.html")):
+        report_path = write_report(index, thumbs, cfg.select, summary, local / "report.html")
+        config_path = local / "config.yaml"
+        if out.remote:
+            put_file(report_path, out.join("report.html"))
+            config_path.write_text(read_text(out.join("config.yaml")))
     mlflow_id = None
     if job.tracking_uri:
         mlflow_id = log_to_mlflow(
@@ -364,19 +360,21 @@ def _finish(
             flatten(cfg),
             summary,
             report_path,
-            extra_artifacts=[out / "config.yaml"],
+            extra_artifacts=[config_path],
             tags={"omniforge.catalog": version.ref, "omniforge.config_hash": version.config_hash},
             output=version,
         )
     if console is not None:
         print_summary(summary, console)
-        console.print(f"report: {report_path}\ncatalog: {version.ref}")
+        where = f"{out.join('report.html')} (copy: {report_path})" if out.remote else report_path
+        console.print(f"report: {where}\ncatalog: {version.ref}", markup=False)
     return CurationResult(version, summary, report_path, mlflow_id)
 
 
 def load_run_config(output: str | Path) -> CurationConfig:
-    """The resolved config a previous run saved in its output folder."""
-    return validate(CurationConfig, load_yaml(Path(output) / "config.yaml"), str(output))
+    """The resolved config a previous run saved in its output (a folder or object-store URI)."""
+    src = location(output, "source")
+    return validate(CurationConfig, load_yaml(src.join("config.yaml")), src.uri)
 
 
 def reselect(
@@ -399,20 +397,20 @@ def reselect(
     from curation.stages.select import SelectStage
 
     start = time.monotonic()
-    src, out = Path(source_root).resolve(), local_output(output)
+    src, out = location(source_root, "source"), output_location(output)
     if src == out:
         raise ValueError("curate select writes a new version: --output must differ from the source")
     with output_lock(out):
-        rows = read_index(str(src / "index")).to_pylist()
+        rows = read_index(src.join("index")).to_pylist()
         for r in rows:
             r.update(input_id=r["key"], shard=None, bucket=None, run_id=None)
         identity = hashlib.sha256(f"{config_hash(cfg)}:{parent.id if parent else src}".encode())
-        claim_output(out, identity.hexdigest(), str(src), cfg)
-        if (src / "_thumbs").is_dir():
-            shutil.copytree(src / "_thumbs", out / "_thumbs", dirs_exist_ok=True)
+        claim_output(out, identity.hexdigest(), src.uri, cfg)
+        with writing(out.join(THUMBS)):
+            copy_tree(src.join(THUMBS), out.join(THUMBS))
         version = catalog.begin_version(
             cfg.name,
-            root_uri=str(out),
+            root_uri=out.uri,
             config_hash=identity.hexdigest(),
             parent_id=parent.id if parent else None,
         )
@@ -424,7 +422,7 @@ def reselect(
         job = _Job(
             out, cfg, catalog, stages, skipped, address, tracking_uri, console, verbose, start
         )
-        params = {"source": str(src), "output": str(out)}
+        params = {"source": src.uri, "output": out.uri}
         name = f"select {src} -> {out}"
         return _run(job, version, rows, name, identity.hexdigest(), params, parent)
 

@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
@@ -277,13 +277,16 @@ class Thumbnails(Mapping[str, bytes]):
     a few per reason, so they are never all in memory. Empty files are not listed."""
 
     def __init__(self, output: str | os.PathLike):
-        root = Path(output) / THUMBS
+        self.fs, root = fsspec.core.url_to_fs(f"{str(output).rstrip('/')}/{THUMBS}")
+        found = self.fs.find(root, detail=True) if self.fs.isdir(root) else {}
         self.paths = {
-            p.stem: p for p in sorted(root.rglob("*.jpg")) if p.is_file() and p.stat().st_size
+            PurePosixPath(p).stem: p
+            for p, info in sorted(found.items())
+            if p.endswith(".jpg") and info.get("type") == "file" and info.get("size")
         }
 
     def __getitem__(self, key: str) -> bytes:
-        return self.paths[key].read_bytes()
+        return self.fs.cat_file(self.paths[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.paths)

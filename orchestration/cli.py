@@ -32,6 +32,7 @@ from orchestration import (
     jobs_cmd,
     mlflow_cmd,
     plan_cmd,
+    s3_cmd,
     train_cmd,
 )
 from orchestration.common import console, err_console
@@ -55,6 +56,7 @@ app.add_typer(jobs_cmd.submit_app, name="submit")
 app.add_typer(jobs_cmd.jobs_app, name="jobs")
 app.add_typer(mlflow_cmd.app, name="mlflow")
 app.add_typer(plan_cmd.app, name="plan")
+app.add_typer(s3_cmd.app, name="s3")
 app.command("doctor")(doctor_cmd.doctor)
 
 

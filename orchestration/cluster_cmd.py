@@ -1,4 +1,5 @@
-"""``omniforge cluster up|down|status``: a local Ray head for development.
+"""``omniforge cluster up|down|status``: a local Ray head for development, and worker nodes
+beside it on the same machine (``--workers N``: a multi-node cluster for tests and demos).
 
 The dashboard and the Jobs API listen on 127.0.0.1 only. Ray's own gRPC servers (GCS,
 raylet, object manager) listen on the node's address whatever is asked (Ray maps 127.0.0.1 to
@@ -20,6 +21,7 @@ import typer
 
 from core.secrets import ensure_ray_token as _ensure_token
 from core.secrets import ray_token
+from core.secrets import use_ray_token as enable_client_auth
 from orchestration import services
 from orchestration.common import command_prefix, console
 
@@ -27,17 +29,6 @@ app = typer.Typer(help="A local Ray head for development (bound to 127.0.0.1).")
 
 NAME = "cluster"
 AGENT_PORT = 52365
-
-
-def enable_client_auth() -> None:
-    """Make Ray clients in this process send the token when one exists and the mode is unset
-    (a token-auth cluster refuses requests without it; a cluster without auth ignores it)."""
-    if "RAY_AUTH_MODE" in os.environ or ray_token() is None:
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"
-    from ray._raylet import Config  # Ray caches the mode: re-read it (as ray.init does)
-
-    Config.initialize("")
 
 
 def local_address() -> str | None:
@@ -97,6 +88,99 @@ def start_head(
     return service
 
 
+WORKER = "cluster-worker"
+
+
+def start_worker(index: int, num_cpus: int | None = None, num_gpus: int | None = None,
+                 timeout: float = 120.0) -> services.Service:  # fmt: skip
+    """Start worker node ``index`` (1, 2, ...) of the head that ``cluster up`` started, on this
+    machine: its own raylet, object store and resources, as a node of another machine would
+    be. Waits until the head lists it; nodes start one at a time (two starting at once on one
+    machine race for the same socket names)."""
+    head = services.running(NAME)
+    if head is None:
+        raise services.ServiceError("no local Ray head is running: start it with `cluster up`")
+    argv = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        f"--address={head.info['gcs_address']}",
+        "--block",
+        f"--dashboard-agent-listen-port={_free_or_any(AGENT_PORT)}",
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        argv.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        argv.append(f"--num-gpus={num_gpus}")
+    expected = 2 + len(workers())  # the head, the workers started before, this one
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {"PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": _ensure_token()}
+    name = f"{WORKER}-{index}"
+    service = services.start(
+        name,
+        argv,
+        url=head.url,
+        health=f"{head.url}/api/gcs_healthz",
+        env=env,
+        timeout=timeout,
+        info={"head": head.info["gcs_address"], "num_cpus": num_cpus},
+        headers=auth_headers(),
+    )
+    import time
+
+    deadline = time.monotonic() + timeout
+    while alive_nodes(head.url) < expected:
+        if time.monotonic() > deadline or not services.alive(service.pid):
+            services.stop(name)
+            raise services.ServiceError(
+                f"worker node {index} did not join the head in {timeout:.0f} s; see "
+                f"{service.log}:\n{services.tail(service.log)}"
+            )
+        time.sleep(0.5)
+    return service
+
+
+def alive_nodes(url: str) -> int:
+    """How many nodes the head at ``url`` (its dashboard) lists as alive."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/api/v0/nodes?limit=1000", headers=auth_headers())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        nodes = json.loads(response.read())["data"]["result"]["result"]
+    return sum(n.get("state") == "ALIVE" for n in nodes)
+
+
+def wait_for_nodes(gcs_address: str, count: int, timeout: float = 120.0) -> None:
+    """Wait until a driver of the cluster sees ``count`` alive nodes (``ray.nodes()``): the
+    dashboard lists a node a moment before a new driver does, and a job started in between
+    would plan for fewer CPUs than the cluster has."""
+    import time
+
+    import ray
+
+    enable_client_auth()
+    ray.init(address=gcs_address, log_to_driver=False, configure_logging=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while sum(n["Alive"] for n in ray.nodes()) < count:
+            if time.monotonic() > deadline:
+                raise services.ServiceError(
+                    f"the cluster at {gcs_address} shows fewer than {count} nodes after "
+                    f"{timeout:.0f} s"
+                )
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+
+
+def workers() -> list[services.Service]:
+    """The worker nodes ``cluster up --workers`` started that are running."""
+    folder = services.home() / "services"
+    names = sorted(p.stem for p in folder.glob(f"{WORKER}-*.json")) if folder.is_dir() else []
+    return [s for n in names if (s := services.running(n)) is not None]
+
+
 def _free_or_any(port: int) -> int:
     if services.port_free(port):
         return port
@@ -136,12 +220,28 @@ def up(
     dashboard_port: int = typer.Option(8265, "--dashboard-port", help="dashboard + Jobs API"),
     num_cpus: int | None = typer.Option(None, "--num-cpus", help="CPUs to offer (default: all)"),
     num_gpus: int | None = typer.Option(None, "--num-gpus", help="GPUs to offer (default: all)"),
+    worker_nodes: int = typer.Option(
+        0, "--workers", help="worker nodes to start on this machine too (a multi-node cluster)"
+    ),
+    worker_cpus: int | None = typer.Option(
+        None, "--worker-cpus", help="CPUs each worker node offers (default: all)"
+    ),
 ) -> None:
-    """Start a local Ray head on 127.0.0.1 (GCS, dashboard and Jobs API on loopback only)."""
+    """Start a local Ray head on 127.0.0.1 (GCS, dashboard and Jobs API on loopback only),
+    and with ``--workers N`` N worker nodes beside it."""
     service = start_head(port, dashboard_port, num_cpus, num_gpus)
+    try:
+        for index in range(1, worker_nodes + 1):
+            start_worker(index, worker_cpus)
+        if worker_nodes:
+            wait_for_nodes(service.info["gcs_address"], 1 + worker_nodes)
+    except Exception:
+        down()
+        raise
     omniforge = command_prefix()
+    nodes = f", {worker_nodes} worker node(s)" if worker_nodes else ""
     console.print(
-        f"Ray head running (pid {service.pid}): Jobs API and dashboard {service.url}, "
+        f"Ray head running (pid {service.pid}){nodes}: Jobs API and dashboard {service.url}, "
         f"GCS {service.info['gcs_address']}\n"
         f"submit with: {omniforge} submit curate CONFIG --input ... --output ...   "
         f"(log: {service.log})\nstop with: {omniforge} cluster down",
@@ -151,7 +251,9 @@ def up(
 
 @app.command("down")
 def down() -> None:
-    """Stop the Ray head started by ``cluster up`` (and only it)."""
+    """Stop the Ray head started by ``cluster up`` and its worker nodes (and only them)."""
+    for worker in workers():
+        services.stop(worker.name)
     service = services.stop(NAME)
     if service is None:
         console.print("no local Ray head is running")
@@ -166,6 +268,8 @@ def status() -> None:
     if service is None:
         console.print("no local Ray head is running (start one with: omniforge cluster up)")
         raise typer.Exit(1)
+    nodes = f", {len(workers())} worker node(s)" if workers() else ""
     console.print(
-        f"Ray head running (pid {service.pid}): {service.url}, GCS {service.info['gcs_address']}"
+        f"Ray head running (pid {service.pid}){nodes}: {service.url}, "
+        f"GCS {service.info['gcs_address']}"
     )

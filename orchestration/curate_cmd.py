@@ -19,7 +19,12 @@ KINDS = ("auto", "image", "video", "image_edit", "video_edit", "conversation")
 @app.command("run")
 def run(
     input: str = typer.Option(..., "--input", help="directory, manifest, tar(s) or fsspec URI"),
-    output: Path = typer.Option(..., "--output", help="shards/, index/, report.html go here"),
+    output: str = typer.Option(
+        ...,
+        "--output",
+        help="folder or object-store prefix (s3://BUCKET/PREFIX, gs://...): shards/, index/, "
+        "report.html go here",
+    ),
     config: Path | None = typer.Option(None, "--config", help="YAML curation config"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
     kind: str | None = typer.Option(
@@ -73,8 +78,10 @@ def run(
 
 @app.command("select")
 def select(
-    source: str = typer.Argument(..., help="catalog://NAME@VERSION or a curation output folder"),
-    output: Path = typer.Option(..., "--output", help="folder of the new version"),
+    source: str = typer.Argument(..., help="catalog://NAME@VERSION or a curation output"),
+    output: str = typer.Option(
+        ..., "--output", help="folder or s3:// / gs:// prefix of the new version"
+    ),
     config: Path | None = typer.Option(None, "--config", help="YAML with new thresholds"),
     set_: list[str] = typer.Option([], "--set", help="e.g. select.min_aesthetic=5.5"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
@@ -95,9 +102,9 @@ def select(
     if is_catalog_uri(source):
         ref = DatasetRef.parse(source)
         parent = cat.get_version(ref.name, ref.version)
-        root = Path(parent.root_uri)
+        root = parent.root_uri
     else:
-        root = Path(source)
+        root = source
     base = load_run_config(root)
     cfg = load_config(CurationConfig, config, set_, base=to_plain(base))
     reselect(

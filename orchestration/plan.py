@@ -39,6 +39,7 @@ from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
 from core.config import StrictModel, load_config
 from core.secrets import has_secret
+from core.storage import StorageError, is_remote
 from core.tracking import run_link
 from orchestration.services import alive
 
@@ -86,6 +87,12 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> tuple[Pla
             return p
         return str((base / p).resolve())
 
+    if is_remote(plan.output):
+        raise StorageError(
+            f"{path}: output {plan.output}: a plan keeps its state, curation and training "
+            "runs in a local or shared folder (object-store training outputs are not "
+            "supported yet; its input may be in s3:// or gs://)"
+        )
     changes: dict[str, Any] = {"output": local(plan.output)}
     if plan.curation is not None:
         changes["curation"] = plan.curation.model_copy(

@@ -6,9 +6,25 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import sample_rows, torch_threads, write_version_files
+from helpers import free_port, sample_rows, torch_threads, write_version_files
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Object storage in tests is the local S3 server of ``s3_server`` (``omniforge s3 up``), found
+# through the standard variables. They are set before anything starts (Ray's workers inherit
+# the environment of the first ``ray.init``), and they point away from any real account: the
+# developer's own AWS settings never reach a test.
+S3_PORT = free_port()
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="omniforge-test",
+    AWS_SECRET_ACCESS_KEY="omniforge-test",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_CONFIG_FILE=os.devnull,
+    AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+)
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(autouse=True)
@@ -89,3 +105,44 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The local S3-compatible server (``omniforge s3 up``: moto's server mode on 127.0.0.1,
+    objects in memory) for the whole session; its URL. Clients reach it through the AWS_*
+    variables set above: real s3fs / pyarrow clients, no patched calls."""
+    from orchestration import s3_cmd, services
+
+    home = tmp_path_factory.mktemp("s3_service_home")
+    before = os.environ.get("OMNIFORGE_HOME")
+    os.environ["OMNIFORGE_HOME"] = str(home)  # where the service records its pid and log
+    try:
+        service = s3_cmd.start_server(port=S3_PORT)
+    finally:
+        _restore("OMNIFORGE_HOME", before)
+    yield service.url
+    os.environ["OMNIFORGE_HOME"] = str(home)
+    try:
+        services.stop(s3_cmd.NAME)
+    finally:
+        _restore("OMNIFORGE_HOME", before)
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the local S3 server: ``s3://NAME``."""
+    import uuid
+
+    from orchestration import s3_cmd
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_cmd.make_bucket(s3_server, name)
+    return f"s3://{name}"

@@ -203,7 +203,10 @@ def find_gpus(address: str | None) -> GpuInfo | None:
     if address:
         import ray
 
+        from core.secrets import use_ray_token
+
         if not ray.is_initialized():
+            use_ray_token()  # a cluster with token authentication (``cluster up``)
             ray.init(
                 address=address,
                 include_dashboard=False,

@@ -51,7 +51,8 @@ from catalog.lifecycle import run_lifecycle
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
 from core.config import dump_yaml
-from core.secrets import ensure_ray_token
+from core.secrets import ensure_ray_token, use_ray_token
+from core.storage import StorageError, is_remote
 from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
 from training import preflight
@@ -155,6 +156,12 @@ def run_training(
     ``console``, each stage shows the workers' progress (``training.progress``)."""
     from training import tracking
 
+    if is_remote(output):  # never a local folder named "s3:"
+        raise StorageError(
+            f"--output {output}: a training run writes its checkpoints and weights to a local "
+            "or shared folder; object-store training outputs are not supported yet (the data "
+            "it reads may live in s3:// or gs://)"
+        )
     out = Path(output).resolve()
     state_file = out / "run.json"
     if state_file.exists() and not resume:
@@ -251,6 +258,8 @@ def _connect_ray(address: str | None) -> bool:
     if not ray.is_initialized():
         if address is None and not os.environ.get("RAY_ADDRESS"):
             ensure_ray_token()  # a local Ray would write its token file with the umask's mode
+        else:
+            use_ray_token()  # a cluster (``cluster up``) with token authentication
         ray.init(
             address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
         )

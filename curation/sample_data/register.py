@@ -17,6 +17,7 @@ from catalog.index import write_index_part
 from catalog.schema import KINDS, make_key, rows_to_table
 from catalog.shards import ShardWriter, bucket_name, sample_json
 from catalog.store import Catalog, VersionInfo
+from core.storage import location
 
 from .labels import LABELS_FILE, load_labels
 
@@ -92,38 +93,38 @@ def register_sample_corpus(
     catalog: Catalog,
     name: str = "sample-corpus",
     max_samples: int = 64,
-    root: Path | None = None,
+    root: str | Path | None = None,
 ) -> VersionInfo:
     """Index every labelled item, shard the accepted ones, commit a version of ``name``.
 
-    The version lives in ``root`` (shards + index; default ``corpus/_dataset``, which a
-    curation run of the corpus lists as hidden: pass a folder outside the corpus to keep it
-    out). Registering the same corpus again reuses an interrupted pending version, or makes
-    a new committed version.
+    The version lives in ``root`` (shards + index; a folder or an ``s3://`` / ``gs://``
+    prefix; default ``corpus/_dataset``, which a curation run of the corpus lists as hidden:
+    pass a folder outside the corpus to keep it out). Registering the same corpus again
+    reuses an interrupted pending version, or makes a new committed version.
     """
     corpus = Path(corpus).resolve()
     labels = load_labels(corpus)
-    root = Path(root).resolve() if root is not None else corpus / "_dataset"
+    root = location(root if root is not None else corpus / "_dataset", "root").uri
     digest = hashlib.sha256((corpus / LABELS_FILE).read_bytes()).hexdigest()
-    done = catalog.find_committed(name, str(root), digest)
+    done = catalog.find_committed(name, root, digest)
     if done is not None:
         return done
     version = catalog.begin_version(
         name,
-        root_uri=str(root),
+        root_uri=root,
         config_hash=digest,
         note="ground-truth registration of the generated sample corpus",
     )
     rows = [label_to_row(corpus, lab) for lab in labels]
-    with ShardWriter(str(root), prefix=f"v{version.version}", max_samples=max_samples) as writer:
+    with ShardWriter(root, prefix=f"v{version.version}", max_samples=max_samples) as writer:
         for row, label in zip(rows, labels, strict=True):
             if row["status"] != "accepted":
                 continue
             row["bucket"] = bucket_name(row["width"], row["height"], row["num_frames"] or 1)
             row["shard"] = writer.write(row["bucket"], row["key"], _members(corpus, row, label))
-    write_index_part(rows_to_table(rows), root / "index", f"v{version.version}")
+    write_index_part(rows_to_table(rows), f"{root}/index", f"v{version.version}")
     catalog.add_shards(version.id, writer.finished)
-    return catalog.commit_version(version.id, str(root / "index"))
+    return catalog.commit_version(version.id, f"{root}/index")
 
 
 def _members(corpus: Path, row: dict[str, Any], label: dict[str, Any]) -> dict[str, bytes]:

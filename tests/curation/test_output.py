@@ -95,17 +95,3 @@ def test_a_read_only_output_ends_in_one_line(photos, tmp_path):
     assert (
         line == f"error: cannot write {tmp_path / 'out' / '.lock'}: [EROFS] Read-only file system"
     )
-
-
-def test_an_object_store_output_is_refused_not_made_a_local_folder(photos, tmp_path):
-    done = subprocess.run(
-        curate(photos, Path("s3://bucket/curated"), tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2, done.stderr
-    (line,) = done.stderr.strip().splitlines()
-    assert "curation writes to a local folder" in line
-    assert not (tmp_path / "s3:").exists()

@@ -61,6 +61,10 @@ def test_plan_paths_steps_and_refusals(tmp_path):
     leaky.write_text(PLAN.replace("sqlite:///out/catalog.db", "postgresql://me:pw@db/c"))
     with pytest.raises(ValueError, match="catalog holds a password"):
         load_plan(leaky)
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(PLAN.replace("output: out", "output: s3://bucket/programme"))
+    with pytest.raises(ValueError, match="output s3://bucket/programme: a plan keeps its state"):
+        load_plan(remote)
     bad = tmp_path / "bad.yaml"
     bad.write_text(PLAN.replace("stages: 1-2", "stages: 1-9"))
     with pytest.raises(ValueError, match="the recipe has stages 1..3"):

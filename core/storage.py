@@ -1,0 +1,162 @@
+"""Where outputs live: a local folder or an object store, behind one small API (fsspec).
+
+``location(uri, field)`` checks a user-given output once, at the edge: a path or ``file://``
+URI is a local folder (made absolute); ``s3://`` and ``gs://`` are object stores (s3fs and
+gcsfs, the ``s3`` / ``gcs`` extras); anything else is an error naming ``field``, never a local
+folder called ``s3:``. Credentials and endpoints are the clients' own standard places
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for S3-compatible
+servers such as MinIO, ``~/.aws/*``; GCS application default credentials): never argv.
+
+Object stores have no rename. Writers here never rely on one for correctness: a file counts
+only once a record written after it names it (the curation journal, the shard list, the
+catalog), so a crash leaves at worst an unlisted object that the next run removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+# Listings are not cached: a curation output is written by many processes (Ray workers, the
+# driver) and a cached listing would hide what another one wrote. Applied to every s3fs /
+# gcsfs instance a process creates once this module is imported.
+for _proto in ("s3", "gcs"):
+    fsspec.config.conf.setdefault(_proto, {}).setdefault("use_listings_cache", False)
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# scheme -> (what to install, protocol name in fsspec)
+OBJECT_STORES = {
+    "s3": ("omniforge[s3] (s3fs)", "s3"),
+    "s3a": ("omniforge[s3] (s3fs)", "s3"),
+    "gs": ("omniforge[gcs] (gcsfs)", "gcs"),
+    "gcs": ("omniforge[gcs] (gcsfs)", "gcs"),
+}
+
+
+class StorageError(ValueError):
+    """A location that cannot be used: unknown scheme, missing client library."""
+
+
+def scheme(uri: str | os.PathLike) -> str | None:
+    """``s3`` for ``s3://b/k``; None for a plain path."""
+    m = _SCHEME.match(str(uri))
+    return m.group(1).lower() if m else None
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    return scheme(uri) not in (None, "file")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A checked place: ``uri`` is an absolute local path or a ``scheme://`` URI (no trailing
+    slash). ``join`` gives child URIs in the same form; ``fs`` / ``path`` are fsspec's."""
+
+    uri: str
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.uri)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.uri)[0]
+
+    @property
+    def path(self) -> str:
+        return fsspec.core.url_to_fs(self.uri)[1]
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.uri, *(p.strip("/") for p in parts)])
+
+    def local(self) -> Path:
+        """The local folder (only for a local location)."""
+        if self.remote:
+            raise StorageError(f"{self.uri} is not a local folder")
+        return Path(self.uri)
+
+    def key(self) -> str:
+        """A short stable name for this location (local lock and cache folders)."""
+        return hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def location(uri: str | os.PathLike, field: str = "path") -> Location:
+    """Check ``uri`` (a user-given ``field``) and return its ``Location``; raises
+    ``StorageError`` naming the field for an unknown scheme or a missing client library."""
+    text = str(uri)
+    proto = scheme(text)
+    if proto is None:
+        return Location(str(Path(text).expanduser().resolve()))
+    if proto == "file":
+        return Location(str(Path(text[len("file://") :]).expanduser().resolve()))
+    if proto not in OBJECT_STORES:
+        known = ", ".join(f"{s}://" for s in ("s3", "gs"))
+        raise StorageError(
+            f"{field} {text}: the scheme {proto}:// is not supported; use a local path, "
+            f"file://, or an object store ({known})"
+        )
+    extra, fs_proto = OBJECT_STORES[proto]
+    try:
+        fsspec.get_filesystem_class(fs_proto)
+    except ImportError:
+        raise StorageError(
+            f"{field} {text}: {proto}:// needs its client library; pip install {extra}"
+        ) from None
+    if not text[len(proto) + 3 :].strip("/"):
+        raise StorageError(f"{field} {text}: name a bucket (and a prefix): {proto}://BUCKET/PREFIX")
+    return Location(text.rstrip("/"))
+
+
+def home() -> Path:
+    """``OMNIFORGE_HOME`` (default ``~/.omniforge``): local state, caches, service logs."""
+    return Path(os.environ.get("OMNIFORGE_HOME") or Path.home() / ".omniforge")
+
+
+def local_cache(loc: Location, what: str) -> Path:
+    """A local folder kept for a remote ``loc`` (its lock, staging, report copy)."""
+    folder = home() / what / loc.key()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def put_file(local: str | os.PathLike, uri: str) -> None:
+    """Copy a local file to ``uri`` (a local path or an object-store URI)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.put_file(str(local), path)
+
+
+def copy_tree(src: str, dst: str) -> int:
+    """Copy every file under ``src`` to the same relative path under ``dst`` (either side a
+    local folder or an object store; a missing ``src`` copies nothing); returns the count."""
+    sfs, spath = fsspec.core.url_to_fs(src)
+    dfs, dpath = fsspec.core.url_to_fs(dst)
+    spath = spath.rstrip("/")
+    if not sfs.isdir(spath):
+        return 0
+    files = [f for f in sfs.find(spath) if f != spath]
+    for f in files:
+        target = f"{dpath.rstrip('/')}/{f[len(spath) + 1 :]}"
+        dfs.makedirs(dfs._parent(target), exist_ok=True)
+        with sfs.open(f, "rb") as r, dfs.open(target, "wb") as w:
+            while chunk := r.read(1 << 20):
+                w.write(chunk)
+    return len(files)
+
+
+def read_text(uri: str) -> str:
+    with fsspec.open(uri, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
