@@ -186,6 +186,77 @@ def raw_decode(uris: list[str], task: str, loader) -> int:
     return n
 
 
+def read_from_s3(ctx: Context, root: Path, video, image, tokenize, geometry, t_disk):
+    """The loader's read path over the same shards in a bucket of the local S3 server
+    (``omniforge s3 up``: moto, in memory, on 127.0.0.1) vs from local disk (``t_disk``)."""
+    import os
+
+    import fsspec
+
+    from orchestration import s3_cmd, services
+
+    home = ctx.tmp("p2-s3-home")
+    saved = {k: os.environ.get(k) for k in ("OMNIFORGE_HOME", *s3_cmd.client_env("x"))}
+    os.environ["OMNIFORGE_HOME"] = str(home)
+    port = _free_port()
+    service = s3_cmd.start_server(port=port, buckets=("bench",))
+    try:
+        os.environ.update(s3_cmd.client_env(service.url))
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        remote = {}
+        for uri, bucket, n in [*video, *image]:
+            key = f"bench/{Path(uri).relative_to(root).as_posix()}"
+            fs.put_file(uri, key)
+            remote[uri] = (f"s3://{key}", bucket, n)
+        loaders: list = []
+
+        def fresh() -> None:
+            for loader in loaders:
+                loader.close()
+            loaders[:] = [
+                make_loader(t, [remote[u] for u, _, _ in g], tokenize, geometry)
+                for t, g in (("t2v", video), ("t2i", image))
+            ]
+
+        t_s3 = ctx.time(
+            lambda: sum(loader_read_epoch(loader) for loader in loaders),
+            setup=fresh,
+            label="loader read path from S3",
+        )
+        for loader in loaders:
+            loader.close()
+    finally:
+        services.stop(s3_cmd.NAME)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    n = t_s3.extra[-1]
+    mb = sum(Path(u).stat().st_size for u in remote) / 1e6  # the same bytes as on disk
+    row = Row(
+        "P2",
+        "read path from S3 (local server): samples/s",
+        n / t_s3.median,
+        "samples/s",
+        "the same loader read path from local disk",
+        n / t_disk.median,
+        ratio(t_disk.median, t_s3.median),
+        None,
+        note=f"MB/s S3 {mb / t_s3.median:.0f}, disk {mb / t_disk.median:.0f}; moto's server on "
+        "127.0.0.1 (objects in its memory; no network latency or bandwidth limit), s3fs client",
+    )
+    return row, {"s3": t_s3.to_dict()}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(ctx: Context) -> list[Row]:
     root, shards = make_shards(ctx.work, ctx.quick)
     tokenize, geometry = _tokenizer()
@@ -232,6 +303,8 @@ def run(ctx: Context) -> list[Row]:
         )
     )
     figures: dict[str, Any] = {"read": {"ours": t_ours.to_dict(), "raw": t_raw.to_dict()}}
+    s3_row, figures["read_s3"] = read_from_s3(ctx, root, video, image, tokenize, geometry, t_ours)
+    rows.append(s3_row)
     for task, group in (("t2v", video), ("t2i", image)):
         uris = [u for u, _, _ in group]
         task_mb = sum(sizes[u] for u in uris) / 1e6
