@@ -92,7 +92,7 @@ class Catalog(RunLedger):
                 f"catalog URL {mask_urls(self.url)!r} is not a database URL: use "
                 "sqlite:///FILE, a path to a SQLite file, or postgresql://USER@HOST/DB"
             ) from None
-        except ModuleNotFoundError as e:  # the database's driver (psycopg2) is not installed
+        except ModuleNotFoundError as e:  # the database's driver (psycopg) is not installed
             raise CatalogError(
                 f"catalog URL {mask_urls(self.url)!r} needs the {e.name} package: "
                 "pip install 'omniforge[postgres]'"

@@ -4,10 +4,12 @@ verify shards."""
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from catalog.names import DatasetRef
 from catalog.store import Catalog, Node, NotFound, VersionInfo, migrate
+from core.secrets import mask_urls
 from orchestration.common import (
     CatalogOption,
     OutputFormat,
@@ -46,9 +48,9 @@ def ls(catalog: str | None = CatalogOption, output: OutputFormat = OutputOption)
         print_json(rows)
         return
     if not rows:
-        console.print(f"no datasets in {cat.url}")
+        console.print(f"no datasets in {mask_urls(cat.url)}", markup=False)
         return
-    table = Table(title=f"datasets in {cat.url}")
+    table = Table(title=f"datasets in {escape(mask_urls(cat.url))}")
     table.add_column("name", overflow="fold")
     for col in ("versions", "latest", "samples", "accepted / rejected / error", "committed"):
         table.add_column(col)
@@ -206,4 +208,4 @@ def migrate_cmd(catalog: str | None = CatalogOption) -> None:
     """Create or upgrade the catalog schema (done automatically on open too)."""
     cat = Catalog(catalog_url(catalog), auto_migrate=False)
     rev = migrate(cat.engine)
-    console.print(f"{cat.url} at schema revision {rev}")
+    console.print(f"{mask_urls(cat.url)} at schema revision {rev}", markup=False)

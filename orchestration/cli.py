@@ -32,6 +32,7 @@ from orchestration import (
     jobs_cmd,
     mlflow_cmd,
     plan_cmd,
+    postgres_cmd,
     s3_cmd,
     train_cmd,
 )
@@ -57,6 +58,7 @@ app.add_typer(jobs_cmd.jobs_app, name="jobs")
 app.add_typer(mlflow_cmd.app, name="mlflow")
 app.add_typer(plan_cmd.app, name="plan")
 app.add_typer(s3_cmd.app, name="s3")
+app.add_typer(postgres_cmd.app, name="postgres")
 app.command("doctor")(doctor_cmd.doctor)
 
 

@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,15 @@ def start(
     argv: list[str],
     *,
     url: str,
-    health: str,
+    health: str | Callable[[], bool],
     env: dict[str, str] | None = None,
     timeout: float = 90.0,
     info: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
+    user: str | None = None,
 ) -> Service:
-    """Start ``argv`` in the background and wait until ``health`` answers HTTP 200."""
+    """Start ``argv`` in the background and wait until ``health`` answers HTTP 200 (a URL) or
+    returns True (a callable). ``user``: run it as that user (when this process is root)."""
     if (existing := running(name)) is not None:
         raise ServiceError(
             f"{name} is already running (pid {existing.pid}, {existing.url}); "
@@ -110,6 +113,7 @@ def start(
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # its own process group: stop() signals exactly it
+            user=user,
         )
     service = Service(name, proc.pid, url, str(log), dict(info or {}))
     state_file(name).write_text(json.dumps(asdict(service), indent=1))
@@ -121,20 +125,21 @@ def start(
                 f"{name} exited with status {proc.returncode} while starting; see {log}:\n"
                 + tail(log)
             )
-        if http_ok(health, headers=headers):
+        if health() if callable(health) else http_ok(health, headers=headers):
             return service
         time.sleep(0.5)
     stop(name)
     raise ServiceError(f"{name} did not answer {health} within {timeout:.0f} s; see {log}")
 
 
-def stop(name: str, timeout: float = 60.0) -> Service | None:
-    """SIGTERM the service's process group, wait, SIGKILL leftovers. None if not running."""
+def stop(name: str, timeout: float = 60.0, sig: int = signal.SIGTERM) -> Service | None:
+    """``sig`` (SIGTERM) to the service's process group, wait, SIGKILL leftovers. None if not
+    running."""
     service = running(name)
     if service is None:
         state_file(name).unlink(missing_ok=True)
         return None
-    _signal_group(service.pid, signal.SIGTERM)
+    _signal_group(service.pid, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _group_alive(service.pid):
         time.sleep(0.3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,49 @@ def s3_bucket(s3_server) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_cmd.make_bucket(s3_server, name)
     return f"s3://{name}"
+
+
+@dataclass
+class Postgres:
+    port: int
+    password: str
+
+    def database(self) -> str:
+        """A new, empty database on the server: its URL (with the password)."""
+        import uuid
+
+        from orchestration import postgres_cmd
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        return postgres_cmd.create_database(self.port, name, self.password)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A PostgreSQL server on 127.0.0.1 for the session, started as users start one
+    (``omniforge postgres up``); skipped where the PostgreSQL server is not installed."""
+    import shutil
+    import signal
+
+    from orchestration import postgres_cmd, services
+
+    try:
+        postgres_cmd.binary("initdb")
+    except services.ServiceError as e:
+        pytest.skip(str(e))
+    home = tmp_path_factory.mktemp("postgres_service_home")
+    before = os.environ.get("OMNIFORGE_HOME")
+    os.environ["OMNIFORGE_HOME"] = str(home)
+    port = free_port()
+    try:
+        postgres_cmd.start_server(port)
+        password = (home / "postgres" / "password").read_text().strip()
+    finally:
+        _restore("OMNIFORGE_HOME", before)
+    yield Postgres(port, password)
+    os.environ["OMNIFORGE_HOME"] = str(home)
+    try:
+        services.stop(postgres_cmd.NAME, sig=signal.SIGINT)
+    finally:
+        _restore("OMNIFORGE_HOME", before)
+        shutil.rmtree(postgres_cmd.folder(port), ignore_errors=True)

@@ -132,8 +132,10 @@ def small_corpus(root: Path) -> Path:
     return root
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250"}  # tables unwrapped
+def cli(
+    *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**(os.environ if env is None else env), "COLUMNS": "250"}  # tables unwrapped
     return subprocess.run(
         [OMNIFORGE, *args], capture_output=True, text=True, timeout=timeout, env=env
     )

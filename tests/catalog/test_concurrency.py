@@ -3,6 +3,8 @@
 import multiprocessing as mp
 from pathlib import Path
 
+import pytest
+
 from catalog.store import Catalog
 
 VERSIONS_PER_WRITER = 6
@@ -28,8 +30,12 @@ def _writer(url: str, root: str, writer: int, barrier, results) -> None:
     results.put((writer, mine))
 
 
-def test_two_processes_register_versions_concurrently(tmp_path):
-    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_processes_register_versions_concurrently(backend, tmp_path, request):
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    else:  # a real server (``omniforge postgres up``): unique constraint + retry
+        url = request.getfixturevalue("postgres_server").database()
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     procs = [
