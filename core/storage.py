@@ -130,7 +130,7 @@ def local_cache(loc: Location, what: str) -> Path:
 def put_file(local: str | os.PathLike, uri: str) -> None:
     """Copy a local file to ``uri`` (a local path or an object-store URI)."""
     fs, path = fsspec.core.url_to_fs(uri)
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.put_file(str(local), path)
 
 
@@ -145,7 +145,7 @@ def copy_tree(src: str, dst: str) -> int:
     files = [f for f in sfs.find(spath) if f != spath]
     for f in files:
         target = f"{dpath.rstrip('/')}/{f[len(spath) + 1 :]}"
-        dfs.makedirs(dfs._parent(target), exist_ok=True)
+        dfs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         with sfs.open(f, "rb") as r, dfs.open(target, "wb") as w:
             while chunk := r.read(1 << 20):
                 w.write(chunk)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catalog.db import ENV_HOME
+from core.storage import home
 
 
 class ServiceError(RuntimeError):
@@ -37,10 +37,6 @@ class Service:
     url: str
     log: str
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def home() -> Path:
-    return Path(os.environ.get(ENV_HOME) or Path.home() / ".omniforge")
 
 
 def state_file(name: str) -> Path:
