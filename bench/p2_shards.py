@@ -11,6 +11,9 @@ measures the loader, not the disk).
 - read path: every sample of one epoch through the loader's stream cursor (shard order,
   grouping, JSON member, member reads; no decoding) vs ``tarfile`` reading every member of the
   same tars in order.
+- read path from S3: the same read path over the same shards put in a bucket of the local S3
+  server (``omniforge s3 up``: moto, objects in its memory, 127.0.0.1) through s3fs, vs the
+  read path from disk (no goal: the client's cost, not a network's).
 - full loader, per task: ``next_batch`` for one epoch (decode, resize/crop, tensors) vs the
   same tars read sequentially with the same decode functions (``decode_video`` /
   ``decode_image``), one thread.
