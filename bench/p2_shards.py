@@ -189,6 +189,25 @@ def raw_decode(uris: list[str], task: str, loader) -> int:
     return n
 
 
+def time_read_path(ctx: Context, video, image, tokenize, geometry, label: str):
+    """The read path of one epoch of both tasks' loaders (fresh loaders for every run)."""
+    loaders: list = []
+
+    def fresh() -> None:
+        for loader in loaders:
+            loader.close()
+        loaders[:] = [
+            make_loader(t, g, tokenize, geometry) for t, g in (("t2v", video), ("t2i", image))
+        ]
+
+    timing = ctx.time(
+        lambda: sum(loader_read_epoch(loader) for loader in loaders), setup=fresh, label=label
+    )
+    for loader in loaders:
+        loader.close()
+    return timing
+
+
 def read_from_s3(ctx: Context, root: Path, video, image, tokenize, geometry, t_disk):
     """The loader's read path over the same shards in a bucket of the local S3 server
     (``omniforge s3 up``: moto, in memory, on 127.0.0.1) vs from local disk (``t_disk``)."""
@@ -211,23 +230,8 @@ def read_from_s3(ctx: Context, root: Path, video, image, tokenize, geometry, t_d
             key = f"bench/{Path(uri).relative_to(root).as_posix()}"
             fs.put_file(uri, key)
             remote[uri] = (f"s3://{key}", bucket, n)
-        loaders: list = []
-
-        def fresh() -> None:
-            for loader in loaders:
-                loader.close()
-            loaders[:] = [
-                make_loader(t, [remote[u] for u, _, _ in g], tokenize, geometry)
-                for t, g in (("t2v", video), ("t2i", image))
-            ]
-
-        t_s3 = ctx.time(
-            lambda: sum(loader_read_epoch(loader) for loader in loaders),
-            setup=fresh,
-            label="loader read path from S3",
-        )
-        for loader in loaders:
-            loader.close()
+        in_s3 = [[remote[u] for u, _, _ in group] for group in (video, image)]
+        t_s3 = time_read_path(ctx, *in_s3, tokenize, geometry, "loader read path from S3")
     finally:
         services.stop(s3_cmd.NAME)
         for k, v in saved.items():
@@ -272,22 +276,7 @@ def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
 
     # read path: both tasks' streams vs raw tar read of all shards
-    loaders: list = []
-
-    def fresh_loaders() -> None:
-        for loader in loaders:
-            loader.close()
-        loaders[:] = [
-            make_loader(t, g, tokenize, geometry) for t, g in (("t2v", video), ("t2i", image))
-        ]
-
-    t_ours = ctx.time(
-        lambda: sum(loader_read_epoch(loader) for loader in loaders),
-        setup=fresh_loaders,
-        label="loader read path",
-    )
-    for loader in loaders:
-        loader.close()
+    t_ours = time_read_path(ctx, video, image, tokenize, geometry, "loader read path")
     t_raw = ctx.time(lambda: raw_read(all_uris), label="raw tar read")
     n = t_ours.extra[-1]
     mb = sum(sizes.values()) / 1e6

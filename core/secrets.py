@@ -145,6 +145,16 @@ def use_ray_token() -> None:
     Config.initialize("")
 
 
+def ray_auth(address: str | None) -> None:
+    """Before ``ray.init(address=address)``: a local Ray (no address, no ``RAY_ADDRESS``)
+    gets a private token file (``ensure_ray_token``); a client of a cluster sends the token
+    (``use_ray_token``)."""
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ensure_ray_token()  # a local Ray would write its token file with the umask's mode
+    else:
+        use_ray_token()
+
+
 def ensure_ray_token() -> str:
     """Token authentication unless ``RAY_AUTH_MODE=disabled``. A missing token is generated
     into the file Ray reads (``token_path()``) with mode 0600; a token file Ray created earlier

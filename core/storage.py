@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import fsspec
@@ -63,13 +64,17 @@ class Location:
     def remote(self) -> bool:
         return is_remote(self.uri)
 
+    @cached_property
+    def _fs_path(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        return fsspec.core.url_to_fs(self.uri)
+
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.uri)[0]
+        return self._fs_path[0]
 
     @property
     def path(self) -> str:
-        return fsspec.core.url_to_fs(self.uri)[1]
+        return self._fs_path[1]
 
     def join(self, *parts: str) -> str:
         return "/".join([self.uri, *(p.strip("/") for p in parts)])

@@ -28,14 +28,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.secrets import ensure_ray_token, use_ray_token
+from core.secrets import ray_auth
 from curation.adapter import (
     ACTOR_RETRIES,
     Pool,
@@ -380,10 +379,7 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        ensure_ray_token()  # a local Ray would write its token file with the umask's mode
-    else:
-        use_ray_token()  # a cluster (``cluster up``) with token authentication
+    ray_auth(address)
     ray.init(
         address=address,
         include_dashboard=False,

@@ -28,8 +28,8 @@ from catalog.lifecycle import run_lifecycle
 from catalog.records import Node, VersionInfo
 from catalog.shards import ShardInfo
 from catalog.store import Catalog
-from core.config import config_hash, flatten, load_yaml, validate
-from core.storage import Location, copy_tree, local_cache, location, put_file, read_text
+from core.config import config_hash, dump_yaml, flatten, load_yaml, validate
+from core.storage import Location, copy_tree, local_cache, location, put_file
 from curation.adapter import Step, plan_steps
 from curation.config import CurationConfig
 from curation.engine import CurationAborted, run_blocks
@@ -350,7 +350,7 @@ def _finish(
         config_path = local / "config.yaml"
         if out.remote:
             put_file(report_path, out.join("report.html"))
-            config_path.write_text(read_text(out.join("config.yaml")))
+            config_path.write_text(dump_yaml(cfg))  # what claim_output wrote to the bucket
     mlflow_id = None
     if job.tracking_uri:
         mlflow_id = log_to_mlflow(

@@ -23,7 +23,7 @@ from core.secrets import ensure_ray_token as _ensure_token
 from core.secrets import ray_token
 from core.secrets import use_ray_token as enable_client_auth
 from orchestration import services
-from orchestration.common import command_prefix, console
+from orchestration.common import command_prefix, console, stop_service
 
 app = typer.Typer(help="A local Ray head for development (bound to 127.0.0.1).")
 
@@ -50,16 +50,38 @@ def start_head(
             raise services.ServiceError(f"{what} {p}: 127.0.0.1:{p} is already in use")
     # Ray puts unix sockets under the temp dir: keep its path short (108-byte limit).
     temp = temp_dir or Path(tempfile.gettempdir()) / f"omniforge-ray-{os.getuid()}-{port}"
-    argv = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
+    argv = _ray_start(
+        num_cpus,
+        num_gpus,
         "--head",
-        "--block",
         f"--port={port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true",
         f"--temp-dir={temp}",
+    )
+    url = f"http://127.0.0.1:{dashboard_port}"
+    service = services.start(
+        NAME,
+        argv,
+        url=url,
+        health=f"{url}/api/gcs_healthz",
+        env=_node_env(),
+        timeout=timeout,
+        info={"gcs_address": f"127.0.0.1:{port}", "temp_dir": str(temp)},
+        headers=auth_headers(),
+    )
+    _wait_for_jobs_api(url, timeout)
+    return service
+
+
+def _ray_start(num_cpus: int | None, num_gpus: int | None, *args: str) -> list[str]:
+    """``ray start ... --block`` for a node of this machine (the head or a worker)."""
+    argv = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--block",
+        *args,
         # The job agent's HTTP port (Ray's default 52365 is taken by any other Ray on the
         # machine, and the head then accepts no jobs): the default when free, else any.
         f"--dashboard-agent-listen-port={_free_or_any(AGENT_PORT)}",
@@ -69,107 +91,45 @@ def start_head(
         argv.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         argv.append(f"--num-gpus={num_gpus}")
-    url = f"http://127.0.0.1:{dashboard_port}"
-    auth = _ensure_token()
+    return argv
+
+
+def _node_env() -> dict[str, str]:
     # Job drivers run `omniforge ...` from PATH: put this interpreter's scripts first.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {"PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": auth}
-    service = services.start(
-        NAME,
-        argv,
-        url=url,
-        health=f"{url}/api/gcs_healthz",
-        env=env,
-        timeout=timeout,
-        info={"gcs_address": f"127.0.0.1:{port}", "temp_dir": str(temp)},
-        headers=auth_headers(),
-    )
-    _wait_for_jobs_api(url, timeout)
-    return service
+    return {"PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": _ensure_token()}
 
 
 WORKER = "cluster-worker"
 
 
-def start_worker(index: int, num_cpus: int | None = None, num_gpus: int | None = None,
-                 timeout: float = 120.0) -> services.Service:  # fmt: skip
-    """Start worker node ``index`` (1, 2, ...) of the head that ``cluster up`` started, on this
-    machine: its own raylet, object store and resources, as a node of another machine would
-    be. Waits until the head lists it; nodes start one at a time (two starting at once on one
-    machine race for the same socket names)."""
+def start_workers(count: int, num_cpus: int | None = None, timeout: float = 120.0) -> None:
+    """Start ``count`` worker nodes beside the head ``cluster up`` started, on this machine:
+    each with its own raylet, object store and resources, as a node of another machine would
+    be. One at a time (two starting at once on one machine race for the same socket names),
+    each waited for until a driver of the cluster sees it (``ray.nodes()``: the dashboard
+    lists a node a moment earlier, and a run started in between would plan for fewer CPUs
+    than the cluster has)."""
+    import ray
+
     head = services.running(NAME)
     if head is None:
         raise services.ServiceError("no local Ray head is running: start it with `cluster up`")
-    argv = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        f"--address={head.info['gcs_address']}",
-        "--block",
-        f"--dashboard-agent-listen-port={_free_or_any(AGENT_PORT)}",
-        "--disable-usage-stats",
-    ]
-    if num_cpus is not None:
-        argv.append(f"--num-cpus={num_cpus}")
-    if num_gpus is not None:
-        argv.append(f"--num-gpus={num_gpus}")
-    expected = 2 + len(workers())  # the head, the workers started before, this one
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {"PATH": path, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": _ensure_token()}
-    name = f"{WORKER}-{index}"
-    service = services.start(
-        name,
-        argv,
-        url=head.url,
-        health=f"{head.url}/api/gcs_healthz",
-        env=env,
-        timeout=timeout,
-        info={"head": head.info["gcs_address"], "num_cpus": num_cpus},
-        headers=auth_headers(),
-    )
-    import time
-
-    deadline = time.monotonic() + timeout
-    while alive_nodes(head.url) < expected:
-        if time.monotonic() > deadline or not services.alive(service.pid):
-            services.stop(name)
-            raise services.ServiceError(
-                f"worker node {index} did not join the head in {timeout:.0f} s; see "
-                f"{service.log}:\n{services.tail(service.log)}"
-            )
-        time.sleep(0.5)
-    return service
-
-
-def alive_nodes(url: str) -> int:
-    """How many nodes the head at ``url`` (its dashboard) lists as alive."""
-    import json
-    import urllib.request
-
-    request = urllib.request.Request(f"{url}/api/v0/nodes?limit=1000", headers=auth_headers())
-    with urllib.request.urlopen(request, timeout=30) as response:
-        nodes = json.loads(response.read())["data"]["result"]["result"]
-    return sum(n.get("state") == "ALIVE" for n in nodes)
-
-
-def wait_for_nodes(gcs_address: str, count: int, timeout: float = 120.0) -> None:
-    """Wait until a driver of the cluster sees ``count`` alive nodes (``ray.nodes()``): the
-    dashboard lists a node a moment before a new driver does, and a job started in between
-    would plan for fewer CPUs than the cluster has."""
-    import time
-
-    import ray
-
+    gcs = head.info["gcs_address"]
     enable_client_auth()
-    ray.init(address=gcs_address, log_to_driver=False, configure_logging=False)
+    ray.init(address=gcs, log_to_driver=False, configure_logging=False)
     try:
-        deadline = time.monotonic() + timeout
-        while sum(n["Alive"] for n in ray.nodes()) < count:
-            if time.monotonic() > deadline:
-                raise services.ServiceError(
-                    f"the cluster at {gcs_address} shows fewer than {count} nodes after "
-                    f"{timeout:.0f} s"
-                )
-            time.sleep(0.5)
+        for _ in range(count):
+            expected = 2 + len(workers())  # the head, the workers started before, this one
+            services.start(
+                f"{WORKER}-{expected - 1}",
+                _ray_start(num_cpus, None, f"--address={gcs}"),
+                url=head.url,
+                health=lambda expected=expected: sum(n["Alive"] for n in ray.nodes()) >= expected,
+                env=_node_env(),
+                timeout=timeout,
+                info={"head": gcs, "num_cpus": num_cpus},
+            )
     finally:
         ray.shutdown()
 
@@ -231,10 +191,8 @@ def up(
     and with ``--workers N`` N worker nodes beside it."""
     service = start_head(port, dashboard_port, num_cpus, num_gpus)
     try:
-        for index in range(1, worker_nodes + 1):
-            start_worker(index, worker_cpus)
         if worker_nodes:
-            wait_for_nodes(service.info["gcs_address"], 1 + worker_nodes)
+            start_workers(worker_nodes, worker_cpus)
     except Exception:
         down()
         raise
@@ -254,11 +212,7 @@ def down() -> None:
     """Stop the Ray head started by ``cluster up`` and its worker nodes (and only them)."""
     for worker in workers():
         services.stop(worker.name)
-    service = services.stop(NAME)
-    if service is None:
-        console.print("no local Ray head is running")
-    else:
-        console.print(f"stopped the Ray head (pid {service.pid}, {service.url})")
+    stop_service(NAME, "local Ray head")
 
 
 @app.command("status")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from catalog.store import ENV_URL, Catalog
 from core.fmt import human_bytes as human_bytes  # the CLI's commands import it here
+from orchestration import services
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -55,6 +57,26 @@ def open_catalog(url: str | None, *, create: bool = True) -> Catalog:
     """The catalog at ``url`` (default: the environment's). ``create=False`` for read-only
     commands: a catalog that does not exist is an error, never created."""
     return Catalog(catalog_url(url), create=create)
+
+
+def stop_service(name: str, what: str, *, sig: int = signal.SIGTERM, article: str = "the ",
+                 note: str = "") -> None:  # fmt: skip
+    """``NAME down``: stop a service started by ``NAME up`` and say so (or that none runs)."""
+    service = services.stop(name, sig=sig)
+    if service is None:
+        console.print(f"no {what} is running")
+    else:
+        console.print(f"stopped {article}{what} (pid {service.pid}, {service.url}){note}")
+
+
+def show_service(name: str, what: str, command: str) -> services.Service:
+    """``NAME status``: where the service runs; exit status 1 when it does not."""
+    service = services.running(name)
+    if service is None:
+        console.print(f"no {what} is running (start one with: omniforge {command} up)")
+        raise typer.Exit(1)
+    console.print(f"{what} running (pid {service.pid}) at {service.url}")
+    return service
 
 
 def print_json(data: Any) -> None:

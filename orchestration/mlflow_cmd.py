@@ -19,7 +19,7 @@ import typer
 
 from core.secrets import mask_urls, read_secret
 from orchestration import services
-from orchestration.common import command_prefix, console
+from orchestration.common import command_prefix, console, show_service, stop_service
 
 app = typer.Typer(help="A local MLflow tracking server (127.0.0.1, SQL backend).")
 
@@ -115,17 +115,9 @@ def up(
 @app.command("down")
 def down() -> None:
     """Stop the server started by ``mlflow up``."""
-    service = services.stop(NAME)
-    if service is None:
-        console.print("no MLflow server is running")
-    else:
-        console.print(f"stopped the MLflow server (pid {service.pid}, {service.url})")
+    stop_service(NAME, "MLflow server")
 
 
 @app.command("status")
 def status() -> None:
-    service = services.running(NAME)
-    if service is None:
-        console.print("no MLflow server is running (start one with: omniforge mlflow up)")
-        raise typer.Exit(1)
-    console.print(f"MLflow server running (pid {service.pid}) at {service.url}")
+    show_service(NAME, "MLflow server", "mlflow")

@@ -24,7 +24,7 @@ from pathlib import Path
 import typer
 
 from orchestration import services
-from orchestration.common import command_prefix, console
+from orchestration.common import command_prefix, console, show_service, stop_service
 
 app = typer.Typer(help="A local PostgreSQL server (127.0.0.1) for the catalog and MLflow.")
 
@@ -63,17 +63,20 @@ def _run_as() -> str | None:
     return SYSTEM_USER if os.geteuid() == 0 else None
 
 
-def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+def _run(argv: list[str], env: dict[str, str] | None = None, user: str | None = None) -> str:
+    """Run a PostgreSQL program; its stdout, or ``ServiceError`` with what it printed."""
     done = subprocess.run(
         argv,
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
-        user=_run_as(),
+        user=user,
         check=False,
     )
     if done.returncode != 0:
-        raise services.ServiceError(f"{what} failed:\n{(done.stderr or done.stdout).strip()}")
+        what = (done.stderr or done.stdout).strip()
+        raise services.ServiceError(f"{Path(argv[0]).name} failed:\n{what}")
+    return done.stdout
 
 
 def init_cluster(data: Path, password: str) -> None:
@@ -99,7 +102,7 @@ def init_cluster(data: Path, password: str) -> None:
                 "--encoding=UTF8",
                 "--no-instructions",
             ],
-            "initdb",
+            user=_run_as(),
         )
     finally:
         pwfile.unlink(missing_ok=True)
@@ -172,27 +175,10 @@ def create_database(port: int, database: str, password: str) -> str:
     """Create ``database`` (owned by ``USER``) unless it exists; returns its URL."""
     env = {"PGPASSWORD": password}  # the environment of a child, never its argv
     psql = [binary("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-d", "postgres"]
-    check = subprocess.run(
-        [*psql, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        check=False,
-    )
-    if check.returncode != 0:
-        raise services.ServiceError(f"psql failed: {check.stderr.strip()}")
-    if check.stdout.strip() != "1":
-        _run_plain([binary("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER,
-                    database], env)  # fmt: skip
+    found = _run([*psql, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{database}'"], env)
+    if found.strip() != "1":
+        _run([binary("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, database], env)
     return f"postgresql://{USER}:{password}@127.0.0.1:{port}/{database}"
-
-
-def _run_plain(argv: list[str], env: dict[str, str]) -> None:
-    done = subprocess.run(
-        argv, capture_output=True, text=True, env={**os.environ, **env}, check=False
-    )
-    if done.returncode != 0:
-        raise services.ServiceError(f"{Path(argv[0]).name} failed: {done.stderr.strip()}")
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -222,17 +208,10 @@ def up(port: int = typer.Option(5432, "--port", help="port on 127.0.0.1")) -> No
 @app.command("down")
 def down() -> None:
     """Stop the server (fast shutdown: open sessions are ended); its data stays."""
-    service = services.stop(NAME, sig=signal.SIGINT)
-    if service is None:
-        console.print("no PostgreSQL server is running")
-    else:
-        console.print(f"stopped PostgreSQL (pid {service.pid}); its data stays in place")
+    stop_service(NAME, "PostgreSQL server", sig=signal.SIGINT, article="",
+                 note="; its data stays in place")  # fmt: skip
 
 
 @app.command("status")
 def status() -> None:
-    service = services.running(NAME)
-    if service is None:
-        console.print("no PostgreSQL server is running (start one with: omniforge postgres up)")
-        raise typer.Exit(1)
-    console.print(f"PostgreSQL running (pid {service.pid}) at {service.url}")
+    show_service(NAME, "PostgreSQL server", "postgres")

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from orchestration import services
-from orchestration.common import command_prefix, console
+from orchestration.common import command_prefix, console, show_service, stop_service
 
 app = typer.Typer(help="A local S3-compatible server (127.0.0.1, in memory) for development.")
 
@@ -97,17 +97,9 @@ def up(
 @app.command("down")
 def down() -> None:
     """Stop the server started by ``s3 up`` (its objects are gone)."""
-    service = services.stop(NAME)
-    if service is None:
-        console.print("no S3 server is running")
-    else:
-        console.print(f"stopped the S3 server (pid {service.pid}, {service.url})")
+    stop_service(NAME, "S3 server")
 
 
 @app.command("status")
 def status() -> None:
-    service = services.running(NAME)
-    if service is None:
-        console.print("no S3 server is running (start one with: omniforge s3 up)")
-        raise typer.Exit(1)
-    console.print(f"S3 server running (pid {service.pid}) at {service.url}")
+    show_service(NAME, "S3 server", "s3")

@@ -125,7 +125,8 @@ def start(
             return service
         time.sleep(0.5)
     stop(name)
-    raise ServiceError(f"{name} did not answer {health} within {timeout:.0f} s; see {log}")
+    waited = "was not ready" if callable(health) else f"did not answer {health}"
+    raise ServiceError(f"{name} {waited} within {timeout:.0f} s; see {log}")
 
 
 def stop(name: str, timeout: float = 60.0, sig: int = signal.SIGTERM) -> Service | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,25 +117,26 @@ def s3_server(tmp_path_factory):
     from orchestration import s3_cmd, services
 
     home = tmp_path_factory.mktemp("s3_service_home")
-    before = os.environ.get("OMNIFORGE_HOME")
-    os.environ["OMNIFORGE_HOME"] = str(home)  # where the service records its pid and log
-    try:
+    with service_home(home):
         service = s3_cmd.start_server(port=S3_PORT)
-    finally:
-        _restore("OMNIFORGE_HOME", before)
     yield service.url
+    with service_home(home):
+        services.stop(s3_cmd.NAME)
+
+
+@contextlib.contextmanager
+def service_home(home: Path):
+    """``OMNIFORGE_HOME`` set to ``home`` for a while: where a session-wide service records
+    its pid and log (each test has its own home, see ``_isolated_home``)."""
+    before = os.environ.get("OMNIFORGE_HOME")
     os.environ["OMNIFORGE_HOME"] = str(home)
     try:
-        services.stop(s3_cmd.NAME)
+        yield
     finally:
-        _restore("OMNIFORGE_HOME", before)
-
-
-def _restore(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+        if before is None:
+            os.environ.pop("OMNIFORGE_HOME", None)
+        else:
+            os.environ["OMNIFORGE_HOME"] = before
 
 
 @pytest.fixture
@@ -178,18 +180,12 @@ def postgres_server(tmp_path_factory):
     except services.ServiceError as e:
         pytest.skip(str(e))
     home = tmp_path_factory.mktemp("postgres_service_home")
-    before = os.environ.get("OMNIFORGE_HOME")
-    os.environ["OMNIFORGE_HOME"] = str(home)
     port = free_port()
-    try:
+    with service_home(home):
         postgres_cmd.start_server(port)
-        password = (home / "postgres" / "password").read_text().strip()
-    finally:
-        _restore("OMNIFORGE_HOME", before)
-    yield Postgres(port, password)
-    os.environ["OMNIFORGE_HOME"] = str(home)
-    try:
-        services.stop(postgres_cmd.NAME, sig=signal.SIGINT)
-    finally:
-        _restore("OMNIFORGE_HOME", before)
-        shutil.rmtree(postgres_cmd.folder(port), ignore_errors=True)
+    yield Postgres(port, (home / "postgres" / "password").read_text().strip())
+    with service_home(home):
+        try:
+            services.stop(postgres_cmd.NAME, sig=signal.SIGINT)
+        finally:
+            shutil.rmtree(postgres_cmd.folder(port), ignore_errors=True)

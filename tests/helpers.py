@@ -132,6 +132,33 @@ def small_corpus(root: Path) -> Path:
     return root
 
 
+def sample_digests(shard_uris) -> dict[str, dict[str, str]]:
+    """Sample key -> sha256 of each tar member of every sample in ``shard_uris`` (a key written
+    twice fails), the run id taken out of ``KEY.json`` (each run has its own)."""
+    import hashlib
+    import json
+
+    from catalog.shards import iter_shard
+
+    samples: dict[str, dict[str, str]] = {}
+    for uri in shard_uris:
+        for key, members in iter_shard(str(uri)):
+            assert key not in samples, f"{key} written twice"
+            meta = json.loads(members.pop("json"))
+            meta.pop("run_id")
+            samples[key] = {ext: hashlib.sha256(data).hexdigest() for ext, data in members.items()}
+            samples[key]["json"] = json.dumps(meta, sort_keys=True)
+    return samples
+
+
+def stage_trace(out: Path, stage: str, rank: int) -> list[dict]:
+    """The per-step trace a training stage wrote for ``rank`` (``trace=True``)."""
+    import json
+
+    path = next((out / "stages").glob(f"*-{stage}")) / f"trace-rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def cli(
     *args: str, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

@@ -203,10 +203,10 @@ def find_gpus(address: str | None) -> GpuInfo | None:
     if address:
         import ray
 
-        from core.secrets import use_ray_token
+        from core.secrets import ray_auth
 
         if not ray.is_initialized():
-            use_ray_token()  # a cluster with token authentication (``cluster up``)
+            ray_auth(address)
             ray.init(
                 address=address,
                 include_dashboard=False,

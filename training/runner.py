@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from catalog.lifecycle import run_lifecycle
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
 from core.config import dump_yaml
-from core.secrets import ensure_ray_token, use_ray_token
+from core.secrets import ray_auth
 from core.storage import StorageError, is_remote
 from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
@@ -256,10 +255,7 @@ def _connect_ray(address: str | None) -> bool:
     import ray
 
     if not ray.is_initialized():
-        if address is None and not os.environ.get("RAY_ADDRESS"):
-            ensure_ray_token()  # a local Ray would write its token file with the umask's mode
-        else:
-            use_ray_token()  # a cluster (``cluster up``) with token authentication
+        ray_auth(address)
         ray.init(
             address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
         )

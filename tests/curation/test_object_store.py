@@ -3,17 +3,15 @@ moto's server mode) through the real s3fs / pyarrow clients; no patched calls.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import fsspec
 import pytest
-from helpers import cli, small_corpus
+from helpers import cli, sample_digests, small_corpus
 
 from catalog.index import read_index
 from catalog.records import Node
-from catalog.shards import iter_shard
 from catalog.store import Catalog
 from core.config import load_config, to_plain
 from core.storage import StorageError, location
@@ -25,17 +23,8 @@ VOLATILE = {"run_id", "shard"}  # which run wrote a row, and under which shard n
 
 
 def contents(cat: Catalog, version) -> dict[str, dict[str, str]]:
-    """Sample key -> sha256 of each member, read from the version's shards (the run id aside:
-    each run has its own)."""
-    out = {}
-    for shard in cat.shards(version.id):
-        for key, members in iter_shard(shard.uri):
-            assert key not in out, f"{key} written twice"
-            meta = json.loads(members.pop("json"))
-            meta.pop("run_id")
-            out[key] = {ext: hashlib.sha256(data).hexdigest() for ext, data in members.items()}
-            out[key]["json"] = json.dumps(meta, sort_keys=True)
-    return out
+    """Sample key -> sha256 of each member, read from the version's shards."""
+    return sample_digests(s.uri for s in cat.shards(version.id))
 
 
 def rows(index_uri: str) -> dict[str, dict]:

@@ -7,7 +7,6 @@ and both wait for a recorded event (a committed block), never for a number of se
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import sample_digests
 
 from catalog.index import read_index
-from catalog.shards import iter_shard
 from catalog.store import Catalog
 from core.config import load_config
 from curation.config import CurationConfig
@@ -62,15 +61,7 @@ def snapshot(out: Path) -> tuple[dict[str, dict], dict[str, dict[str, str]]]:
         r.pop("run_id")
         r.pop("shard")
         rows[r["key"]] = r
-    samples: dict[str, dict[str, str]] = {}
-    for path in sorted((out / "shards").rglob("*.tar")):
-        for key, members in iter_shard(str(path)):
-            assert key not in samples, f"{key} written twice"
-            meta = json.loads(members.pop("json"))
-            meta.pop("run_id")
-            samples[key] = {ext: hashlib.sha256(data).hexdigest() for ext, data in members.items()}
-            samples[key]["json"] = json.dumps(meta, sort_keys=True)
-    return rows, samples
+    return rows, sample_digests(sorted((out / "shards").rglob("*.tar")))
 
 
 @pytest.fixture(scope="module")

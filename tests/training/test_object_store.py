@@ -4,10 +4,10 @@ steps as the same data on disk, and a stopped stage resumes at the exact sample.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from helpers import stage_trace
 
 from catalog.store import Catalog
 from core.config import load_config
@@ -19,11 +19,6 @@ from training.runner import run_training
 
 RECIPES = Path(__file__).resolve().parents[2] / "training" / "recipes"
 SHORT = ["stages.0.steps=12", "stages.0.checkpoint_every=4"]
-
-
-def trace(out: Path, rank: int) -> list[dict]:
-    path = next((out / "stages").glob("*-align")) / f"trace-rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -47,7 +42,7 @@ def test_a_stage_trains_from_s3_shards_and_resumes_exactly(s3_bucket, tmp_path, 
     run_training(recipe("on-disk"), b, stages=[0], workers=2, catalog=cat, trace=True)
 
     for rank in (0, 1):
-        resumed, clean = trace(a, rank), trace(b, rank)
+        resumed, clean = stage_trace(a, "align", rank), stage_trace(b, "align", rank)
         assert [t["step"] for t in resumed] == list(range(1, 13)) == [t["step"] for t in clean]
         for x, y in zip(resumed, clean, strict=True):
             assert [x[k] for k in ("task", "bucket", "keys")] == [

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import stage_trace
 from safetensors.torch import load_file
 
 from catalog.index import open_index
@@ -48,11 +49,6 @@ def catalog(tmp_path_factory) -> Catalog:
 
 def recipe(name: str, *overrides: str) -> Recipe:
     return load_config(Recipe, RECIPES / f"{name}.yaml", [*DATA, *overrides])
-
-
-def trace(out: Path, stage: str, rank: int) -> list[dict]:
-    path = next((out / "stages").glob(f"*-{stage}")) / f"trace-rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 SHORT = ["stages.0.steps=12", "stages.0.checkpoint_every=4"]
@@ -92,14 +88,17 @@ def test_ranks_agree_and_resume_is_exact(hybrid, catalog, tmp_path, ray_session)
     run_training(r, tmp_path / "a", stages=[0], workers=2, catalog=catalog, resume=True, trace=True)
     run_training(r, tmp_path / "b", stages=[0], workers=2, catalog=catalog, trace=True)
 
-    resumed, clean = trace(tmp_path / "a", "align", 0), trace(tmp_path / "b", "align", 0)
+    resumed, clean = (
+        stage_trace(tmp_path / "a", "align", 0),
+        stage_trace(tmp_path / "b", "align", 0),
+    )
     assert [t["step"] for t in resumed] == list(range(1, 13)) == [t["step"] for t in clean]
     for x, y in zip(resumed, clean, strict=True):
         same = ("task", "bucket", "keys", "parts", "drop")
         assert [x[k] for k in same] == [y[k] for k in same]
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
-    assert_ranks_agree(clean, trace(tmp_path / "b", "align", 1))
-    assert_ranks_agree(resumed, trace(tmp_path / "a", "align", 1))
+    assert_ranks_agree(clean, stage_trace(tmp_path / "b", "align", 1))
+    assert_ranks_agree(resumed, stage_trace(tmp_path / "a", "align", 1))
     if hybrid:
         assert_hybrid(clean)
     a = load_file(tmp_path / "a" / "stages" / "1-align" / "final.safetensors")
@@ -205,8 +204,8 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
 
     for stage in r.stages:  # hybrid stages (omni_video: unified) mix tasks
         rank0, rank1 = (
-            trace(tmp_path / "run", stage.name, 0),
-            trace(tmp_path / "run", stage.name, 1),
+            stage_trace(tmp_path / "run", stage.name, 0),
+            stage_trace(tmp_path / "run", stage.name, 1),
         )
         assert_ranks_agree(rank0, rank1)
         if stage.hybrid:
@@ -229,7 +228,8 @@ def test_tiny_recipes_train_three_stages(name, catalog, tmp_path, ray_session):
     for stage in r.stages:
         for rank in (0, 1):
             assert (
-                not {k for t in trace(tmp_path / "run", stage.name, rank) for k in t["keys"]} & held
+                not {k for t in stage_trace(tmp_path / "run", stage.name, rank) for k in t["keys"]}
+                & held
             )
     records = [catalog.get_run(i).params["holdout"] for i in runs]
     assert all(rec == {"curated": split.record()} for rec in records), records
@@ -293,7 +293,7 @@ def test_resume_skips_a_damaged_checkpoint_and_logs_each_step_once(catalog, tmp_
     # the workers' progress: where they resumed, then a line every 10 steps and at the last
     assert f"stage 1 (align): resuming from checkpoint {kept[0].name} (step 4)" in console.lines
     assert shown_steps(console.lines, 12) == [5, 10, 12]
-    records = trace(out, "align", 0)
+    records = stage_trace(out, "align", 0)
     assert [t["step"] for t in records] == list(range(1, 9)) + list(range(5, 13))
     for first, again in zip(records[4:8], records[8:12], strict=True):  # exact from step 4
         same = ("task", "bucket", "keys", "parts", "drop")
@@ -371,7 +371,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(catalog, tmp_path, ray_
     thread.join()
     assert killed, "no training worker was killed"
     assert len(killed[0]["registered"]) == 1, killed  # the step-8 checkpoint, registered
-    records = trace(out, "align", 0)
+    records = stage_trace(out, "align", 0)
     steps = [t["step"] for t in records]
     # steps 9 and 10 ran twice: rank 0 died after 10 and the run restarted from checkpoint 8
     assert steps == list(range(1, 11)) + list(range(9, 17)), steps
