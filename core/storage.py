@@ -162,6 +162,34 @@ def read_text(uri: str) -> str:
         return f.read()
 
 
+def write_text(uri: str, text: str) -> None:
+    """``uri`` whole or as it was: an object store's put is atomic; a local file is written to
+    a temporary name and renamed."""
+    if is_remote(uri):
+        fs, path = fsspec.core.url_to_fs(uri)
+        fs.pipe_file(path, text.encode("utf-8"))
+        return
+    path = Path(uri.removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def makedirs(uri: str) -> None:
+    """The folder ``uri`` (an object store has none to make: a no-op there)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def get_file(uri: str, local: str | os.PathLike) -> Path:
+    """Copy ``uri`` (an object-store URI or a local path) to the local file ``local``."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    fs.get_file(path, str(local))
+    return Path(local)
+
+
 def exists(uri: str) -> bool:
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.exists(path)

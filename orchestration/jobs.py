@@ -204,6 +204,7 @@ def train_spec(
     resume: bool = False,
     catalog: str | None = None,
     tracking_uri: str | None = None,
+    placement: str | None = None,
 ) -> JobSpec:
     """``omniforge train run`` on the cluster with the resolved ``recipe``."""
     refuse_secrets(catalog=catalog, tracking_uri=tracking_uri, output=output)
@@ -215,6 +216,8 @@ def train_spec(
         args += ["--workers", str(workers)]
     if resume:
         args.append("--resume")
+    if placement:
+        args += ["--placement", placement]
     args += _common(catalog, tracking_uri)
     return JobSpec(
         "train",

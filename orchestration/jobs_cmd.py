@@ -99,10 +99,15 @@ def submit_curate(
 @submit_app.command("train")
 def submit_train(
     recipe: str = typer.Argument(..., help="recipe YAML or built-in name"),
-    output: str = typer.Option(..., "--output", help="output folder on the cluster's storage"),
+    output: str = typer.Option(
+        ..., "--output", help="output folder on the cluster's storage, or s3:// | gs://"
+    ),
     stages: str | None = typer.Option(None, "--stages", help="e.g. 1-3 (default: all)"),
     workers: int | None = typer.Option(None, "--workers", help="Ray Train workers"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output"),
+    placement: str | None = typer.Option(
+        None, "--placement", help="PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (train run's)"
+    ),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
     address: str | None = AddressOption,
     catalog: str | None = JobCatalogOption,
@@ -114,10 +119,13 @@ def submit_train(
 ) -> None:
     """Submit ``omniforge train run`` with RECIPE (validated here, shipped resolved)."""
     from orchestration.train_cmd import parse_stages, recipe_path
+    from training.ray_stage import PLACEMENTS
     from training.recipe import Recipe
 
     r = load_config(Recipe, recipe_path(recipe), set_)
     parse_stages(stages, len(r.stages))  # fail here, not on the cluster
+    if placement is not None and placement.upper() not in PLACEMENTS:
+        raise ValueError(f"--placement {placement}: choose one of {', '.join(PLACEMENTS)}")
     spec = jobs.train_spec(
         r,
         output,
@@ -126,6 +134,7 @@ def submit_train(
         resume=resume,
         catalog=job_catalog(catalog),
         tracking_uri=tracking_uri,
+        placement=placement.upper() if placement else None,
     )
     job_id = jobs.submit(spec, address, package=package, num_gpus=num_gpus)
     _finish(job_id, address, wait, follow)

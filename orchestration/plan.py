@@ -20,7 +20,8 @@ curated dataset are pinned to that exact version, each stage run takes the versi
 the previous stage's checkpoint as ``init``, and the plan's own catalog run (kind ``plan``)
 links to every step run (``step``). ``OUTPUT/plan.json`` records progress; rerunning the plan
 skips finished steps and resumes the first unfinished one (curation per partition, training from
-the stage's last checkpoint).
+the stage's last checkpoint). ``output`` may be an object-store prefix (``s3://``, ``gs://``):
+the state, the curated version and the training run all go there.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from pydantic import Field
 from catalog.lifecycle import failure_message, run_lifecycle
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
+from core import storage
 from core.config import StrictModel, load_config
 from core.secrets import has_secret
-from core.storage import StorageError, is_remote
+from core.storage import Location
 from core.tracking import run_link
 from orchestration.services import alive
 
@@ -61,7 +63,9 @@ class PlanTraining(StrictModel):
 
 class Plan(StrictModel):
     name: str = Field(..., min_length=1, description="the programme's name")
-    output: str = Field(..., description="folder for every step's output and plan.json")
+    output: str = Field(
+        ..., description="folder or s3:// | gs:// prefix for every step's output and plan.json"
+    )
     catalog: str | None = Field(None, description="catalog URL (default: environment)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI")
     address: str | None = Field(None, description="Ray cluster for the steps (default: local)")
@@ -76,7 +80,7 @@ class Step:
     stage_index: int | None = None
 
 
-def load_plan(path: str | Path, overrides: list[str] | None = None) -> tuple[Plan, Path]:
+def load_plan(path: str | Path, overrides: list[str] | None = None) -> tuple[Plan, Location]:
     """The plan with its relative paths resolved against the plan file's folder."""
     path = Path(path)
     plan = load_config(Plan, path, overrides or [])
@@ -87,13 +91,8 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> tuple[Pla
             return p
         return str((base / p).resolve())
 
-    if is_remote(plan.output):
-        raise StorageError(
-            f"{path}: output {plan.output}: a plan keeps its state, curation and training "
-            "runs in a local or shared folder (object-store training outputs are not "
-            "supported yet; its input may be in s3:// or gs://)"
-        )
-    changes: dict[str, Any] = {"output": local(plan.output)}
+    output = storage.location(local(plan.output), f"{path}: output")
+    changes: dict[str, Any] = {"output": output.uri}
     if plan.curation is not None:
         changes["curation"] = plan.curation.model_copy(
             update={"input": local(plan.curation.input), "config": local(plan.curation.config)}
@@ -111,7 +110,7 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> tuple[Pla
             )
         if value and value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
             changes[field] = "sqlite:///" + str((base / value[len("sqlite:///") :]).resolve())
-    return plan.model_copy(update=changes), Path(changes["output"])
+    return plan.model_copy(update=changes), output
 
 
 def load_recipe(plan: Plan):
@@ -136,20 +135,19 @@ def steps(plan: Plan) -> list[Step]:
     return out
 
 
-def read_state(output: Path) -> dict[str, Any]:
-    path = output / STATE
-    return json.loads(path.read_text()) if path.exists() else {"steps": {}}
+def read_state(output: Location | Path | str) -> dict[str, Any]:
+    """``OUTPUT/plan.json`` (a local folder or an object-store prefix)."""
+    path = f"{output}/{STATE}"
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {"steps": {}}
 
 
-def write_state(output: Path, state: dict[str, Any]) -> None:
-    tmp = output / f".{STATE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(output / STATE)
+def write_state(output: Location | Path | str, state: dict[str, Any]) -> None:
+    storage.write_text(f"{output}/{STATE}", json.dumps(state, indent=1))
 
 
-def run_plan(plan: Plan, output: Path, catalog, console=None) -> dict[str, Any]:
+def run_plan(plan: Plan, output: Location, catalog, console=None) -> dict[str, Any]:
     """Run the plan's unfinished steps in order; returns the final state."""
-    output.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(output.uri)
     state = read_state(output)
     if state.get("plan") and state["plan"] != plan.model_dump(mode="json"):
         raise ValueError(
@@ -191,7 +189,7 @@ def run_plan(plan: Plan, output: Path, catalog, console=None) -> dict[str, Any]:
     return state
 
 
-def _run_curation(plan: Plan, output: Path, catalog, info: dict, console) -> None:
+def _run_curation(plan: Plan, output: Location, catalog, info: dict, console) -> None:
     from curation.config import CurationConfig
     from curation.pipeline import run_curation
 
@@ -199,7 +197,7 @@ def _run_curation(plan: Plan, output: Path, catalog, info: dict, console) -> Non
     cfg = load_config(CurationConfig, plan.curation.config, plan.curation.set)
     result = run_curation(
         plan.curation.input,
-        output / "curation",
+        output.join("curation"),
         cfg,
         catalog=catalog,
         address=plan.address,
@@ -215,12 +213,12 @@ def _run_curation(plan: Plan, output: Path, catalog, info: dict, console) -> Non
     )
 
 
-def _run_stage(plan: Plan, output: Path, catalog, step: Step, state: dict, info: dict, console):
+def _run_stage(plan: Plan, output: Location, catalog, step: Step, state: dict, info: dict, console):
     from training.runner import run_training
 
     assert plan.training is not None and step.stage_index is not None
     recipe = pin_to_curated(load_recipe(plan), state)
-    folder = output / "training"
+    folder = output.join("training")
     summary = run_training(
         recipe,
         folder,
@@ -229,10 +227,10 @@ def _run_stage(plan: Plan, output: Path, catalog, step: Step, state: dict, info:
         address=plan.address,
         tracking_uri=plan.tracking_uri,
         catalog=catalog,
-        resume=(folder / "run.json").exists(),
+        resume=storage.exists(f"{folder}/run.json"),
         console=console,
     )
-    run_state = json.loads((folder / "run.json").read_text())["stages"][str(step.stage_index)]
+    run_state = json.loads(storage.read_text(f"{folder}/run.json"))["stages"][str(step.stage_index)]
     loss = summary["stages"][-1].get("final_loss")
     info.update(
         result=f"final loss {loss:.4f}" if loss is not None else "done",
@@ -259,7 +257,7 @@ def pin_to_curated(recipe, state: dict[str, Any]):
     return type(recipe).model_validate({**recipe.model_dump(mode="json"), "data": data})
 
 
-def status_rows(plan: Plan, output: Path, catalog) -> list[dict[str, Any]]:
+def status_rows(plan: Plan, output: Location, catalog) -> list[dict[str, Any]]:
     """One row per step: status (from plan.json, the catalog and whether the driver lives),
     result (sample counts / final loss), catalog run, version (``NAME@VERSION``, as ``catalog
     show`` takes it), MLflow run id and its page on an http(s) server."""

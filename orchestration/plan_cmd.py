@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from core import storage
 from orchestration.common import (
     CatalogOption,
     Column,
@@ -71,7 +72,7 @@ def print_status(
     from orchestration.plan import load_plan, status_rows
 
     plan, folder = load_plan(plan_file, set_)
-    started = (folder / "plan.json").exists()  # before the first run there is nothing to read
+    started = storage.exists(folder.join("plan.json"))  # before the first run: nothing to read
     rows = status_rows(plan, folder, _catalog(plan, catalog, create=False) if started else None)
     if output == OutputFormat.json:
         print_json({"plan": plan.name, "output": str(folder), "steps": rows})

@@ -52,7 +52,9 @@ def parse_stages(text: str | None, count: int) -> list[int] | None:
 def run(
     recipe: str = typer.Argument(..., help="recipe YAML or built-in name (omni_video_tiny, ...)"),
     stages: str | None = typer.Option(None, "--stages", help="e.g. 1-3 (default: all)"),
-    output: Path = typer.Option(Path("runs/train"), "--output", help="weights, checkpoints"),
+    output: str = typer.Option(
+        "runs/train", "--output", help="weights, checkpoints: a folder, s3:// or gs://"
+    ),
     workers: int | None = typer.Option(None, "--workers", help="Ray Train workers (0: in-process)"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
@@ -61,6 +63,12 @@ def run(
     catalog: str | None = CatalogOption,
     progress_every: int = typer.Option(
         10, "--progress-every", min=1, help="off a terminal: a progress line every N steps"
+    ),
+    placement: str = typer.Option(
+        "PACK",
+        "--placement",
+        help="workers on the nodes: PACK (fewest nodes), SPREAD (across nodes), STRICT_*",
+        case_sensitive=False,
     ),
 ) -> None:
     """Train the recipe's stages; each stage starts from the previous stage's final weights.
@@ -80,6 +88,7 @@ def run(
         resume=resume,
         console=console,
         progress_every=progress_every,
+        placement=placement.upper(),
     )
     table = Table(title=f"training {r.name}")
     for col in ("stage", "steps", "final loss", "time", "weights"):

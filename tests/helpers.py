@@ -151,12 +151,17 @@ def sample_digests(shard_uris) -> dict[str, dict[str, str]]:
     return samples
 
 
-def stage_trace(out: Path, stage: str, rank: int) -> list[dict]:
-    """The per-step trace a training stage wrote for ``rank`` (``trace=True``)."""
+def stage_trace(out: Path | str, stage: str, rank: int) -> list[dict]:
+    """The per-step trace a training stage wrote for ``rank`` (``trace=True``); ``out`` a
+    local folder or an object-store URI."""
     import json
 
-    path = next((out / "stages").glob(f"*-{stage}")) / f"trace-rank{rank}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(out))
+    folder = next(iter(fs.glob(f"{root}/stages/*-{stage}")))
+    lines = fs.cat_file(f"{folder}/trace-rank{rank}.jsonl").decode().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def cli(

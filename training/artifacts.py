@@ -41,6 +41,7 @@ class StageArtifacts:
     """Evaluation, input grids and samples of a ``Trainer`` stage."""
 
     _held_out: dict[str, TaskBatch] | None = None
+    out_dir: Path  # where this rank writes the stage's files (``trainer.stage_files``)
 
     def evaluate(self, when: str) -> dict[str, float]:
         """Loss per task on fixed held-out batches with fixed noise (rank 0): a measure of
@@ -60,7 +61,7 @@ class StageArtifacts:
                 results[f"eval_loss/{task}"] = sum(losses) / len(losses)
         self.model.train()
         self.tracker.log(results, self.step)
-        with open(Path(self.spec.output) / f"eval-{when}.json", "w") as f:
+        with open(self.out_dir / f"eval-{when}.json", "w") as f:
             json.dump(results, f)
         if when == "start" and self.start_samples_due():
             self.log_samples()
@@ -202,7 +203,7 @@ class StageArtifacts:
         steps per key). Samples carry their step in the file name (one file per evaluation);
         inputs do not change, one file per bucket."""
         name = f"{task}-{bucket}" + (f"-step{self.step}" if kind == "samples" else "")
-        path = grid.save(Path(self.spec.output) / kind / f"{name}.png")
+        path = grid.save(self.out_dir / kind / f"{name}.png")
         self.tracker.log_artifact(str(path), kind)
         if self.tracker.enabled:
             tracking.log_image(

@@ -55,6 +55,8 @@ from training.recipe import Recipe
 DS_TAG = "state"
 FORMAT = 2  # trainer.json "format"; checkpoints without it predate manifests
 MANIFEST = "manifest-rank{rank}.json"
+MISSING = "the directory is missing"  # verify's reason for a kept checkpoint that was deleted
+DELETED = "deleted"  # the marker object standing for a deleted checkpoint in object storage
 META = ("format", "world_size", "step")  # trainer.json keys that name no registered state
 # stage settings that change when state is saved or how much memory a step takes, not what
 # the stage computes: a resume may change them
@@ -277,25 +279,33 @@ def write_manifest(directory: Path, rank: int, world_size: int, step: int | None
     return target
 
 
-def step_of(directory: Path) -> int | None:
-    """The step a checkpoint was taken at, from its manifest or trainer.json (None: unreadable)."""
+def name_of(directory: Path | str) -> str:
+    return str(directory).rstrip("/").rsplit("/", 1)[-1]
+
+
+def step_of(directory: Path | str) -> int | None:
+    """The step a checkpoint (a local folder or an object-store URI) was taken at, from its
+    manifest or trainer.json (None: unreadable)."""
+    import fsspec
+
     for name in (MANIFEST.format(rank=0), "trainer.json"):
         try:
-            return int(json.loads((directory / name).read_text())["step"])
+            with fsspec.open(f"{directory}/{name}", "rt") as f:
+                return int(json.load(f)["step"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
 
 
-def describe(directory: Path) -> str:
+def describe(directory: Path | str) -> str:
     step = step_of(directory)
-    return f"{directory.name} (step {step})" if step is not None else directory.name
+    return f"{name_of(directory)} (step {step})" if step is not None else name_of(directory)
 
 
 def verify(directory: Path) -> str | None:
     """Why ``directory`` is not a checkpoint to resume from, or None when it is."""
     if not directory.is_dir():
-        return "the directory is missing"
+        return MISSING
     first = directory / MANIFEST.format(rank=0)
     if not first.exists():
         try:
@@ -307,26 +317,66 @@ def verify(directory: Path) -> str | None:
         if "format" in trainer:
             return "incomplete: manifest-rank0.json is missing"
         return _verify_legacy(directory, trainer)
+
+    def size(rel: str) -> int | None:
+        path = directory / rel
+        return path.stat().st_size if path.is_file() else None
+
+    return _check_manifests(
+        lambda rel: (directory / rel).read_bytes(), size, lambda rel: sha256(directory / rel)
+    )
+
+
+def verify_stored(uri: str) -> str | None:
+    """``verify`` for a checkpoint in object storage, without reading it back: every rank's
+    manifest is there and every file it lists has its size. The checksums are checked on the
+    copy a resumed stage loads (``ray_stage.RayTrainContext.latest_checkpoint``)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
     try:
-        world_size = int(json.loads(first.read_text())["world_size"])
+        listing = fs.find(root, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    sizes = {path[len(root) + 1 :]: int(info["size"]) for path, info in listing.items()}
+    if not sizes or set(sizes) == {DELETED}:
+        return MISSING
+    if MANIFEST.format(rank=0) not in sizes:
+        if "trainer.json" not in sizes:
+            return "incomplete: trainer.json and manifest-rank0.json are missing"
+        return "incomplete: manifest-rank0.json is missing"
+
+    def read(rel: str) -> bytes:
+        if rel not in sizes:
+            raise FileNotFoundError(rel)
+        return fs.cat_file(f"{root}/{rel}")
+
+    return _check_manifests(read, sizes.get, None)
+
+
+def _check_manifests(read, size, digest) -> str | None:
+    """Every rank's manifest (``read(rel)`` -> bytes) and the files it lists: ``size(rel)``
+    (None: missing) and, unless ``digest`` is None, ``digest(rel)`` (sha256)."""
+    try:
+        world_size = int(json.loads(read(MANIFEST.format(rank=0)))["world_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"incomplete: manifest-rank0.json is unreadable ({e})"
     for rank in range(world_size):
         name = MANIFEST.format(rank=rank)
         try:
-            files = json.loads((directory / name).read_text())["files"]
+            files = json.loads(read(name))["files"]
         except FileNotFoundError:
             return f"incomplete: {name} is missing (written by fewer than {world_size} ranks)"
         except (OSError, ValueError, KeyError, TypeError) as e:
             return f"incomplete: {name} is unreadable ({e})"
         for rel, expected in files.items():
-            path = directory / rel
-            if not path.is_file():
+            actual = size(rel)
+            if actual is None:
                 return f"{rel} is missing"
-            size = path.stat().st_size
-            if size != expected["size"]:
-                return f"{rel} is {size} bytes, {expected['size']} when written"
-            if sha256(path) != expected["sha256"]:
+            if actual != expected["size"]:
+                return f"{rel} is {actual} bytes, {expected['size']} when written"
+            if digest is not None and digest(rel) != expected["sha256"]:
                 return f"{rel} does not match its checksum"
     return None
 
@@ -360,19 +410,20 @@ def _verify_legacy(directory: Path, trainer: dict) -> str | None:
     return None
 
 
-def choose(candidates: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The first valid checkpoint of ``candidates`` (newest first) and the (checkpoint, why)
-    pairs skipped before it."""
-    skipped: list[tuple[Path, str]] = []
+def choose(candidates: list[Any]) -> tuple[Any, list[tuple[Any, str]]]:
+    """The first valid checkpoint of ``candidates`` (newest first: local ``Path``s, or
+    object-store URIs checked by ``verify_stored``) and the (checkpoint, why) pairs skipped
+    before it."""
+    skipped: list[tuple[Any, str]] = []
     for candidate in candidates:
-        reason = verify(candidate)
+        reason = verify(candidate) if isinstance(candidate, Path) else verify_stored(candidate)
         if reason is None:
             return candidate, skipped
         skipped.append((candidate, reason))
     return None, skipped
 
 
-def skip_note(chosen: Path | None, skipped: list[tuple[Path, str]]) -> str:
+def skip_note(chosen: Path | str | None, skipped: list[tuple[Path | str, str]]) -> str:
     """One line: which checkpoints were skipped and why, and where training resumes."""
     parts = [f"skipped checkpoint {describe(path)}: {why}" for path, why in skipped]
     if chosen is not None:
@@ -391,7 +442,17 @@ def save_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], path: Pa
     return path
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """``path``: a local safetensors file or an object-store URI (copied to a local temporary
+    file first, then read like a local one)."""
+    from core.storage import get_file, is_remote
+
+    if is_remote(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="omniforge-weights-") as tmp:
+            load_weights(model, get_file(str(path), Path(tmp) / Path(str(path)).name))
+        return
     state = load_file(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -424,11 +424,13 @@ class StageProgress:
 class StageFeed:
     """The channel of one stage and the driver thread that drains it into ``display``.
 
-    ``with StageFeed(display) as feed:`` starts a named Ray actor (no CPU) whose ``address``
-    goes to the workers (``StageSpec.extra["progress"]``) and to Ray Train's controller; on
-    exit the thread stops, the last records are shown, the actor is killed and the display
-    stops (also when ``fit()`` raised: a failure's records come first, and ``fit()``'s error is
-    the one that propagates, whatever the display's own teardown runs into)."""
+    ``with StageFeed(display) as feed:`` starts a named Ray actor (no CPU) on the driver's
+    node (a worker node may be lost mid-stage; the driver's cannot be without the driver),
+    whose ``address`` goes to the workers (``StageSpec.extra["progress"]``) and to Ray
+    Train's controller; on exit the thread stops, the last records are shown, the actor is
+    killed and the display stops (also when ``fit()`` raised: a failure's records come first,
+    and ``fit()``'s error is the one that propagates, whatever the display's own teardown runs
+    into)."""
 
     def __init__(self, display: StageProgress, poll_s: float = POLL_S):
         self.display, self.poll_s = display, poll_s
@@ -443,9 +445,13 @@ class StageFeed:
 
         name = f"omniforge-progress-{uuid.uuid4().hex[:12]}"
         namespace = ray.get_runtime_context().namespace
-        self._actor = (
-            ray.remote(num_cpus=0)(_Channel).options(name=name, namespace=namespace).remote()
-        )
+        options: dict[str, Any] = {"name": name, "namespace": namespace}
+        if not ray.util.client.ray.is_connected():  # a Ray Client driver is on no node
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            node = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        self._actor = ray.remote(num_cpus=0)(_Channel).options(**options).remote()
         ray.get(self._actor.received.remote())  # started before any worker looks it up
         self.address = {"name": name, "namespace": namespace}
         self.display.start()

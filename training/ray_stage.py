@@ -165,16 +165,24 @@ def failure_watch_class():
     return FailureWatch
 
 
+# Ray's placement strategies for a stage's workers: PACK (Ray's default: as few nodes as
+# possible, fast collectives), SPREAD (across nodes where it can: one node's loss takes fewer
+# workers), and the STRICT_ forms that fail rather than bend.
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 def run_stage(
     spec: StageSpec,
     workers: int,
     run_name: str,
-    storage: Path,
+    storage: str,
     use_gpu: bool,
     max_failures: int = 3,
     progress: dict[str, str] | None = None,
+    placement: str = "PACK",
 ):
-    """``progress``: a ``StageFeed.address`` that rank 0 and the controller report to."""
+    """``progress``: a ``StageFeed.address`` that rank 0 and the controller report to;
+    ``placement``: how Ray places the workers on the cluster's nodes (``PLACEMENTS``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -185,7 +193,9 @@ def run_stage(
     trainer = TorchTrainer(
         stage_loop,
         train_loop_config=asdict(spec),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, placement_strategy=placement
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name,
@@ -228,35 +238,44 @@ def hold_request() -> dict[str, Any] | None:
     return {"step": int(step), "dir": folder}
 
 
-def resume_point(experiment: Path, stage_label: str) -> tuple[Path | None, str] | None:
+def resume_point(experiment: Path | str, stage_label: str) -> tuple[Path | str | None, str] | None:
     """What a resumed stage will start from: (newest valid checkpoint Ray Train kept, note on
     the ones skipped), or None when Ray Train kept nothing (a fresh start).
 
     Reads Ray Train's run state (``checkpoint_manager_snapshot.json``: the kept checkpoints in
-    the order they were registered) and verifies them newest first, as the workers will. A
-    kept directory that was deleted is recreated empty (Ray Train refuses to restore a run
-    state naming a missing one) and skipped like any damaged checkpoint. None usable:
-    ``CheckpointError``."""
-    snapshot = experiment / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
+    the order they were registered) and verifies them newest first, as the workers will (in
+    object storage ``experiment`` is a URI, and the driver checks the manifests and sizes
+    without reading the checkpoints back). A kept directory that was deleted is recreated
+    empty (Ray Train refuses to restore a run state naming a missing one) and skipped like
+    any damaged checkpoint. None usable: ``CheckpointError``."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(experiment))
+    snapshot = f"{root}/checkpoint_manager_snapshot.json"
+    if not fs.exists(snapshot):
         return None
     try:
-        state = json.loads(snapshot.read_text())
+        state = json.loads(fs.cat_file(snapshot))
         names = [r["checkpoint_dir_name"] for r in state["checkpoint_results"]]
         latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ckpt.CheckpointError(
-            f"{stage_label}: Ray Train's run state {snapshot} is unreadable ({e}); "
-            f"remove {experiment} to start the stage over"
+            f"{stage_label}: Ray Train's run state {experiment}/checkpoint_manager_snapshot.json "
+            f"is unreadable ({e}); remove {experiment} to start the stage over"
         ) from e
     order = [latest] if latest else []
     order += [n for n in reversed(names) if n != latest]
     if not order:
         return None
-    candidates = [experiment / name for name in order]
-    for path in candidates:
-        if not path.exists():
-            path.mkdir(parents=True)
+    if isinstance(experiment, Path):
+        candidates: list[Any] = [experiment / name for name in order]
+    else:
+        candidates = [f"{experiment}/{name}" for name in order]
+    for name in order:
+        if not fs.exists(f"{root}/{name}"):  # an object store has no empty folder: a marker
+            fs.makedirs(f"{root}/{name}", exist_ok=True)
+            if not isinstance(experiment, Path):
+                fs.pipe_file(f"{root}/{name}/{ckpt.DELETED}", b"")
     chosen, skipped = ckpt.choose(candidates)
     note = ckpt.skip_note(chosen, skipped) if skipped else ""
     if chosen is None:

@@ -1,11 +1,20 @@
 """The driver of ``train run``: each stage is one Ray Train ``TorchTrainer`` run.
 
-Output layout::
+Output layout (``OUTPUT`` a local or shared folder, or an object-store prefix ``s3://`` /
+``gs://``)::
 
     OUTPUT/recipe.yaml                     the resolved recipe (data pinned to versions)
     OUTPUT/stages/N-NAME/final.safetensors the stage's final weights (next stage starts here)
     OUTPUT/stages/N-NAME/done.json         written last: the stage is complete
     OUTPUT/ray/                            Ray Train storage: checkpoints, run state
+    OUTPUT/run.json                        the driver's state: MLflow and catalog runs per stage
+
+With ``OUTPUT`` in object storage the nodes share nothing but the bucket: Ray Train uploads
+each checkpoint there (its ``storage_path``); each rank writes the stage's files to a local
+stand-in and uploads them when it ends, rank 0's final weights last
+(``trainer.Trainer.publish``); the next stage's workers read those weights from the bucket.
+Every object is put whole, so ``final.safetensors`` and ``done.json`` mark a stage's end once
+they exist.
 
 Before anything is written or started, ``training.preflight`` checks the chosen stages' data
 on the driver (samples per bucket against the world size and batch, captions) and refuses with
@@ -49,14 +58,16 @@ from catalog.db import CatalogError
 from catalog.lifecycle import run_lifecycle
 from catalog.names import DatasetRef, is_catalog_uri
 from catalog.records import Node
+from core import storage
 from core.config import dump_yaml
 from core.secrets import ray_auth
-from core.storage import StorageError, is_remote
+from core.storage import Location
 from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
 from training import preflight
 from training.progress import PLAIN_EVERY_STEPS, StageFeed, StageProgress
 from training.ray_stage import (
+    PLACEMENTS,
     checkpoint_failure,
     driver_identity,
     hold_request,
@@ -64,13 +75,14 @@ from training.ray_stage import (
     run_stage,
 )
 from training.recipe import Recipe
-from training.trainer import StageSpec
+from training.trainer import FINAL, StageSpec
 
 log = logging.getLogger(__name__)
 
 
-def stage_dir(output: Path, recipe: Recipe, index: int) -> Path:
-    return output / "stages" / f"{index + 1}-{recipe.stages[index].name}"
+def stage_dir(output: Location, recipe: Recipe, index: int) -> str:
+    """The stage's folder: a local path or an object-store URI."""
+    return output.join("stages", f"{index + 1}-{recipe.stages[index].name}")
 
 
 def pin_data(recipe: Recipe, catalog, *, strict: bool = True) -> tuple[Recipe, list[str]]:
@@ -100,11 +112,11 @@ def pin_data(recipe: Recipe, catalog, *, strict: bool = True) -> tuple[Recipe, l
     return pinned, refs
 
 
-def close_orphans(catalog, folder: Path) -> None:
+def close_orphans(catalog, folder: str) -> None:
     """A driver killed between creating a stage's catalog run and recording it in run.json
     leaves that run "running" forever: mark it failed before the stage starts again."""
     for run in catalog.list_runs(kind="training_stage", limit=10_000):
-        if run.status == "running" and run.params.get("output") == str(folder):
+        if run.status == "running" and run.params.get("output") == folder:
             catalog.update_run(
                 run.id, status="failed", message="interrupted before it was recorded; rerun"
             )
@@ -115,7 +127,7 @@ class _Run:
     """What every stage of one ``run_training`` call shares."""
 
     recipe: Recipe
-    out: Path
+    out: Location
     refs: list[str]
     state: dict[str, Any]
     catalog: Any
@@ -127,9 +139,18 @@ class _Run:
     stop_after: int | None
     splits: dict[str, Any]  # data key -> held-out split record (preflight.DataCheck.splits)
     progress_every: int = PLAIN_EVERY_STEPS  # off a terminal: a progress line every N steps
+    placement: str = "PACK"  # ray_stage.PLACEMENTS
 
     def save_state(self) -> None:
-        (self.out / "run.json").write_text(json.dumps(self.state, indent=1))
+        storage.write_text(self.out.join("run.json"), json.dumps(self.state, indent=1))
+
+    def local_copy(self, name: str, text: str) -> Path:
+        """A driver-side file also kept locally when the output is in object storage (what
+        MLflow logs as an artifact)."""
+        folder = storage.local_cache(self.out, "training") if self.out.remote else None
+        path = (folder or self.out.local()) / name
+        path.write_text(text)
+        return path
 
     def say(self, text: str) -> None:
         if self.console:
@@ -150,20 +171,18 @@ def run_training(
     stop_after: int | None = None,
     trace: bool = False,
     progress_every: int = PLAIN_EVERY_STEPS,
+    placement: str = "PACK",
 ) -> dict[str, Any]:
     """Run the recipe's stages (0-based indices; default all) and return a summary. With a
-    ``console``, each stage shows the workers' progress (``training.progress``)."""
+    ``console``, each stage shows the workers' progress (``training.progress``); ``placement``:
+    how Ray places each stage's workers on the nodes (``ray_stage.PLACEMENTS``)."""
     from training import tracking
 
-    if is_remote(output):  # never a local folder named "s3:"
-        raise StorageError(
-            f"--output {output}: a training run writes its checkpoints and weights to a local "
-            "or shared folder; object-store training outputs are not supported yet (the data "
-            "it reads may live in s3:// or gs://)"
-        )
-    out = Path(output).resolve()
-    state_file = out / "run.json"
-    if state_file.exists() and not resume:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"--placement {placement}: choose one of {', '.join(PLACEMENTS)}")
+    out = storage.location(output, "--output")  # never a local folder named "s3:"
+    state_file = out.join("run.json")
+    if storage.exists(state_file) and not resume:
         raise ValueError(
             f"{out} holds a previous training run: pass --resume to continue it, "
             "or choose another --output"
@@ -184,24 +203,25 @@ def run_training(
     )
     # an entry no chosen stage reads is not checked: one that does not resolve fails here
     recipe, refs = pin_data(recipe, catalog)
-    out.mkdir(parents=True, exist_ok=True)
-    state = json.loads(state_file.read_text()) if state_file.exists() else {"stages": {}}
+    storage.makedirs(out.uri)
+    state = json.loads(storage.read_text(state_file)) if storage.exists(state_file) else {}
+    state.setdefault("stages", {})
     if state.get("recipe") and state["recipe"] != recipe.model_dump(mode="json"):
         raise ValueError(f"{out} was trained with a different recipe; resume needs the same one")
     state["recipe"] = recipe.model_dump(mode="json")
-    (out / "recipe.yaml").write_text(dump_yaml(recipe))
+    storage.write_text(out.join("recipe.yaml"), dump_yaml(recipe))
     if tracking_uri and not state.get("mlflow_parent"):
         state["mlflow_parent"] = tracking.start_parent(
             tracking_uri, recipe, catalog=catalog, output=out
         )
     elif tracking_uri:
         reopen_run(tracking_uri, state["mlflow_parent"])  # FAILED by an earlier stage
-    state_file.write_text(json.dumps(state, indent=1))
+    storage.write_text(state_file, json.dumps(state, indent=1))
     chosen = list(range(len(recipe.stages))) if stages is None else stages
     previous = None
     if chosen and chosen[0] > 0:
-        previous = stage_dir(out, recipe, chosen[0] - 1) / "final.safetensors"
-        if not previous.exists():
+        previous = f"{stage_dir(out, recipe, chosen[0] - 1)}/{FINAL}"
+        if not storage.exists(previous):
             raise ValueError(
                 f"stage {chosen[0]} starts from stage {chosen[0]}'s weights: {previous} "
                 "is missing (run the earlier stages first)"
@@ -229,6 +249,7 @@ def run_training(
             stop_after,
             check.splits,
             progress_every,
+            placement,
         )
         summary: dict[str, Any] = {"output": str(out), "inputs": refs, "stages": []}
         for index in chosen:
@@ -241,9 +262,10 @@ def run_training(
                 )
             if "stopped_at" in done:
                 break
-            previous = Path(done["weights"])
+            previous = done["weights"]
         if not all(
-            (stage_dir(out, recipe, i) / "done.json").exists() for i in range(len(recipe.stages))
+            storage.exists(f"{stage_dir(out, recipe, i)}/done.json")
+            for i in range(len(recipe.stages))
         ):
             parent.stay_running()
     summary["mlflow_parent"] = state.get("mlflow_parent")
@@ -262,7 +284,7 @@ def _connect_ray(address: str | None) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]:
+def _train_stage(run: _Run, index: int, previous: str | None) -> dict[str, Any]:
     """Stage ``index`` from start, resume or as finished earlier: its summary entry
     (``stopped_at`` when it stopped on purpose before its last step)."""
     from training import tracking
@@ -270,10 +292,10 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
     recipe, stage = run.recipe, run.recipe.stages[index]
     folder = stage_dir(run.out, recipe, index)
     label = f"stage {index + 1} ({stage.name})"
-    if (folder / "done.json").exists():
+    if storage.exists(f"{folder}/done.json"):
         run.say(f"{label}: finished earlier, skipped")
-        return {**json.loads((folder / "done.json").read_text()), "skipped": True}
-    folder.mkdir(parents=True, exist_ok=True)
+        return {**json.loads(storage.read_text(f"{folder}/done.json")), "skipped": True}
+    storage.makedirs(folder)
     info = run.state["stages"].setdefault(str(index), {})
     reads = sorted({tc.data for tc in stage.tasks.values()})
     holdout = {key: run.splits.get(key) for key in reads}
@@ -297,7 +319,7 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
         "training_stage",
         f"{recipe.name} {label}",
         resume=info.get("catalog_run"),
-        params={"output": str(folder), "holdout": holdout},
+        params={"output": folder, "holdout": holdout},
         tracking_uri=run.tracking_uri,
         mlflow_run_id=info.get("mlflow_run"),
     ) as lifecycle:
@@ -308,8 +330,8 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
         spec = StageSpec(
             recipe=recipe.model_dump(mode="json"),
             stage_index=index,
-            output=str(folder),
-            init_weights=str(previous) if previous else None,
+            output=folder,
+            init_weights=previous,
             catalog_url=str(run.catalog.url) if run.catalog is not None else None,
             tracking_uri=run.tracking_uri,
             mlflow_run_id=info.get("mlflow_run"),
@@ -324,7 +346,9 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
         )
         start = time.monotonic()
         run_name = f"{recipe.name}-{index + 1}-{stage.name}"
-        point = resume_point(run.out / "ray" / run_name, label)
+        ray_storage = run.out.join("ray")
+        experiment = f"{ray_storage}/{run_name}"
+        point = resume_point(experiment if run.out.remote else Path(experiment), label)
         if point is not None and point[1]:
             run.say(f"{label}: {point[1]}")
             log.warning("%s: %s", label, point[1])
@@ -332,7 +356,13 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
         try:
             with _progress(run, label, stage.steps) as progress:
                 result = run_stage(
-                    spec, run.workers, run_name, run.out / "ray", run.use_gpu, progress=progress
+                    spec,
+                    run.workers,
+                    run_name,
+                    ray_storage,
+                    run.use_gpu,
+                    progress=progress,
+                    placement=run.placement,
                 )
         except Exception as e:
             failure = checkpoint_failure(e)
@@ -340,25 +370,26 @@ def _train_stage(run: _Run, index: int, previous: Path | None) -> dict[str, Any]
                 raise
             raise ckpt.CheckpointError(f"{label}: {failure}") from e
         metrics = dict(result.metrics or {})
-        final = folder / "final.safetensors"
-        if not final.exists():  # stopped early on purpose (stop_after): resumable
+        final = f"{folder}/{FINAL}"
+        if not storage.exists(final):  # stopped early on purpose (stop_after): resumable
             lifecycle.stay_running()
             return {"stage": stage.name, "stopped_at": metrics.get("step")}
         if run.catalog is not None:
             info["checkpoint"] = run.catalog.add_checkpoint(
-                info["catalog_run"], str(final), step=stage.steps
+                info["catalog_run"], final, step=stage.steps
             )
         if run.tracking_uri and info.get("mlflow_run"):
-            log_artifacts(run.tracking_uri, info["mlflow_run"], [run.out / "recipe.yaml"])
+            recipe_file = run.local_copy("recipe.yaml", dump_yaml(recipe))
+            log_artifacts(run.tracking_uri, info["mlflow_run"], [recipe_file])
     done = {
         "stage": stage.name,
         "index": index,
         "steps": stage.steps,
         "final_loss": metrics.get("loss"),
         "elapsed_s": time.monotonic() - start,
-        "weights": str(final),
+        "weights": final,
     }
-    (folder / "done.json").write_text(json.dumps(done, indent=1))
+    storage.write_text(f"{folder}/done.json", json.dumps(done, indent=1))
     run.save_state()
     return done
 

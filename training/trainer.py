@@ -271,6 +271,39 @@ def grad_norm(engine) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
+FINAL = "final.safetensors"  # a stage's final weights, in its folder: the stage is complete
+
+
+def stage_files(output: str, rank: int) -> Path:
+    """Where a rank writes the stage's files: the stage folder itself, or for a folder in
+    object storage a local stand-in of the rank's own (``OMNIFORGE_HOME/training/KEY/rankR``),
+    copied there by ``Trainer.publish``."""
+    from core.storage import is_remote, local_cache, location
+
+    if not is_remote(output):
+        return Path(output)
+    folder = local_cache(location(output, "stage output"), "training") / f"rank{rank}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def clear_stand_in(folder: Path, fresh: bool) -> None:
+    """A local stand-in keeps nothing an earlier try of the stage left that could be published
+    as this one's: never final weights, and nothing at all when the stage starts fresh."""
+    import shutil
+
+    for path in list(folder.iterdir()):
+        if fresh or path.name.startswith("final"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 class Trainer(StageArtifacts):
     def __init__(self, spec: StageSpec, context: Any):
         """``context``: ``report(metrics, checkpoint_dir)`` and ``latest_checkpoint()``."""
@@ -286,6 +319,7 @@ class Trainer(StageArtifacts):
         self.stage = self.recipe.stages[spec.stage_index]
         self.rank, self.world_size = ensure_process_group()
         self.progress = StepReporter.build(spec.extra.get("progress"), self.rank)
+        self.out_dir = stage_files(spec.output, self.rank)
         self.device = torch.device(
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
@@ -309,8 +343,8 @@ class Trainer(StageArtifacts):
                     self.model.geometry.temporal_factor,
                 )
             )
-        if spec.init_weights:
-            ckpt.load_weights(self.model, Path(spec.init_weights))
+        if spec.init_weights:  # a local path or an object-store URI
+            ckpt.load_weights(self.model, spec.init_weights)
         self.trainable = self.model.set_trainable(self.stage.trainable)
         self.model.set_gradient_checkpointing(self.stage.gradient_checkpointing)
         catalog = None
@@ -358,6 +392,8 @@ class Trainer(StageArtifacts):
         with self.context.latest_checkpoint() as directory:
             if directory is not None:
                 self.step = self.checkpointer.load(Path(directory))
+        if self.out_dir != Path(spec.output):  # a local stand-in: nothing of an earlier try
+            clear_stand_in(self.out_dir, fresh=self.step == 0)
         # logs only steps MLflow does not hold yet: a resumed stage repeats none
         self.tracker = MetricLogger(spec.tracking_uri, spec.mlflow_run_id, enabled=self.rank == 0)
         note = getattr(context, "resume_note", "")
@@ -394,6 +430,7 @@ class Trainer(StageArtifacts):
         if self.step == self.stage.steps and self.rank == 0:
             self.export_final()
             self.log_samples()
+        self.publish()
         self.tracker.close()
         return last
 
@@ -468,7 +505,7 @@ class Trainer(StageArtifacts):
             "loss": loss,
             "drop": {k: v.tolist() for k, v in batch.drop.items()},
         }
-        with open(Path(self.spec.output) / f"trace-rank{self.rank}.jsonl", "a") as f:
+        with open(self.out_dir / f"trace-rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _check_finite(
@@ -501,9 +538,9 @@ class Trainer(StageArtifacts):
 
         After step STEP (and its checkpoint, if it takes one) every rank stops; rank 0 first
         waits until Ray Train has registered every checkpoint it reported. Each rank then
-        writes ``DIR/held-rank{R}.json`` (step, pid, world size; rank 0 also the registered
-        checkpoint directories) and waits until ``DIR/release`` exists. Once released, a run
-        (or a restarted worker) does not hold again."""
+        writes ``DIR/held-rank{R}.json`` (step, pid, Ray node, world size; rank 0 also the
+        registered checkpoint directories) and waits until ``DIR/release`` exists. Once
+        released, a run (or a restarted worker) does not hold again."""
         hold = self.spec.extra.get("hold")
         if not hold or self.step != hold["step"]:
             return
@@ -515,6 +552,7 @@ class Trainer(StageArtifacts):
             "rank": self.rank,
             "world_size": self.world_size,
             "pid": os.getpid(),
+            "node_id": node_id(),
         }
         if self.rank == 0 and hasattr(self.context, "registered_checkpoints"):
             record["registered"] = [
@@ -530,8 +568,22 @@ class Trainer(StageArtifacts):
             time.sleep(0.05)
 
     def export_final(self) -> None:
-        out = Path(self.spec.output)
+        out = self.out_dir
         weights = self.model.state_dict()
-        ckpt.save_weights(weights, out / "final.safetensors")
+        ckpt.save_weights(weights, out / FINAL)
         if self.ema is not None:  # the trainable groups' averages in place of their weights
             ckpt.save_weights({**weights, **self.ema.state_dict()}, out / "final_ema.safetensors")
+
+    def publish(self) -> None:
+        """For a stage folder in object storage: copy what this rank wrote into its local
+        stand-in there (its trace; rank 0: evaluations, grids, final weights), the final weights
+        last, since the driver takes ``final.safetensors`` as the stage's end. A rank moved to
+        another node by a restart publishes only what it wrote there."""
+        if self.out_dir == Path(self.spec.output):
+            return
+        from core.storage import put_file
+
+        files = [p for p in self.out_dir.rglob("*") if p.is_file()]
+        files.sort(key=lambda p: (p.name == FINAL, p.name.startswith("final"), str(p)))
+        for path in files:
+            put_file(path, f"{self.spec.output}/{path.relative_to(self.out_dir).as_posix()}")

@@ -44,7 +44,7 @@ def test_jobs_on_a_local_ray_head(tmp_path):
         # 2. one-stage training job on the version it committed, log followed to the end
         out = cli(
             "submit", "train", "omni_video_tiny", "--output", str(tmp_path / "train"),
-            "--stages", "1", "--workers", "1",
+            "--stages", "1", "--workers", "1", "--placement", "spread",
             "--set", "data.curated.uri=catalog://job-curated@1",
             "--set", "stages.0.steps=4", "--set", "stages.0.checkpoint_every=2",
             "--catalog", catalog_url, "--tracking-uri", tracking, "--follow",

@@ -7,13 +7,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 from helpers import OMNIFORGE, cli, small_corpus
 
 from catalog.records import Node
 from catalog.store import Catalog
+from core.storage import StorageError
 from core.tracking import run_link
-from orchestration.plan import load_plan, read_state, steps
+from orchestration.plan import load_plan, read_state, run_plan, steps
 
 PLAN = """
 name: small-programme
@@ -45,7 +47,7 @@ def write_plan(tmp_path: Path) -> Path:
 
 def test_plan_paths_steps_and_refusals(tmp_path):
     plan, output = load_plan(write_plan(tmp_path))
-    assert output == tmp_path / "out"
+    assert output.uri == str(tmp_path / "out")
     assert plan.curation.input == str(tmp_path / "corpus")
     assert plan.catalog == f"sqlite:///{tmp_path / 'out' / 'catalog.db'}"
     assert [(s.id, s.label) for s in steps(plan)] == [
@@ -63,8 +65,11 @@ def test_plan_paths_steps_and_refusals(tmp_path):
         load_plan(leaky)
     remote = tmp_path / "remote.yaml"
     remote.write_text(PLAN.replace("output: out", "output: s3://bucket/programme"))
-    with pytest.raises(ValueError, match="output s3://bucket/programme: a plan keeps its state"):
-        load_plan(remote)
+    assert load_plan(remote)[1].uri == "s3://bucket/programme"
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(PLAN.replace("output: out", "output: hdfs://bucket/programme"))
+    with pytest.raises(StorageError, match=r"unknown.yaml: output hdfs://bucket/programme: the"):
+        load_plan(unknown)
     bad = tmp_path / "bad.yaml"
     bad.write_text(PLAN.replace("stages: 1-2", "stages: 1-9"))
     with pytest.raises(ValueError, match="the recipe has stages 1..3"):
@@ -144,3 +149,36 @@ def test_plan_killed_between_stages_resumes_at_the_next_step(tmp_path):
     step_children = {e.child.id for e in steps_down if e.relation == "step"}
     assert {version.run_id, s1, s2} <= step_children
     assert state["steps"]["train-2"]["version"] == "catalog://plan-curated@1"
+
+
+@pytest.mark.slow
+def test_a_plan_in_a_bucket_keeps_its_state_version_and_weights_there(
+    s3_bucket, tmp_path, ray_session, monkeypatch
+):
+    """``output: s3://...``: plan.json, the curated version and the training stage all live in
+    the bucket; ``plan status`` reads them from there; nothing lands in a local "s3:" folder."""
+    monkeypatch.chdir(tmp_path)
+    small_corpus(tmp_path / "corpus")
+    text = PLAN.replace("output: out", f"output: {s3_bucket}/programme")
+    text = text.replace("sqlite:///out/catalog.db", f"sqlite:///{tmp_path / 'catalog.db'}")
+    text = text.replace("tracking_uri: sqlite:///out/mlflow.db\n", "").replace("1-2", "1-1")
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(text)
+    plan, output = load_plan(plan_file)
+    cat = Catalog(plan.catalog)
+    state = run_plan(plan, output, cat)
+    assert {k: v["status"] for k, v in state["steps"].items()} == {
+        "curate": "done",
+        "train-1": "done",
+    }
+    assert read_state(output)["steps"] == state["steps"]  # plan.json in the bucket
+    version = cat.get_version("plan-curated", 1)
+    assert version.root_uri == f"{s3_bucket}/programme/curation"
+    fs, root = fsspec.core.url_to_fs(f"{s3_bucket}/programme")
+    assert fs.exists(f"{root}/training/stages/1-align/final.safetensors")
+    run = cat.get_run(state["steps"]["train-1"]["catalog_runs"][0])
+    assert run.params["output"] == f"{s3_bucket}/programme/training/stages/1-align"
+    status = cli("plan", "status", str(plan_file))
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.count(" done ") == 2, status.stdout
+    assert not list(tmp_path.glob("s3*"))

@@ -243,6 +243,42 @@ def snapshot(experiment: Path, names: list[str]) -> None:
     )
 
 
+def test_the_driver_checks_checkpoints_in_a_bucket_from_their_listing(tmp_path, s3_bucket):
+    """Ray Train's storage in S3: the driver reads the run state and each rank's manifest and
+    compares sizes with the listing, without downloading a checkpoint."""
+    import fsspec
+
+    built = tmp_path / "built"
+    built.mkdir()
+    for name, step in (("checkpoint_1", 4), ("checkpoint_2", 8)):
+        checkpoint(built / name, step=step)
+    snapshot(built, ["checkpoint_1", "checkpoint_2"])
+    experiment = f"{s3_bucket}/run/ray/run-1-align"
+    fs, root = fsspec.core.url_to_fs(experiment)
+    for name in ("checkpoint_1", "checkpoint_2", "checkpoint_manager_snapshot.json"):
+        fs.put(str(built / name), f"{root}/{name}", recursive=True)
+    label = "stage 1 (align)"
+    assert resume_point(experiment, label) == (f"{experiment}/checkpoint_2", "")
+
+    fs.pipe_file(f"{root}/checkpoint_2/{MODEL}", b"x")  # cut short
+    chosen, note = resume_point(experiment, label)
+    assert chosen == f"{experiment}/checkpoint_1"
+    size = (built / "checkpoint_2" / MODEL).stat().st_size
+    assert note == (
+        f"skipped checkpoint checkpoint_2 (step 8): {MODEL} is 1 bytes, {size} when written; "
+        "resuming from checkpoint_1 (step 4)"
+    )
+
+    fs.rm(f"{root}/checkpoint_2", recursive=True)  # deleted: a marker keeps its name
+    chosen, note = resume_point(experiment, label)
+    assert chosen == f"{experiment}/checkpoint_1" and fs.exists(f"{root}/checkpoint_2/deleted")
+    assert note.startswith("skipped checkpoint checkpoint_2: the directory is missing; ")
+
+    fs.rm(f"{root}/checkpoint_1/manifest-rank1.json")
+    with pytest.raises(ckpt.CheckpointError, match="manifest-rank1.json is missing"):
+        resume_point(experiment, label)
+
+
 def test_the_driver_reports_the_resume_point_before_the_stage_starts(tmp_path):
     experiment = tmp_path / "ray" / "run-1-align"
     experiment.mkdir(parents=True)
