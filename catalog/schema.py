@@ -82,6 +82,10 @@ SAMPLE_SCHEMA = pa.schema(
             "area of the union of text boxes / frame area (max over frames)",
         ),
         _f("ocr_boxes", pa.int32(), "number of text boxes (max over frames)"),
+        # duplicate signals (curation/stages/phash.py)
+        _f("phash", pa.list_(pa.uint64()), "64-bit pHash of each sampled frame, in order"),
+        _f("target_phash", pa.list_(pa.uint64()), "pHash of each target frame (edit pairs)"),
+        _f("duplicate_of", pa.string(), "key of the kept sample this one repeats (curate dedup)"),
         # outcome
         _f("status", pa.string(), "accepted | rejected | error", False),
         _f("reasons", pa.list_(pa.string()), "every reason for rejected / error", False),

@@ -98,6 +98,22 @@ class OcrConfig(StrictModel):
         return self
 
 
+class DedupConfig(StrictModel):
+    """Duplicate signals computed during curation, and what ``curate dedup`` calls a duplicate
+    (``curation/dedup.py``)."""
+
+    hash: bool = Field(
+        True, description="pHash of every sampled frame into the index (stages/phash.py)"
+    )
+    max_bits: int = Field(
+        10,
+        ge=0,
+        le=32,
+        description="near-duplicates: median Hamming distance of aligned frame hashes, of 64 "
+        "bits (our choice: copies re-encoded, resized or cropped 2 % a side stay within 8)",
+    )
+
+
 class SelectConfig(StrictModel):
     """Thresholds applied by ``select``; ``null`` disables one. Re-run with ``curate select``."""
 
@@ -205,6 +221,7 @@ class CurationConfig(StrictModel):
     watermark: WatermarkConfig = WatermarkConfig()
     motion: MotionConfig = MotionConfig()
     ocr: OcrConfig = OcrConfig()
+    dedup: DedupConfig = DedupConfig()
     select: SelectConfig = SelectConfig()
     edit: EditConfig = EditConfig()
     recaption: RecaptionConfig = RecaptionConfig()

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,6 +72,12 @@ def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
         FrameSampleStage(cfg.frames, cfg.probe),  # N frames per clip, for every scorer below
         EditPairStage(),  # edit pairs: aspect difference, source -> target change
     ]
+    if cfg.dedup.hash:
+        from curation.stages.phash import PerceptualHashStage
+
+        stages.append(PerceptualHashStage())  # pHash per sampled frame: duplicate signal
+    else:
+        skipped["phash"] = "dedup.hash is false"
     if cfg.motion.enabled:
         stages.append(MotionStage(cfg.motion))  # optical flow on downscaled frame pairs
     else:
@@ -227,9 +234,11 @@ def _run(
     identity: str,
     params: dict[str, Any],
     parent: VersionInfo | None = None,
+    against: Sequence[VersionInfo] = (),
 ) -> CurationResult:
     """The version's run, from start (or resume) to its report: the uncommitted inputs, pack,
-    commit, report and MLflow. A failure marks the run failed (committed blocks stay)."""
+    commit, report and MLflow. A failure marks the run failed (committed blocks stay).
+    Lineage: ``parent`` is the run's input, each ``against`` version an edge ``against``."""
     with run_lifecycle(
         job.catalog,
         "curation",
@@ -243,6 +252,8 @@ def _run(
         version = replace(version, run_id=run.id)
         if parent is not None:
             job.catalog.add_edge(Node("version", parent.id), Node("run", run.id), "input")
+        for other in against:
+            job.catalog.add_edge(Node("version", other.id), Node("run", run.id), "against")
         version, stats = _write_and_commit(job, version, inputs)
         result = _finish(job, version, len(inputs), stats)
         run.mlflow_run_id = result.mlflow_run_id
@@ -393,18 +404,85 @@ def reselect(
 
     Every index row is an input of its own (its key is its input id); accepted samples are
     written again from their sources (``stages/encode.py``)."""
+    return _rewrite(
+        "select", source_root, output, cfg, catalog, parent, address, tracking_uri, console,
+        verbose,
+    )  # fmt: skip
+
+
+def dedup(
+    source_root: str | Path,
+    output: str | Path,
+    cfg: CurationConfig,
+    *,
+    catalog: Catalog,
+    parent: VersionInfo | None = None,
+    against: Sequence[VersionInfo] = (),
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    console: Any = None,
+    verbose: bool = False,
+) -> CurationResult:
+    """``reselect`` that also rejects near-duplicates (``curation/dedup.py``): among the samples
+    the thresholds accept, each one that repeats another, or an accepted sample of an
+    ``against`` version, gets ``duplicate_of`` and the reason ``duplicate_of: KEY``."""
+    from curation.dedup import find_duplicates
+    from curation.stages.select import select_rows
+
+    def mark(rows: list[Row]) -> None:
+        for r in rows:
+            r["duplicate_of"] = None  # decided again
+        selected = select_rows(rows, cfg.select, cfg.edit, cfg.split.min_clip_s)
+        accepted = [r for r in selected if r["status"] == "accepted"]
+        earlier = []
+        for v in against:
+            index = read_index(location(v.root_uri, "against").join("index"))
+            earlier += [r for r in index.to_pylist() if r["status"] == "accepted"]
+        marks = find_duplicates(accepted, cfg.dedup.max_bits, earlier)
+        for r in rows:
+            if r["key"] in marks:
+                r["duplicate_of"] = marks[r["key"]][0]
+
+    return _rewrite(
+        "dedup", source_root, output, cfg, catalog, parent, address, tracking_uri, console,
+        verbose, against=against, mark=mark,
+    )  # fmt: skip
+
+
+def _rewrite(
+    what: str,
+    source_root: str | Path,
+    output: str | Path,
+    cfg: CurationConfig,
+    catalog: Catalog,
+    parent: VersionInfo | None,
+    address: str | None,
+    tracking_uri: str | None,
+    console: Any,
+    verbose: bool,
+    against: Sequence[VersionInfo] = (),
+    mark: Callable[[list[Row]], None] | None = None,
+) -> CurationResult:
+    """A new version from an existing index, without model runs: ``mark`` may set columns on
+    the rows first (``dedup``), then select and encode run on every row."""
     from curation.stages.encode import EncodeStage
     from curation.stages.select import SelectStage
 
     start = time.monotonic()
     src, out = location(source_root, "source"), output_location(output)
     if src == out:
-        raise ValueError("curate select writes a new version: --output must differ from the source")
+        raise ValueError(
+            f"curate {what} writes a new version: --output must differ from the source"
+        )
     with output_lock(out):
         rows = read_index(src.join("index")).to_pylist()
         for r in rows:
             r.update(input_id=r["key"], shard=None, bucket=None, run_id=None)
-        identity = hashlib.sha256(f"{config_hash(cfg)}:{parent.id if parent else src}".encode())
+        if mark is not None:
+            mark(rows)
+        sources = ":".join([str(parent.id if parent else src), *(str(v.id) for v in against)])
+        kind = "" if what == "select" else f"{what}:"  # a select's identity as it always was
+        identity = hashlib.sha256(f"{kind}{config_hash(cfg)}:{sources}".encode())
         claim_output(out, identity.hexdigest(), src.uri, cfg)
         with writing(out.join(THUMBS)):
             copy_tree(src.join(THUMBS), out.join(THUMBS))
@@ -423,8 +501,18 @@ def reselect(
             out, cfg, catalog, stages, skipped, address, tracking_uri, console, verbose, start
         )
         params = {"source": src.uri, "output": out.uri}
-        name = f"select {src} -> {out}"
-        return _run(job, version, rows, name, identity.hexdigest(), params, parent)
+        if against:
+            params["against"] = [v.ref for v in against]
+        name = f"{what} {src} -> {out}"
+        return _run(job, version, rows, name, identity.hexdigest(), params, parent, against)
 
 
-__all__ = ["CurationAborted", "CurationResult", "Step", "build_stages", "reselect", "run_curation"]
+__all__ = [
+    "CurationAborted",
+    "CurationResult",
+    "Step",
+    "build_stages",
+    "dedup",
+    "reselect",
+    "run_curation",
+]

@@ -76,6 +76,69 @@ def run(
     )
 
 
+@app.command("dedup")
+def dedup(
+    source: str = typer.Argument(..., help="catalog://NAME@VERSION or a curation output"),
+    output: str = typer.Option(
+        ..., "--output", help="folder or s3:// / gs:// prefix of the new version"
+    ),
+    against: list[str] = typer.Option(
+        [], "--against", help="catalog://NAME@VERSION whose samples are kept (repeatable)"
+    ),
+    config: Path | None = typer.Option(None, "--config", help="YAML with new settings"),
+    set_: list[str] = typer.Option([], "--set", help="e.g. dedup.max_bits=6"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    catalog: str | None = CatalogOption,
+    verbose: bool = typer.Option(
+        False, "--verbose", help="also show Ray's own logs (as omniforge --verbose)"
+    ),
+) -> None:
+    """Reject near-duplicates of an existing version (within it, and of the samples of
+    --against versions) without recomputing scores: a new version whose parent is SOURCE."""
+    from curation.pipeline import dedup as run_dedup
+
+    if verbose:
+        quiet.quiet_libraries(True)
+    cat = open_catalog(catalog)
+    root, parent, cfg = _rewrite_source(cat, source, config, set_)
+    others = []
+    for ref in against:
+        if not is_catalog_uri(ref):
+            raise ValueError(f"--against {ref}: name a version as catalog://NAME@VERSION")
+        parsed = DatasetRef.parse(ref)
+        others.append(cat.get_version(parsed.name, parsed.version))
+    run_dedup(
+        root,
+        output,
+        cfg,
+        catalog=cat,
+        parent=parent,
+        against=others,
+        address=address,
+        tracking_uri=tracking_uri,
+        console=console,
+        verbose=verbose or quiet.verbose(),
+    )
+
+
+def _rewrite_source(cat, source: str, config: Path | None, set_: list[str]):
+    """(root, parent version or None, config) of a ``select`` / ``dedup`` source: the run's
+    own config with ``config`` and ``set_`` on top."""
+    from curation.config import CurationConfig
+    from curation.pipeline import load_run_config
+
+    parent = None
+    if is_catalog_uri(source):
+        ref = DatasetRef.parse(source)
+        parent = cat.get_version(ref.name, ref.version)
+        root = parent.root_uri
+    else:
+        root = source
+    base = load_run_config(root)
+    return root, parent, load_config(CurationConfig, config, set_, base=to_plain(base))
+
+
 @app.command("select")
 def select(
     source: str = typer.Argument(..., help="catalog://NAME@VERSION or a curation output"),
@@ -92,21 +155,12 @@ def select(
     ),
 ) -> None:
     """Re-apply thresholds to an existing index without recomputing scores (a new version)."""
-    from curation.config import CurationConfig
-    from curation.pipeline import load_run_config, reselect
+    from curation.pipeline import reselect
 
     if verbose:
         quiet.quiet_libraries(True)
     cat = open_catalog(catalog)
-    parent = None
-    if is_catalog_uri(source):
-        ref = DatasetRef.parse(source)
-        parent = cat.get_version(ref.name, ref.version)
-        root = parent.root_uri
-    else:
-        root = source
-    base = load_run_config(root)
-    cfg = load_config(CurationConfig, config, set_, base=to_plain(base))
+    root, parent, cfg = _rewrite_source(cat, source, config, set_)
     reselect(
         root,
         output,

@@ -25,6 +25,8 @@ Defaults (``SelectConfig``) and where they come from:
   ours, set on the synthetic pans (slow 0.044, fast 0.35).
 - ``min_clip_s`` (split section) 2 s: shorter clips are ``too_short``.
 - edit pairs: ``max_aspect_diff`` 2% relative, ``min_target_change`` 0.002 mean abs change.
+- ``duplicate_of: KEY``: the row repeats sample KEY (``curate dedup``, ``curation/dedup.py``);
+  kept through later ``curate select`` runs until ``curate dedup`` decides again.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def reasons_for(
         if fails:
             out.append(f"{tag}: {_fmt(value)} {op} {_fmt(limit)}")
 
+    if row.get("duplicate_of"):  # decided over the whole index by ``curate dedup``
+        out.append(f"duplicate_of: {row['duplicate_of']}")
     if kind == "video" and row.get("duration") is not None:
         d = row["duration"]
         check("too_short", d, min_clip_s, d < min_clip_s, "<")

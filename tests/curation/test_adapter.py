@@ -54,7 +54,7 @@ def test_cpu_stages_are_fused_and_each_model_stage_is_a_step():
     stages, _ = build_stages(load_config(CurationConfig, None, []))
     steps = plan_steps(stages)
     names = [s.name for s in steps]
-    assert names == ["probe+split+frames+pairs+motion", "ocr", "select+encode"]
+    assert names == ["probe+split+frames+pairs+phash+motion", "ocr", "select+encode"]
     assert [s.uses_model for s in steps] == [False, True, False]
     assert [s.writes for s in steps] == [False, False, True]
     assert plan_steps([Model()])[-1].stages == ()  # the sink step exists even without stages

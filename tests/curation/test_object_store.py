@@ -111,6 +111,19 @@ def test_the_cli_curates_from_s3_into_s3(s3_bucket, tmp_path):
     assert keys == {r["key"] for r in index if r["status"] == "accepted"}
     verified = cli("catalog", "verify", "catalog://photos@1", "--catalog", db)
     assert verified.returncode == 0, verified.stderr + verified.stdout
+    # the version deduplicated (against itself: every accepted sample repeats one kept there)
+    dedup = cli("curate", "dedup", "catalog://photos@1", "--output", f"{s3_bucket}/dedup",
+                "--against", "catalog://photos@1", "--catalog", db)  # fmt: skip
+    assert dedup.returncode == 0, dedup.stderr
+    child = cat.get_version("photos", 2)
+    assert child.parent_id == version.id and child.root_uri == f"{s3_bucket}/dedup"
+    assert child.counts["accepted"] == 0
+    assert child.counts["rejected"] == version.counts["rejected"] + version.counts["accepted"]
+    bad = cli("curate", "dedup", "catalog://photos@1", "--output", f"{s3_bucket}/x",
+              "--against", "photos@1", "--catalog", db)  # fmt: skip
+    assert bad.returncode == 2 and "--against photos@1: name a version as catalog://" in (
+        bad.stderr
+    ), bad.stderr
 
 
 @pytest.mark.parametrize(

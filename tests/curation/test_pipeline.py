@@ -15,7 +15,9 @@ from catalog.shards import iter_shard, sha256_file
 from catalog.store import Catalog
 from core.config import load_config
 from curation.config import CurationConfig
-from curation.pipeline import reselect, run_curation
+from curation.pipeline import dedup, reselect, run_curation
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 # Small synthetic media: lower the size floor so the other checks are what decides.
 TEST_SETTINGS = [
@@ -127,6 +129,29 @@ def test_scores_separate_the_labelled_properties(corpus, curated):
     assert max(motion["static"]) < min(motion["slow"]) < max(motion["slow"]) < min(motion["fast"])
 
 
+def test_the_labelled_near_duplicate_hashes_next_to_its_original(corpus, curated):
+    """Every sample with frames carries one pHash per sampled frame; the corpus's re-encoded,
+    downscaled copy is a few bits from its original and far from every other image."""
+    from curation.stages.phash import hamming
+
+    root, labels = corpus
+    rows = by_key(curated[1])
+    for row in rows.values():
+        if row["status"] == "accepted":
+            frames = 1 if row["kind"] in ("image", "image_edit") else 8
+            assert row["phash"] and 1 <= len(row["phash"]) <= frames, row["key"]
+            assert (row["target_phash"] is not None) == (
+                row["kind"] in ("image_edit", "video_edit")
+            )
+    (dup,) = [lab for lab in labels if lab.get("duplicate_of")]
+    [copy] = rows_of(rows, label_key(root, dup))
+    [original] = rows_of(rows, make_key(str(root / dup["duplicate_of"])))
+    assert hamming(copy["phash"][0], original["phash"][0]) <= 4
+    others = [r for r in rows.values() if r["kind"] == "image" and r["phash"]]
+    others = [r for r in others if r["key"] not in (copy["key"], original["key"])]
+    assert others and min(hamming(copy["phash"][0], r["phash"][0]) for r in others) >= 12
+
+
 def test_cut_video_is_split_at_the_labelled_cuts(corpus, curated):
     root, labels = corpus
     rows = by_key(curated[1])
@@ -208,6 +233,68 @@ def test_select_changes_statuses_without_recomputing_scores(curated, tmp_path):
     assert new.version.counts["accepted"] == result.version.counts["accepted"] + flipped
     up, _ = cat.lineage(Node("version", new.version.id))
     assert any(e.parent_label.startswith("catalog://corpus@1") for e in up)
+
+
+def test_dedup_rejects_the_labelled_near_duplicate_and_nothing_else(corpus, curated, tmp_path):
+    root, labels = corpus
+    result, index, cat, work = curated
+    cfg = load_config(CurationConfig, work / "out" / "config.yaml", [])
+    new = dedup(work / "out", tmp_path / "deduped", cfg, catalog=cat, parent=result.version)
+    assert new.summary["stages_run"] == ["select", "encode"]
+    assert new.version.parent_id == result.version.id
+    before, after = by_key(index), by_key(read_index(str(tmp_path / "deduped" / "index")))
+    (dup,) = [lab for lab in labels if lab.get("duplicate_of")]
+    [copy] = rows_of(after, label_key(root, dup))
+    original = make_key(str(root / dup["duplicate_of"]))
+    assert before[copy["key"]]["status"] == before[original]["status"] == "accepted"
+    assert copy["status"] == "rejected" and copy["duplicate_of"] == original
+    assert copy["reasons"] == [f"duplicate_of: {original}"]  # the larger original is kept
+    changed = {k for k in after if after[k]["status"] != before[k]["status"]}
+    assert changed == {copy["key"]}, [after[k]["reasons"] for k in changed]
+    assert new.version.counts["accepted"] == result.version.counts["accepted"] - 1
+    assert new.version.counts["rejected"] == result.version.counts["rejected"] + 1
+
+
+def test_dedup_against_an_earlier_version_rejects_what_was_ingested_again(
+    corpus, curated, tmp_path
+):
+    """A second corpus holding a re-encoded, downscaled copy of an accepted image of the first
+    and a real photo the first does not have: deduplicated against the first version, the
+    copy names the first version's sample and the new photo stays."""
+    import cv2
+
+    root, labels = corpus
+    result, index, cat, work = curated
+    before = by_key(index)
+    photo = next(
+        lab for lab in labels
+        if lab["kind"] == "image" and not lab.get("duplicate_of")
+        and before.get(label_key(root, lab), {}).get("status") == "accepted"
+    )  # fmt: skip
+    second = tmp_path / "second"
+    second.mkdir()
+    image = cv2.imread(str(root / photo["path"]))
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (w * 3 // 4, h * 3 // 4), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(second / "reingested.jpg"), small, [cv2.IMWRITE_JPEG_QUALITY, 50])
+    (second / "astronaut.png").write_bytes((DATA / "astronaut.png").read_bytes())
+    cfg = load_config(CurationConfig, None, [*TEST_SETTINGS[:-1], "name=second"])
+    first_run = run_curation(str(second), tmp_path / "second-v1", cfg, catalog=cat)
+    assert first_run.version.counts["accepted"] == 2
+    deduped = dedup(tmp_path / "second-v1", tmp_path / "second-v2", cfg, catalog=cat,
+                    parent=first_run.version, against=[result.version])  # fmt: skip
+    rows = {
+        Path(r["source_uri"]).name: r
+        for r in read_index(str(tmp_path / "second-v2" / "index")).to_pylist()
+    }
+    kept = label_key(root, photo)
+    assert rows["reingested.jpg"]["reasons"] == [f"duplicate_of: {kept}"]
+    assert rows["astronaut.png"]["status"] == "accepted"
+    assert deduped.version.counts == {**first_run.version.counts, "accepted": 1, "rejected": 1}
+    up, _ = cat.lineage(Node("version", deduped.version.id))
+    relations = {(e.parent_label.split(" ")[0], e.relation) for e in up}
+    assert ("catalog://second@1", "input") in relations
+    assert ("catalog://corpus@1", "against") in relations
 
 
 def test_clip_scorers_run_in_actor_pools_with_local_weights(tmp_path, monkeypatch, ray_session):

@@ -76,6 +76,7 @@ class Stage(StageArtifacts):
         out.mkdir(parents=True, exist_ok=True)  # the runner creates the stage folder
         self.model = model
         self.spec = SimpleNamespace(output=str(out), tracking_uri=uri, mlflow_run_id=run_id)
+        self.out_dir = out  # a local stage folder is written directly (trainer.stage_files)
         self.recipe = SimpleNamespace(seed=3, model=SimpleNamespace(size=size))
         self.stage = SimpleNamespace(condition_dropout=0.0)
         self.tracker = MetricLogger(uri, run_id)

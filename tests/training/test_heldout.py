@@ -326,6 +326,7 @@ def test_evaluation_batches_are_held_out_and_say_so(layouts, store, tmp_path):
     (tmp_path / "stage").mkdir()
     host.spec = SimpleNamespace(output=str(tmp_path / "stage"), tracking_uri=uri,
                                 mlflow_run_id=run_id)  # fmt: skip
+    host.out_dir = tmp_path / "stage"
     host.tracker = MetricLogger(uri, run_id)
     host.stage = stage().model_copy(update={"token_budget": 4096})
     host.recipe = validate(

@@ -1,0 +1,79 @@
+"""Near-duplicate search over pHashes (``curation/dedup.py``): complete against brute force,
+the documented keep rule, no chains, and repeats of an earlier version."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from curation.dedup import find_duplicates, near_pairs
+
+
+def flip(value: int, bits: list[int]) -> int:
+    for b in bits:
+        value ^= 1 << b
+    return value
+
+
+def test_the_pair_search_finds_exactly_what_brute_force_finds():
+    rng = np.random.default_rng(7)
+    n = 2000
+    hashes = rng.integers(0, 2**63, n, dtype=np.uint64) << np.uint64(1)
+    for _ in range(150):  # planted pairs at 0-12 bits
+        i, j = rng.integers(n, size=2)
+        bits = rng.choice(64, size=int(rng.integers(0, 13)), replace=False).tolist()
+        hashes[j] = np.uint64(flip(int(hashes[i]), bits))
+    for max_bits in (3, 7, 10):
+        found = {tuple(map(int, p)) for p in near_pairs(hashes, max_bits)}
+        d = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(np.triu(d <= max_bits, 1))
+        truth = {(int(i), int(j)) for i, j in zip(rows, cols, strict=True)}
+        assert truth and found == truth, max_bits
+
+
+def row(key: str, hashes: list[int], kind: str = "image", **extra) -> dict:
+    return {"key": key, "kind": kind, "phash": hashes, **extra}
+
+
+BASE = 0x0123_4567_89AB_CDEF
+
+
+def test_the_best_copy_is_kept_and_names_every_other():
+    rows = [
+        row("a-small", [flip(BASE, [1, 2])], width=256, height=256),
+        row("b-large", [BASE], width=512, height=512),
+        row("c-pretty", [flip(BASE, [60])], aesthetic=6.0, width=128, height=128),
+        row("other", [flip(BASE, list(range(0, 64, 3)))]),
+    ]
+    marks = find_duplicates(rows, max_bits=10)
+    assert {k: v[0] for k, v in marks.items()} == {"a-small": "c-pretty", "b-large": "c-pretty"}
+    del rows[2]  # without the scored copy: more pixels wins over key order
+    assert {k: v[0] for k, v in find_duplicates(rows, 10).items()} == {"a-small": "b-large"}
+
+
+def test_no_chain_through_a_third_sample_and_kinds_and_lengths_apart():
+    a, b, c = BASE, flip(BASE, list(range(8))), flip(BASE, list(range(16)))  # a~b, b~c, a!~c
+    rows = [row("1", [a], aesthetic=9.0), row("2", [b], aesthetic=8.0), row("3", [c])]
+    assert {k: v[0] for k, v in find_duplicates(rows, 10).items()} == {"2": "1"}  # 3 stays
+    mixed = [row("i", [a]), row("v", [a] * 8, kind="video"), row("v4", [a] * 4, kind="video")]
+    assert find_duplicates(mixed, 10) == {}
+    assert find_duplicates([row("x", [a]), row("y", None)], 10) == {}
+
+
+def test_clips_compare_every_aligned_frame_and_edit_pairs_their_target_too():
+    frames = [flip(BASE, [i]) for i in range(8)]
+    moved = frames[:5] + [flip(f, list(range(20, 40))) for f in frames[5:]]  # 3 of 8 differ
+    clips = [row("c1", frames, kind="video"), row("c2", moved, kind="video")]
+    assert find_duplicates(clips, 10)["c2"][0] == "c1"  # the median frame distance is small
+    other_target = [flip(BASE, list(range(30)))]
+    pairs = [
+        row("p1", [BASE], kind="image_edit", target_phash=[BASE]),
+        row("p2", [BASE], kind="image_edit", target_phash=other_target),
+    ]
+    assert find_duplicates(pairs, 10) == {}  # same source, another edit
+
+
+def test_a_repeat_of_an_earlier_version_names_the_earlier_sample():
+    earlier = [row("old", [BASE], status="accepted")]
+    rows = [row("new", [flip(BASE, [3])], aesthetic=9.0), row("fresh", [~BASE & (2**64 - 1)])]
+    marks = find_duplicates(rows, 10, against=earlier)
+    assert marks == {"new": ("old", 1.0)}
