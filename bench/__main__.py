@@ -36,6 +36,7 @@ CASES = {
     "p3": "bench.p3_training",
     "p4": "bench.p4_buckets",
     "p5": "bench.p5_selection",
+    "p6": "bench.p6_dedup",
 }
 CASE_TIMEOUT_S = {"full": 900, "quick": 600}
 

@@ -82,10 +82,16 @@ SAMPLE_SCHEMA = pa.schema(
             "area of the union of text boxes / frame area (max over frames)",
         ),
         _f("ocr_boxes", pa.int32(), "number of text boxes (max over frames)"),
-        # duplicate signals (curation/stages/phash.py)
+        # duplicate signals (curation/stages/phash.py, stages/clip_head.py; curation/dedup.py)
         _f("phash", pa.list_(pa.uint64()), "64-bit pHash of each sampled frame, in order"),
         _f("target_phash", pa.list_(pa.uint64()), "pHash of each target frame (edit pairs)"),
+        _f(
+            "embedding",
+            pa.list_(pa.float16()),
+            "L2-normalised mean CLIP embedding of the scored frames (dedup.embedding)",
+        ),
         _f("duplicate_of", pa.string(), "key of the kept sample this one repeats (curate dedup)"),
+        _f("duplicate_signal", pa.string(), "what found the repeat: phash N bits | clip cosine C"),
         # outcome
         _f("status", pa.string(), "accepted | rejected | error", False),
         _f("reasons", pa.list_(pa.string()), "every reason for rejected / error", False),

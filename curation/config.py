@@ -105,12 +105,43 @@ class DedupConfig(StrictModel):
     hash: bool = Field(
         True, description="pHash of every sampled frame into the index (stages/phash.py)"
     )
-    max_bits: int = Field(
+    max_bits: int | None = Field(
         10,
         ge=0,
         le=32,
         description="near-duplicates: median Hamming distance of aligned frame hashes, of 64 "
-        "bits (our choice: copies re-encoded, resized or cropped 2 % a side stay within 8)",
+        "bits (our choice: copies re-encoded, resized or cropped 2 % a side stay within 8); "
+        "null: embeddings only",
+    )
+    inline: bool = Field(
+        False,
+        description="curate run rejects near-exact repeats of samples accepted earlier in the "
+        "same run as the blocks go (first come, first kept; stages/dedup_inline.py)",
+    )
+    inline_max_bits: int = Field(
+        3,
+        ge=0,
+        le=32,
+        description="inline: median Hamming distance of aligned frame hashes (our choice: "
+        "re-encoded and resized copies measured 0-4 bits)",
+    )
+    embedding: bool = Field(
+        True,
+        description="store each sample's CLIP embedding (mean over its scored frames, "
+        "float16) in the index when a CLIP scorer runs: the semantic signal",
+    )
+    cosine: float | None = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="semantic duplicates: cosine similarity of stored embeddings at least "
+        "this (our choice); null: hash only",
+    )
+    cluster_size: int = Field(
+        2000,
+        ge=2,
+        description="samples per k-means cluster for the semantic pair search (pairs are "
+        "compared within a cluster only)",
     )
 
 

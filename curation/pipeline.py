@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +38,15 @@ from curation.engine import CurationAborted, run_blocks
 from curation.journal import Journal
 from curation.output import LOCK, claim_output, output_location, output_lock, staging_folder
 from curation.pack import pack_one, plan_packs, write_final_index, write_shard_list
-from curation.sink import THUMBS, WORK, BlockSink, read_thumbnails, write_atomic, writing
+from curation.sink import (
+    TARGET_SUFFIX,
+    THUMBS,
+    WORK,
+    BlockSink,
+    read_thumbnails,
+    write_atomic,
+    writing,
+)
 from curation.sources import list_inputs
 from curation.stages.base import Resources, Row, Stage, check_required
 
@@ -89,6 +98,14 @@ def build_stages(cfg: CurationConfig) -> tuple[list[Stage], dict[str, str]]:
         skipped["ocr"] = "ocr.enabled is false"
     # thresholds -> status + reasons
     stages.append(SelectStage(cfg.select, cfg.edit, cfg.split.min_clip_s))
+    if cfg.dedup.inline:
+        if not cfg.dedup.hash:
+            raise ValueError("dedup.inline needs dedup.hash: the inline check compares pHashes")
+        from curation.stages.dedup_inline import InlineDedupStage
+
+        stages.append(InlineDedupStage(cfg.dedup.inline_max_bits))  # repeats within the run
+    else:
+        skipped["dedup"] = "dedup.inline is false (curate dedup decides over a version)"
     if cfg.recaption.backend != "none":
         from curation.stages.recaption import RecaptionStage
 
@@ -133,6 +150,8 @@ def _clip_stages(cfg: CurationConfig, skipped: dict[str, str]) -> list[Stage]:
             skipped[name] = f"weights not found: {missing[0].path} ({missing[0].how_to_get})"
         else:
             out.append(stage)
+    for stage in out:
+        stage.store_embedding = cfg.dedup.embedding  # type: ignore[attr-defined]
     if len(out) == 2 and both:
         # the watermark stage reads the aesthetic stage's embeddings: it never runs CLIP, so
         # it asks for no GPU
@@ -277,17 +296,18 @@ def _write_and_commit(
     _print_plan(job.console, job.stages, job.skipped, len(inputs), len(inputs) - len(pending))
     if pending:
         sink = BlockSink(out.uri, str(version.run_id), cfg.shards.max_samples, cfg.shards.max_bytes)
-        stats = run_blocks(
-            pending,
-            job.stages,
-            sink,
-            journal,
-            block_size=cfg.block_size,
-            num_inputs=len(inputs),
-            address=job.address,
-            console=job.console,
-            verbose=job.verbose,
-        )
+        with _hash_registry(job, journal, records):
+            stats = run_blocks(
+                pending,
+                job.stages,
+                sink,
+                journal,
+                block_size=cfg.block_size,
+                num_inputs=len(inputs),
+                address=job.address,
+                console=job.console,
+                verbose=job.verbose,
+            )
         run.update(blocks=stats.blocks, retries=stats.retries, startup_s=stats.startup_s)
         run.update(failed_inputs=stats.failed_inputs, stages=stats.stages)
     records = journal.records()
@@ -302,6 +322,45 @@ def _write_and_commit(
     with contextlib.suppress(OSError):  # segments and block parts live on in shards/
         out.fs.rm(f"{out.path}/{WORK}", recursive=True)
     return version, run
+
+
+@contextlib.contextmanager
+def _hash_registry(job: _Job, journal: Journal, records: list) -> Iterator[None]:
+    """With ``dedup.inline``: the run's ``HashRegistry`` actor (owned by this driver, so it
+    ends with it), seeded with the accepted samples of the blocks committed before."""
+    from curation.stages.dedup_inline import InlineDedupStage
+
+    stages = [s for s in job.stages if isinstance(s, InlineDedupStage)]
+    if not stages:
+        yield
+        return
+    import uuid
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from curation.dedup import HashRegistry
+    from curation.engine import connect_ray
+
+    connect_ray(job.address, job.verbose)
+    name = f"omniforge-hashes-{uuid.uuid4().hex[:12]}"
+    registry = ray.remote(HashRegistry).options(name=name, num_cpus=0).remote(stages[0].max_bits)
+    for record in records:
+        with journal.fs.open(journal.path(record.written.index_part), "rb") as f:
+            part = pq.read_table(f)
+        items = [
+            (r["key"], r["kind"], [*r["phash"], *(r.get("target_phash") or [])])
+            for r in part.to_pylist()
+            if r["status"] == "accepted" and r.get("phash")
+        ]
+        if items:
+            ray.get(registry.claim.remote(items))
+    for stage in stages:
+        stage.registry = name
+    try:
+        yield
+    finally:
+        ray.kill(registry)
 
 
 def _pack(output: str, records: list, cfg: CurationConfig) -> list[ShardInfo]:
@@ -334,7 +393,7 @@ def _finish(
 ) -> CurationResult:
     """Summary, report and MLflow run of a committed version (the run's status is the
     caller's: ``run_lifecycle``)."""
-    from curation.report import write_report
+    from curation.report import write_duplicate_montages, write_report
     from curation.summary import print_summary, summarize
     from curation.tracking import log_to_mlflow
 
@@ -364,17 +423,23 @@ def _finish(
             config_path.write_text(dump_yaml(cfg))  # what claim_output wrote to the bucket
     mlflow_id = None
     if job.tracking_uri:
-        mlflow_id = log_to_mlflow(
-            job.tracking_uri,
-            "curation",
-            f"curate {cfg.name}@{version.version}",
-            flatten(cfg),
-            summary,
-            report_path,
-            extra_artifacts=[config_path],
-            tags={"omniforge.catalog": version.ref, "omniforge.config_hash": version.config_hash},
-            output=version,
-        )
+        # MLflow shows images: each duplicate group as one picture (none: no duplicates)
+        with tempfile.TemporaryDirectory(prefix="omniforge-duplicates-") as scratch:
+            montages = write_duplicate_montages(index, thumbs, Path(scratch) / "duplicates")
+            mlflow_id = log_to_mlflow(
+                job.tracking_uri,
+                "curation",
+                f"curate {cfg.name}@{version.version}",
+                flatten(cfg),
+                summary,
+                report_path,
+                extra_artifacts=[config_path, *([montages] if montages else [])],
+                tags={
+                    "omniforge.catalog": version.ref,
+                    "omniforge.config_hash": version.config_hash,
+                },
+                output=version,
+            )
     if console is not None:
         print_summary(summary, console)
         where = f"{out.join('report.html')} (copy: {report_path})" if out.remote else report_path
@@ -429,24 +494,71 @@ def dedup(
     from curation.dedup import find_duplicates
     from curation.stages.select import select_rows
 
+    shown: list[Row] = []  # the rows the report pictures (curation.report.duplicate_groups)
+
     def mark(rows: list[Row]) -> None:
         for r in rows:
-            r["duplicate_of"] = None  # decided again
+            r["duplicate_of"] = r["duplicate_signal"] = None  # decided again
         selected = select_rows(rows, cfg.select, cfg.edit, cfg.split.min_clip_s)
         accepted = [r for r in selected if r["status"] == "accepted"]
         earlier = []
         for v in against:
             index = read_index(location(v.root_uri, "against").join("index"))
             earlier += [r for r in index.to_pylist() if r["status"] == "accepted"]
-        marks = find_duplicates(accepted, cfg.dedup.max_bits, earlier)
+        d = cfg.dedup
+        marks = find_duplicates(accepted, d.max_bits, earlier, d.cosine, d.cluster_size)
         for r in rows:
             if r["key"] in marks:
-                r["duplicate_of"] = marks[r["key"]][0]
+                r["duplicate_of"] = marks[r["key"]].kept
+                r["duplicate_signal"] = marks[r["key"]].evidence
+        shown.extend(_pictured_duplicates(rows, earlier))
+
+    def thumbs(out: Location) -> None:
+        _duplicate_thumbnails(shown, cfg, out)
 
     return _rewrite(
         "dedup", source_root, output, cfg, catalog, parent, address, tracking_uri, console,
-        verbose, against=against, mark=mark,
+        verbose, against=against, mark=mark, thumbs=thumbs,
     )  # fmt: skip
+
+
+def _pictured_duplicates(rows: list[Row], earlier: list[Row]) -> list[Row]:
+    """The rows of the duplicate groups the report shows (kept samples of earlier versions
+    included)."""
+    from curation.report import MAX_THUMBNAILS, duplicate_groups
+    from curation.sink import index_table
+
+    marked = [r for r in rows if r.get("duplicate_of")]
+    if not marked:
+        return []
+    table = index_table([{"key": r["key"], "duplicate_of": r["duplicate_of"]} for r in marked])
+    groups = duplicate_groups(table, MAX_THUMBNAILS)
+    wanted = {k for kept, keys, _ in groups for k in (kept, *keys)}
+    found = {r["key"]: r for r in [*rows, *earlier] if r["key"] in wanted}
+    return list(found.values())
+
+
+def _duplicate_thumbnails(rows: list[Row], cfg: CurationConfig, out: Location) -> None:
+    """Thumbnails of the pictured duplicate groups' samples that the output has none of
+    (a version keeps thumbnails of only a few accepted samples), from their sources:
+    ``_thumbs/duplicates/KEY.jpg``. A source that no longer reads leaves a placeholder."""
+    from curation.stages.frames import FrameSampleStage
+
+    have = set(read_thumbnails(out.uri))
+    todo = [r for r in rows if r["key"] not in have]
+    if not todo:
+        return
+    stage = FrameSampleStage(cfg.frames.model_copy(update={"num_frames": 2}), cfg.probe)
+    folder = f"{out.path}/{THUMBS}/duplicates"
+    out.fs.makedirs(folder, exist_ok=True)
+    for r in todo:
+        try:
+            made = stage.process_row({**r, "frames": None, "target_frames": None})
+        except Exception:  # a source that moved: the report says "no thumbnail"
+            continue
+        write_atomic(out.fs, f"{folder}/{r['key']}.jpg", made["thumb"])
+        if made.get("target_thumb"):
+            write_atomic(out.fs, f"{folder}/{r['key']}{TARGET_SUFFIX}.jpg", made["target_thumb"])
 
 
 def _rewrite(
@@ -462,9 +574,11 @@ def _rewrite(
     verbose: bool,
     against: Sequence[VersionInfo] = (),
     mark: Callable[[list[Row]], None] | None = None,
+    thumbs: Callable[[Location], None] | None = None,
 ) -> CurationResult:
     """A new version from an existing index, without model runs: ``mark`` may set columns on
-    the rows first (``dedup``), then select and encode run on every row."""
+    the rows first (``dedup``), then select and encode run on every row; ``thumbs`` may add
+    thumbnails to the output after the source's are copied."""
     from curation.stages.encode import EncodeStage
     from curation.stages.select import SelectStage
 
@@ -486,6 +600,8 @@ def _rewrite(
         claim_output(out, identity.hexdigest(), src.uri, cfg)
         with writing(out.join(THUMBS)):
             copy_tree(src.join(THUMBS), out.join(THUMBS))
+            if thumbs is not None:
+                thumbs(out)
         version = catalog.begin_version(
             cfg.name,
             root_uri=out.uri,

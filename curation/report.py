@@ -2,8 +2,9 @@
 
 ``write_report`` writes ONE self-contained ``report.html``: counts, the ``select`` thresholds of
 the stages that ran, per-score histograms with those thresholds (``curation.histograms``), a
-gallery of accepted samples per kind and bucket, and a thumbnail section per rejection / error
-reason. Edit pairs show their source and target side by side; error reasons are shown without
+gallery of accepted samples per kind and bucket, the duplicate groups ``curate dedup`` found
+(each kept sample beside the samples that repeat it), and a thumbnail section per rejection /
+error reason. Edit pairs show their source and target side by side; error reasons are shown without
 the errno numbers and absolute paths of the exception text (the raw text is the tooltip). The
 MLflow run is ``curation.tracking``'s.
 
@@ -52,6 +53,8 @@ from curation.summary import (
 # --------------------------------------------------------------------------------------------
 # HTML report
 
+MAX_THUMBNAILS = 24  # thumbnails a rejection / error section shows; duplicate groups shown
+
 
 def write_report(
     index: pa.Table,
@@ -60,7 +63,7 @@ def write_report(
     summary: Mapping[str, Any],
     path: Path,
     *,
-    max_thumbnails: int = 24,
+    max_thumbnails: int = MAX_THUMBNAILS,
     accepted_per_group: int = ACCEPTED_THUMBS_PER_GROUP,
     title: str = "Curation report",
 ) -> Path:
@@ -97,6 +100,7 @@ def write_report(
     else:
         parts.append('<p class="dim">no score column has values</p>')
     parts.append(_html_gallery(index, thumbnails, has_thumb, accepted_per_group))
+    parts.append(_html_duplicates(index, thumbnails, max_thumbnails))
     for sec in sections:
         parts.append(_html_section(index, sec, thumbnails, has_thumb, max_thumbnails))
     parts.append("</body></html>\n")
@@ -127,7 +131,7 @@ padding:4px;font-size:11px;color:#555;overflow:hidden}
 .tile ul{margin:4px 0 0;padding-left:16px}.tile code{font-size:11px}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:4px}.pair figure{margin:0}
 .pair img,.pair .ph{height:110px}.pair figcaption{font-size:11px;color:#777;text-align:center}
-.cap{margin:2px 0;color:#333}.cap i{color:#777}
+.cap{margin:2px 0;color:#333}.cap i{color:#777}.kept{border:2px solid #2e7d32}
 """
 
 
@@ -368,6 +372,7 @@ TILE_COLUMNS = (
     "caption",
     "recaption",
     "instruction",
+    "duplicate_signal",
     *TILE_SCORES,
 )
 CAPTION_CHARS = 160  # longer captions are cut on the tile (whole in its tooltip)
@@ -468,6 +473,95 @@ def _html_gallery(
     return head + f'<p class="dim">{_esc(note)}</p>' + summary + "".join(sections)
 
 
+DUPLICATES_PER_GROUP = 6  # samples shown per duplicate group (the kept one and 5 repeats)
+
+
+def duplicate_groups(index: pa.Table, limit: int) -> list[tuple[str, list[str], int]]:
+    """``(kept key, repeat keys shown, repeats in all)`` of the ``limit`` largest duplicate
+    groups (``duplicate_of``; most repeats first, then key order); each group's repeats in
+    key order, at most ``DUPLICATES_PER_GROUP - 1``. The kept key may be another version's."""
+    if "duplicate_of" not in index.column_names or limit <= 0:
+        return []
+    kept = index_column(index, "duplicate_of")
+    valid = pc.is_valid(kept)
+    if not pc.any(valid).as_py():
+        return []
+    pairs = pa.table(
+        {"kept": pc.filter(kept, valid), "key": pc.filter(index_column(index, "key"), valid)}
+    )
+    groups: dict[str, list[str]] = {}
+    for r in pairs.sort_by([("kept", "ascending"), ("key", "ascending")]).to_pylist():
+        groups.setdefault(r["kept"], []).append(r["key"])
+    ranked = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:limit]
+    return [(k, keys[: DUPLICATES_PER_GROUP - 1], len(keys)) for k, keys in ranked]
+
+
+def _html_duplicates(index: pa.Table, thumbnails: Mapping[str, bytes], limit: int) -> str:
+    """The largest duplicate groups, one row each: the kept sample, then its repeats."""
+    groups = duplicate_groups(index, limit)
+    if not groups:
+        return ""
+    total = len(set(index_column(index, "duplicate_of").drop_null().to_pylist()))
+    wanted = {k for kept, keys, _ in groups for k in (kept, *keys)}
+    keys = index_column(index, "key")
+    rows = _rows_where(index, pc.is_in(keys, value_set=pa.array(sorted(wanted), pa.string())))
+    records = {r["key"]: r for r in _records(index, rows)}
+    out = [
+        '<h2 id="duplicates" class="rejected">Duplicate groups</h2>'
+        f'<p class="dim">{total:,} kept samples are repeated; the {len(groups):,} largest '
+        "groups, each kept sample (left) beside the samples rejected as its duplicates "
+        "(<code>curate dedup</code>)</p>"
+    ]
+    for kept, shown, count in groups:
+        first = records.get(kept)
+        if first is None:  # kept in an earlier version the run was compared against
+            first = {"key": kept, "source_uri": "(an earlier version)"}
+        tiles = _html_tile(first, thumbnails).replace('class="tile"', 'class="tile kept"', 1)
+        tiles += "".join(_html_tile(records[k], thumbnails) for k in shown if k in records)
+        more = f", {count - len(shown):,} more not shown" if count > len(shown) else ""
+        out.append(
+            f'<section class="dups"><h3><code>{_esc(kept[:16])}</code> '
+            f'<span class="dim">({count:,} repeats{more})</span></h3>'
+            f'<div class="grid">{tiles}</div></section>'
+        )
+    return "".join(out)
+
+
+def write_duplicate_montages(
+    index: pa.Table, thumbnails: Mapping[str, bytes], folder: Path, limit: int = MAX_THUMBNAILS
+) -> Path | None:
+    """One JPEG per pictured duplicate group in ``folder`` (``NN-KEPT.jpg``: the kept sample's
+    thumbnail, then its repeats', side by side at one height; a missing thumbnail is a grey
+    box), for the MLflow run's artifacts. None when the index has no duplicates."""
+    import io
+
+    from PIL import Image
+
+    groups = duplicate_groups(index, limit)
+    if not groups:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    height, gap = 160, 6
+    for n, (kept, keys, _) in enumerate(groups, 1):
+        tiles = []
+        for key in (kept, *keys):
+            data = thumbnails.get(key)
+            if data:
+                image = Image.open(io.BytesIO(data)).convert("RGB")
+                width = max(1, round(image.width * height / image.height))
+                tiles.append(image.resize((width, height)))
+            else:
+                tiles.append(Image.new("RGB", (height, height), (200, 200, 200)))
+        sheet = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), height))
+        sheet.paste((255, 255, 255), (0, 0, sheet.width, height))
+        x = 0
+        for tile in tiles:
+            sheet.paste(tile, (x, 0))
+            x += tile.width + gap
+        sheet.save(folder / f"{n:02d}-{kept[:16]}.jpg", quality=85)
+    return folder
+
+
 def _html_image(data: bytes | None, alt: str, uri: str) -> str:
     if not data:
         return f'<div class="ph"><span>no thumbnail</span><code>{_esc(uri)}</code></div>'
@@ -527,6 +621,8 @@ def _html_tile(r: Mapping[str, Any], thumbnails: Mapping[str, bytes]) -> str:
     else:
         captions += _html_caption("caption", r.get("caption"))
     reasons = "".join(_html_reason(x) for x in (r.get("reasons") or []))
+    if r.get("duplicate_signal"):
+        reasons += f"<li>{_esc(r['duplicate_signal'])}</li>"
     return (
         f'<div class="tile" data-key="{_esc(key)}">{_html_media(r, thumbnails)}'
         f'<div title="{_esc(uri)}"><b>{_esc(name)}</b></div>{target}'

@@ -306,3 +306,18 @@ class Kept:
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         yield self.resume
+
+
+def kill_tree(pid: int) -> None:
+    """Stop a process (no further commit while its tree is being killed), then SIGKILL it and
+    every descendant."""
+    import contextlib
+    import signal
+
+    import psutil
+
+    proc = psutil.Process(pid)
+    proc.send_signal(signal.SIGSTOP)
+    for child in proc.children(recursive=True) + [proc]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGKILL)

@@ -5,7 +5,8 @@ of a batch (``frames``, plus ``target_frames`` of edit pairs) with the same CLIP
 batched pass (chunked by ``ClipEmbedder.max_batch``), or reuses the embeddings the other one
 left in the working column ``clip_embedding`` when the key matches (same architecture, weights
 and view), and turns them into its score columns with its head (``score``). Either stage can
-run first; only the first pays for CLIP.
+run first; only the first pays for CLIP. With ``dedup.embedding`` the mean embedding of each
+row's frames also goes into the index (``embedding``) for ``curate dedup``.
 
 A batch whose embedding pass fails is embedded row by row, so only the rows that break it
 become errors (``<stage>_failed``); a model or head that does not load is a configuration
@@ -97,6 +98,14 @@ class FrameBatch:
         for i, emb in self.embeddings.items():
             self.rows[i] = share_embeddings(self.rows[i], key, emb)
 
+    def store(self) -> None:
+        """Each row's ``embedding`` index column: its frames' mean embedding, L2-normalised,
+        as float16 (the semantic duplicate signal, ``curation/dedup.py``)."""
+        for i, emb in self.embeddings.items():
+            mean = np.asarray(emb, dtype=np.float32).mean(axis=0)
+            mean /= max(float(np.linalg.norm(mean)), 1e-12)
+            self.rows[i] = {**self.rows[i], "embedding": mean.astype(np.float16).tolist()}
+
 
 class ClipHeadStage(Stage):
     """Base of the CLIP-embedding scorers (see the module docstring)."""
@@ -108,6 +117,7 @@ class ClipHeadStage(Stage):
     head_what: ClassVar[str] = "head"
 
     def __init__(self, clip: ClipSpec, head_path: Path, batch_size: int):
+        self.store_embedding = False  # the index's ``embedding`` column (dedup.embedding)
         self.clip = clip
         self.head_path = head_path
         self.batch_size = batch_size  # type: ignore[misc]  # per-config batch size
@@ -148,6 +158,8 @@ class ClipHeadStage(Stage):
         batch.reuse(self.embedder.key)
         batch.embed(self.embedder)
         batch.share(self.embedder.key)
+        if self.store_embedding:
+            batch.store()
         for i, row in enumerate(batch.rows):
             if row.get("status") == "error":
                 continue

@@ -1,11 +1,12 @@
-"""Near-duplicate search over pHashes (``curation/dedup.py``): complete against brute force,
-the documented keep rule, no chains, and repeats of an earlier version."""
+"""Near-duplicate search (``curation/dedup.py``): pHash pairs complete against brute force,
+clustered embedding pairs against brute force, the documented keep rule, no chains, and
+repeats of an earlier version."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from curation.dedup import find_duplicates, near_pairs
+from curation.dedup import find_duplicates, near_pairs, similar_pairs
 
 
 def flip(value: int, bits: list[int]) -> int:
@@ -76,4 +77,49 @@ def test_a_repeat_of_an_earlier_version_names_the_earlier_sample():
     earlier = [row("old", [BASE], status="accepted")]
     rows = [row("new", [flip(BASE, [3])], aesthetic=9.0), row("fresh", [~BASE & (2**64 - 1)])]
     marks = find_duplicates(rows, 10, against=earlier)
-    assert marks == {"new": ("old", 1.0)}
+    assert marks == {"new": ("old", "phash", 1.0)}
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_the_clustered_embedding_search_finds_nearly_every_close_pair():
+    """Semantic pairs are compared within k-means clusters (curation/dedup.py): on embeddings
+    around topics with planted near-copies, the clusters lose few of the close pairs."""
+    rng = np.random.default_rng(3)
+    n, dim = 3000, 64
+    topics = unit(rng.normal(size=(30, dim)))  # embeddings gather around topics, as CLIP's do
+    emb = unit(topics[rng.integers(30, size=n)] + rng.normal(scale=0.15, size=(n, dim)))
+    for _ in range(100):  # planted copies: small noise, cosine ~0.96-0.99
+        i, j = rng.integers(n, size=2)
+        emb[j] = unit(emb[i] + rng.normal(scale=rng.uniform(0.02, 0.035), size=dim))
+    emb = emb.astype(np.float32)
+    found, cosines = similar_pairs(emb, 0.95, cluster_size=300)  # 10 clusters
+    sims = emb @ emb.T
+    rows, cols = np.nonzero(np.triu(sims >= 0.95, 1))
+    truth = {(int(i), int(j)) for i, j in zip(rows, cols, strict=True)}
+    pairs = {tuple(map(int, p)) for p in found}
+    assert len(truth) > 80 and pairs <= truth  # every pair found is a true one
+    assert len(pairs) >= 0.97 * len(truth)  # border pairs: 1 of 97 lost here
+    assert np.allclose(cosines, sims[found[:, 0], found[:, 1]], atol=1e-5)
+
+
+def test_embeddings_find_semantic_copies_and_each_signal_can_be_turned_off():
+    rng = np.random.default_rng(5)
+    a, b = unit(rng.normal(size=32)), unit(rng.normal(size=32))
+    close = unit(a + 0.05 * unit(rng.normal(size=32)))
+    far_hash = flip(BASE, list(range(0, 64, 2)))  # 32 bits apart: no hash signal
+    rows = [
+        row("a", [BASE], embedding=a.tolist(), aesthetic=5.0),
+        row("a2", [far_hash], embedding=close.tolist(), aesthetic=4.0),
+        row("b", [flip(BASE, [5])], embedding=b.tolist()),  # the hash repeats a's
+        row("none", None),
+    ]
+    marks = find_duplicates(rows, max_bits=10, min_cosine=0.95)
+    assert marks["a2"].kept == "a" and marks["a2"].signal == "clip"
+    assert marks["a2"].value >= 0.95
+    assert marks["b"] == ("a", "phash", 1.0)
+    assert set(find_duplicates(rows, None, min_cosine=0.95)) == {"a2"}
+    assert set(find_duplicates(rows, 10, min_cosine=None)) == {"b"}
+    assert find_duplicates(rows, None, min_cosine=None) == {}

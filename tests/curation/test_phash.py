@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from curation.dedup import find_duplicates
 from curation.stages.phash import PerceptualHashStage, hamming, phash
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -106,6 +107,18 @@ def test_a_reencoded_real_clip_hashes_like_the_original_and_other_moments_do_not
     assert max(hamming(x, y) for x, y in zip(a, b, strict=True)) <= NEAR
     # the same shot a few seconds apart is a different picture, not a duplicate
     assert min(hamming(a[i], a[j]) for i in range(5) for j in range(5) if i < j) > NEAR
+    # curate dedup's decision on these rows: the re-encoded copy and a copy cropped by 2 % a
+    # side repeat the original; the same scene half a second later does not
+    cropped = [f[14:-14, 26:-26] for f in video_frames(source, times)]  # 2 % of 1280 x 720
+    later = video_frames(source, [t + 0.5 for t in times])
+    rows = [
+        {"key": "original", "kind": "video", "phash": a, "width": 1280, "height": 720},
+        {"key": "reencoded", "kind": "video", "phash": b, "width": 480, "height": 270},
+        {"key": "cropped", "kind": "video", **stage.process_row({"frames": cropped})},
+        {"key": "later", "kind": "video", **stage.process_row({"frames": later})},
+    ]
+    marks = find_duplicates(rows, max_bits=NEAR)
+    assert {k: m.kept for k, m in marks.items()} == {"reencoded": "original", "cropped": "original"}
 
 
 def test_rows_without_frames_get_no_hash():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import small_corpus
 
@@ -239,7 +240,9 @@ def test_dedup_rejects_the_labelled_near_duplicate_and_nothing_else(corpus, cura
     root, labels = corpus
     result, index, cat, work = curated
     cfg = load_config(CurationConfig, work / "out" / "config.yaml", [])
-    new = dedup(work / "out", tmp_path / "deduped", cfg, catalog=cat, parent=result.version)
+    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    new = dedup(work / "out", tmp_path / "deduped", cfg, catalog=cat, parent=result.version,
+                tracking_uri=tracking)  # fmt: skip
     assert new.summary["stages_run"] == ["select", "encode"]
     assert new.version.parent_id == result.version.id
     before, after = by_key(index), by_key(read_index(str(tmp_path / "deduped" / "index")))
@@ -253,6 +256,19 @@ def test_dedup_rejects_the_labelled_near_duplicate_and_nothing_else(corpus, cura
     assert changed == {copy["key"]}, [after[k]["reasons"] for k in changed]
     assert new.version.counts["accepted"] == result.version.counts["accepted"] - 1
     assert new.version.counts["rejected"] == result.version.counts["rejected"] + 1
+    assert copy["duplicate_signal"].startswith("phash ")
+    # the report pictures the group side by side: the kept original first
+    page = new.report.read_text()
+    group = page[page.index('id="duplicates"') :].split("</section>")[0]
+    tiles = group.split('<div class="tile')[1:]
+    assert [t.split('data-key="')[1][:40] for t in tiles] == [original, copy["key"]]
+    assert tiles[0].startswith(' kept"') and group.count("<img") == 2
+    # ... and the MLflow run holds it as one picture
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    (montage,) = client.list_artifacts(new.mlflow_run_id, "duplicates")
+    assert montage.path == f"duplicates/01-{original[:16]}.jpg" and montage.file_size > 1000
 
 
 def test_dedup_against_an_earlier_version_rejects_what_was_ingested_again(
@@ -318,6 +334,10 @@ def test_clip_scorers_run_in_actor_pools_with_local_weights(tmp_path, monkeypatc
         models / watermark_head_relative(TINY_VIT)
     )
     raw = small_corpus(tmp_path / "raw")
+    import cv2
+
+    coffee = cv2.imread(str(raw / "coffee.png"))  # a downscaled JPEG copy: a semantic repeat
+    cv2.imwrite(str(raw / "coffee-copy.jpg"), cv2.resize(coffee, (450, 300)))
     cfg = load_config(
         CurationConfig,
         None,
@@ -338,3 +358,28 @@ def test_clip_scorers_run_in_actor_pools_with_local_weights(tmp_path, monkeypatc
     assert rows and all(0 <= r["aesthetic"] <= 10 and 0 <= r["watermark"] <= 1 for r in rows)
     assert {"aesthetic", "watermark"} <= set(result.summary["run"]["stages"])
     assert "clip_embedding" not in rows[0]  # a working column, never in the index
+    # the semantic duplicate signal: each sample's mean CLIP embedding, unit length
+    dim = CONFIGS[TINY_VIT]["embed_dim"]
+    for r in rows:
+        assert len(r["embedding"]) == dim
+        assert abs(np.linalg.norm(np.asarray(r["embedding"], np.float32)) - 1) < 0.01
+    # curate dedup on the embeddings alone (hash signal off) finds the copy and only the copy.
+    # The tiny model's weights are random: it puts every picture at cosine 0.89-0.99 of every
+    # other, so the threshold here is 0.995 (the copy: 1.0); tests/curation/test_dedup.py
+    # checks the search itself
+    only = {"max_bits": None, "cosine": 0.995}
+    semantic = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update=only)})
+    new = dedup(tmp_path / "out", tmp_path / "deduped", semantic, catalog=cat,
+                parent=result.version)  # fmt: skip
+    index = read_index(str(tmp_path / "deduped" / "index")).to_pylist()
+    after = {Path(r["source_uri"]).name: r for r in index}
+    copy, original = after["coffee-copy.jpg"], after["coffee.png"]
+    pair = (copy["duplicate_of"], original["duplicate_of"])
+    assert pair in {(original["key"], None), (None, copy["key"])}  # one kept, one named
+    assert sum(r["duplicate_of"] is not None for r in index) == 1
+    assert (copy["duplicate_signal"] or original["duplicate_signal"]).startswith("clip cosine")
+    # the report shows the group, both pictured (from their sources: the first version kept
+    # thumbnails of only some accepted samples)
+    page = new.report.read_text()
+    group = page[page.index('id="duplicates"') :].split("</section>")[0]
+    assert group.count('class="tile') == 2 and group.count("<img") == 2

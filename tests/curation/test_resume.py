@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import sample_digests
+from helpers import kill_tree, sample_digests
 
 from catalog.index import read_index
 from catalog.store import Catalog
@@ -73,14 +73,6 @@ def clean(subset, tmp_path_factory, ray_session):
     rows, samples = snapshot(work / "out")
     assert samples and any(r["status"] == "error" for r in rows.values())
     return rows, samples
-
-
-def kill_tree(pid: int) -> None:
-    proc = psutil.Process(pid)
-    proc.send_signal(signal.SIGSTOP)  # no further commit while the tree is being killed
-    for child in proc.children(recursive=True) + [proc]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.send_signal(signal.SIGKILL)
 
 
 def committed_blocks(out: Path) -> int:

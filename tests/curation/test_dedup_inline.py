@@ -1,0 +1,119 @@
+"""``curate run`` with ``dedup.inline``: repeats within the run are rejected as the blocks go,
+and a resumed run remembers the samples its committed blocks accepted (the registry is seeded
+from them; ``curation/stages/dedup_inline.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+from helpers import kill_tree
+
+from catalog.index import read_index
+from catalog.schema import make_key
+from curation.dedup import HashRegistry
+from curation.journal import Journal
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+OMNIFORGE = str(Path(sys.executable).with_name("omniforge"))
+BASE = 0x0123_4567_89AB_CDEF
+
+
+def flip(value: int, bits: list[int]) -> int:
+    for b in bits:
+        value ^= 1 << b
+    return value
+
+
+def test_the_registry_keeps_the_first_and_names_the_closest():
+    registry = HashRegistry(max_bits=3)
+    far = flip(BASE, list(range(0, 64, 4)))
+    assert registry.claim([("a", "image", [BASE]), ("b", "image", [far])]) == {}
+    marks = registry.claim(
+        [
+            ("c", "image", [flip(BASE, [1, 2])]),  # 2 bits from a
+            ("d", "image", [flip(far, [9])]),  # 1 bit from b
+            ("e", "image", [flip(BASE, [1, 2, 3, 4])]),  # 4 bits: not near-exact
+            ("v", "video", [BASE, BASE]),  # another kind
+            ("a", "image", [BASE]),  # a block run again: its own sample
+        ]
+    )
+    assert marks == {"c": ("a", "phash", 2.0), "d": ("b", "phash", 1.0)}
+    assert len(registry) == 4  # a, b, e, v claimed; the repeats are not
+    assert registry.claim([("f", "image", [flip(BASE, [1, 2, 3, 4, 5])])])["f"].kept == "e"
+
+
+def named(root: Path, stem: str, suffix: str, first: bool, others: list[str]) -> Path:
+    """A file name whose key (inputs run in key order) comes before (``first``) or after
+    every key of ``others``."""
+    for i in range(1000):
+        path = root / f"{stem}_{i}{suffix}"
+        key = make_key(str(path))
+        if (key < min(others)) if first else (key > max(others)):
+            return path
+    raise AssertionError("no such name")
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> tuple[Path, Path, Path]:
+    """Ten distinct images, coffee.png running first and a re-encoded smaller copy of it last
+    (inputs run in key order)."""
+    root = tmp_path / "in"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):  # distinct pictures: smoothed noise, a pHash far from every other
+        noise = cv2.GaussianBlur(rng.integers(0, 256, (160, 200, 3), np.uint8), (9, 9), 0)
+        cv2.imwrite(str(root / f"m_{i:02d}.png"), noise)
+    keys = [make_key(str(p)) for p in root.iterdir()]
+    original = named(root, "coffee", ".png", True, keys)
+    shutil.copy(DATA / "coffee.png", original)
+    image = cv2.imread(str(DATA / "coffee.png"))
+    small = cv2.resize(image, (image.shape[1] * 3 // 4, image.shape[0] * 3 // 4))
+    copy = named(root, "copy", ".jpg", False, keys)
+    cv2.imwrite(str(copy), small, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    return root, original, copy
+
+
+def test_a_resumed_inline_run_rejects_a_repeat_of_a_sample_committed_before(corpus, tmp_path):
+    root, first, last = corpus
+    out = tmp_path / "out"
+    cmd = [OMNIFORGE, "curate", "run", "--input", str(root), "--output", str(out)]
+    cmd += ["--catalog", f"sqlite:///{tmp_path / 'catalog.db'}"]
+    settings = ["name=inline", "block_size=1", "dedup.inline=true", "ocr.enabled=false"]
+    settings += ["select.min_short_side=64", "aesthetic.enabled=false", "watermark.enabled=false"]
+    for s in settings:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMNIFORGE_HOME": str(tmp_path / "home")}
+    original, copy = make_key(str(first)), make_key(str(last))
+
+    def committed() -> set[str]:
+        return Journal.committed_inputs(Journal(str(out)).records())
+
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while driver.poll() is None and original not in committed():  # the recorded event
+        psutil.wait_procs([psutil.Process(driver.pid)], timeout=0.2)
+    assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+    kill_tree(driver.pid)
+    driver.wait()
+    done = committed()
+    assert original in done and copy not in done  # the copy is the last of 12 inputs
+    assert 1 <= len(done) < 12
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["run"]["inputs_skipped"] == len(done)
+    rows = {r["key"]: r for r in read_index(str(out / "index")).to_pylist()}
+    assert rows[original]["status"] == "accepted"
+    assert rows[copy]["status"] == "rejected"
+    assert rows[copy]["reasons"] == [f"duplicate_of: {original}"]
+    assert rows[copy]["duplicate_signal"].startswith("phash ")
+    others = [r for k, r in rows.items() if k not in (original, copy)]
+    assert len(others) == 10 and all(r["status"] == "accepted" for r in others)
