@@ -86,7 +86,9 @@ def dedup(
         [], "--against", help="catalog://NAME@VERSION whose samples are kept (repeatable)"
     ),
     config: Path | None = typer.Option(None, "--config", help="YAML with new settings"),
-    set_: list[str] = typer.Option([], "--set", help="e.g. dedup.max_bits=6"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="e.g. dedup.max_bits=6, dedup.cosine=0.97, dedup.cosine=null"
+    ),
     address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
     catalog: str | None = CatalogOption,
@@ -95,7 +97,9 @@ def dedup(
     ),
 ) -> None:
     """Reject near-duplicates of an existing version (within it, and of the samples of
-    --against versions) without recomputing scores: a new version whose parent is SOURCE."""
+    --against versions) without recomputing scores: a new version whose parent is SOURCE.
+    Signals: the frames' pHash within dedup.max_bits, and the stored CLIP embedding at
+    cosine dedup.cosine or more (when the run had a CLIP scorer)."""
     from curation.pipeline import dedup as run_dedup
 
     if verbose:
