@@ -17,7 +17,7 @@ Two sizes: 10M rows at 3 bits (near-exact: the multi-index layout is 2 bands of 
 33 lookups a band, and random collisions are negligible), and 100k rows at the default 10 bits
 (4 bands of 16 bits, 137 lookups a band; collisions grow as n^2, so 10 bits on 10M rows would
 take hours on 2 CPUs, and 64-bit hashes are not specific enough there anyway: two random
-hashes lie within 10 bits with probability ~8e-9, ~4e5 chance pairs among 10M single hashes).
+hashes lie within 10 bits with probability 1e-8: ~5e5 chance pairs among 10M single hashes).
 The 10M search runs once, without warm-up (~1.5 min on 2 CPUs); reading the columns from the
 index and the rewrite of the version are not in the figure.
 """

@@ -3,23 +3,25 @@
 Two signals, each optional: the perceptual hash (near-exact copies) and the CLIP embedding
 (semantic copies, when the run stored ``embedding``).
 
-**Hash.** The signal is ``phash`` / ``target_phash`` (``stages/phash.py``): a 64-bit pHash per
-sampled frame. Two samples are near-duplicates when they are of the same kind, carry the same number
-of hashes (an edit pair's source and target hashes together) and the median Hamming distance
-of their aligned hashes (the i-th frame of one against the i-th of the other) is at most
-``max_bits``. The default 10 of 64 comes from real photos and footage (``tests/curation/
-test_phash.py``): re-encoded and resized copies differ by 0-4 bits, copies cropped by 2 % a
-side by up to 8, different pictures by ~32.
+**Hash.** The signal is ``phash`` / ``target_phash`` (``stages/phash.py``): a 64-bit pHash
+per sampled frame. Two samples are near-duplicates when they are of the same kind, carry the
+same numbers of hashes (an edit pair's source and target hashes) and the median Hamming
+distance of their aligned hashes (the i-th frame of one against the i-th of the other) is at
+most ``max_bits``. The default 10 of 64 comes from real photos and footage
+(``tests/curation/test_phash.py``): re-encoded and resized copies differ by 0-4 bits, copies
+cropped by 2 % a side by up to 8, different pictures by ~32.
 
 Pairs are found on each sample's middle hash, which must be within ``max_bits`` too, by
 multi-index hashing (Norouzi, Punjani and Fleet, "Fast search in Hamming space with
-multi-index hashing", CVPR 2012): the 64 bits are cut into 4 bands of 16; two hashes within
-``max_bits`` bits have a band within ``max_bits // 4`` bits of each other, so looking up every
-band value within that radius finds every such pair (radius 2: 137 lookups a band); pairs
-found are then checked on all their hashes. Each lookup also returns the samples whose band
-merely collides (about n / 65,536 of them), so the work grows as n^2 * lookups / 65,536: on
-one core ~1 s for 10^4 samples and ~17 s for 10^5 at 10 bits, ~3 s for 10^5 at 7 bits
-(radius 1, 17 lookups a band), ~7 s for 10^6 at 3 bits (exact band matches).
+multi-index hashing", CVPR 2012): the 64 bits are cut into B bands; two hashes within
+``max_bits`` bits have a band within ``max_bits // B`` bits of each other, so looking up every
+band value within that radius finds every such pair; pairs found are then checked on all
+their hashes. Each lookup also returns the samples whose band merely collides (n / 2^bits of
+them), so ``layout`` picks 4 bands of 16 bits (few lookups: radius 2 at 10 bits is 137 a band)
+or 2 bands of 32 (almost no collisions: what 10^7 samples need) by the expected work. Bench P6
+(2 CPUs): 10^5 samples at 10 bits in ~4 s, 10^7 at 3 bits in ~75 s. Wide thresholds do not
+scale: at 10 bits the collisions grow as n^2, and 64-bit hashes of 10^7 different pictures
+hold ~5 * 10^5 chance pairs within 10 bits (probability 1e-8 a pair); use 3-5 bits there.
 
 **Embedding.** Two samples of the same kind whose stored CLIP embeddings (``embedding``:
 L2-normalised mean over the scored frames, ``stages/clip_head.py``) have a cosine similarity
