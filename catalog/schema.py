@@ -90,7 +90,11 @@ SAMPLE_SCHEMA = pa.schema(
             pa.list_(pa.float16()),
             "L2-normalised mean CLIP embedding of the scored frames (dedup.embedding)",
         ),
-        _f("duplicate_of", pa.string(), "key of the kept sample this one repeats (curate dedup)"),
+        _f(
+            "duplicate_of",
+            pa.string(),
+            "key of the kept sample this one repeats (curate dedup; dedup.inline)",
+        ),
         _f("duplicate_signal", pa.string(), "what found the repeat: phash N bits | clip cosine C"),
         # outcome
         _f("status", pa.string(), "accepted | rejected | error", False),

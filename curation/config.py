@@ -140,8 +140,8 @@ class DedupConfig(StrictModel):
     cluster_size: int = Field(
         2000,
         ge=2,
-        description="samples per k-means cluster for the semantic pair search (pairs are "
-        "compared within a cluster only)",
+        description="samples per k-means cluster for the semantic pair search (each sample "
+        "is compared within its cluster and its second-nearest one)",
     )
 
 

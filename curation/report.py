@@ -489,11 +489,17 @@ def duplicate_groups(index: pa.Table, limit: int) -> list[tuple[str, list[str], 
     pairs = pa.table(
         {"kept": pc.filter(kept, valid), "key": pc.filter(index_column(index, "key"), valid)}
     )
+    sizes = pairs.group_by("kept").aggregate([("key", "count")])
+    top = sizes.sort_by([("key_count", "descending"), ("kept", "ascending")]).slice(0, limit)
+    # only the shown groups' rows become Python objects
+    members = pairs.filter(pc.is_in(pairs["kept"], value_set=top["kept"]))
     groups: dict[str, list[str]] = {}
-    for r in pairs.sort_by([("kept", "ascending"), ("key", "ascending")]).to_pylist():
+    for r in members.sort_by([("kept", "ascending"), ("key", "ascending")]).to_pylist():
         groups.setdefault(r["kept"], []).append(r["key"])
-    ranked = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:limit]
-    return [(k, keys[: DUPLICATES_PER_GROUP - 1], len(keys)) for k, keys in ranked]
+    return [
+        (k, groups[k][: DUPLICATES_PER_GROUP - 1], n)
+        for k, n in zip(top["kept"].to_pylist(), top["key_count"].to_pylist(), strict=True)
+    ]
 
 
 def _html_duplicates(index: pa.Table, thumbnails: Mapping[str, bytes], limit: int) -> str:
