@@ -271,6 +271,29 @@ def _rank(row: dict[str, Any]) -> tuple:
     )
 
 
+def check_signals(
+    rows: Sequence[dict[str, Any]], max_bits: int | None, min_cosine: float | None, where: str
+) -> None:
+    """ValueError, in words, when nothing in ``rows`` can be compared: both signals off, or
+    no row carries the signals that are on (an index curated before they existed, or with
+    ``dedup.hash: false`` and no CLIP scorer)."""
+    if max_bits is None and min_cosine is None:
+        raise ValueError("dedup.max_bits and dedup.cosine are both null: nothing to compare")
+    hashed = max_bits is not None and any(r.get("phash") for r in rows)
+    embedded = min_cosine is not None and any(r.get("embedding") for r in rows)
+    if rows and not hashed and not embedded:
+        wanted = " or ".join(
+            name
+            for name, on in (("phash", max_bits is not None), ("embedding", min_cosine is not None))
+            if on
+        )
+        raise ValueError(
+            f"{where}: no accepted sample has {wanted} in the index (curated before duplicate "
+            "signals were recorded, or with dedup.hash false and no CLIP scorer): curate the "
+            "inputs again to dedup them"
+        )
+
+
 def find_duplicates(
     rows: Sequence[dict[str, Any]],
     max_bits: int | None,

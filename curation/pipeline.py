@@ -491,7 +491,7 @@ def dedup(
     """``reselect`` that also rejects near-duplicates (``curation/dedup.py``): among the samples
     the thresholds accept, each one that repeats another, or an accepted sample of an
     ``against`` version, gets ``duplicate_of`` and the reason ``duplicate_of: KEY``."""
-    from curation.dedup import find_duplicates
+    from curation.dedup import check_signals, find_duplicates
     from curation.stages.select import select_rows
 
     shown: list[Row] = []  # the rows the report pictures (curation.report.duplicate_groups)
@@ -506,6 +506,7 @@ def dedup(
             index = read_index(location(v.root_uri, "against").join("index"))
             earlier += [r for r in index.to_pylist() if r["status"] == "accepted"]
         d = cfg.dedup
+        check_signals(accepted, d.max_bits, d.cosine, str(source_root))
         marks = find_duplicates(accepted, d.max_bits, earlier, d.cosine, d.cluster_size)
         for r in rows:
             if r["key"] in marks:

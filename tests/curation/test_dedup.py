@@ -5,8 +5,9 @@ repeats of an earlier version."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from curation.dedup import find_duplicates, near_pairs, similar_pairs
+from curation.dedup import check_signals, find_duplicates, near_pairs, similar_pairs
 
 
 def flip(value: int, bits: list[int]) -> int:
@@ -123,3 +124,13 @@ def test_embeddings_find_semantic_copies_and_each_signal_can_be_turned_off():
     assert set(find_duplicates(rows, None, min_cosine=0.95)) == {"a2"}
     assert set(find_duplicates(rows, 10, min_cosine=None)) == {"b"}
     assert find_duplicates(rows, None, min_cosine=None) == {}
+
+
+def test_an_index_without_signals_is_refused_in_words():
+    old = [{"key": "a", "kind": "image", "phash": None}]
+    with pytest.raises(ValueError, match="v1: no accepted sample has phash or embedding"):
+        check_signals(old, 10, 0.95, "v1")
+    with pytest.raises(ValueError, match="both null"):
+        check_signals([row("a", [BASE])], None, None, "v1")
+    check_signals([row("a", [BASE])], 10, 0.95, "v1")  # hashes: fine
+    check_signals([], 10, None, "v1")  # nothing accepted: nothing to do, no error
