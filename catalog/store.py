@@ -319,6 +319,11 @@ class Catalog(RunLedger):
                 )
             return self._version_info(s, v)
 
+    def version_of(self, ref: str | DatasetRef) -> VersionInfo:
+        """The committed version ``catalog://NAME@VERSION`` (or ``@latest``) names."""
+        ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
+        return self.get_version(ref.name, ref.version)
+
     def find_committed(self, name: str, root_uri: str, config_hash: str) -> VersionInfo | None:
         """The committed version written to ``root_uri`` with ``config_hash``, if any (a rerun
         of a finished job returns it instead of writing the same version again)."""
@@ -353,8 +358,7 @@ class Catalog(RunLedger):
 
     def resolve(self, ref: str | DatasetRef, filter: str | None = None) -> Resolution:
         """``catalog://NAME@VERSION`` (+ filter on index columns) -> shards and accepted keys."""
-        ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
-        info = self.get_version(ref.name, ref.version)
+        info = self.version_of(ref)
         if info.index_uri is None:
             raise CatalogError(f"{info.ref} has no index")
         dataset = open_index(info.index_uri)

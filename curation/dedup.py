@@ -33,9 +33,10 @@ product a cluster), so the work grows as n * cluster_size, not n^2. SemDeDup com
 embedding with its own cluster only and loses the close pairs that a cluster border splits;
 here each embedding also visits its second-nearest cluster, which finds most of them, for
 twice the comparisons: of 1,198 pairs at cosine >= 0.95 planted among 3,000 64-d embeddings
-in 10 clusters (6 seeds, isotropic and clustered), 1,193 found, 5 lost (``tests/curation/
-test_dedup.py``). Finding every pair would mean visiting each cluster whose centroid is
-within 2 * sqrt(2 * (1 - cosine)) of the nearest one's similarity: at 0.95, nearly all.
+in 10 clusters (the generator of ``tests/curation/test_dedup.py``, 6 seeds, isotropic and
+around topics), 1,193 found, 5 lost. Finding every pair would mean visiting each cluster
+whose centroid is within 2 * sqrt(2 * (1 - cosine)) of the nearest one's similarity: at
+0.95, nearly all.
 
 Which copy is kept: samples are taken best first (highest ``aesthetic``, a missing score
 counting lowest; then the longest ``duration``; then the most pixels, so a downscaled copy

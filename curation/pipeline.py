@@ -345,9 +345,12 @@ def _hash_registry(job: _Job, journal: Journal, records: list) -> Iterator[None]
     connect_ray(job.address, job.verbose)
     name = f"omniforge-hashes-{uuid.uuid4().hex[:12]}"
     registry = ray.remote(HashRegistry).options(name=name, num_cpus=0).remote(stages[0].max_bits)
+    wanted = ["key", "kind", "status", "phash", "target_phash"]
     for record in records:
         with journal.fs.open(journal.path(record.written.index_part), "rb") as f:
-            part = pq.read_table(f)
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            part = parquet.read(columns=[c for c in wanted if c in names])
         items = [
             (r["key"], r["kind"], [*r["phash"], *(r.get("target_phash") or [])])
             for r in part.to_pylist()

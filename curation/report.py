@@ -2,11 +2,11 @@
 
 ``write_report`` writes ONE self-contained ``report.html``: counts, the ``select`` thresholds of
 the stages that ran, per-score histograms with those thresholds (``curation.histograms``), a
-gallery of accepted samples per kind and bucket, the duplicate groups ``curate dedup`` found
-(each kept sample beside the samples that repeat it), and a thumbnail section per rejection /
-error reason. Edit pairs show their source and target side by side; error reasons are shown without
-the errno numbers and absolute paths of the exception text (the raw text is the tooltip). The
-MLflow run is ``curation.tracking``'s.
+gallery of accepted samples per kind and bucket, the duplicate groups (``curate dedup``,
+``dedup.inline``: each kept sample beside the samples that repeat it), and a thumbnail section
+per rejection / error reason. Edit pairs show their source and target side by side; error
+reasons are shown without the errno numbers and absolute paths of the exception text (the raw
+text is the tooltip). The MLflow run is ``curation.tracking``'s.
 
 The gallery shows, per (kind, bucket), the accepted samples with the smallest keys among those
 that have a thumbnail: the same choice ``curation.sink`` keeps thumbnails for, so the gallery
@@ -507,7 +507,7 @@ def _html_duplicates(index: pa.Table, thumbnails: Mapping[str, bytes], limit: in
     groups = duplicate_groups(index, limit)
     if not groups:
         return ""
-    total = len(set(index_column(index, "duplicate_of").drop_null().to_pylist()))
+    total = pc.count_distinct(index_column(index, "duplicate_of")).as_py()  # nulls not counted
     wanted = {k for kept, keys, _ in groups for k in (kept, *keys)}
     keys = index_column(index, "key")
     rows = _rows_where(index, pc.is_in(keys, value_set=pa.array(sorted(wanted), pa.string())))
@@ -515,8 +515,7 @@ def _html_duplicates(index: pa.Table, thumbnails: Mapping[str, bytes], limit: in
     out = [
         '<h2 id="duplicates" class="rejected">Duplicate groups</h2>'
         f'<p class="dim">{total:,} kept samples are repeated; the {len(groups):,} largest '
-        "groups, each kept sample (left) beside the samples rejected as its duplicates "
-        "(<code>curate dedup</code>)</p>"
+        "groups, each kept sample (left) beside the samples rejected as its duplicates</p>"
     ]
     for kept, shown, count in groups:
         first = records.get(kept)

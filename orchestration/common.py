@@ -32,6 +32,11 @@ CatalogOption = typer.Option(
     help="catalog: sqlite:///FILE, postgresql://..., or the path of a SQLite file "
     "(default ~/.omniforge/catalog.db)",
 )
+AddressOption = typer.Option(None, "--address", help="Ray cluster (default: local)")
+TrackingUriOption = typer.Option(None, "--tracking-uri", help="MLflow tracking URI")
+RayVerboseOption = typer.Option(
+    False, "--verbose", help="also show Ray's own logs (as omniforge --verbose)"
+)
 
 
 class OutputFormat(str, Enum):

@@ -6,10 +6,17 @@ from pathlib import Path
 
 import typer
 
-from catalog.names import DatasetRef, is_catalog_uri
+from catalog.names import is_catalog_uri
 from core.config import load_config, to_plain
 from orchestration import quiet
-from orchestration.common import CatalogOption, console, open_catalog
+from orchestration.common import (
+    AddressOption,
+    CatalogOption,
+    RayVerboseOption,
+    TrackingUriOption,
+    console,
+    open_catalog,
+)
 
 app = typer.Typer(help="Curation: raw image/video/edit corpora -> curated, bucketed shards.")
 
@@ -32,11 +39,11 @@ def run(
         "--kind",
         help="auto|image|video|image_edit|video_edit|conversation (LLaVA-style QA JSON/JSONL)",
     ),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
+    address: str | None = AddressOption,
     models_dir: Path | None = typer.Option(
         None, "--models-dir", envvar="OMNIFORGE_MODELS", help="model weights directory"
     ),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    tracking_uri: str | None = TrackingUriOption,
     allow_input: list[str] = typer.Option(
         [],
         "--allow-input",
@@ -44,9 +51,7 @@ def run(
         "come from (repeatable; added to the config's allow_inputs)",
     ),
     catalog: str | None = CatalogOption,
-    verbose: bool = typer.Option(
-        False, "--verbose", help="also show Ray's own logs (as omniforge --verbose)"
-    ),
+    verbose: bool = RayVerboseOption,
 ) -> None:
     """Curate INPUT into OUTPUT and commit a dataset version. Rerun the same command to resume."""
     from curation.config import CurationConfig
@@ -89,12 +94,10 @@ def dedup(
     set_: list[str] = typer.Option(
         [], "--set", help="e.g. dedup.max_bits=6, dedup.cosine=0.97, dedup.cosine=null"
     ),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    address: str | None = AddressOption,
+    tracking_uri: str | None = TrackingUriOption,
     catalog: str | None = CatalogOption,
-    verbose: bool = typer.Option(
-        False, "--verbose", help="also show Ray's own logs (as omniforge --verbose)"
-    ),
+    verbose: bool = RayVerboseOption,
 ) -> None:
     """Reject near-duplicates of an existing version (within it, and of the samples of
     --against versions) without recomputing scores: a new version whose parent is SOURCE.
@@ -110,8 +113,7 @@ def dedup(
     for ref in against:
         if not is_catalog_uri(ref):
             raise ValueError(f"--against {ref}: name a version as catalog://NAME@VERSION")
-        parsed = DatasetRef.parse(ref)
-        others.append(cat.get_version(parsed.name, parsed.version))
+        others.append(cat.version_of(ref))
     run_dedup(
         root,
         output,
@@ -134,8 +136,7 @@ def _rewrite_source(cat, source: str, config: Path | None, set_: list[str]):
 
     parent = None
     if is_catalog_uri(source):
-        ref = DatasetRef.parse(source)
-        parent = cat.get_version(ref.name, ref.version)
+        parent = cat.version_of(source)
         root = parent.root_uri
     else:
         root = source
@@ -151,12 +152,10 @@ def select(
     ),
     config: Path | None = typer.Option(None, "--config", help="YAML with new thresholds"),
     set_: list[str] = typer.Option([], "--set", help="e.g. select.min_aesthetic=5.5"),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    address: str | None = AddressOption,
+    tracking_uri: str | None = TrackingUriOption,
     catalog: str | None = CatalogOption,
-    verbose: bool = typer.Option(
-        False, "--verbose", help="also show Ray's own logs (as omniforge --verbose)"
-    ),
+    verbose: bool = RayVerboseOption,
 ) -> None:
     """Re-apply thresholds to an existing index without recomputing scores (a new version)."""
     from curation.pipeline import reselect

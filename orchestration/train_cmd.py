@@ -11,7 +11,14 @@ from rich.text import Text
 from catalog.names import is_catalog_uri
 from core.config import load_config
 from core.weights import MissingWeights
-from orchestration.common import CatalogOption, console, err_console, open_catalog
+from orchestration.common import (
+    AddressOption,
+    CatalogOption,
+    TrackingUriOption,
+    console,
+    err_console,
+    open_catalog,
+)
 
 app = typer.Typer(help="Training: multi-stage recipes on Ray Train + DeepSpeed, tracked in MLflow.")
 
@@ -56,8 +63,8 @@ def run(
         "runs/train", "--output", help="weights, checkpoints: a folder, s3:// or gs://"
     ),
     workers: int | None = typer.Option(None, "--workers", help="Ray Train workers (0: in-process)"),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: local)"),
-    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow tracking URI"),
+    address: str | None = AddressOption,
+    tracking_uri: str | None = TrackingUriOption,
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output"),
     set_: list[str] = typer.Option([], "--set", help="override: key.path=value (repeatable)"),
     catalog: str | None = CatalogOption,

@@ -56,7 +56,7 @@ from typing import Any
 
 from catalog.db import CatalogError
 from catalog.lifecycle import run_lifecycle
-from catalog.names import DatasetRef, is_catalog_uri
+from catalog.names import is_catalog_uri
 from catalog.records import Node
 from core import storage
 from core.config import dump_yaml
@@ -98,8 +98,7 @@ def pin_data(recipe: Recipe, catalog, *, strict: bool = True) -> tuple[Recipe, l
             try:
                 if catalog is None:
                     raise ValueError(f"data.{name}.uri is {uri!r} but no catalog is configured")
-                ref = DatasetRef.parse(uri)
-                version = catalog.get_version(ref.name, ref.version)
+                version = catalog.version_of(uri)
             except (ValueError, CatalogError):
                 if strict:
                     raise
@@ -411,8 +410,7 @@ def _link_catalog(run: _Run, info: dict[str, Any], index: int) -> None:
     checkpoint it starts from; its MLflow run tagged with the catalog run."""
     catalog, run_id = run.catalog, info["catalog_run"]
     for ref in run.refs:
-        parsed = DatasetRef.parse(ref)
-        v = catalog.get_version(parsed.name, parsed.version)
+        v = catalog.version_of(ref)
         catalog.add_edge(Node("version", v.id), Node("run", run_id), "input")
     prev_ckpt = run.state["stages"].get(str(index - 1), {}).get("checkpoint")
     if index > 0 and prev_ckpt:
