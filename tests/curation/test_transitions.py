@@ -1,0 +1,192 @@
+"""GradualDetector: dissolves and fades between real shots, none on single shots with motion.
+
+The shots are the real fixtures: cockatoo (first 9 s, 20 fps) and realshort (1.2 s at 30 fps,
+taken at 20 fps and played forward then backward for length). The tests encode each edit to
+H.264, decode it at the scene scan's detection width and feed the detector as the scan does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from curation.sample_data.videos import encode_video
+from curation.scan import DETECT_WIDTH
+from curation.transitions import GradualDetector, Transition
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+W, H, FPS = 320, 180, 20
+
+
+def decoded(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def fit(rgb: np.ndarray) -> np.ndarray:
+    """Scale to cover W x H and crop the middle."""
+    h, w = rgb.shape[:2]
+    s = max(W / w, H / h)
+    rgb = cv2.resize(rgb, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    y, x = (rgb.shape[0] - H) // 2, (rgb.shape[1] - W) // 2
+    return np.ascontiguousarray(rgb[y : y + H, x : x + W])
+
+
+@pytest.fixture(scope="module")
+def shots() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    cockatoo = [fit(f) for f in decoded(DATA / "cockatoo_9s.mp4")]
+    at30 = [fit(f) for f in decoded(DATA / "realshort.mp4")]
+    forward = [at30[min(len(at30) - 1, round(i * 1.5))] for i in range(24)]
+    return cockatoo, forward + forward[::-1][1:] + forward[1:] + forward[::-1][1:]
+
+
+def dissolve(a, b, at: int, n: int, tail: int = 60) -> list[np.ndarray]:
+    """``a`` until frame ``at``, an ``n``-frame cross-dissolve into ``b``, then ``b``; both
+    shots keep playing through the dissolve, as in an edit."""
+    out = []
+    for i in range(at + n + tail):
+        if i < at:
+            out.append(a[i])
+            continue
+        fb = b[i - at].astype(np.float32)
+        if i >= at + n:
+            out.append(b[i - at])
+            continue
+        t = (i - at + 1) / (n + 1)
+        out.append(((1 - t) * a[i].astype(np.float32) + t * fb).round().astype(np.uint8))
+    return out
+
+
+def dip(a, b, at: int, n: int, tail: int = 60) -> list[np.ndarray]:
+    """``a`` fades out to black over ``n / 2`` frames, ``b`` fades in over the rest."""
+    half = n // 2
+    out = [a[i] for i in range(at)]
+    for j in range(half):
+        out.append((a[at + j] * (1 - (j + 1) / (half + 1))).round().astype(np.uint8))
+    for j in range(n - half):
+        out.append((b[j] * ((j + 1) / (n - half + 1))).round().astype(np.uint8))
+    return out + [b[n - half + j] for j in range(tail)]
+
+
+def detect(frames: list[np.ndarray], tmp_path: Path, fps: int = FPS) -> list[Transition]:
+    """Encode, decode at the detection width (as the scan does), run the detector."""
+    path = tmp_path / "edit.mp4"
+    encode_video(path, iter(frames), frames[0].shape[1], frames[0].shape[0], fps)
+    detector = GradualDetector(fps)
+    found: list[Transition] = []
+    with av.open(str(path)) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            w = min(frame.width, DETECT_WIDTH)
+            small = frame.reformat(w, max(2, round(frame.height * w / frame.width)))
+            found += detector(i, small.to_ndarray(format="bgr24"))
+    return found + detector.finish()
+
+
+@pytest.mark.parametrize(
+    "order, seconds",
+    [("cockatoo_first", 0.5), ("realshort_first", 0.5), ("realshort_first", 1.0)],
+)
+def test_cross_dissolve_between_real_shots_is_found_near_its_middle(
+    shots, tmp_path, order, seconds
+):
+    cockatoo, realshort = shots
+    n = round(seconds * FPS)
+    if order == "cockatoo_first":
+        at, frames = 60, dissolve(cockatoo, realshort, 60, n)
+    else:
+        at, frames = 50, dissolve(realshort, cockatoo[40:], 50, n)
+    (found,) = detect(frames, tmp_path)
+    middle = at + n / 2
+    assert found.kind == "dissolve"
+    assert abs(found.cut - middle) / FPS <= 0.6, (found, middle)
+    # the frames dropped are the transition's, give or take the mixes too faint to tell
+    assert found.start <= found.cut < found.end
+    assert at - 0.3 * FPS <= found.start and found.end <= at + n + 0.3 * FPS, found
+
+
+@pytest.mark.parametrize("seconds", [0.5, 1.0, 1.5, 2.0])
+def test_dip_to_black_between_real_shots_is_one_fade_cut_in_the_black(shots, tmp_path, seconds):
+    cockatoo, realshort = shots
+    n = round(seconds * FPS)
+    (found,) = detect(dip(cockatoo, realshort, 60, n), tmp_path)
+    assert found.kind == "fade"
+    assert abs(found.cut - (60 + n / 2)) / FPS <= 0.6, found
+    if seconds >= 1.0:  # (at 0.5 s each half is shorter than the shortest window, 0.4 s)
+        assert found.start < 60 + n // 2 < found.end, found  # the black is dropped
+
+
+def test_flat_colour_fades(tmp_path):
+    """fades.mp4 (PySceneDetect's test video, 25 fps): in from black, then two dips through
+    black (at 3.36 s and 6.72 s) between flat grey and white."""
+    found = detect(decoded(DATA / "fades.mp4"), tmp_path, fps=25)
+    assert [t.kind for t in found] == ["fade"] * 3
+    assert [round(t.cut / 25, 1) for t in found][1:] == pytest.approx([3.3, 6.6], abs=0.3)
+
+
+@pytest.mark.parametrize("name", ["cockatoo_9s.mp4", "realshort.mp4", "counter.mp4"])
+def test_no_transition_in_real_single_shots(tmp_path, name):
+    frames = decoded(DATA / name)
+    fps = {"cockatoo_9s.mp4": 20, "realshort.mp4": 30, "counter.mp4": 10}[name]
+    assert detect(frames, tmp_path, fps) == []
+
+
+def _photo(name: str) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(DATA / name)), cv2.COLOR_BGR2RGB)
+
+
+def pan(photo: np.ndarray, px: int, n: int = 100) -> list[np.ndarray]:
+    """A viewport sliding ``px`` pixels a frame across the photo (scaled to fit the path)."""
+    h, w = photo.shape[:2]
+    s = max(H / h, (W + px * n) / w)
+    big = cv2.resize(photo, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    return [np.ascontiguousarray(big[:H, i * px : i * px + W]) for i in range(n)]
+
+
+def zoom(photo: np.ndarray, n: int = 100) -> list[np.ndarray]:
+    """A steady zoom into the middle, to a third of the picture."""
+    base = fit(photo)
+    out = []
+    for i in range(n):
+        s = 1.0 - 0.66 * i / (n - 1)
+        cw, ch = round(W * s), round(H * s)
+        x, y = (W - cw) // 2, (H - ch) // 2
+        out.append(cv2.resize(base[y : y + ch, x : x + cw], (W, H), interpolation=cv2.INTER_LINEAR))
+    return out
+
+
+def test_no_transition_on_pans_zooms_fast_motion_or_a_flash(shots, tmp_path):
+    cockatoo, _ = shots
+    flash = [f.copy() for f in cockatoo[:120]]
+    for i in (60, 61):  # a camera flash: two frames washed out
+        flash[i] = cv2.addWeighted(flash[i], 0.3, np.full_like(flash[i], 255), 0.7, 0)
+    cases = {
+        "pan": pan(_photo("coffee.png"), 3),
+        "fast pan": pan(_photo("astronaut.png"), 12),
+        "zoom": zoom(_photo("chelsea.png")),
+        "flash": flash,
+    }
+    found = {name: detect(frames, tmp_path) for name, frames in cases.items()}
+    assert found == {name: [] for name in cases}
+
+
+def test_reported_within_its_delay():
+    """The scan keeps frames until no boundary can still be reported before them: each
+    transition must come back at most ``delay`` frames after its last frame."""
+    fps = 20
+    det = GradualDetector(fps)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 255, (2, 36, 64, 3)).astype(np.float32)
+    for i in range(200):
+        t = min(1.0, max(0.0, (i - 80) / 20))
+        frame = ((1 - t) * a + t * b).astype(np.uint8)
+        found = det(i, frame)
+        if found:
+            (tr,) = found
+            assert i - tr.end <= det.delay
+            break
+    else:
+        pytest.fail("the dissolve was not reported while frames were fed")
