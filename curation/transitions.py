@@ -159,8 +159,12 @@ class GradualDetector:
             return None
         r = t - self.first  # row of the middle
         x = self.x
+        net = np.sqrt(np.mean((x[r + ks] - x[r - ks]) ** 2, axis=1))
+        big = net >= MIN_NET  # most middles stop here: nothing changes much around them
+        if not big.any():
+            return None
+        ks, net = ks[big], net[big]
         xa, xb = x[r - ks], x[r + ks]
-        net = np.sqrt(np.mean((xb - xa) ** 2, axis=1))
         settle = np.maximum(
             np.sqrt(np.mean((xa - x[r - 2 * ks]) ** 2, axis=1)),
             np.sqrt(np.mean((x[r + 2 * ks] - xb) ** 2, axis=1)),
@@ -170,12 +174,7 @@ class GradualDetector:
         kmax = int(ks[-1])
         back, ahead = self.step[r - kmax : r][::-1], self.step[r : r + kmax]
         largest = np.maximum.accumulate(np.maximum(back, ahead))[ks - 1]
-        ok = (
-            (net >= MIN_NET)
-            & (net >= SETTLED * settle)
-            & (bend <= MAX_BEND * net)
-            & (largest <= MAX_STEP * net)
-        )
+        ok = (net >= SETTLED * settle) & (bend <= MAX_BEND * net) & (largest <= MAX_STEP * net)
         if not ok.any():
             return None
         score = np.where(ok, net / np.maximum(settle, 1.0), -1.0)

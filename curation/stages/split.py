@@ -1,18 +1,24 @@
-"""Scene split: one clip row per scene of each video (PySceneDetect's content detector).
+"""Scene split: one clip row per shot of each video (hard cuts and gradual transitions).
 
 Only ``kind == "video"`` rows are split; images, edit pairs and the videos of conversation
 records pass through unchanged (an edit pair is one sample whatever its length, and a
 conversation is about the whole video). Cuts come from PySceneDetect's content detector at
-``split.threshold`` on frames scaled to ``DETECT_WIDTH`` pixels wide; scenes longer
-than ``split.max_clip_s`` are cut into consecutive strides of that length (the last one is the
-remainder). Every scene becomes a clip, short ones included: ``select`` rejects clips shorter
-than ``split.min_clip_s`` with ``too_short``, so they stay visible in the index.
+``split.threshold`` on frames scaled to ``DETECT_WIDTH`` pixels wide; with ``split.gradual``,
+cross-dissolves and fades come from ``curation.transitions`` on the same frames, and their
+frames are dropped from both neighbouring clips (``split.drop_transitions``; otherwise the
+clips meet at the transition's middle). Scenes longer than ``split.max_clip_s`` are cut into
+consecutive strides of that length (the last one is the remainder). Each clip records how its
+two ends were found in ``boundaries`` (``{start, end}``: ``video`` for the video's own first
+or last frame, ``cut``, ``dissolve``, ``fade`` or ``stride``). Every scene becomes a clip,
+short ones included: ``select`` rejects clips shorter than ``split.min_clip_s`` with
+``too_short``, so they stay visible in the index.
 
 Each video is decoded once (``curation.scan``): the pass that looks for cuts also samples the
 frames of every clip (``frames``, ``frame_times``, ``frames_decoder`` = ``pyav``) when the
 stage is built with the frame settings, so the frame stage has nothing left to decode for
 them. A video PyAV cannot decode from the start goes through PySceneDetect's own video
-backends instead (OpenCV, then PyAV), and its clips are sampled by the frame stage.
+backends instead (OpenCV, then PyAV): hard cuts only, and its clips are sampled by the frame
+stage.
 
 Clip boundaries live on the probed frame grid: frame ``i`` starts at ``i / fps``, a clip
 ``[start, end)`` holds frames ``round(start * fps)`` to ``round(end * fps) - 1``, and
@@ -32,10 +38,13 @@ import math
 from typing import ClassVar
 
 from catalog.schema import make_key
+from core.weights import LocalWeights
+from curation import transnet
 from curation.config import FramesConfig, SplitConfig
 from curation.media import FRAME_MAX_SIDE, local_path
-from curation.scan import DETECT_WIDTH, Sampling, scan_video
+from curation.scan import DETECT_WIDTH, Boundary, Clip, Sampling, clip_bounds, scan_video
 from curation.stages.base import Resources, Row, SampleError, Stage
+from curation.transitions import GradualDetector
 
 BACKENDS = ("opencv", "pyav")  # OpenCV is faster; PyAV reads what OpenCV's FFmpeg cannot
 
@@ -90,12 +99,8 @@ def scene_bounds(
 ) -> list[tuple[int, int]]:
     """[start, end) frame ranges from ``start`` to ``num_frames``: scenes between cuts, each cut
     into strides of ``max_len``."""
-    edges = [start, *sorted({c for c in cut_frames if start < c < num_frames}), num_frames]
-    bounds = []
-    for a, b in zip(edges, edges[1:], strict=False):
-        for s in range(a, b, max_len):
-            bounds.append((s, min(s + max_len, b)))
-    return bounds
+    cuts = [Boundary(c, c, "cut") for c in sorted(set(cut_frames)) if start < c < num_frames]
+    return [(c.start, c.end) for c in clip_bounds(cuts, num_frames, max_len, start)]
 
 
 class SceneSplitStage(Stage):
@@ -111,29 +116,57 @@ class SceneSplitStage(Stage):
     ):
         self.enabled = cfg.enabled
         self.threshold = cfg.threshold
+        self.gradual = cfg.gradual
+        self.drop_transitions = cfg.drop_transitions
+        self.transnet = cfg.transnet
+        self.transnet_weights = cfg.transnet_weights
+        self.transnet_threshold = cfg.transnet_threshold
+        self.model = None  # TransNetV2, loaded by setup() when split.transnet is on
         self.max_clip_s = cfg.max_clip_s
         # with the frame settings, the scan samples every clip's frames too
         self.num_frames = frames.num_frames if frames is not None else None
         self.max_side = max_side
 
+    def required_files(self) -> list[LocalWeights]:
+        if not (self.enabled and self.transnet):
+            return []
+        path = transnet.weights_path(self.transnet_weights)
+        return [LocalWeights(path, "TransNetV2 weights (split.transnet)", transnet.HOW_TO_GET)]
+
+    def setup(self) -> None:
+        if self.enabled and self.transnet and self.model is None:
+            self.model = transnet.load_model(self.transnet_weights)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model": None}  # workers load their own (setup)
+
     def _detect(self, row: Row, fps: float, total: int, max_len: int):
-        """(cut frame numbers, frames read, samples by clip bounds) of one video."""
+        """(clips, frames read, samples by clip bounds) of one video."""
         path = local_path(row["source_uri"])
         sampling = None
         if self.num_frames is not None and row.get("width") and row.get("height"):
             display = (int(row["width"]), int(row["height"]))
             rotation = int(row.get("rotation") or 0)
             sampling = Sampling(self.num_frames, self.max_side, display, rotation)
+        gradual = GradualDetector(fps) if self.gradual else None
+        learned = None
+        if self.transnet:
+            self.setup()
+            learned = transnet.TransNetDetector(self.model, fps, self.transnet_threshold)
         try:
-            scan = scan_video(path, fps, total or None, self.threshold, max_len, sampling)
-            return scan.cuts, scan.frames_read, scan.samples
+            scan = scan_video(
+                path, fps, total or None, self.threshold, max_len, sampling, gradual,
+                self.drop_transitions, learned,
+            )  # fmt: skip
+            return scan.clips, scan.frames_read, scan.samples
         except Exception as e:  # PyAV cannot read it from the start: PySceneDetect's backends
             logger.info("one-pass scan of %s failed (%s): detecting with PySceneDetect", path, e)
         try:
             cut_times, frames_read = detect_cuts(path, self.threshold)
         except Exception as e:
             raise SampleError("split_failed", str(e)) from e
-        return [round(t * fps) for t in cut_times], frames_read, {}
+        cuts = [Boundary(round(t * fps), round(t * fps), "cut") for t in cut_times]
+        return clip_bounds(cuts, total or frames_read, max_len), frames_read, {}
 
     def process_row(self, row: Row) -> Row | list[Row]:
         if row.get("kind") != "video" or row.get("conversation") is not None:
@@ -149,17 +182,18 @@ class SceneSplitStage(Stage):
                 f"one frame lasts {1 / fps:.3g} s (fps={fps:.4g}) > split.max_clip_s "
                 f"({self.max_clip_s})",
             )
-        cut_frames: list[int] = []
+        found: list[Clip] | None = None
         samples: dict = {}
         if self.enabled:
-            cut_frames, frames_read, samples = self._detect(row, fps, num_frames, max_len)
+            found, frames_read, samples = self._detect(row, fps, num_frames, max_len)
             if num_frames <= 0:
                 num_frames = frames_read
         if num_frames <= 0:
             shown = row.get("num_frames")
             raise SampleError("split_failed", f"no frame count (num_frames={shown})")
         clips = []
-        for f0, f1 in scene_bounds(cut_frames, num_frames, max_len):
+        for found_clip in found if found is not None else clip_bounds([], num_frames, max_len):
+            f0, f1 = found_clip.start, found_clip.end
             start, end = f0 / fps, f1 / fps
             clip = dict(row)
             clip.update(
@@ -168,6 +202,7 @@ class SceneSplitStage(Stage):
                 key=make_key(row["source_uri"], (start, end)),
                 num_frames=f1 - f0,
                 duration=(f1 - f0) / fps,
+                boundaries={"start": found_clip.start_by, "end": found_clip.end_by},
             )
             if (f0, f1) in samples:
                 frames, indices = samples[f0, f1]

@@ -163,6 +163,9 @@ def test_cut_video_is_split_at_the_labelled_cuts(corpus, curated):
     assert len(starts) == len(bounds)
     for got, want in zip(starts, bounds, strict=True):
         assert abs(got - want) <= 2 / lab["fps"]
+    # the index says how each end was found
+    ends = [(c["boundaries"]["start"], c["boundaries"]["end"]) for c in clips]
+    assert ends == [("video", "cut"), *[("cut", "cut")] * (len(clips) - 2), ("cut", "video")]
 
 
 def test_shards_hold_exactly_the_accepted_samples(curated):

@@ -164,11 +164,12 @@ def test_clip_too_large_to_keep_is_left_to_the_frame_stage(corpus, monkeypatch):
         frame_bytes = sum(p.buffer_size for p in frame.planes)
     # Cuts at 72 and 144 (24 fps). Room for 60 frames: strides of 36 frames fit (kept until
     # 14 frames past their end, when no cut can still be reported inside), 72-frame scenes not.
+    # (Content cuts only: the gradual detector keeps frames about 8 s longer.)
     monkeypatch.setattr(scan_mod, "MAX_KEPT_BYTES", 60 * frame_bytes)
-    cfg = CurationConfig.model_validate({"split": {"max_clip_s": 1.5, "min_clip_s": 0.2}})
-    clips = clips_of(row, cfg)
+    split = {"max_clip_s": 1.5, "min_clip_s": 0.2, "gradual": False}
+    clips = clips_of(row, CurationConfig.model_validate({"split": split}))
     assert len(clips) == 6 and all("frames" in c for c in clips)
-    clips = clips_of(row)
+    clips = clips_of(row, CurationConfig.model_validate({"split": {"gradual": False}}))
     assert len(clips) == 3 and not any("frames" in c for c in clips)
     sampled = FrameSampleStage(CFG.frames, CFG.probe).process_batch(clips)
     monkeypatch.setattr(scan_mod, "MAX_KEPT_BYTES", 10**12)

@@ -151,12 +151,52 @@ def test_counter_fixture_is_one_three_second_clip():
     assert spans(clips) == [(0.0, 3.0)] and clips[0]["num_frames"] == 30
 
 
-def test_fades_do_not_produce_hard_cut_chaos():
+def test_fades_are_boundaries_and_their_frames_are_dropped():
+    """fades.mp4: black, fade in, then two dips through black (3.36 s, 6.72 s) between flat
+    grey and white. Each fade ends a clip; its frames are in neither neighbour."""
     clips = split(probed(DATA / "fades.mp4"))
-    # Fades are not hard cuts: the content detector sees at most the odd boundary.
-    assert 1 <= len(clips) <= 2, spans(clips)
-    assert min(c["duration"] for c in clips) >= 2.0
+    assert [(c["boundaries"]["start"], c["boundaries"]["end"]) for c in clips] == [
+        ("video", "fade"),
+        ("fade", "fade"),
+        ("fade", "fade"),
+        ("fade", "video"),
+    ]
+    for black in (3.36, 6.72):
+        assert not any(c["span"]["start"] <= black < c["span"]["end"] for c in clips)
+    assert clips[-1]["span"]["end"] == pytest.approx(10.0)
+    assert sum(c["num_frames"] for c in clips) < 250  # the fades' own frames are dropped
+
+
+def test_fades_without_dropping_meet_at_their_middle():
+    clips = split(probed(DATA / "fades.mp4"), split={"drop_transitions": False})
     assert sum(c["num_frames"] for c in clips) == 250
+    assert [c["span"]["start"] for c in clips[1:]] == [c["span"]["end"] for c in clips[:-1]]
+    assert [round(c["span"]["start"], 1) for c in clips[2:]] == pytest.approx([3.3, 6.6], abs=0.3)
+
+
+def test_a_cross_dissolve_between_real_shots_ends_both_clips(tmp_path):
+    """cockatoo, a 0.5-s cross-dissolve (both shots playing), realshort: two clips, each
+    sampled in the one pass, the dissolve's frames in neither."""
+    from edits import FPS, H, W, dissolve, real_shots
+
+    cockatoo, realshort = real_shots()
+    path = tmp_path / "edit.mp4"
+    encode_video(path, iter(dissolve(cockatoo, realshort, 60, 10)), W, H, FPS)
+    row = probed(path)
+    clips = SceneSplitStage(CurationConfig().split, CurationConfig().frames).process_batch([row])
+    assert [(c["boundaries"]["start"], c["boundaries"]["end"]) for c in clips] == [
+        ("video", "dissolve"),
+        ("dissolve", "video"),
+    ]
+    first, second = clips
+    assert abs(first["span"]["end"] - 3.0) <= 0.3 and abs(second["span"]["start"] - 3.5) <= 0.3
+    assert first["span"]["end"] < second["span"]["start"]  # the mixed frames are dropped
+    assert all(len(c["frames"]) == CurationConfig().frames.num_frames for c in clips)
+
+
+def test_content_cuts_only():
+    clips = split(probed(DATA / "fades.mp4"), split={"gradual": False})
+    assert {c["boundaries"]["start"] for c in clips} <= {"video", "cut"}
 
 
 def test_real_footage_cut():
