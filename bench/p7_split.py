@@ -1,7 +1,7 @@
 """P7 scene split: the gradual-transition detector's cost over the content detector alone.
 
 The split stage as ``curate run`` runs it (one decode pass per video that also samples every
-clip's frames, ``curation.scan``) on P1's clip set plus the real cockatoo clip (1280x720):
+clip's frames, ``curation.scan``) on P1's clip set plus the real cockatoo clip (1280x720, 9 s):
 ``split.gradual`` on (ours: hard cuts, dissolves and fades) against off (baseline: the content
 detector only), same process, same probed rows. The figure is video seconds split per second;
 probing is done once, outside the timing. A second row times the learned backend
@@ -20,9 +20,10 @@ def rows_to_split(quick: bool) -> list[dict]:
     from curation.stages.probe import ProbeStage
 
     inputs, _ = clip_set(WORK, quick)
-    cockatoo = REPO / "tests" / "data"  # read in place: P1's clip set stays as it is
-    listed = list_inputs(str(inputs)) + list_inputs(str(cockatoo))
-    rows = [{**r, "caption": "c"} for r in listed if r["source_uri"].endswith(".mp4")]
+    # P1's set has the other real clips; cockatoo is read in place (P1's set stays as it is)
+    data = list_inputs(str(REPO / "tests" / "data"))
+    cockatoo = [r for r in data if r["source_uri"].endswith("cockatoo_9s.mp4")]
+    rows = [{**r, "caption": "c"} for r in list_inputs(str(inputs)) + cockatoo]
     probed = ProbeStage(CurationConfig().probe).process_batch(rows)
     return [r for r in probed if r["status"] is None and r.get("kind") == "video"]
 
@@ -56,8 +57,8 @@ def run(ctx: Context) -> list[Row]:
         for name, stage in stages.items()
     }
     base = "the same split, content detector only"
-    common = "one process; frames sampled in the same pass; P1's clip set and the mp4 files of "
-    common += "tests/data (cockatoo 1280x720, counter 1920x1080, fades, realshort)"
+    common = "one process; frames sampled in the same pass; P1's clip set (with counter, fades, "
+    common += "realshort) and cockatoo (1280x720, 9 s)"
     return [
         Row(
             "P7",
