@@ -62,7 +62,7 @@ class Transition:
     start: int
     end: int
     cut: int
-    kind: str  # "dissolve" | "fade"
+    kind: str  # "dissolve" | "fade" ("cut" from the TransNetV2 backend: start == end == cut)
 
 
 def features(bgr: np.ndarray) -> np.ndarray:

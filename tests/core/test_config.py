@@ -51,7 +51,7 @@ def test_unknown_key_lists_allowed_keys(tmp_path):
     path = write(tmp_path, "split:\n  treshold: 30\nbogus: 1\n")
     problems = errors_of(CurationConfig, path)
     assert (
-        "split.treshold: unknown key; allowed keys here: drop_transitions, enabled, gradual, max_clip_s, min_clip_s, threshold"
+        "split.treshold: unknown key; allowed keys here: drop_transitions, enabled, gradual, max_clip_s, min_clip_s, threshold, transnet, transnet_threshold, transnet_weights"
         in problems
     )
     assert any(

@@ -28,7 +28,7 @@ def test_config_validate_reports_every_problem_readably(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     for line in [
-        "split.treshold: unknown key; allowed keys here: drop_transitions, enabled, gradual, max_clip_s, min_clip_s, threshold",
+        "split.treshold: unknown key; allowed keys here: drop_transitions, enabled, gradual, max_clip_s, min_clip_s, threshold, transnet, transnet_threshold, transnet_weights",
         "frames.num_frames: Input should be greater than or equal to 2 (got 1)",
         "motion.short_side: Input should be a valid integer, unable to parse string as an integer (got 'big')",
     ]:

@@ -110,6 +110,7 @@ def test_two_workers_spread_over_nodes_survive_the_loss_of_one(s3_bucket, tmp_pa
     process under it killed); Ray Train restarts the workers on the nodes left, they resume
     from step 4's checkpoint in S3, and the stage ends with the weights of an uninterrupted
     run."""
+    import contextlib
     import subprocess
     import time
     import urllib.request
@@ -152,8 +153,13 @@ def test_two_workers_spread_over_nodes_survive_the_loss_of_one(s3_bucket, tmp_pa
             p for p in psutil.Process(records[1]["pid"]).parents() if p.name() == "raylet"
         )
         # the node is lost with everything on it: its raylet and the processes under it (a
-        # raylet killed alone can leave its workers running on, and rank 1 trained to the end)
+        # raylet killed alone can leave its workers running on, and rank 1 trained to the end),
+        # and rank 1's own process tree in case it does not hang under that raylet (in one
+        # full run the stage ended with no restart after the raylet's tree was killed; the
+        # cause is not established)
         kill_tree(raylet.pid)
+        with contextlib.suppress(psutil.NoSuchProcess):  # already gone with the raylet: fine
+            kill_tree(records[1]["pid"])
         nodes = f"http://127.0.0.1:{dashboard}/api/v0/nodes?detail=true&limit=100"
         while True:  # the cluster has marked rank 1's node dead
             request = urllib.request.Request(nodes, headers=auth_headers())
