@@ -17,21 +17,36 @@ visible:
   a zoom, a subject walking through) changes the picture at about the same rate inside and
   outside any window, and a camera flash returns to where it was, so neither passes.
 
+- **It mixes two pictures.** The fine structure of two unrelated shots does not line up, so
+  mixing them halves it: the detail (variance of what a 5x5 box blur removes from a small
+  grey image) of ``(1 - a) A + a B`` is about ``(1 - a)^2 D_A + a^2 D_B``, half the shots'
+  average at the middle. Motion keeps the detail (a subject that starts to move after a
+  pause passes the first two tests over a short window, and is rejected here).
+
 For every frame (a window's middle) and half-widths ``k`` from ``min_s / 2`` to ``max_s / 2``
 seconds, a window passes when its net change is at least ``MIN_NET`` levels (RMS over the
-thumbnail) and ``SETTLED`` times each side's own change, no step is more than ``MAX_STEP`` of
-it, and the middle frame is within ``MAX_BEND`` of it from the ends' average. Passing middles
-closer than ``MERGE_S`` are one transition, judged by its best window: its frames are those
-whose progress from A to B (projection on the segment between the window's ends) lies in
-(``EDGE``, ``1 - EDGE``), and the shots are cut where the progress passes one half. A
+thumbnail), no step is more than ``MAX_STEP`` of it, the detail of its middle half (mean) is
+at most ``DIP`` of its ends' and
+
+- the net change is at least ``SETTLED`` times each side's own change and the middle frame
+  within ``MAX_BEND`` of it from the ends' average, or
+- for windows of ``MIX_MIN_S`` or more, the detail dips to ``MAX_DIP``: then both shots may
+  move nearly as much as they change across (``MIX_SETTLED``, ``MIX_BEND``), as in a long
+  dissolve between two shots that move fast.
+
+Passing middles closer than ``MERGE_S`` are one run, judged by its window of largest net
+change (the shortest half-width within ``KNEE`` of it: the whole change, not more). Its frames
+are those whose progress from A to B (projection on the segment between the window's ends)
+lies in (``EDGE``, ``1 - EDGE``), and the shots are cut where the progress passes one half.
+Part of a long dissolve can pass on its own: transitions that overlap are one, the larger. A
 transition that passes through a flat frame (black, white or any one colour: ``FLAT``, or
 ``FADED`` of the shots' own spread) is a ``fade``; a fade-out and a fade-in that meet (a dip
 to black) are one fade, cut at its flattest frame.
 
 The thresholds are set so that no window passes on real single-shot footage with fast camera
-and subject motion (the cockatoo fixture); the price is that a long dissolve between two shots
-that both move fast can be missed: over 1-2 s such a shot's own change on the thumbnail is
-more than half the change across the shots, and the window no longer stands out.
+and subject motion (the cockatoo fixture, all 14 s) while dissolves of 0.5-2 s between it and
+another real shot are found; the price is that dissolves between two shots with much the same
+fine structure (one scene, two angles) halve less of it and can be missed when both move fast.
 
 The detector is fed the detection frames of the scene scan in order and reports each
 transition ``delay`` frames after its last frame at most.
@@ -52,7 +67,14 @@ MAX_BEND = 0.35  # middle frame's distance from the ends' average, as a part of 
 EDGE = 0.1  # a transition spans the frames whose progress from A to B is in (EDGE, 1 - EDGE)
 FLAT = 6.0  # a frame whose levels spread (std over the thumbnail) less than this is flat
 FADED = 0.25  # ... or less than this part of the spread of the shots at the window's ends
-MERGE_S = 0.25  # passing middles this close (s) are one transition
+KNEE = 0.85  # a run's window: the shortest with this part of the largest net change
+MERGE_S = 0.25  # passing middles this close (s) are one run
+DETAIL = (64, 36)  # the detail image (grey, block means) whose fine structure a mix halves
+DIP = 0.8  # the detail of a window's middle half: at most this part of its ends'
+MIX_MIN_S = 0.8  # windows this long (s) or longer whose middle half's detail is at most
+MAX_DIP = 0.65  # this part of the ends' pass as a mix when the net change is at least
+MIX_SETTLED = 1.05  # this x each shot's own change and the middle frame is at most
+MIX_BEND = 0.55  # this part of the net change from the ends' average
 
 
 @dataclass(frozen=True)
@@ -65,14 +87,22 @@ class Transition:
     kind: str  # "dissolve" | "fade" ("cut" from the TransNetV2 backend: start == end == cut)
 
 
-def features(bgr: np.ndarray) -> np.ndarray:
-    """The thumbnail (block means) of one detection frame, float32, flattened. The frame is
-    first cropped to whole blocks (at most a block's width and height less): OpenCV's area
-    resize by whole factors is 3x faster than by fractional ones."""
+def features(bgr: np.ndarray) -> tuple[np.ndarray, float]:
+    """The thumbnail (block means) of one detection frame, float32, flattened, and its detail
+    (the variance of the fine structure of a grey ``DETAIL`` image). The frame is first
+    cropped to whole blocks (at most a block's width and height less): OpenCV's area resize
+    by whole factors is 3x faster than by fractional ones."""
     h, w = bgr.shape[:2]
-    bh, bw = max(1, h // THUMB[1]), max(1, w // THUMB[0])
-    whole = bgr[: bh * THUMB[1], : bw * THUMB[0]]
-    return cv2.resize(whole, THUMB, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    if h >= DETAIL[1] and w >= DETAIL[0]:
+        bh, bw = h // DETAIL[1], w // DETAIL[0]
+        whole = bgr[: bh * DETAIL[1], : bw * DETAIL[0]]
+        small = cv2.resize(whole, DETAIL, interpolation=cv2.INTER_AREA)
+    else:  # a tiny frame: its own pixels are the detail
+        small = bgr[: max(1, h // THUMB[1]) * THUMB[1], : max(1, w // THUMB[0]) * THUMB[0]]
+    thumb = cv2.resize(small, THUMB, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    _, sd = cv2.meanStdDev(cv2.subtract(grey, cv2.blur(grey, (5, 5))))
+    return thumb, float(sd[0, 0]) ** 2
 
 
 def _rms(a: np.ndarray, b: np.ndarray) -> float:
@@ -106,26 +136,30 @@ class GradualDetector:
         self.ks = np.array(ks)
         self.reach = 2 * ks[-1]  # frames a middle needs on each side
         self.merge = max(1, round(MERGE_S * self.fps))
+        self.mix_k = round(MIX_MIN_S * self.fps / 2)
         self.every = 2 if self.fps >= 16 else 1  # middles judged: every n-th frame
-        # a middle is judged `reach` frames late and its run closes `merge` middles later; a
-        # fade waits up to `reach // 2` frames more for a fade-in to meet it
-        self.delay = self.reach + self.merge + self.reach // 2 + 2
+        # a middle is judged `reach` frames late and a transition is held `reach` middles
+        # after its end for one that overlaps or meets it
+        self.delay = 2 * self.reach + self.merge + 2
         self.keep = 2 * self.reach + 4 * self.merge + 8  # frames the oldest open middle needs
         self.x = np.zeros((2 * self.keep, THUMB[0] * THUMB[1] * 3), np.float32)
         self.step = np.zeros(2 * self.keep, np.float32)  # step[i]: RMS change frame i -> i + 1
+        self.detail = np.zeros(2 * self.keep, np.float32)
         self.n = 0  # rows of x in use
         self.first = 0  # frame number of x[0]
         self.last = -1  # frame number of the newest frame
         self.run: list[tuple[int, int, float]] = []  # passing (middle, k, score)
-        self.held: Transition | None = None  # a fade-out waiting for a fade-in
+        # the newest transition (its score, whether it fades out), held for the next one
+        self.held: tuple[Transition, float, bool] | None = None
 
     def __call__(self, index: int, bgr: np.ndarray) -> list[Transition]:
         if self.n == len(self.x):  # keep the newest `keep` frames
             drop = self.n - self.keep
             self.x[: self.keep] = self.x[drop:]
             self.step[: self.keep] = self.step[drop:]
+            self.detail[: self.keep] = self.detail[drop:]
             self.n, self.first = self.keep, self.first + drop
-        self.x[self.n] = features(bgr)
+        self.x[self.n], self.detail[self.n] = features(bgr)
         if self.n:
             self.step[self.n - 1] = _rms(self.x[self.n], self.x[self.n - 1])
         self.n += 1
@@ -135,9 +169,9 @@ class GradualDetector:
     def finish(self) -> list[Transition]:
         """After the last frame: middles nearer the end than ``reach`` have no settled frames
         after them and are not judged; close what is open."""
-        out = self._close_run()
+        out = self._close_run() if self.run else []
         if self.held is not None:
-            out.append(self.held)
+            out.append(self.held[0])
             self.held = None
         return out
 
@@ -155,8 +189,10 @@ class GradualDetector:
             self.run.append((t, *best))
         elif self.run and t - self.run[-1][0] > self.merge:
             out += self._close_run()
-        if self.held is not None and t - self.held.end > self.reach // 2 and not self.run:
-            out.append(self.held)
+        # a later transition starts at t - reach at the earliest: one that may still overlap
+        # the held one (or, for a fade-out, meet it) waits
+        if self.held is not None and t - self.held[0].end > self.reach and not self.run:
+            out.append(self.held[0])
             self.held = None
         return out
 
@@ -183,29 +219,46 @@ class GradualDetector:
         kmax = int(ks[-1])
         back, ahead = self.step[r - kmax : r][::-1], self.step[r : r + kmax]
         largest = np.maximum.accumulate(np.maximum(back, ahead))[ks - 1]
-        ok = (net >= SETTLED * settle) & (bend <= MAX_BEND * net) & (largest <= MAX_STEP * net)
+        # a long mix: the detail of the window's middle half (mean, so that one soft frame
+        # of the encoder does not count) against its ends'
+        c = np.concatenate(([0.0], np.cumsum(self.detail[r - kmax : r + kmax + 1])))
+        half = ks // 2
+        middle = (c[kmax + half + 1] - c[kmax - half]) / (2 * half + 1)
+        ends = (self.detail[r - ks] + self.detail[r + ks]) / 2
+        # (+ 1: a fade between flat colours has no detail at its ends to halve)
+        mix = (ks >= self.mix_k) & (middle <= MAX_DIP * ends + 1)
+        ok = (largest <= MAX_STEP * net) & (
+            ((net >= SETTLED * settle) & (bend <= MAX_BEND * net) & (middle <= DIP * ends + 1))
+            | (mix & (net >= MIX_SETTLED * settle) & (bend <= MIX_BEND * net))
+        )
         if not ok.any():
             return None
-        score = np.where(ok, net / np.maximum(settle, 1.0), -1.0)
-        i = int(score.argmax())
-        return int(ks[i]), float(score[i])
+        best = float(net[ok].max())
+        i = int(np.flatnonzero(ok & (net >= KNEE * best))[0])
+        return int(ks[i]), best
 
     def _close_run(self) -> list[Transition]:
-        if not self.run:
-            return []
-        t, k, _ = max(self.run, key=lambda r: r[2])
+        """The run's transition, judged by its best window, is held until no later one can
+        overlap it (part of a long dissolve can pass on its own: the two are one transition,
+        judged by the larger change) or meet it (a fade-out and a fade-in: one fade)."""
+        t, k, score = max(self.run, key=lambda r: r[2])
         self.run = []
         found, flat_at = self._extent(t, k)
-        held, self.held = self.held, None
-        out = [] if held is None else [held]
-        if flat_at is not None and flat_at < t:  # out of a flat frame: a fade-in
-            if held is not None and found.start - held.end <= self.reach // 2:
-                return [self._dip(held, found)]
-            return out + [found]
-        if flat_at is not None:  # into a flat frame: a fade-out, held for a fade-in to meet
-            self.held = found
-            return out
-        return out + [found]
+        fading_out = flat_at is not None and flat_at >= t
+        if self.held is None:
+            self.held = (found, score, fading_out)
+            return []
+        held, held_score, held_fading_out = self.held
+        fading_in = flat_at is not None and not fading_out
+        if held_fading_out and fading_in and found.start - held.end <= self.reach // 2:
+            self.held = (self._dip(held, found), max(score, held_score), False)  # a dip
+            return []
+        if found.start < held.end:  # they overlap: one transition
+            if score > held_score:
+                self.held = (found, score, fading_out)
+            return []
+        self.held = (found, score, fading_out)
+        return [held]
 
     def _extent(self, t: int, k: int) -> tuple[Transition, int | None]:
         """Where the frames around ``t`` go from A (progress 0) to B (1), and the flattest

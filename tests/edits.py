@@ -37,8 +37,10 @@ def real_shots() -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def dissolve(a, b, at: int, n: int, tail: int = 60) -> list[np.ndarray]:
-    """``a`` until frame ``at``, an ``n``-frame cross-dissolve into ``b``, then ``b``; both
-    shots keep playing through the dissolve, as in an edit."""
+    """``a`` until frame ``at``, an ``n``-frame cross-dissolve into ``b``, then ``b`` (at most
+    ``tail`` frames, as many as it has); both shots keep playing through the dissolve, as in
+    an edit."""
+    tail = min(tail, len(b) - n)
     out = []
     for i in range(at + n + tail):
         if i < at:

@@ -41,10 +41,8 @@ def detect(frames: list[np.ndarray], tmp_path: Path, fps: int = FPS) -> list[Tra
     return found + detector.finish()
 
 
-@pytest.mark.parametrize(
-    "order, seconds",
-    [("cockatoo_first", 0.5), ("realshort_first", 0.5), ("realshort_first", 1.0)],
-)
+@pytest.mark.parametrize("seconds", [0.5, 1.0, 1.5, 2.0])
+@pytest.mark.parametrize("order", ["cockatoo_first", "realshort_first"])
 def test_cross_dissolve_between_real_shots_is_found_near_its_middle(
     shots, tmp_path, order, seconds
 ):
@@ -82,10 +80,16 @@ def test_flat_colour_fades(tmp_path):
     assert [round(t.cut / 25, 1) for t in found][1:] == pytest.approx([3.3, 6.6], abs=0.3)
 
 
-@pytest.mark.parametrize("name", ["cockatoo_9s.mp4", "realshort.mp4", "counter.mp4"])
+REAL_FPS = {"cockatoo_9s.mp4": 20, "cockatoo_tail.mp4": 20, "realshort.mp4": 30, "counter.mp4": 10}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FPS))
 def test_no_transition_in_real_single_shots(tmp_path, name):
+    """cockatoo_tail.mp4 is the fixture's 8-14 s at 640x360: at 9.4 s the bird starts to
+    move after a pause, a change over 0.4 s that stands out from both sides as a short
+    dissolve's does (it passed before dissolves had to halve the picture's detail)."""
     frames = decoded(DATA / name)
-    fps = {"cockatoo_9s.mp4": 20, "realshort.mp4": 30, "counter.mp4": 10}[name]
+    fps = REAL_FPS[name]
     assert detect(frames, tmp_path, fps) == []
 
 
