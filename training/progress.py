@@ -446,11 +446,17 @@ class StageFeed:
         name = f"omniforge-progress-{uuid.uuid4().hex[:12]}"
         namespace = ray.get_runtime_context().namespace
         options: dict[str, Any] = {"name": name, "namespace": namespace}
-        if not ray.util.client.ray.is_connected():  # a Ray Client driver is on no node
+        # The channel lives where the driver does, so that losing a worker node does not take
+        # the display (and the restart it would report) with it: the driver's node, pinned
+        # (a soft pin is not kept: on a cluster whose head offers no CPUs, Ray placed it on a
+        # worker node), or the head for a Ray Client driver, which is on no node.
+        if ray.util.client.ray.is_connected():
+            options["resources"] = {"node:__internal_head__": 0.001}
+        else:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             node = ray.get_runtime_context().get_node_id()
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         self._actor = ray.remote(num_cpus=0)(_Channel).options(**options).remote()
         ray.get(self._actor.received.remote())  # started before any worker looks it up
         self.address = {"name": name, "namespace": namespace}

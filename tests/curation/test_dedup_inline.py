@@ -86,12 +86,14 @@ def test_a_resumed_inline_run_rejects_a_repeat_of_a_sample_committed_before(corp
     """The driver is killed once one of the two copies is committed (the recorded event) and
     before the other is; the rerun processes the other and rejects it as a repeat of the one
     the registry was seeded with. The copies run first and last of 12 inputs; should both be
-    committed before the kill lands anyway, the attempt is made again (3 at most)."""
+    committed before the kill lands anyway, or the one committed be the repeat (on two workers
+    the last input's block can claim its hash before the first's: first come, first kept), the
+    attempt is made again (5 at most)."""
     root, first, last = corpus
     settings = ["name=inline", "block_size=1", "dedup.inline=true", "ocr.enabled=false"]
     settings += ["select.min_short_side=64", "aesthetic.enabled=false", "watermark.enabled=false"]
     pair = {make_key(str(first)), make_key(str(last))}
-    for attempt in range(3):
+    for attempt in range(5):
         out, work = tmp_path / f"out{attempt}", tmp_path / f"work{attempt}"
         cmd = [OMNIFORGE, "curate", "run", "--input", str(root), "--output", str(out)]
         cmd += ["--catalog", f"sqlite:///{work / 'catalog.db'}"]
@@ -110,10 +112,12 @@ def test_a_resumed_inline_run_rejects_a_repeat_of_a_sample_committed_before(corp
         kill_tree(driver.pid)
         driver.wait()
         done = committed()
-        if len(pair & done) == 1:
-            break
+        if len(pair & done) == 1:  # its block (block_size=1: it alone) accepted it
+            (block,) = [r for r in Journal(str(out)).records() if pair & set(r.inputs)]
+            if block.written.counts.get("accepted"):
+                break
     else:
-        raise AssertionError("both copies were committed before the kill in 3 attempts")
+        raise AssertionError("no kill between the copies' commits, the first accepted, in 5 tries")
     (kept,) = pair & done
     (repeat,) = pair - done
     assert 1 <= len(done) < 12
