@@ -90,19 +90,30 @@ class Transition:
 def features(bgr: np.ndarray) -> tuple[np.ndarray, float]:
     """The thumbnail (block means) of one detection frame, float32, flattened, and its detail
     (the variance of the fine structure of a grey ``DETAIL`` image). The frame is first
-    cropped to whole blocks (at most a block's width and height less): OpenCV's area resize
-    by whole factors is 3x faster than by fractional ones."""
+    cropped to whole blocks (at most a block's width and height less)."""
     h, w = bgr.shape[:2]
     if h >= DETAIL[1] and w >= DETAIL[0]:
         bh, bw = h // DETAIL[1], w // DETAIL[0]
-        whole = bgr[: bh * DETAIL[1], : bw * DETAIL[0]]
-        small = cv2.resize(whole, DETAIL, interpolation=cv2.INTER_AREA)
+        small = _shrink(bgr[: bh * DETAIL[1], : bw * DETAIL[0]], DETAIL)
     else:  # a tiny frame: its own pixels are the detail
         small = bgr[: max(1, h // THUMB[1]) * THUMB[1], : max(1, w // THUMB[0]) * THUMB[0]]
-    thumb = cv2.resize(small, THUMB, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    thumb = _shrink(small, THUMB).astype(np.float32).ravel()
     grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
     _, sd = cv2.meanStdDev(cv2.subtract(grey, cv2.blur(grey, (5, 5))))
     return thumb, float(sd[0, 0]) ** 2
+
+
+def _shrink(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Block means of ``image`` (a whole number of blocks) at ``size``: OpenCV's area resize,
+    by halves while both factors are even (its fast path: two halvings cost a third of one
+    step by 4, the 256x144 detection frame to 64x36), then the rest in one step."""
+    w, h = size
+    while image.shape[1] % (2 * w) == 0 and image.shape[0] % (2 * h) == 0:
+        half = (image.shape[1] // 2, image.shape[0] // 2)
+        image = cv2.resize(image, half, interpolation=cv2.INTER_AREA)
+    if image.shape[:2] != (h, w):
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image
 
 
 def _rms(a: np.ndarray, b: np.ndarray) -> float:
