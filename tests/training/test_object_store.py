@@ -154,9 +154,9 @@ def test_two_workers_spread_over_nodes_survive_the_loss_of_one(s3_bucket, tmp_pa
         )
         # the node is lost with everything on it: its raylet and the processes under it (a
         # raylet killed alone can leave its workers running on, and rank 1 trained to the end),
-        # and rank 1's own process tree in case it does not hang under that raylet (in one
-        # full run the stage ended with no restart after the raylet's tree was killed; the
-        # cause is not established)
+        # and rank 1's own process tree in case it does not hang under that raylet (two runs
+        # that ended with no restart reported had lost the progress display with that node:
+        # its actor now stays on the driver's node, training/progress.py)
         kill_tree(raylet.pid)
         with contextlib.suppress(psutil.NoSuchProcess):  # already gone with the raylet: fine
             kill_tree(records[1]["pid"])
