@@ -332,7 +332,10 @@ def run_blocks(
     resources = ray.cluster_resources()
     steps = plan_steps(stages)
     cpu_plan, model_plans = plan_workers(
-        [s for s in stages if s.uses_model], resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+        [s for s in stages if s.uses_model],
+        resources.get("CPU", 1.0),
+        resources.get("GPU", 0.0),
+        resources.get("memory", 0.0) / 2**20,
     )
     size = block_size or max(
         1, min(MAX_BLOCK, math.ceil(len(rows) / (BLOCKS_PER_WORKER * cpu_plan.size)))

@@ -49,6 +49,7 @@ from curation.sink import (
 )
 from curation.sources import list_inputs
 from curation.stages.base import Resources, Row, Stage, check_required
+from curation.weights import WORKER_BASE_MB
 
 PACK_THREADS = 4  # packing copies files: threads, on the driver
 
@@ -154,8 +155,8 @@ def _clip_stages(cfg: CurationConfig, skipped: dict[str, str]) -> list[Stage]:
         stage.store_embedding = cfg.dedup.embedding  # type: ignore[attr-defined]
     if len(out) == 2 and both:
         # the watermark stage reads the aesthetic stage's embeddings: it never runs CLIP, so
-        # it asks for no GPU
-        out[1].resources = Resources(cpus=out[1].resources.cpus)  # type: ignore[misc]
+        # it asks for no GPU and holds no CLIP model
+        out[1].resources = Resources(out[1].resources.cpus, memory_mb=WORKER_BASE_MB)  # type: ignore[misc]
     return out
 
 

@@ -53,6 +53,22 @@ _HF_HINTS = {
 }
 
 
+# A model worker's process without its weights (Python, Ray's worker, the libraries, buffers):
+# P1's OCR actors (5 MB of weights) peaked at 380-460 MB (PSS).
+WORKER_BASE_MB = 500
+
+
+def memory_estimate_mb(path: Path | str | None) -> int:
+    """What one model worker holds: its weights' size on disk (a file, or a directory's files)
+    plus ``WORKER_BASE_MB``; for the planner (``curation.adapter.plan_workers``), not a limit."""
+    p = Path(path) if path is not None else None
+    if p is not None and p.is_dir():
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    else:
+        size = p.stat().st_size if p is not None and p.is_file() else 0
+    return WORKER_BASE_MB + size // 2**20
+
+
 def clip_relatives(arch: str) -> list[str]:
     return [f"open_clip/{arch}{suffix}" for suffix in CLIP_SUFFIXES]
 

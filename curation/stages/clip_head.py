@@ -15,6 +15,7 @@ error and stops the run. On a GPU worker (``device`` is ``cuda``) CLIP runs ther
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +24,7 @@ import numpy as np
 from catalog.schema import EDIT_KINDS
 from curation.clip import ClipEmbedder, ClipSpec, share_embeddings, shared_embeddings
 from curation.media import as_frames
+from curation.weights import memory_estimate_mb
 
 from .base import LocalWeights, Resources, Row, SampleError, Stage, mark_error
 
@@ -123,6 +125,8 @@ class ClipHeadStage(Stage):
         self.batch_size = batch_size  # type: ignore[misc]  # per-config batch size
         self.embedder = ClipEmbedder(clip)
         self.head: Any = None
+        mb = memory_estimate_mb(clip.weights)  # the head is small next to the CLIP model
+        self.resources = replace(type(self).resources, memory_mb=mb)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

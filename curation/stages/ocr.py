@@ -41,6 +41,7 @@ import numpy as np
 
 from curation.config import OcrConfig
 from curation.media import FRAME_MAX_SIDE, as_frames
+from curation.weights import WORKER_BASE_MB, memory_estimate_mb
 
 from .base import LocalWeights, MissingWeights, Resources, Row, SampleError, Stage
 
@@ -234,7 +235,7 @@ class OcrStage(Stage):
 
     name = "ocr"
     reads_frames = True
-    resources = Resources(cpus=0.5)
+    resources = Resources(cpus=0.5, memory_mb=WORKER_BASE_MB)  # its det model is 5 MB
     batch_size = 8
     uses_model = True
 
@@ -242,9 +243,12 @@ class OcrStage(Stage):
         self.engine = cfg.engine
         self.model_dir = cfg.model_dir
         self._detector: Any = None
-        if self.engine == "rapidocr" and onnx_cuda_available():
+        if self.engine == "paddleocr":
+            mb = memory_estimate_mb(self.model_dir)
+            self.resources = Resources(cpus=0.5, memory_mb=mb)  # type: ignore[misc]
+        elif onnx_cuda_available():
             # a GPU when the cluster has one (onnxruntime-gpu installed); CPU otherwise
-            self.resources = Resources(cpus=0.5, gpus=0.25)  # type: ignore[misc]
+            self.resources = Resources(cpus=0.5, gpus=0.25, memory_mb=WORKER_BASE_MB)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -47,6 +47,7 @@ from curation.captioners import (
 from curation.config import RecaptionConfig
 from curation.media import as_frames, fit_max_side
 from curation.stages.base import LocalWeights, Resources, Row, SampleError, Stage, mark_error
+from curation.weights import memory_estimate_mb
 
 VIDEO_PROMPT = (
     "You write captions for a text-to-video training set. The images are frames of one video "
@@ -184,8 +185,8 @@ class RecaptionStage(Stage):
             self.concurrency = 1
             self.batch_size = 4
             n_gpus = float(opt(gpus, "gpus", 0.0))
-            if n_gpus:
-                self.resources = Resources(cpus=type(self).resources.cpus, gpus=n_gpus)
+            mb = memory_estimate_mb(cfg.model_dir)
+            self.resources = Resources(cpus=type(self).resources.cpus, gpus=n_gpus, memory_mb=mb)
         self.view = f"frames={self.max_frames},side={self.image_max_side}"
         self._engine: OpenAIBackend | TransformersBackend | None = None
         self._pool: ThreadPoolExecutor | None = None

@@ -22,6 +22,7 @@ from curation.config import CurationConfig
 from curation.pipeline import build_stages
 from curation.sink import BlockSink
 from curation.stages.base import Resources, Row, SampleError, Stage
+from curation.weights import WORKER_BASE_MB, memory_estimate_mb
 
 
 class CountingStage(Stage):
@@ -70,6 +71,38 @@ def test_workers_fit_the_cluster(cpus):
     assert cpu.size * cpu.cpus + taken <= cpus + 1e-9  # everything is schedulable at once
     assert cpu.size >= max(1, round(cpus - taken) - 1)  # and the CPUs are used
     assert all(p.gpus == 0 for p in pools.values())
+
+
+class BigModel(Model):
+    name: ClassVar[str] = "big"
+    resources: ClassVar[Resources] = Resources(cpus=0.5, memory_mb=4000)
+
+
+def test_cpu_model_stages_get_an_actor_per_cpu_as_far_as_their_memory_fits():
+    _, pools = plan_workers([Model(), BigModel()], 2.0, cluster_memory_mb=20_000)
+    assert pools["model"].size == 2 and pools["big"].size == 2
+    # 16 CPUs: 16 actors of each would hold 64 GB; half of 20 GB holds 2 of each (4000 + 0 MB)
+    _, pools = plan_workers([Model(), BigModel()], 16.0, cluster_memory_mb=20_000)
+    assert pools["model"].size == 2 and pools["big"].size == 2
+    _, pools = plan_workers([BigModel()], 16.0, cluster_memory_mb=1000)
+    assert pools["big"].size == 1  # never none
+    _, pools = plan_workers([BigModel()], 16.0)  # memory unknown: CPUs decide
+    assert pools["big"].size == 16
+
+
+def test_a_model_workers_memory_is_estimated_from_its_weights(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.safetensors").write_bytes(b"0" * 3 * 2**20)
+    (tmp_path / "model" / "b.bin").write_bytes(b"0" * 2 * 2**20)
+    assert memory_estimate_mb(tmp_path / "model" / "a.safetensors") == WORKER_BASE_MB + 3
+    assert memory_estimate_mb(tmp_path / "model") == WORKER_BASE_MB + 5
+    assert memory_estimate_mb(tmp_path / "absent") == WORKER_BASE_MB
+
+
+def test_the_default_model_stages_state_their_memory():
+    stages, _ = build_stages(load_config(CurationConfig, None, []))
+    models = [s for s in stages if s.uses_model]
+    assert models and all(s.resources.memory_mb >= WORKER_BASE_MB for s in models)
 
 
 def test_model_stages_get_the_gpus_when_there_are_some():
