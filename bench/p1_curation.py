@@ -25,7 +25,10 @@ shipped model) in its actor pool.
   (PyAV, one process per worker): scene detection has to look at every frame, so no pipeline
   that splits scenes can go faster. Its time includes starting its pool (spawn; the workers
   import PyAV and NumPy), as the other figures include their workers' start; the same decode
-  on an already started pool is in the row's note.
+  on an already started pool is in the row's note, and so is that decode converting to RGB
+  on one swscale thread (``to_ndarray`` uses swscale's default, a thread per CPU, which costs
+  more than it saves while the other worker keeps the other CPU busy; ours converts on one
+  thread, ``curation.media.SWS_THREADS``).
 - peak memory: the summed PSS of ours' process tree (driver, Ray, every worker) during the
   112-clip full pipeline's warm-up run, sampled every 0.25 s (the sampler's own CPU would slow
   a timed run; without a warm-up, during the timed runs).
@@ -87,6 +90,10 @@ def run(ctx: Context) -> list[Row]:
     try:
         t_warm = ctx.time(lambda: decode_only(paths, 2, warm), label="decode-only, warm pool")
         t_warm_large = ctx.time(lambda: decode_only(big, 2, warm), label="decode-only, warm, large")
+        t_one = ctx.time(lambda: decode_only(paths, 2, warm, 1), label="decode-only, warm, 1 thr")
+        t_one_large = ctx.time(
+            lambda: decode_only(big, 2, warm, 1), label="decode-only, warm, 1 thr, large"
+        )
     finally:
         warm.terminate()
         warm.join()
@@ -99,6 +106,8 @@ def run(ctx: Context) -> list[Row]:
         "decode_only_large": t_decode_large.to_dict(),
         "decode_only_warm": t_warm.to_dict(),
         "decode_only_warm_large": t_warm_large.to_dict(),
+        "decode_only_warm_one_thread": t_one.to_dict(),
+        "decode_only_warm_one_thread_large": t_one_large.to_dict(),
         **ours,
     }
     missing = {"error": "no result from the ours subprocess"}
@@ -138,8 +147,11 @@ def run(ctx: Context) -> list[Row]:
             error=None if peak else "no memory figure from the ours subprocess",
         )
     )
-    cheap = (("small", t_decode, t_warm, 1), ("large", t_decode_large, t_warm_large, copies))
-    for which, base, warm_base, n_copies in cheap:
+    cheap = (
+        ("small", t_decode, t_warm, t_one, 1),
+        ("large", t_decode_large, t_warm_large, t_one_large, copies),
+    )
+    for which, base, warm_base, one_base, n_copies in cheap:
         rows.append(
             _row(
                 f"cheap filters, 2w, {n * n_copies} clips: video-s/s",
@@ -150,9 +162,11 @@ def run(ctx: Context) -> list[Row]:
                 secs * n_copies,
                 secs * n_copies,
                 unit="video-s/s",
-                note=lambda t, b, w=warm_base.median: (
+                note=lambda t, b, w=warm_base.median, o=one_base.median: (
                     "probe + split + frames + select on the engine, real sink; "
-                    f"vs decode-only on a started pool ({w:.2f} s): {w / t:.2f}x"
+                    f"vs decode-only on a started pool ({w:.2f} s): {w / t:.2f}x; "
+                    f"the same converting on one swscale thread, as ours does ({o:.2f} s): "
+                    f"{o / t:.2f}x"
                 ),
             )
         )

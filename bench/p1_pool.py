@@ -6,6 +6,7 @@ the limit for cheap filters. What is measured and why: ``bench.p1_curation``.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,21 @@ def _noop(_: Any) -> None:
     return None
 
 
-def _decode_all(path: str) -> int:
+def _decode_all(path: str, threads: int | None = None) -> int:
+    """Decode every frame to RGB: PyAV's ``to_ndarray`` (swscale on its default threads, one
+    per CPU: what a script writes), or on ``threads`` swscale threads as our stages convert."""
     import av
+    from av.video.reformatter import VideoReformatter
 
     n = 0
+    reformatter = VideoReformatter()
     with av.open(path) as container:
         stream = container.streams.video[0]
         for frame in container.decode(stream):
-            frame.to_ndarray(format="rgb24")
+            if threads is None:
+                frame.to_ndarray(format="rgb24")
+            else:
+                reformatter.reformat(frame, format="rgb24", threads=threads).to_ndarray()
             n += 1
     return n
 
@@ -91,14 +99,16 @@ def decode_pool(workers: int):
     return mp.get_context("spawn").Pool(workers, initializer=_decode_init)
 
 
-def decode_only(paths: list[str], workers: int, pool=None) -> int:
+def decode_only(paths: list[str], workers: int, pool=None, threads: int | None = None) -> int:
     """Decode every frame of ``paths`` to RGB on a Pool: a new one (its start counted, as the
-    full baseline's and ours' are), or ``pool`` when given (already started: the warm limit)."""
+    full baseline's and ours' are), or ``pool`` when given (already started: the warm limit);
+    ``threads``: see ``_decode_all``."""
+    fn = functools.partial(_decode_all, threads=threads)
     if pool is not None:
-        return sum(pool.map(_decode_all, paths, chunksize=1))
+        return sum(pool.map(fn, paths, chunksize=1))
     pool = decode_pool(workers)
     try:
-        return sum(pool.map(_decode_all, paths, chunksize=1))
+        return sum(pool.map(fn, paths, chunksize=1))
     finally:
         pool.terminate()
         pool.join()

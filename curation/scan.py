@@ -5,10 +5,10 @@ every clip; decoding the video twice (once for the detector, once more to seek t
 samples) cost more than the decoding itself. ``scan_video`` decodes each video once,
 sequentially, with PyAV:
 
-- **cuts.** Each frame is scaled to ``DETECT_WIDTH`` pixels wide (swscale, in the decoder's
-  own pixel format, then converted to BGR) and scored as PySceneDetect's ``ContentDetector``
-  scores it: the mean absolute difference of hue, saturation and value to the previous
-  frame, averaged over the three. ``ContentScore`` computes that number with OpenCV
+- **cuts.** Each frame is scaled to ``DETECT_WIDTH`` pixels wide (swscale on one thread, in
+  the decoder's own pixel format, then converted to BGR) and scored as PySceneDetect's
+  ``ContentDetector`` scores it: the mean absolute difference of hue, saturation and value to
+  the previous frame, averaged over the three. ``ContentScore`` computes that number with OpenCV
   (``absdiff`` + ``mean`` on uint8) instead of int32 numpy arrays (the same number in a third
   of the time; a test checks that the cut lists are equal), and PySceneDetect's own
   ``FlashFilter`` (merge mode, ``MIN_SCENE_LEN`` frames) turns scores over the threshold into
@@ -46,6 +46,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 from scenedetect import FrameTimecode
 from scenedetect.detector import FlashFilter
 
+from curation.media import SWS_THREADS, to_rgb
 from curation.transitions import GradualDetector, Transition
 
 if TYPE_CHECKING:
@@ -170,7 +171,8 @@ class _Clips:
         self.kept: dict[int, av.VideoFrame] = {}
         self.kept_bytes = 0
         self.overflow = False  # the open clip's frames passed MAX_KEPT_BYTES: not sampled
-        self.reformatter = VideoReformatter()
+        self.reformatter = VideoReformatter()  # kept frames to sample size
+        self.rgb = VideoReformatter()  # sampled frames to RGB
 
     def keep(self, index: int, frame: av.VideoFrame) -> av.VideoFrame:
         """Keep frame ``index`` for sampling; returns it as kept (scaled down when larger)."""
@@ -195,7 +197,7 @@ class _Clips:
             return frame
         size = (max(1, round(frame.width * scale)), max(1, round(frame.height * scale)))
         return self.reformatter.reformat(
-            frame, width=size[0], height=size[1], interpolation=Interpolation.AREA
+            frame, size[0], size[1], interpolation=Interpolation.AREA, threads=SWS_THREADS
         )
 
     def _drop_before(self, index: int) -> None:
@@ -273,7 +275,7 @@ class _Clips:
             return
         frames = []
         for i in wanted:
-            rgb = rotate_to_display(self.kept[i].to_ndarray(format="rgb24"), s.rotation)
+            rgb = rotate_to_display(to_rgb(self.kept[i], self.rgb), s.rotation)
             frames.append(np.ascontiguousarray(to_display(rgb, s.display, s.max_side)))
         self.scan.samples[(start, end)] = (frames, wanted)
 
@@ -329,8 +331,10 @@ def scan_video(
             # swscale call tints near-black pixels, and hue and saturation amplify any tint.
             width = min(kept.width, DETECT_WIDTH)
             height = max(2, round(kept.height * width / kept.width))
-            small = scale.reformat(kept, width, height, interpolation=Interpolation.AREA)
-            bgr = convert.reformat(small, format="bgr24").to_ndarray()
+            small = scale.reformat(
+                kept, width, height, interpolation=Interpolation.AREA, threads=SWS_THREADS
+            )
+            bgr = convert.reformat(small, format="bgr24", threads=SWS_THREADS).to_ndarray()
             if learned is not None:
                 found(learned(index, bgr))
             else:

@@ -23,11 +23,12 @@ from typing import Any, ClassVar
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from catalog.shards import bucket_name
 from curation.config import ShardConfig
-from curation.media import local_path
+from curation.media import local_path, to_rgb
 from curation.stages.base import Resources, Row, Stage, mark_error
 
 IMAGE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -56,6 +57,7 @@ def encode_clip(
     start, end = span if span is not None else (0.0, float("inf"))
     buf = io.BytesIO()
     written = 0
+    reformatter = VideoReformatter()
     with av.open(local_path(uri)) as src:
         vs = src.streams.video[0]
         rate = vs.average_rate or vs.guessed_rate or Fraction(24)
@@ -80,7 +82,7 @@ def encode_clip(
                     continue
                 if t >= end - 1e-6:
                     break
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = to_rgb(frame, reformatter)
                 if rotation:
                     rgb = np.rot90(rgb, k=rotation // 90)
                 rgb = cv2.resize(

@@ -34,10 +34,11 @@ from typing import ClassVar
 import av
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageOps
 
 from curation.config import FramesConfig, ProbeConfig
-from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path, thumbnail
+from curation.media import FRAME_MAX_SIDE, fit_max_side, local_path, thumbnail, to_rgb
 from curation.probing import probe_file, random_access_ok
 from curation.stages.base import Resources, Row, SampleError, Stage
 
@@ -175,6 +176,7 @@ def _pyav_frames(
     want = set(wanted)
     found: dict[int, np.ndarray] = {}
     index = -1
+    reformatter = VideoReformatter()
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -199,7 +201,7 @@ def _pyav_frames(
                 if seek and frame.is_corrupt:
                     logger.info("broken random access in %s: decoding from the start", path)
                     return _pyav_frames(path, wanted, fps, seek=False)
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = to_rgb(frame, reformatter)
                 found[index] = rotate_to_display(rgb, frame.rotation or 0)
             if index >= wanted[-1]:
                 break

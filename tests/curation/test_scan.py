@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import av
@@ -13,6 +14,7 @@ from scenedetect import ContentDetector, FrameTimecode
 
 import curation.scan as scan_mod
 from curation.config import CurationConfig
+from curation.media import SWS_THREADS, to_rgb
 from curation.scan import ContentScore, Sampling, scan_video
 from curation.stages.frames import FrameSampleStage, frame_indices
 from curation.stages.probe import ProbeStage
@@ -75,6 +77,23 @@ def test_content_score_gives_pyscenedetects_cuts(corpus):
             assert got == expected, (threshold, got, expected)
             found_any += bool(got)
     assert found_any >= 4
+
+
+def test_one_thread_conversions_give_the_default_pixels():
+    """swscale on ``SWS_THREADS`` (one) converts and scales to the same pixels as with its
+    default (a thread per CPU): the detection frames, the kept frames, ``to_rgb``."""
+    for name in ("counter.mp4", "fades.mp4"):  # 1920x1080 h264, 480x320 mpeg4
+        with av.open(str(DATA / name)) as container:
+            frames = list(itertools.islice(container.decode(video=0), 12))
+        one, default, rgb = VideoReformatter(), VideoReformatter(), VideoReformatter()
+        for f in frames:
+            assert np.array_equal(to_rgb(f, rgb), f.to_ndarray(format="rgb24"))
+            for size, fmt in (((256, 144), "bgr24"), ((f.width // 3 * 2, f.height // 4 * 2), None)):
+                a = one.reformat(f, *size, interpolation=Interpolation.AREA, threads=SWS_THREADS)
+                b = default.reformat(f, *size, interpolation=Interpolation.AREA)
+                if fmt:
+                    a, b = a.reformat(format=fmt, threads=1), b.reformat(format=fmt)
+                assert np.array_equal(a.to_ndarray(), b.to_ndarray()), (name, size)
 
 
 def test_clips_and_frames_equal_the_two_pass_result(corpus):
