@@ -21,8 +21,8 @@ from av.video.reformatter import VideoReformatter
 FRAME_MAX_SIDE = 640  # sampled frames are downscaled so the longer side is at most this
 # swscale (PyAV's reformat) works on this many threads. Its default, one per CPU, costs more
 # than it saves on frames of these sizes while the other workers keep every CPU busy: on
-# 2 CPUs a 256x144 frame to BGR takes 75 us with it and 15 us on one thread, a 480x270 area
-# downscale 50-100 us and 40; the pixels are the same.
+# 2 CPUs a 256x144 frame to BGR takes 75 us with it and 15 us on one thread, the area
+# downscale of a 480x270 frame to 256x144 50-100 us and 40; the pixels are the same.
 SWS_THREADS = 1
 
 

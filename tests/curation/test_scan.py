@@ -92,7 +92,7 @@ def test_one_thread_conversions_give_the_default_pixels():
                 a = one.reformat(f, *size, interpolation=Interpolation.AREA, threads=SWS_THREADS)
                 b = default.reformat(f, *size, interpolation=Interpolation.AREA)
                 if fmt:
-                    a, b = a.reformat(format=fmt, threads=1), b.reformat(format=fmt)
+                    a, b = a.reformat(format=fmt, threads=SWS_THREADS), b.reformat(format=fmt)
                 assert np.array_equal(a.to_ndarray(), b.to_ndarray()), (name, size)
 
 
