@@ -51,13 +51,12 @@ def test_the_registry_keeps_the_first_and_names_the_closest():
     assert registry.claim([("f", "image", [flip(BASE, [1, 2, 3, 4, 5])])])["f"].kept == "e"
 
 
-def named(root: Path, stem: str, suffix: str, first: bool, others: list[str]) -> Path:
-    """A file name whose key (inputs run in key order) comes before (``first``) or after
-    every key of ``others``."""
-    for i in range(1000):
+def named(root: Path, stem: str, suffix: str, fits) -> Path:
+    """A file name in ``root`` whose key (inputs run in key order) ``fits``. Keys hash the
+    whole path, so a name is searched for under each test's own folder."""
+    for i in range(10_000):
         path = root / f"{stem}_{i}{suffix}"
-        key = make_key(str(path))
-        if (key < min(others)) if first else (key > max(others)):
+        if fits(make_key(str(path))):
             return path
     raise AssertionError("no such name")
 
@@ -71,13 +70,15 @@ def corpus(tmp_path) -> tuple[Path, Path, Path]:
     rng = np.random.default_rng(0)
     for i in range(10):  # distinct pictures: smoothed noise, a pHash far from every other
         noise = cv2.GaussianBlur(rng.integers(0, 256, (160, 200, 3), np.uint8), (9, 9), 0)
-        cv2.imwrite(str(root / f"m_{i:02d}.png"), noise)
+        # keys inside 1... to e...: a name before or after all of them is 1 in 16 to find
+        middle = named(root, f"m_{i:02d}", ".png", lambda k: "1" <= k[0] <= "e")
+        cv2.imwrite(str(middle), noise)
     keys = [make_key(str(p)) for p in root.iterdir()]
-    original = named(root, "coffee", ".png", True, keys)
+    original = named(root, "coffee", ".png", lambda k: k < min(keys))
     shutil.copy(DATA / "coffee.png", original)
     image = cv2.imread(str(DATA / "coffee.png"))
     small = cv2.resize(image, (image.shape[1] * 3 // 4, image.shape[0] * 3 // 4))
-    copy = named(root, "copy", ".jpg", False, keys)
+    copy = named(root, "copy", ".jpg", lambda k: k > max(keys))
     cv2.imwrite(str(copy), small, [cv2.IMWRITE_JPEG_QUALITY, 60])
     return root, original, copy
 
