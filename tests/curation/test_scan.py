@@ -9,16 +9,19 @@ import av
 import cv2
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
+from edits import FPS, dip, dissolve, real_shots
 from helpers import input_row, mean_diff, reference_frames, write_rotated_video
 from scenedetect import ContentDetector, FrameTimecode
 
 import curation.scan as scan_mod
 from curation.config import CurationConfig
 from curation.media import SWS_THREADS, to_rgb
+from curation.sample_data.videos import encode_video
 from curation.scan import ContentScore, Sampling, scan_video
 from curation.stages.frames import FrameSampleStage, frame_indices
 from curation.stages.probe import ProbeStage
 from curation.stages.split import SceneSplitStage, scene_bounds, stride_frames
+from curation.transitions import GradualDetector
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CFG = CurationConfig()
@@ -47,9 +50,8 @@ def detection_frames(path) -> list[np.ndarray]:
     with av.open(str(path)) as container:
         for f in container.decode(video=0):
             w = min(f.width, scan_mod.DETECT_WIDTH)
-            small = scale.reformat(
-                f, w, max(2, round(f.height * w / f.width)), interpolation=Interpolation.AREA
-            )
+            h = max(2, 2 * round(f.height * w / f.width / 2))
+            small = scale.reformat(f, w, h, interpolation=Interpolation.AREA)
             out.append(convert.reformat(small, format="bgr24").to_ndarray())
     return out
 
@@ -150,6 +152,38 @@ def test_strides_and_cuts_every_clip_sampled(corpus):
                 assert mean_diff(f, ref[i]) == 0.0
         clips = clips_of(row, cfg)
         assert all("frames" in c for c in clips) and len(clips) == len(bounds)
+
+
+def test_batches_give_what_frame_by_frame_gives(tmp_path, monkeypatch):
+    """Frames scanned ``BATCH`` at a time: the same cuts, transitions, clips and samples as one
+    at a time, whatever the batch size (a dissolve and a dip to black between real shots, on a
+    3:2 frame whose detection height is rounded to even, 256x171 -> 256x170)."""
+    cockatoo, realshort = real_shots()
+    frames = dissolve(cockatoo, realshort, 60, 20, tail=40) + dip(realshort, cockatoo, 10, 16)
+    frames = [cv2.resize(f, (300, 200), interpolation=cv2.INTER_AREA) for f in frames]
+    path = tmp_path / "edits.mp4"
+    encode_video(path, iter(frames), 300, 200, FPS)
+    results = []
+    for batch in (1, 5, scan_mod.BATCH):
+        monkeypatch.setattr(scan_mod, "BATCH", batch)
+        scan = scan_video(
+            str(path), FPS, len(frames), CFG.split.threshold, 3 * FPS,
+            Sampling(N, 640, (300, 200)), GradualDetector(FPS),
+        )  # fmt: skip
+        results.append(scan)
+    first = results[0]
+    assert [t.kind for t in first.transitions] == ["dissolve", "fade"], first.transitions
+    assert first.frames_read == len(frames) and len(first.samples) == len(first.clips)
+    for scan in results[1:]:
+        assert (scan.cuts, scan.transitions, scan.clips) == (
+            first.cuts, first.transitions, first.clips,
+        )  # fmt: skip
+        assert scan.frames_read == first.frames_read
+        assert scan.samples.keys() == first.samples.keys()
+        for bounds, (got, wanted) in scan.samples.items():
+            assert wanted == first.samples[bounds][1]
+            for f, g in zip(got, first.samples[bounds][0], strict=True):
+                assert np.array_equal(f, g)
 
 
 def test_large_frames_are_scaled_before_they_are_kept():

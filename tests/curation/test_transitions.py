@@ -36,7 +36,7 @@ def detect(frames: list[np.ndarray], tmp_path: Path, fps: int = FPS) -> list[Tra
     with av.open(str(path)) as c:
         for i, frame in enumerate(c.decode(video=0)):
             w = min(frame.width, DETECT_WIDTH)
-            small = frame.reformat(w, max(2, round(frame.height * w / frame.width)))
+            small = frame.reformat(w, max(2, 2 * round(frame.height * w / frame.width / 2)))
             found += detector(i, small.to_ndarray(format="bgr24"))
     return found + detector.finish()
 
