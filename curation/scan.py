@@ -61,7 +61,7 @@ MIN_SCENE_LEN = 15  # frames: PySceneDetect's ContentDetector default
 MAX_KEPT_BYTES = 192 * 1024 * 1024  # decoded frames kept per video while its clip is open
 # Frames decoded before they are scored: each kind of work then runs on a batch in a row, with
 # its code and data still in the CPU's caches (decoding one frame evicts them). On the 14-clip
-# bench set (320x180 to 480x270) 8 frames took the scan's own work from ~340 to ~240 us a frame.
+# bench set (320x180 to 480x270) 8 frames took the scan's own work from ~340 to ~250 us a frame.
 BATCH = 8
 
 
