@@ -349,14 +349,14 @@ def scan_video(
             # frames are kept and the clips told what was found.
             first = index + 1
             kept = [clips.shrink(frame) for frame in batch]  # scaled to the sample size
-            del batch  # full-size frames: let each go once it is scaled down
+            del batch  # the full-size frames (unless kept as they are)
             bgrs = [detection_frame(k) for k in kept]
-            none: list[list] = [[] for _ in bgrs]
+            nothing: list[list] = [[] for _ in bgrs]
             if learned is not None:
-                cuts, events = none, [learned(first + i, bgr) for i, bgr in enumerate(bgrs)]
+                cuts, events = nothing, [learned(first + i, bgr) for i, bgr in enumerate(bgrs)]
             else:
                 cuts = [detector(first + i, bgr) for i, bgr in enumerate(bgrs)]
-                events = none
+                events = nothing
                 if gradual is not None:
                     events = [gradual(first + i, bgr) for i, bgr in enumerate(bgrs)]
             for i, frame in enumerate(kept):
