@@ -3,11 +3,12 @@
 Scene split has to look at every frame of a video, and frame sampling needs a few frames of
 every clip; decoding the video twice (once for the detector, once more to seek to the
 samples) cost more than the decoding itself. ``scan_video`` decodes each video once,
-sequentially, with PyAV, ``BATCH`` frames at a time (each kind of work below then runs over
-the batch in a row; the frames are kept and the clips closed in frame order, as if one by one):
+sequentially, with PyAV, ``BATCH`` frames at a time (the scaling, the content score and the
+gradual detector each run over the batch in a row; then the frames are kept and the clips
+closed in frame order, as if one by one):
 
-- **cuts.** Each frame is scaled to ``DETECT_WIDTH`` pixels wide (swscale on one thread, in
-  the decoder's own pixel format, then converted to BGR) and scored as PySceneDetect's
+- **cuts.** Each frame is scaled to ``detection_size`` (``DETECT_WIDTH`` wide; swscale on one
+  thread, in the decoder's own pixel format, then converted to BGR) and scored as PySceneDetect's
   ``ContentDetector`` scores it: the mean absolute difference of hue, saturation and value to
   the previous frame, averaged over the three. ``ContentScore`` computes that number with OpenCV
   (``absdiff`` + ``mean`` on uint8) instead of int32 numpy arrays (the same number in a third
@@ -61,8 +62,17 @@ MIN_SCENE_LEN = 15  # frames: PySceneDetect's ContentDetector default
 MAX_KEPT_BYTES = 192 * 1024 * 1024  # decoded frames kept per video while its clip is open
 # Frames decoded before they are scored: each kind of work then runs on a batch in a row, with
 # its code and data still in the CPU's caches (decoding one frame evicts them). On the 14-clip
-# bench set (320x180 to 480x270) 8 frames took the scan's own work from ~340 to ~250 us a frame.
+# bench set (mostly 320x180 to 480x270) 8 frames took the scan's own work from ~340 to ~250 us
+# a frame.
 BATCH = 8
+
+
+def detection_size(width: int, height: int) -> tuple[int, int]:
+    """The size a frame is scored at: ``DETECT_WIDTH`` wide at most, its aspect kept, an even
+    height (swscale converts 4:2:0 to BGR on its fast path only then: 256x171, a 3:2 frame's,
+    took 138 us against 56 at 256x170; 256x455, 9:16, 397 against 155 at 256x454)."""
+    w = min(width, DETECT_WIDTH)
+    return w, max(2, 2 * round(height * w / width / 2))
 
 
 class ContentScore:
@@ -330,10 +340,7 @@ def scan_video(
     def detection_frame(kept: av.VideoFrame) -> np.ndarray:
         # Scaled in its own pixel format, then converted: scaling and converting in one
         # swscale call tints near-black pixels, and hue and saturation amplify any tint.
-        # An even height: swscale converts 4:2:0 to BGR on its fast path only then (256x171,
-        # a 3:2 frame's, took 138 us against 56 at 256x170; 256x455, 9:16, 397 against 155).
-        width = min(kept.width, DETECT_WIDTH)
-        height = max(2, 2 * round(kept.height * width / kept.width / 2))
+        width, height = detection_size(kept.width, kept.height)
         small = scale.reformat(
             kept, width, height, interpolation=Interpolation.AREA, threads=SWS_THREADS
         )

@@ -49,8 +49,7 @@ def detection_frames(path) -> list[np.ndarray]:
     scale, convert, out = VideoReformatter(), VideoReformatter(), []
     with av.open(str(path)) as container:
         for f in container.decode(video=0):
-            w = min(f.width, scan_mod.DETECT_WIDTH)
-            h = max(2, 2 * round(f.height * w / f.width / 2))
+            w, h = scan_mod.detection_size(f.width, f.height)
             small = scale.reformat(f, w, h, interpolation=Interpolation.AREA)
             out.append(convert.reformat(small, format="bgr24").to_ndarray())
     return out

@@ -16,7 +16,7 @@ import pytest
 from edits import FPS, H, W, decoded, dip, dissolve, fit, real_shots
 
 from curation.sample_data.videos import encode_video
-from curation.scan import DETECT_WIDTH
+from curation.scan import detection_size
 from curation.transitions import GradualDetector, Transition
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -35,8 +35,7 @@ def detect(frames: list[np.ndarray], tmp_path: Path, fps: int = FPS) -> list[Tra
     found: list[Transition] = []
     with av.open(str(path)) as c:
         for i, frame in enumerate(c.decode(video=0)):
-            w = min(frame.width, DETECT_WIDTH)
-            small = frame.reformat(w, max(2, 2 * round(frame.height * w / frame.width / 2)))
+            small = frame.reformat(*detection_size(frame.width, frame.height))
             found += detector(i, small.to_ndarray(format="bgr24"))
     return found + detector.finish()
 
