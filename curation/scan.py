@@ -3,8 +3,8 @@
 Scene split has to look at every frame of a video, and frame sampling needs a few frames of
 every clip; decoding the video twice (once for the detector, once more to seek to the
 samples) cost more than the decoding itself. ``scan_video`` decodes each video once,
-sequentially, with PyAV, ``BATCH`` frames at a time (the scaling, the content score and the
-gradual detector each run over the batch in a row; then the frames are kept and the clips
+sequentially, with PyAV, ``batch_size`` frames at a time (the scaling, the content score and
+the gradual detector each run over the batch in a row; then the frames are kept and the clips
 closed in frame order, as if one by one):
 
 - **cuts.** Each frame is scaled to ``detection_size`` (``DETECT_WIDTH`` wide; swscale on one
@@ -63,8 +63,18 @@ MAX_KEPT_BYTES = 192 * 1024 * 1024  # decoded frames kept per video while its cl
 # Frames decoded before they are scored: each kind of work then runs on a batch in a row, with
 # its code and data still in the CPU's caches (decoding one frame evicts them). On the 14-clip
 # bench set (mostly 320x180 to 480x270) 8 frames took the scan's own work from ~340 to ~250 us
-# a frame.
+# a frame. Large frames come fewer at a time (``BATCH_BYTES``): batches of 8 3840x2160 frames
+# took a scanning process's peak 70-170 MB higher than batches of 1 (with and without samples)
+# and were slower (0.42 s against 0.35 s for 60 frames); 1920x1080 was as fast in 2 as in 8.
 BATCH = 8
+BATCH_BYTES = 8 * 1024 * 1024
+
+
+def batch_size(width: int, height: int) -> int:
+    """Frames decoded before they are scored: ``BATCH``, fewer where these would pass
+    ``BATCH_BYTES`` (a frame counted as 8-bit 4:2:0, 1.5 bytes a pixel): 1280x720 6,
+    1920x1080 2, 3840x2160 1."""
+    return max(1, min(BATCH, BATCH_BYTES // max(1, width * height * 3 // 2)))
 
 
 def detection_size(width: int, height: int) -> tuple[int, int]:
@@ -350,7 +360,8 @@ def scan_video(
     with av.open(path) as container:
         stream = container.streams.video[0]
         decoded = islice(container.decode(stream), total)  # frames past ``total``: not read
-        for batch in iter(lambda: list(islice(decoded, BATCH)), []):
+        size = batch_size(stream.codec_context.width, stream.codec_context.height)
+        for batch in iter(lambda: list(islice(decoded, size)), []):
             # Each pass over the batch runs one kind of work (swscale, the content score, the
             # gradual detector) on its frames in a row; frame by frame, then, in order, the
             # frames are kept and the clips told what was found.

@@ -185,6 +185,35 @@ def test_batches_give_what_frame_by_frame_gives(tmp_path, monkeypatch):
                 assert np.array_equal(f, g)
 
 
+def test_large_frames_come_fewer_at_a_time(monkeypatch):
+    """A batch holds at most ``BATCH_BYTES`` of decoded frames (4K comes one at a time); the
+    1080p fixture, scanned two frames at a time, gives what one at a time gives."""
+    sizes = [(480, 270), (1280, 720), (1920, 1080), (3840, 2160), (0, 0)]
+    assert [scan_mod.batch_size(w, h) for w, h in sizes] == [8, 6, 2, 1, 8]
+    row = probed(DATA / "counter.mp4")
+    asked = []
+    batch_size = scan_mod.batch_size
+    monkeypatch.setattr(
+        scan_mod, "batch_size", lambda w, h: asked.append((w, h)) or batch_size(w, h)
+    )
+    results = []
+    for batch in (scan_mod.BATCH, 1):
+        monkeypatch.setattr(scan_mod, "BATCH", batch)
+        results.append(scan_video(
+            str(DATA / "counter.mp4"), row["fps"], row["num_frames"], CFG.split.threshold,
+            3 * round(row["fps"]), Sampling(N, 640, (1920, 1080)), GradualDetector(row["fps"]),
+        ))  # fmt: skip
+    assert asked == [(1920, 1080)] * 2
+    two, one = results
+    assert (two.cuts, two.transitions, two.clips, two.frames_read) == (
+        one.cuts, one.transitions, one.clips, one.frames_read,
+    )  # fmt: skip
+    assert two.samples.keys() == one.samples.keys() and two.samples
+    for bounds, (got, _) in two.samples.items():
+        for f, g in zip(got, one.samples[bounds][0], strict=True):
+            assert np.array_equal(f, g)
+
+
 def test_large_frames_are_scaled_before_they_are_kept():
     """1080p footage: frames are kept at the sample size (not 1920x1080) and still match."""
     row = probed(DATA / "counter.mp4")
