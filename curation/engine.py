@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.secrets import ray_auth
+from core.cluster import init_ray
 from curation.adapter import (
     ACTOR_RETRIES,
     Pool,
@@ -378,13 +378,8 @@ def run_blocks(
 
 def connect_ray(address: str | None, verbose: bool = False) -> None:
     """A local Ray (or the cluster at ``address``); Ray's own logs only with ``verbose``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray_auth(address)
-    ray.init(
-        address=address,
+    init_ray(
+        address,
         include_dashboard=False,
         log_to_driver=verbose,
         configure_logging=verbose,

@@ -18,6 +18,7 @@ from rich.text import Text
 from catalog.filters import FilterError
 from catalog.schema import SchemaError
 from catalog.store import CatalogError
+from core.cluster import ClusterUnreachable
 from core.config import ConfigError, ConfigWarning
 from core.weights import MissingWeights, WeightsError
 from curation.engine import CurationAborted
@@ -103,6 +104,7 @@ def main_options(
 
 
 USER_ERRORS = (
+    ClusterUnreachable,
     ConfigError,
     CatalogError,
     FilterError,

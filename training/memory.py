@@ -203,16 +203,9 @@ def find_gpus(address: str | None) -> GpuInfo | None:
     if address:
         import ray
 
-        from core.secrets import ray_auth
+        from core.cluster import init_ray
 
-        if not ray.is_initialized():
-            ray_auth(address)
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+        init_ray(address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         count = int(ray.cluster_resources().get("GPU", 0))
         if not count:
             return None

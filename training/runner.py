@@ -59,8 +59,8 @@ from catalog.lifecycle import run_lifecycle
 from catalog.names import is_catalog_uri
 from catalog.records import Node
 from core import storage
+from core.cluster import init_ray
 from core.config import dump_yaml
-from core.secrets import ray_auth
 from core.storage import Location
 from core.tracking import log_artifacts, reopen_run, set_tags
 from training import checkpoint as ckpt
@@ -275,11 +275,7 @@ def _connect_ray(address: str | None) -> bool:
     """Ray (local, or the cluster at ``address``); True when it has GPUs."""
     import ray
 
-    if not ray.is_initialized():
-        ray_auth(address)
-        ray.init(
-            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
+    init_ray(address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     return ray.cluster_resources().get("GPU", 0) > 0
 
 

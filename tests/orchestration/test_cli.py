@@ -187,6 +187,58 @@ def test_job_addresses_fail_at_once_with_what_to_do(tmp_path):
     assert "--catalog rel/catalog.db: a relative path names no file on the cluster" in line
 
 
+def test_cluster_addresses_fail_at_once_with_what_to_do(tmp_path):
+    """``curate run --address`` to a cluster nothing answers at: one line at once, instead of
+    Ray's own wait (still retrying a GCS address after 5 minutes here; ~30 s and a traceback
+    for a Ray Client address). Training connects through the same ``core.cluster.init_ray``."""
+    from helpers import free_port, small_corpus
+
+    (tmp_path / "tmp").mkdir()
+    raw = small_corpus(tmp_path / "raw")
+    args = ("curate", "run", "--input", str(raw), "--output", str(tmp_path / "out"))
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    for address in (closed, f"ray://{closed}"):
+        line = one_line_error(run_in(tmp_path, *args, "--address", address))
+        assert f"no Ray cluster answers at {address} (Connection refused)" in line
+        assert "check --address" in line
+
+
+@pytest.mark.slow
+def test_a_port_that_is_not_ray_gives_one_line_after_rays_own_wait(tmp_path):
+    """``--address ray://HOST:PORT`` where something else listens (a mistyped port): Ray
+    Client gives up after its own retries (~30 s); the run ends with one line, no traceback."""
+    import socket
+    import threading
+
+    from helpers import small_corpus
+
+    (tmp_path / "tmp").mkdir()
+    raw = small_corpus(tmp_path / "raw")
+    held = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+
+        def accept() -> None:  # connections open and stay silent, as a non-Ray service's
+            while True:
+                try:
+                    held.append(server.accept()[0])
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        args = ("curate", "run", "--input", str(raw), "--output", str(tmp_path / "out"))
+        out = run_in(tmp_path, *args, "--address", address)
+    for conn in held:
+        conn.close()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f"error: cannot connect to the Ray cluster at {address}: " + (
+        "ray client connection timeout"
+    ), out.stderr
+
+
 def test_catalog_takes_a_path_and_read_only_commands_create_nothing(tmp_path, cat, catalog_url):
     home = tmp_path / "home"
     (home / "tmp").mkdir(parents=True)
