@@ -4,7 +4,8 @@ Ray waits a long time for a cluster that is not there: a GCS address (``HOST:637
 nothing answers was still retrying after 5 minutes here, a Ray Client address
 (``ray://HOST:10001``) gave up after ~30 s with a traceback. ``init_ray`` opens a TCP
 connection to the address first and, when none opens, fails at once with one line saying what
-to check; a connection Ray itself then fails is one line too.
+to check; a ``ConnectionError`` from ``ray.init`` (Ray Client's timeout, or its server on the
+head failing to start) is one line too. ``unreachable`` is also the Jobs API's check.
 """
 
 from __future__ import annotations

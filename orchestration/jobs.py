@@ -24,7 +24,6 @@ import os
 import secrets
 import shlex
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from urllib.parse import urlsplit
 
 from catalog.db import code_version
 from catalog.runs import ENV_JOB_ID
+from core.cluster import unreachable
 from core.config import config_hash, dump_yaml, flatten
 from core.secrets import has_secret, mask_urls, masked_params
 
@@ -44,7 +44,6 @@ PACKAGES = ("catalog", "curation", "training", "orchestration")
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_RETRIES = 30
-CONNECT_TIMEOUT_S = 5.0
 
 
 class JobError(RuntimeError):
@@ -91,16 +90,12 @@ def check_address(address: str) -> str:
     )
 
 
-def _reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> str | None:
+def _reachable(url: str) -> str | None:
     """None when a TCP connection to the URL's host and port opens, else why not (Ray's
     client would otherwise wait for the system's connect timeout, minutes)."""
     parsed = urlsplit(url)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
-            return None
-    except OSError as e:
-        return e.strerror or str(e) or type(e).__name__
+    return unreachable(parsed.hostname or "", port)
 
 
 def client(address: str | None):
@@ -112,13 +107,13 @@ def client(address: str | None):
     from orchestration.cluster_cmd import enable_client_auth
 
     url = resolve_address(address)
-    unreachable = _reachable(url)
-    if unreachable is None:
+    why = _reachable(url)
+    if why is None:
         enable_client_auth()
         try:
             return JobSubmissionClient(url)
         except ConnectionError as e:
-            unreachable = str(e)
+            why = str(e)
         except AuthenticationError:
             raise JobError(
                 f"the Ray Jobs API at {url} refused this client: it needs the cluster's token "
@@ -130,7 +125,7 @@ def client(address: str | None):
                 "check --address (the head's dashboard, port 8265 by default)"
             ) from None
     raise JobError(
-        f"cannot reach the Ray Jobs API at {url} ({unreachable}): is the cluster running? "
+        f"cannot reach the Ray Jobs API at {url} ({why}): is the cluster running? "
         "Check --address (`omniforge cluster status` for the local head)"
     )
 
