@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from rich.markup import escape
 
 from catalog.index import read_index
@@ -34,7 +35,7 @@ from core.config import config_hash, dump_yaml, flatten, load_yaml, validate
 from core.storage import Location, copy_tree, local_cache, location, put_file
 from curation.adapter import Step, plan_steps
 from curation.config import CurationConfig
-from curation.engine import CurationAborted, run_blocks
+from curation.engine import CurationAborted, TableRows, run_blocks, uncommitted
 from curation.journal import Journal
 from curation.output import LOCK, claim_output, output_location, output_lock, staging_folder
 from curation.pack import pack_one, plan_packs, write_final_index, write_shard_list
@@ -249,7 +250,7 @@ def _forget_output(out: Location, fresh: bool) -> None:
 def _run(
     job: _Job,
     version: VersionInfo,
-    inputs: list[Row],
+    inputs: Sequence[Row],
     name: str,
     identity: str,
     params: dict[str, Any],
@@ -281,15 +282,14 @@ def _run(
 
 
 def _write_and_commit(
-    job: _Job, version: VersionInfo, inputs: list[Row]
+    job: _Job, version: VersionInfo, inputs: Sequence[Row]
 ) -> tuple[VersionInfo, dict[str, Any]]:
     """Run the uncommitted inputs, pack, then commit the version (last)."""
     out, cfg = job.out, job.cfg
     journal = Journal(out.uri)
     records = journal.records()
     journal.collect_garbage(records)
-    done = journal.committed_inputs(records)
-    pending = [r for r in inputs if r["input_id"] not in done]
+    pending = uncommitted(inputs, journal.committed_inputs(records))
     run: dict[str, Any] = {
         "inputs_this_run": len(pending),
         "inputs_skipped": len(inputs) - len(pending),
@@ -312,9 +312,9 @@ def _write_and_commit(
         run.update(blocks=stats.blocks, retries=stats.retries, startup_s=stats.startup_s)
         run.update(failed_inputs=stats.failed_inputs, stages=stats.stages)
     records = journal.records()
-    missing = {r["input_id"] for r in inputs} - journal.committed_inputs(records)
+    missing = len(uncommitted(inputs, journal.committed_inputs(records)))
     if missing:
-        raise CurationAborted(f"{len(missing)} inputs were not committed; rerun to resume")
+        raise CurationAborted(f"{missing} inputs were not committed; rerun to resume")
     with writing(out.uri):  # a full disk here is one line too
         shards = _pack(out.uri, records, cfg)
     job.catalog.add_shards(version.id, shards)
@@ -566,6 +566,16 @@ def _duplicate_thumbnails(rows: list[Row], cfg: CurationConfig, out: Location) -
             write_atomic(out.fs, f"{folder}/{r['key']}{TARGET_SUFFIX}.jpg", made["target_thumb"])
 
 
+def _index_inputs(index: pa.Table) -> pa.Table:
+    """An index as input rows of a new version: each row is its own input (its key), its
+    place in the old version's shards (shard, bucket) and its run are dropped."""
+    table = index.append_column("input_id", index["key"])  # input_id never reaches an index
+    for name in ("shard", "bucket", "run_id"):
+        at = table.column_names.index(name)
+        table = table.set_column(at, name, pa.nulls(len(table), table.schema.field(name).type))
+    return table
+
+
 def _rewrite(
     what: str,
     source_root: str | Path,
@@ -594,10 +604,10 @@ def _rewrite(
             f"curate {what} writes a new version: --output must differ from the source"
         )
     with output_lock(out):
-        rows = read_index(src.join("index")).to_pylist()
-        for r in rows:
-            r.update(input_id=r["key"], shard=None, bucket=None, run_id=None)
-        if mark is not None:
+        table = _index_inputs(read_index(src.join("index")))
+        rows: Sequence[Row] = TableRows(table)  # made into dicts a block at a time
+        if mark is not None:  # dedup compares every row with every other: dicts
+            rows = table.to_pylist()
             mark(rows)
         sources = ":".join([str(parent.id if parent else src), *(str(v.id) for v in against)])
         kind = "" if what == "select" else f"{what}:"  # a select's identity as it always was

@@ -4,6 +4,7 @@ write failures and set-up errors. Stages are the small real ones of ``tests/engi
 from __future__ import annotations
 
 import engine_stages
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from engine_stages import (
@@ -16,7 +17,7 @@ from engine_stages import (
 )
 
 from catalog.shards import iter_shard
-from curation.engine import CurationAborted, make_blocks, run_blocks
+from curation.engine import CurationAborted, TableRows, make_blocks, run_blocks, uncommitted
 from curation.journal import Journal
 from curation.sink import BlockSink
 from curation.stages.base import MissingWeights
@@ -47,10 +48,26 @@ def committed_rows(tmp_path, journal) -> dict[str, dict]:
 
 def test_make_blocks_names_blocks_by_their_inputs():
     rows = input_rows(5)
-    blocks = make_blocks(rows, 2)
+    blocks = list(make_blocks(rows, 2))
     assert [len(b.rows) for b in blocks] == [2, 2, 1]
-    again = make_blocks(list(reversed(rows[:2])), 2)
+    again = list(make_blocks(list(reversed(rows[:2])), 2))
     assert again[0].id == blocks[0].id  # same inputs, same id, whatever their order
+
+
+def test_table_rows_are_the_tables_rows_as_dicts():
+    rows = [{**r, "score": float(i)} for i, r in enumerate(input_rows(5))]
+    table = TableRows(pa.Table.from_pylist(rows))
+    assert len(table) == 5
+    assert table[1:3] == rows[1:3] and table[3:] == rows[3:] and table[-1] == rows[-1]
+    assert list(table) == rows
+    with pytest.raises(IndexError):
+        table[5]
+    blocks = list(make_blocks(table, 2))
+    assert [b.rows for b in blocks] == [b.rows for b in make_blocks(rows, 2)]
+    done = {rows[0]["input_id"], rows[3]["input_id"]}
+    left = uncommitted(table, done)
+    assert isinstance(left, TableRows) and list(left) == [rows[1], rows[2], rows[4]]
+    assert uncommitted(rows, done) == [rows[1], rows[2], rows[4]]
 
 
 def test_every_block_is_written_and_committed_with_its_inputs(tmp_path):
