@@ -124,6 +124,7 @@ def test_metric_logger_logs_each_step_once_across_resumes(tmp_path):
     """A logger resumed from an older step than MLflow holds logs only the newer steps; a
     batch never splits a step (each log_batch is atomic, so a kill leaves whole steps)."""
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from core.tracking import MetricLogger, whole_steps
@@ -142,6 +143,12 @@ def test_metric_logger_logs_each_step_once_across_resumes(tmp_path):
     again.close()
     for key in ("loss", "lr"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(13))
+
+    late = MetricLogger(uri, run_id, flush_every=1)  # each step sent as it is logged
+    client.delete_run(run_id)  # MLflow refuses metrics of a deleted run
+    late.log({"loss": 0.5}, 13)  # handed to MLflow's logging thread: returns at once
+    with pytest.raises(MlflowException, match="active"):
+        late.close()  # the store's refusal surfaces at the next flush
 
     metrics = [Metric(f"m{i}", 1.0, 0, step) for step in range(4) for i in range(3)]
     assert [[m.step for m in b] for b in whole_steps(metrics, 7)] == [[0, 0, 0, 1, 1, 1],
