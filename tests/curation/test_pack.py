@@ -82,3 +82,28 @@ def test_packing_concatenates_renames_and_can_be_redone(tmp_path):
     assert index["k10"]["shard"] == "shards/a256_r1x1_f1/000000.tar"
     assert index["z0"]["shard"] == "shards/a512_r1x1_f1/000000.tar"
     assert index["b0-x"]["shard"] is None and len(index) == 8
+
+
+def test_merging_block_parts_on_the_way_writes_the_same_index(tmp_path, monkeypatch):
+    """Block parts are merged every ``COMPACT_EVERY`` as they are gathered (memory): the
+    final index is the same, extra columns that only some blocks have included."""
+    import curation.pack
+
+    recs = [block(tmp_path, f"b{i}", [f"k{i}{j}" for j in range(2)]) for i in range(5)]
+    extra = tmp_path / recs[3].written.index_part
+    table = pq.read_table(extra)
+    pq.write_table(table.append_column("note", [[f"n{i}" for i in range(table.num_rows)]]), extra)
+
+    mapping = {s.path: f"shards/{r.block}.tar" for r in recs for s in r.written.segments}
+
+    def final_index(rows_per_part: int) -> list:
+        write_final_index(str(tmp_path), recs, mapping, rows_per_part=rows_per_part)
+        parts = sorted((tmp_path / "index").glob("part-*.parquet"))
+        return [pq.read_table(p) for p in parts]
+
+    whole = final_index(rows_per_part=100)
+    monkeypatch.setattr(curation.pack, "COMPACT_EVERY", 2)
+    merged = final_index(rows_per_part=100)
+    assert len(whole) == len(merged) == 1 and merged[0].equals(whole[0])
+    assert merged[0].column("note").null_count == 15 - 3  # 5 blocks of 3 rows, one with notes
+    assert [len(t) for t in final_index(rows_per_part=7)] == [9, 6]  # parts: as before
