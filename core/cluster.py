@@ -18,6 +18,7 @@ from core.secrets import ray_auth
 
 CONNECT_TIMEOUT_S = 5.0
 CLIENT_PORT = 10001  # Ray Client's default port (ray://HOST without one)
+QUIET = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
 
 
 class ClusterUnreachable(ConnectionError):
@@ -50,7 +51,8 @@ def unreachable(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> str
 def init_ray(address: str | None, **options: Any) -> None:
     """``ray.init(address=address, **options)`` unless Ray is up in this process already, with
     the token set up (``ray_auth``); ``ClusterUnreachable`` when the cluster cannot be
-    reached."""
+    reached. Unless ``options`` say otherwise: no dashboard, and Ray's logs stay out of the
+    driver's output (``QUIET``)."""
     import ray
 
     if ray.is_initialized():
@@ -65,7 +67,7 @@ def init_ray(address: str | None, **options: Any) -> None:
         )
     ray_auth(address)
     try:
-        ray.init(address=address, **options)
+        ray.init(address=address, **{**QUIET, **options})
     except ConnectionError as e:  # Ray Client: a timeout, or the cluster's client server failed
         if target is None:
             raise

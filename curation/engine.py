@@ -433,7 +433,6 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
     """A local Ray (or the cluster at ``address``); Ray's own logs only with ``verbose``."""
     init_ray(
         address,
-        include_dashboard=False,
         log_to_driver=verbose,
         configure_logging=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,

@@ -205,7 +205,7 @@ def find_gpus(address: str | None) -> GpuInfo | None:
 
         from core.cluster import init_ray
 
-        init_ray(address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init_ray(address)
         count = int(ray.cluster_resources().get("GPU", 0))
         if not count:
             return None

@@ -275,7 +275,7 @@ def _connect_ray(address: str | None) -> bool:
     """Ray (local, or the cluster at ``address``); True when it has GPUs."""
     import ray
 
-    init_ray(address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(address)
     return ray.cluster_resources().get("GPU", 0) > 0
 
 

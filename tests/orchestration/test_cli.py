@@ -188,9 +188,9 @@ def test_job_addresses_fail_at_once_with_what_to_do(tmp_path):
 
 
 def test_cluster_addresses_fail_at_once_with_what_to_do(tmp_path):
-    """``curate run --address`` to a cluster nothing answers at: one line at once, instead of
-    Ray's own wait (still retrying a GCS address after 5 minutes here; ~30 s and a traceback
-    for a Ray Client address). Training connects through the same ``core.cluster.init_ray``."""
+    """``curate run --address`` to a cluster nothing answers at: one line, from our own check,
+    instead of Ray's retries (and a traceback for a Ray Client address). Training connects
+    through the same ``core.cluster.init_ray``."""
     from helpers import free_port, small_corpus
 
     (tmp_path / "tmp").mkdir()
@@ -206,7 +206,7 @@ def test_cluster_addresses_fail_at_once_with_what_to_do(tmp_path):
 @pytest.mark.slow
 def test_a_port_that_is_not_ray_gives_one_line_after_rays_own_wait(tmp_path):
     """``--address ray://HOST:PORT`` where something else listens (a mistyped port): Ray
-    Client gives up after its own retries (~30 s); the run ends with one line, no traceback."""
+    Client gives up after its own retries; the run ends with one line, no traceback."""
     import socket
     import threading
 
