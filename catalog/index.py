@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog.schema import assert_valid, conform, validate_table
-from core import storage  # noqa: F401 - its object-store settings apply to every fsspec client
+from core import storage  # also: its object-store settings apply to every fsspec client
 
 if TYPE_CHECKING:
     import pyarrow.dataset as ds
@@ -26,16 +26,16 @@ if TYPE_CHECKING:
 def write_index_part(table: pa.Table, index_dir: str | Path, name: str) -> str:
     """Validate ``table`` against the contract and write ``index_dir/name.parquet`` atomically.
 
-    Written to a temporary name and renamed, so a reader never sees half a file.
+    A reader never sees half a file: the bytes are made in memory, then put in one request on
+    an object store, or written to a temporary name and renamed (``storage.put_atomic``).
     """
     table = assert_valid(conform(table))
     fs, root = fsspec.core.url_to_fs(str(index_dir))
-    fs.makedirs(root, exist_ok=True)
     final = f"{root.rstrip('/')}/{name}.parquet"
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=64_000, compression="zstd")
     tmp = f"{root.rstrip('/')}/.{name}.parquet.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, row_group_size=64_000, compression="zstd")
-    fs.mv(tmp, final)
+    storage.put_atomic(fs, final, buffer.getvalue().to_pybytes(), tmp)
     return final
 
 

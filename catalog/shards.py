@@ -26,6 +26,7 @@ from typing import Any
 import fsspec
 
 from core import storage  # noqa: F401 - its object-store settings apply to every fsspec client
+from core.storage import is_local_fs
 
 # Side lengths of square reference areas: a sample's area class is the nearest (in log area).
 AREA_CLASSES = (256, 512, 768, 1024, 1536, 2048)
@@ -94,20 +95,24 @@ def sha256_file(uri: str, chunk: int = 1 << 20) -> str:
 
 
 class _TarShard:
-    """One WebDataset tar being written under a temporary name."""
+    """One WebDataset tar being written: under a temporary name on a local disk, renamed when
+    whole; on an object store under its own name (the object appears whole when the upload
+    completes: a rename there is a copy, and a tar only counts once a record names it)."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, rel: str):
         self.fs, self.root, self.rel = fs, root, rel
         self.final = f"{root}/{rel}"
         parent, base = self.final.rsplit("/", 1)
-        fs.makedirs(parent, exist_ok=True)
-        self.tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.final
+        if is_local_fs(fs):
+            fs.makedirs(parent, exist_ok=True)
+            self.tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
         self.stream = fs.open(self.tmp, "wb")
         self.hash = hashlib.sha256()
         # The stdlib writer (webdataset's TarWriter wraps the same, but importing webdataset
         # imports torch in every curation worker). Members as webdataset writes them, sorted
         # by extension, with fixed metadata so identical input gives byte-identical shards.
-        stream = _HashingWriter(self.stream, self.hash)
+        self.writer = stream = _HashingWriter(self.stream, self.hash)
         self.tar = tarfile.open(fileobj=stream, mode="w|")  # noqa: SIM115 - closed by close/abort
         self.num_samples = 0
         self.num_bytes = 0
@@ -125,9 +130,10 @@ class _TarShard:
     def close(self, bucket: str) -> ShardInfo:
         self.tar.close()
         self.stream.close()
-        size = self.fs.size(self.tmp)
-        self.fs.mv(self.tmp, self.final)
-        uri = self.final if _is_local(self.fs) else self.fs.unstrip_protocol(self.final)
+        size = self.writer.written
+        if self.tmp != self.final:
+            self.fs.mv(self.tmp, self.final)
+        uri = self.final if is_local_fs(self.fs) else self.fs.unstrip_protocol(self.final)
         return ShardInfo(uri, self.rel, bucket, self.num_samples, size, self.hash.hexdigest())
 
     def abort(self) -> None:
@@ -139,16 +145,13 @@ class _TarShard:
                 self.fs.rm(self.tmp)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
 class _HashingWriter(io.RawIOBase):
-    """Passes writes through to ``stream`` while hashing them (sha256 without a re-read)."""
+    """Passes writes through to ``stream`` while hashing and counting them (sha256 and size
+    without a re-read)."""
 
     def __init__(self, stream: Any, hasher: Any):
         self.stream, self.hasher = stream, hasher
+        self.written = 0
 
     def writable(self) -> bool:
         return True
@@ -156,7 +159,9 @@ class _HashingWriter(io.RawIOBase):
     def write(self, b: Any) -> int:
         self.hasher.update(b)
         self.stream.write(b)
-        return len(b)
+        n = memoryview(b).nbytes
+        self.written += n
+        return n
 
 
 class ShardWriter:

@@ -20,7 +20,8 @@ from typing import Any
 
 import fsspec
 
-from curation.sink import BLOCK_INDEX, SEGMENTS, WORK, BlockWritten, write_atomic, writing
+from core.storage import read_many
+from curation.sink import BLOCK_INDEX, SEGMENTS, WORK, BlockWritten, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ class Journal:
         and ``collect_garbage`` removes it, so its inputs are done again."""
         out = []
         self.unreadable = []
-        for p in sorted(self.fs.glob(self.path(f"{BLOCKS}/b*.json"))):
+        paths = sorted(self.fs.glob(self.path(f"{BLOCKS}/b*.json")))
+        for p, data in zip(paths, read_many(self.fs, paths), strict=True):
             try:
-                with self.fs.open(p, "rb") as f:
-                    out.append(BlockRecord.from_dict(json.loads(f.read())))
+                out.append(BlockRecord.from_dict(json.loads(data)))
             except (ValueError, KeyError, TypeError) as e:
                 logger.warning("block record %s does not read back (%s): redoing its inputs", p, e)
                 self.unreadable.append(p)
@@ -83,8 +84,6 @@ class Journal:
 
     def commit(self, record: BlockRecord) -> None:
         final = self.path(f"{BLOCKS}/{record.block}.json")
-        with writing(final):
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         write_atomic(self.fs, final, json.dumps(record.to_dict(), indent=1).encode())
 
     @staticmethod

@@ -19,10 +19,12 @@ only after that, and the index is rewritten whole.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -31,7 +33,8 @@ import pyarrow.parquet as pq
 
 from catalog.index import write_index_part
 from catalog.schema import SAMPLE_SCHEMA
-from catalog.shards import ShardInfo, _HashingWriter, _is_local
+from catalog.shards import ShardInfo, _HashingWriter
+from core.storage import is_local_fs, put_atomic, read_many
 from curation.journal import BlockRecord
 from curation.sink import WORK
 
@@ -40,6 +43,9 @@ INDEX_ROWS_PER_PART = 1_000_000
 # block parts gathered for a final part are merged every this many: 15,625 block tables of 64
 # rows (1M rows, 44 columns) held 1.9 GB; merged every 256, 0.9 GB, and the part is the same
 COMPACT_EVERY = 256
+# segments fetched from an object store at once (concurrent GETs), by their summed size; a
+# larger segment is read as a stream on its own
+FETCH_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -85,22 +91,23 @@ def pack_one(output: str, plan: PackPlan) -> ShardInfo:
             return ShardInfo(**json.loads(f.read()))
     final = f"{root}/{plan.path}"
     fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-    uri = final if _is_local(fs) else fs.unstrip_protocol(final)
+    uri = final if is_local_fs(fs) else fs.unstrip_protocol(final)
     segs = plan.segments
-    if len(segs) == 1 and _is_local(fs):
+    if len(segs) == 1 and is_local_fs(fs):
         seg = segs[0]
         if fs.exists(f"{root}/{seg.path}"):
             fs.mv(f"{root}/{seg.path}", final)
         info = ShardInfo(uri, plan.path, plan.bucket, seg.num_samples, seg.num_bytes, seg.sha256)
     else:
         info = _concatenate(fs, root, plan, uri)
-    fs.makedirs(record.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(record + ".tmp", "wb") as f:
-        f.write(json.dumps(info.to_dict()).encode())
-    fs.mv(record + ".tmp", record)
-    for seg in segs:
-        if fs.exists(f"{root}/{seg.path}"):
-            fs.rm(f"{root}/{seg.path}")
+    put_atomic(fs, record, json.dumps(info.to_dict()).encode(), record + ".tmp")
+    done = [f"{root}/{seg.path}" for seg in segs]
+    if is_local_fs(fs):
+        for path in done:
+            if fs.exists(path):
+                fs.rm(path)
+    else:  # one request per 1000 objects (a key already removed is no error)
+        fs.rm(done)
     return info
 
 
@@ -114,17 +121,36 @@ def _concatenate(fs, root: str, plan: PackPlan, uri: str) -> ShardInfo:
         fs.open(tmp, "wb") as stream,
         tarfile.open(fileobj=_HashingWriter(stream, digest), mode="w|") as out,
     ):
-        for seg in plan.segments:
-            with (
-                fs.open(f"{root}/{seg.path}", "rb") as f,
-                tarfile.open(fileobj=f, mode="r|") as src,
-            ):
+        for segment in _read_segments(fs, root, plan.segments):
+            with segment as f, tarfile.open(fileobj=f, mode="r|") as src:
                 for member in src:
                     out.addfile(member, src.extractfile(member) if member.isfile() else None)
     size = fs.size(tmp)
     fs.mv(tmp, final)
     samples = sum(s.num_samples for s in plan.segments)
     return ShardInfo(uri, plan.path, plan.bucket, samples, size, digest.hexdigest())
+
+
+def _read_segments(fs, root: str, segments: Sequence[ShardInfo]) -> Iterator[BinaryIO]:
+    """Each segment as a file to read, in order: opened in turn on a local disk; from an object
+    store fetched several at once (``FETCH_BYTES`` together), one larger than that streamed."""
+    paths = [f"{root}/{seg.path}" for seg in segments]
+    if is_local_fs(fs):
+        yield from (fs.open(p, "rb") for p in paths)
+        return
+    group: list[str] = []
+    size = 0
+    for path, seg in zip([*paths, None], [*segments, None], strict=True):
+        if group and (seg is None or size + seg.num_bytes > FETCH_BYTES):
+            yield from (io.BytesIO(data) for data in read_many(fs, group))
+            group, size = [], 0
+        if seg is None:
+            break
+        if seg.num_bytes > FETCH_BYTES:
+            yield fs.open(path, "rb")
+        else:
+            group.append(path)
+            size += seg.num_bytes
 
 
 def write_final_index(
@@ -151,9 +177,9 @@ def write_final_index(
             parts += 1
             pending = []
 
-    for r in records:
-        with fs.open(f"{root}/{r.written.index_part}", "rb") as f:
-            table = pq.read_table(f)
+    block_parts = read_many(fs, [f"{root}/{r.written.index_part}" for r in records])
+    for r, data in zip(records, block_parts, strict=True):
+        table = pq.read_table(pa.BufferReader(data))
         if "shard" in table.column_names:
             col = table.column("shard")
             mapped = pc.take(values, pc.index_in(col, value_set=keys))
@@ -186,7 +212,5 @@ def _canonical(tables: list[pa.Table]) -> pa.Table:
 def write_shard_list(output: str, shards: Sequence[ShardInfo]) -> None:
     fs, root = fsspec.core.url_to_fs(output)
     path = f"{root.rstrip('/')}/index/_shards.json"
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path + ".tmp", "wb") as f:
-        f.write(json.dumps([s.to_dict() for s in shards], indent=1).encode())
-    fs.mv(path + ".tmp", path)
+    body = json.dumps([s.to_dict() for s in shards], indent=1).encode()
+    put_atomic(fs, path, body, path + ".tmp")

@@ -44,6 +44,7 @@ import pyarrow as pa
 from catalog.index import write_index_part
 from catalog.schema import rows_to_table
 from catalog.shards import ShardInfo, ShardWriter, sample_json
+from core.storage import put_atomic
 from curation.stages.base import Row
 
 WORK = "_work"
@@ -104,16 +105,10 @@ def writing(where: str) -> Iterator[None]:
 
 
 def write_atomic(fs, path: str, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary name and a rename (readers never see half a
-    file); flushed to disk first when local, so a rename never outlives its contents."""
-    tmp = path + f".tmp-{os.getpid()}"
+    """``data`` to ``path`` whole or not at all (``core.storage.put_atomic``: one put on an
+    object store; a temporary name, fsync and rename on a local disk)."""
     with writing(path):
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            with contextlib.suppress(AttributeError, OSError, ValueError):  # not a local file
-                os.fsync(getattr(f, "f", f).fileno())
-        fs.mv(tmp, path)
+        put_atomic(fs, path, data, path + f".tmp-{os.getpid()}")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,29 @@ def test_roll_over_by_samples_and_read_back(tmp_path):
     assert not [p for p in tmp_path.rglob(".*tmp*")]
 
 
+def test_on_an_object_store_shards_are_written_under_their_names_whole(s3_bucket, tmp_path):
+    """No temporary object and no copy (an object store has no rename): the shards equal a
+    local folder's, sizes and hashes as read back; a failed write leaves nothing."""
+    import fsspec
+
+    local, _ = write(tmp_path)
+    remote, placed = write(f"{s3_bucket}/v1")
+    fs = fsspec.filesystem("s3")
+    assert [(s.path, s.num_bytes, s.sha256) for s in remote] == [
+        (s.path, s.num_bytes, s.sha256) for s in local
+    ]
+    for s in remote:
+        assert s.uri == f"{s3_bucket}/v1/{s.path}"
+        assert fs.size(s.uri) == s.num_bytes and sha256_file(s.uri) == s.sha256
+    assert sorted(fs.find(f"{s3_bucket}/v1")) == sorted(s.uri.removeprefix("s3://") for s in remote)
+    assert sorted(k for s in remote for k, _ in iter_shard(s.uri)) == sorted(placed)
+
+    with pytest.raises(RuntimeError), ShardWriter(f"{s3_bucket}/v2") as writer:
+        writer.write("b", "k0", {"jpg": b"x"})
+        raise RuntimeError("worker died")
+    assert fs.find(f"{s3_bucket}/v2") == []
+
+
 def test_roll_over_by_bytes(tmp_path):
     shards, _ = write(tmp_path, n=6, max_bytes=5000)
     assert all(s.num_samples <= 2 for s in shards) and sum(s.num_samples for s in shards) == 6

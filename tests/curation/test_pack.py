@@ -107,3 +107,41 @@ def test_merging_block_parts_on_the_way_writes_the_same_index(tmp_path, monkeypa
     assert len(whole) == len(merged) == 1 and merged[0].equals(whole[0])
     assert merged[0].column("note").null_count == 15 - 3  # 5 blocks of 3 rows, one with notes
     assert [len(t) for t in final_index(rows_per_part=7)] == [9, 6]  # parts: as before
+
+
+def test_packing_on_an_object_store_writes_what_a_local_folder_gets(
+    s3_bucket, tmp_path, monkeypatch
+):
+    """On an object store segments are fetched several at once (up to ``FETCH_BYTES``), or
+    streamed one by one when larger: the shards, the final index and the removal of the
+    segments are those of a local folder either way."""
+    import fsspec
+
+    import curation.pack
+    from core.storage import copy_tree
+
+    recs = [block(tmp_path, f"b{i}", [f"k{i}{j}" for j in range(1 + i % 3)]) for i in range(5)]
+    plans = plan_packs(recs, 100, 2**30)
+    assert len(plans) == 1 and len(plans[0].segments) == 5
+    mapping = {s.path: p.path for p in plans for s in p.segments}
+    remote = {}
+    for name, fetch in (("grouped", 2), ("streamed", 0.5)):  # segments per fetch
+        root = f"{s3_bucket}/{name}"
+        copy_tree(str(tmp_path / "_work"), f"{root}/_work")
+        size = recs[0].written.segments[0].num_bytes
+        monkeypatch.setattr(curation.pack, "FETCH_BYTES", int(fetch * size))
+        remote[name] = pack_one(root, plans[0])
+        assert fsspec.filesystem("s3").find(f"{root}/_work/shards") == []  # segments removed
+        assert write_final_index(root, recs, mapping) == len(recs) + 9
+    local = pack_one(str(tmp_path), plans[0])
+    write_final_index(str(tmp_path), recs, mapping)
+    for name, shard in remote.items():
+        assert (shard.path, shard.num_samples, shard.num_bytes, shard.sha256) == (
+            local.path,
+            local.num_samples,
+            local.num_bytes,
+            local.sha256,
+        )
+        assert sha256_file(shard.uri) == shard.sha256
+        index = read_index(f"{s3_bucket}/{name}/index")
+        assert index.equals(read_index(str(tmp_path / "index")))
