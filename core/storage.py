@@ -198,9 +198,9 @@ def copy_tree(src: str, dst: str) -> int:
     if not sfs.isdir(spath):
         return 0
     files = [f for f in sfs.find(spath) if f != spath]
-    targets = [f"{dpath.rstrip('/')}/{f[len(spath) + 1 :]}" for f in files]
     if not files:
         return 0
+    targets = [f"{dpath.rstrip('/')}/{f[len(spath) + 1 :]}" for f in files]
     local_src, local_dst = is_local_fs(sfs), is_local_fs(dfs)
     if local_dst:
         for folder in sorted({t.rsplit("/", 1)[0] for t in targets}):

@@ -117,18 +117,16 @@ def _concatenate(fs, root: str, plan: PackPlan, uri: str) -> ShardInfo:
     tmp = f"{root}/{plan.record.removesuffix('.json')}.tar.tmp"
     fs.makedirs(tmp.rsplit("/", 1)[0], exist_ok=True)
     digest = hashlib.sha256()
-    with (
-        fs.open(tmp, "wb") as stream,
-        tarfile.open(fileobj=_HashingWriter(stream, digest), mode="w|") as out,
-    ):
-        for segment in _read_segments(fs, root, plan.segments):
-            with segment as f, tarfile.open(fileobj=f, mode="r|") as src:
-                for member in src:
-                    out.addfile(member, src.extractfile(member) if member.isfile() else None)
-    size = fs.size(tmp)
+    with fs.open(tmp, "wb") as stream:
+        writer = _HashingWriter(stream, digest)  # the shard's sha256 and size as written
+        with tarfile.open(fileobj=writer, mode="w|") as out:
+            for segment in _read_segments(fs, root, plan.segments):
+                with segment as f, tarfile.open(fileobj=f, mode="r|") as src:
+                    for member in src:
+                        out.addfile(member, src.extractfile(member) if member.isfile() else None)
     fs.mv(tmp, final)
     samples = sum(s.num_samples for s in plan.segments)
-    return ShardInfo(uri, plan.path, plan.bucket, samples, size, digest.hexdigest())
+    return ShardInfo(uri, plan.path, plan.bucket, samples, writer.written, digest.hexdigest())
 
 
 def _read_segments(fs, root: str, segments: Sequence[ShardInfo]) -> Iterator[BinaryIO]:
@@ -140,17 +138,16 @@ def _read_segments(fs, root: str, segments: Sequence[ShardInfo]) -> Iterator[Bin
         return
     group: list[str] = []
     size = 0
-    for path, seg in zip([*paths, None], [*segments, None], strict=True):
-        if group and (seg is None or size + seg.num_bytes > FETCH_BYTES):
+    for path, seg in zip(paths, segments, strict=True):
+        if group and size + seg.num_bytes > FETCH_BYTES:  # always so before a larger one
             yield from (io.BytesIO(data) for data in read_many(fs, group))
             group, size = [], 0
-        if seg is None:
-            break
         if seg.num_bytes > FETCH_BYTES:
             yield fs.open(path, "rb")
         else:
             group.append(path)
             size += seg.num_bytes
+    yield from (io.BytesIO(data) for data in read_many(fs, group))
 
 
 def write_final_index(

@@ -9,7 +9,7 @@ import pytest
 from core.storage import copy_tree, put_atomic, read_many
 
 
-def test_read_many_gives_every_file_in_order_a_chunk_at_a_time(tmp_path):
+def test_read_many_gives_every_file_in_order_in_chunks(tmp_path):
     fs = fsspec.filesystem("file")
     paths = []
     for i in (3, 1, 4, 5, 9, 2, 6):  # not in name order: the order asked for is kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -67,6 +68,7 @@ def test_packing_concatenates_renames_and_can_be_redone(tmp_path):
     shards = [pack_one(str(tmp_path), p) for p in plans]
     first, lone = shards
     assert first.num_samples == 4 and sha256_file(first.uri) == first.sha256
+    assert Path(first.uri).stat().st_size == first.num_bytes  # counted as written
     assert [k for k, _ in iter_shard(first.uri)] == ["k00", "k01", "k10", "k11"]
     assert lone.sha256 == recs[2].written.segments[0].sha256  # a lone segment is only renamed
     assert not list((tmp_path / "_work/shards").rglob("*.tar"))  # segments gone once packed
